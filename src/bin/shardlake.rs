@@ -1,0 +1,340 @@
+//! The shardlake service and its CLI.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+use shardlake::agent::sim::{SimConfig, simulate};
+use shardlake::clock::SystemClock;
+use shardlake::config::{self, Pipeline, load_pipeline, load_schema, process_env};
+use shardlake::engine::sql;
+use shardlake::localstream::{self, LocalStreamWriter};
+use shardlake::metrics::Metrics;
+use shardlake::pipeline::{RunOptions, run};
+use shardlake::query;
+
+#[derive(Parser)]
+#[command(
+    name = "shardlake",
+    version,
+    about = "Event-time stream processing for sensor fleets: windows and alerts in DataFusion, exactly-once partitioned Parquet."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a pipeline until stopped (SIGINT/SIGTERM), or until caught up with --drain.
+    Run {
+        pipeline: PathBuf,
+        /// Stop once every shard is read to its end, emitting every open window.
+        #[arg(long)]
+        drain: bool,
+        /// Names this worker's files.
+        #[arg(long, default_value = "w0", env = "SHARDLAKE_WORKER_ID")]
+        worker_id: String,
+        /// Print a progress line every second.
+        #[arg(long)]
+        progress: bool,
+    },
+    /// Simulate an oil-well fleet, run pipelines/well-telemetry.yaml over it on a local
+    /// stream and lake, and show the aggregates and alerts it found.
+    Demo {
+        /// Working directory for the stream, lake and checkpoints (recreated each run).
+        #[arg(long, default_value = "shardlake-demo")]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 120)]
+        devices: usize,
+        /// Minutes of readings (one per device per second).
+        #[arg(long, default_value_t = 30)]
+        minutes: usize,
+        #[arg(long, default_value_t = 4)]
+        shards: usize,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
+    /// Check pipeline or schema files; reports every problem with file, line, field and fix.
+    Validate {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Run SQL over a pipeline's lake; every output is a table.
+    Query { pipeline: PathBuf, sql: String },
+    /// Print Athena CREATE EXTERNAL TABLE statements (partition projection) for every output.
+    AthenaDdl {
+        pipeline: PathBuf,
+        #[arg(long, default_value = "shardlake")]
+        database: String,
+        /// The lake's S3 location, e.g. s3://my-bucket/lake.
+        #[arg(long, default_value = "s3://CHANGE-ME/lake")]
+        location: String,
+    },
+}
+
+fn main() -> ExitCode {
+    init_logging();
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match rt.block_on(dispatch(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    use std::io::IsTerminal;
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let json = match std::env::var("SHARDLAKE_LOG_FORMAT").as_deref() {
+        Ok("json") => true,
+        Ok("text") => false,
+        _ => !std::io::stderr().is_terminal(),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder.compact().init();
+    }
+}
+
+async fn dispatch(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Run {
+            pipeline,
+            drain,
+            worker_id,
+            progress,
+        } => {
+            let p = load(&pipeline, &process_env).await?;
+            let opts = RunOptions {
+                drain,
+                worker: worker_id,
+                progress,
+            };
+            run(
+                Arc::new(p),
+                opts,
+                Arc::new(SystemClock),
+                Arc::new(Metrics::default()),
+                shutdown_signal(),
+            )
+            .await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo {
+            dir,
+            devices,
+            minutes,
+            shards,
+            seed,
+        } => demo(&dir, devices, minutes, shards, seed).await,
+        Command::Validate { files } => validate(&files).await,
+        Command::Query { pipeline, sql } => {
+            let p = load(&pipeline, &process_env).await?;
+            let schemas = query::output_schemas(&p).await?;
+            let ctx = query::lake_session(&p, &schemas).await?;
+            let batches = query::query(&ctx, &sql).await?;
+            println!("{}", arrow::util::pretty::pretty_format_batches(&batches)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::AthenaDdl {
+            pipeline,
+            database,
+            location,
+        } => {
+            let p = load(&pipeline, &process_env).await?;
+            let schemas = query::output_schemas(&p).await?;
+            print!(
+                "{}",
+                query::athena_ddl(&p.name, &database, &location, &schemas)
+                    .map_err(anyhow::Error::msg)?
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Loads a pipeline and plans its SQL, so every configuration problem surfaces before a run.
+async fn load(path: &Path, env: config::Env<'_>) -> Result<Pipeline> {
+    let p = load_pipeline(path, env)?;
+    sql::compile(&p, &sql::session()).await?;
+    Ok(p)
+}
+
+async fn validate(files: &[PathBuf]) -> Result<ExitCode> {
+    let mut failed = false;
+    for f in files {
+        let text = std::fs::read_to_string(f).unwrap_or_default();
+        let is_schema = text.lines().any(|l| l.starts_with("fields:"));
+        let result = if is_schema {
+            load_schema(f, &process_env)
+                .map(|s| format!("schema {} with {} fields", s.name, s.fields.len()))
+                .map_err(anyhow::Error::from)
+        } else {
+            load(f, &process_env).await.map(|p| {
+                format!(
+                    "pipeline {} with {} tables and {} alert rules",
+                    p.name,
+                    p.table_names().len(),
+                    p.alerts.len()
+                )
+            })
+        };
+        match result {
+            Ok(what) => println!("ok: {}: {what}", f.display()),
+            Err(e) => {
+                failed = true;
+                eprint!("{e}");
+            }
+        }
+    }
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+const DEMO_MARKER: &str = ".shardlake-demo";
+const DEMO_PIPELINE: &str = include_str!("../../pipelines/well-telemetry.yaml");
+const DEMO_SCHEMA: &str = include_str!("../../schemas/well-reading.yaml");
+
+async fn demo(
+    dir: &Path,
+    devices: usize,
+    minutes: usize,
+    shards: usize,
+    seed: u64,
+) -> Result<ExitCode> {
+    if dir.exists() {
+        if !dir.join(DEMO_MARKER).exists() && std::fs::read_dir(dir)?.next().is_some() {
+            bail!(
+                "{} exists and is not a demo directory; pass --dir with a new path",
+                dir.display()
+            );
+        }
+        std::fs::remove_dir_all(dir)?;
+    }
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join(DEMO_MARKER), b"")?;
+    // The pipeline and schema as shipped, so the demo runs from any directory.
+    let conf = dir.join("config");
+    std::fs::create_dir_all(conf.join("pipelines"))?;
+    std::fs::create_dir_all(conf.join("schemas"))?;
+    let pipeline_path = conf.join("pipelines/well-telemetry.yaml");
+    std::fs::write(&pipeline_path, DEMO_PIPELINE)?;
+    std::fs::write(conf.join("schemas/well-reading.yaml"), DEMO_SCHEMA)?;
+
+    let stream = dir.join("stream");
+    localstream::create(&stream, shards)?;
+    let cfg = SimConfig {
+        devices,
+        readings_per_device: minutes * 60,
+        start: chrono::Utc::now() - chrono::Duration::minutes(minutes as i64),
+        seed,
+        ..Default::default()
+    };
+    eprintln!(
+        "simulating {devices} wells for {minutes} minutes into {} ({shards} shards)",
+        stream.display()
+    );
+    let sim = simulate(&cfg, &mut LocalStreamWriter::open(&stream)?)?;
+    eprintln!(
+        "wrote {} readings ({} pressure spikes, {} malformed records)",
+        sim.readings, sim.spikes, sim.malformed
+    );
+
+    let data = dir.display().to_string();
+    let env = move |k: &str| {
+        if k == "SHARDLAKE_DATA" {
+            Some(data.clone())
+        } else {
+            process_env(k)
+        }
+    };
+    let p = Arc::new(
+        load(&pipeline_path, &env)
+            .await
+            .context("loading the demo pipeline")?,
+    );
+    let started = std::time::Instant::now();
+    let opts = RunOptions {
+        drain: true,
+        progress: true,
+        ..Default::default()
+    };
+    run(
+        p.clone(),
+        opts,
+        Arc::new(SystemClock),
+        Arc::new(Metrics::default()),
+        std::future::pending(),
+    )
+    .await?;
+    eprintln!(
+        "pipeline finished in {:.1}s; lake: {}/lake\n",
+        started.elapsed().as_secs_f64(),
+        dir.display()
+    );
+
+    let schemas = query::output_schemas(&p).await?;
+    let ctx = query::lake_session(&p, &schemas).await?;
+    for (title, q) in [
+        (
+            "Tables",
+            "SELECT 'readings' AS table_name, count(*) AS row_count FROM readings UNION ALL SELECT 'well_1m', count(*) FROM well_1m UNION ALL SELECT 'well_5m_hop', count(*) FROM well_5m_hop UNION ALL SELECT 'alerts', count(*) FROM alerts UNION ALL SELECT 'dead_letter', count(*) FROM dead_letter UNION ALL SELECT 'late', count(*) FROM late",
+        ),
+        (
+            "Per-device 1-minute aggregates (first 12)",
+            "SELECT window_start, device_id, readings, round(barrels_per_s_avg, 3) AS barrels_per_s, round(pressure_avg, 1) AS pressure_avg, round(pressure_max, 1) AS pressure_max, round(temp_avg, 1) AS temp_avg FROM well_1m ORDER BY window_start, device_id LIMIT 12",
+        ),
+        (
+            "Alerts",
+            "SELECT rule, kind, event_time, key, substr(detail, 1, 90) AS detail FROM alerts ORDER BY event_time, rule LIMIT 30",
+        ),
+        (
+            "Dead letters",
+            "SELECT error, count(*) AS records, min(reason) AS example FROM dead_letter GROUP BY error ORDER BY error",
+        ),
+    ] {
+        let batches = query::query(&ctx, q).await?;
+        println!(
+            "{title}\n{}\n",
+            arrow::util::pretty::pretty_format_batches(&batches)?
+        );
+    }
+    println!(
+        "Query it yourself:\n  SHARDLAKE_DATA={} cargo run --release -- query pipelines/well-telemetry.yaml \"SELECT * FROM well_1m WHERE device_id = 'well-0007' ORDER BY window_start LIMIT 5\"",
+        dir.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,111 @@
+//! The local checkpoint store: `<dir>/<pipeline>/checkpoint.json`, replaced by an atomic
+//! rename after an fsync, with a lock file so two processes never share it.
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use super::{CheckpointStore, Committed, Intent, StoreError, StoreState};
+
+#[derive(Debug)]
+pub struct LocalStore {
+    path: PathBuf,
+    _lock: File,
+}
+
+impl LocalStore {
+    pub fn open(dir: &Path, pipeline: &str) -> Result<Self, StoreError> {
+        let dir = dir.join(pipeline);
+        let io = |source| StoreError::Io {
+            path: dir.display().to_string(),
+            source,
+        };
+        fs::create_dir_all(&dir).map_err(io)?;
+        let lock = File::create(dir.join("LOCK")).map_err(io)?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                return Err(StoreError::Locked(dir.display().to_string()));
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(io(e)),
+        }
+        Ok(Self {
+            path: dir.join("checkpoint.json"),
+            _lock: lock,
+        })
+    }
+
+    fn write(&self, state: &StoreState) -> Result<(), StoreError> {
+        let io = |source| StoreError::Io {
+            path: self.path.display().to_string(),
+            source,
+        };
+        let tmp = self.path.with_extension("json.tmp");
+        let mut f = File::create(&tmp).map_err(io)?;
+        f.write_all(&serde_json::to_vec_pretty(state).expect("serializable"))
+            .map_err(io)?;
+        f.sync_all().map_err(io)?;
+        fs::rename(&tmp, &self.path).map_err(io)?;
+        File::open(self.path.parent().expect("in a directory"))
+            .and_then(|d| d.sync_all())
+            .map_err(io)
+    }
+}
+
+impl CheckpointStore for LocalStore {
+    fn load(&self) -> Result<StoreState, StoreError> {
+        match fs::read(&self.path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| StoreError::Corrupt {
+                path: self.path.display().to_string(),
+                source,
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(StoreState::default()),
+            Err(source) => Err(StoreError::Io {
+                path: self.path.display().to_string(),
+                source,
+            }),
+        }
+    }
+
+    fn prepare(&self, committed: &Committed, intent: &Intent) -> Result<(), StoreError> {
+        self.write(&StoreState {
+            committed: committed.clone(),
+            pending: Some(intent.clone()),
+        })
+    }
+
+    fn commit(&self, intent: &Intent) -> Result<(), StoreError> {
+        self.write(&StoreState {
+            committed: intent.next.clone(),
+            pending: None,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prepare_then_commit_and_the_lock_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path(), "p").unwrap();
+        assert!(matches!(
+            LocalStore::open(dir.path(), "p"),
+            Err(StoreError::Locked(_))
+        ));
+        assert_eq!(store.load().unwrap(), StoreState::default());
+        let intent = Intent {
+            files: vec![],
+            next: Committed {
+                commit_id: 1,
+                ..Default::default()
+            },
+        };
+        store.prepare(&Committed::default(), &intent).unwrap();
+        assert_eq!(store.load().unwrap().pending, Some(intent.clone()));
+        store.commit(&intent).unwrap();
+        let s = store.load().unwrap();
+        assert_eq!((s.committed.commit_id, s.pending), (1, None));
+    }
+}

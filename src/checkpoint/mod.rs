@@ -1,0 +1,116 @@
+//! Checkpoints and the commit protocol's record of pending work.
+//!
+//! A commit is two writes to the store: `prepare` records the intent (the staged files and the
+//! state after the commit) beside the last committed state; `commit` replaces the committed
+//! state with the intent's and clears it. Whoever opens the store next and finds an intent
+//! publishes its files and commits it: the same steps as the normal path.
+
+pub mod local;
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::record::Position;
+use crate::sink::StagedFile;
+
+/// Per shard.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardCheckpoint {
+    /// Raw records, dead letters, late records and record alerts are committed through here.
+    pub records: Position,
+    /// Per aggregation: reading again from here rebuilds its open windows.
+    #[serde(default)]
+    pub aggregations: BTreeMap<String, Position>,
+    /// The newest event time read from the shard (microseconds).
+    pub max_event_time: Option<i64>,
+}
+
+impl ShardCheckpoint {
+    /// Where reading resumes: the earliest position any output still needs.
+    pub fn resume_from(&self) -> Position {
+        self.aggregations
+            .values()
+            .chain(std::iter::once(&self.records))
+            .min()
+            .cloned()
+            .flatten()
+    }
+}
+
+/// What a commit leaves behind.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Committed {
+    /// Commits so far; names the data files of the next one.
+    pub commit_id: u64,
+    pub shards: BTreeMap<String, ShardCheckpoint>,
+    /// Per aggregation: every window ending at or before this (microseconds) was emitted.
+    pub emitted_through: BTreeMap<String, i64>,
+    /// The watermark at the commit; it does not move back after a restart.
+    pub watermark: Option<i64>,
+}
+
+/// A prepared commit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Intent {
+    pub files: Vec<StagedFile>,
+    pub next: Committed,
+}
+
+/// What the store holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreState {
+    pub committed: Committed,
+    pub pending: Option<Intent>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Another process holds this checkpoint store.
+    #[error("{0} is in use by another shardlake process (one worker per local state directory)")]
+    Locked(String),
+    /// The store could not be read or written.
+    #[error("checkpoint store {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    /// The stored state does not parse.
+    #[error(
+        "checkpoint store {path} is corrupt: {source}; move it aside to start over (outputs will be written again)"
+    )]
+    Corrupt {
+        path: String,
+        source: serde_json::Error,
+    },
+}
+
+/// A checkpoint store: local file now, DynamoDB leases later.
+pub trait CheckpointStore: Send + Sync + std::fmt::Debug {
+    fn load(&self) -> Result<StoreState, StoreError>;
+    /// Records `intent` as pending beside `committed`.
+    fn prepare(&self, committed: &Committed, intent: &Intent) -> Result<(), StoreError>;
+    /// Makes `intent.next` the committed state and clears the intent.
+    fn commit(&self, intent: &Intent) -> Result<(), StoreError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::SeqNo;
+
+    #[test]
+    fn resume_from_is_the_earliest_position_needed() {
+        let mut c = ShardCheckpoint {
+            records: Some(SeqNo::from_u64(500)),
+            ..Default::default()
+        };
+        assert_eq!(c.resume_from(), Some(SeqNo::from_u64(500)));
+        c.aggregations.insert("a".into(), Some(SeqNo::from_u64(90)));
+        c.aggregations
+            .insert("b".into(), Some(SeqNo::from_u64(120)));
+        assert_eq!(c.resume_from(), Some(SeqNo::from_u64(90)));
+        c.aggregations.insert("c".into(), None);
+        assert_eq!(c.resume_from(), None);
+    }
+}

@@ -1,0 +1,888 @@
+//! Pipeline and schema configuration: loading, `${VAR}` substitution, and validation that
+//! reports every problem at once with the file, the line, the field and the fix.
+//!
+//! Loading goes YAML → a JSON value tree (so `${VAR}` is replaced in values, never in keys)
+//! → the typed [`types`] → [`Pipeline`], whose values are parsed and checked.
+
+mod types;
+mod yaml_index;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use types::*;
+pub use types::{FieldType, TimeFormat};
+pub use yaml_index::LineIndex;
+
+/// Columns the engine adds; a schema field may not use these names.
+pub const RESERVED_COLUMNS: &[&str] = &[
+    "year",
+    "month",
+    "day",
+    "hour",
+    "window_start",
+    "window_end",
+    "_shard_id",
+    "_sequence_number",
+    "aggregation",
+];
+
+/// One thing wrong with a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub file: PathBuf,
+    pub line: Option<usize>,
+    /// The field's path, e.g. `outputs.aggregations[0].window.size`.
+    pub field: String,
+    pub message: String,
+    /// What to write instead.
+    pub fix: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if !self.field.is_empty() {
+            write!(f, ": {}", self.field)?;
+        }
+        write!(f, ": {}", self.message)?;
+        if !self.fix.is_empty() {
+            write!(f, "\n    fix: {}", self.fix)?;
+        }
+        Ok(())
+    }
+}
+
+/// Every problem found in a configuration.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct ConfigError {
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.problems.len();
+        writeln!(
+            f,
+            "{n} problem{} in the configuration:",
+            if n == 1 { "" } else { "s" }
+        )?;
+        for p in &self.problems {
+            writeln!(f, "  {p}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Collects problems for one file.
+pub struct Problems<'a> {
+    file: &'a Path,
+    lines: &'a LineIndex,
+    pub list: Vec<Problem>,
+}
+
+impl<'a> Problems<'a> {
+    pub fn new(file: &'a Path, lines: &'a LineIndex) -> Self {
+        Self {
+            file,
+            lines,
+            list: Vec::new(),
+        }
+    }
+
+    pub fn add(&mut self, field: &str, message: impl Into<String>, fix: impl Into<String>) {
+        self.list.push(Problem {
+            file: self.file.to_path_buf(),
+            line: self.lines.line_of(field),
+            field: field.to_string(),
+            message: message.into(),
+            fix: fix.into(),
+        });
+    }
+
+    pub fn duration(&mut self, field: &str, text: &str) -> Duration {
+        humantime::parse_duration(text.trim()).unwrap_or_else(|e| {
+            self.add(
+                field,
+                format!("`{text}` is not a duration ({e})"),
+                "write e.g. 500ms, 30s, 5m or 1h",
+            );
+            Duration::ZERO
+        })
+    }
+
+    pub fn bytes(&mut self, field: &str, text: &str) -> u64 {
+        parse_bytes(text).unwrap_or_else(|| {
+            self.add(
+                field,
+                format!("`{text}` is not a size"),
+                "write e.g. 512KiB, 64MiB or 1GiB",
+            );
+            0
+        })
+    }
+
+    pub fn ident(&mut self, field: &str, name: &str) {
+        if !is_ident(name) {
+            self.add(
+                field,
+                format!("`{name}` is not a valid name"),
+                "use lowercase letters, digits and `_`, starting with a letter or `_` (Athena and SQL need that)",
+            );
+        }
+    }
+}
+
+pub fn is_ident(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some('a'..='z' | '_'))
+        && chars.all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_'))
+}
+
+/// `128MiB`, `64 KiB`, `1GB`, `1000`.
+pub fn parse_bytes(text: &str) -> Option<u64> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1_000,
+        "kib" => 1 << 10,
+        "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+/// Looks up environment variables for `${VAR}`; tests pass their own.
+pub type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+/// The process environment.
+pub fn process_env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+// ---------------------------------------------------------------- resolved configuration
+
+/// A loaded, validated pipeline.
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    pub file: PathBuf,
+    pub name: String,
+    pub schema: RecordSchema,
+    pub source: Source,
+    pub lake: Lake,
+    pub checkpoints: Checkpoints,
+    pub event_time: EventTime,
+    pub max_record_bytes: usize,
+    /// Microseconds.
+    pub max_future_skew: i64,
+    pub rollover: Rollover,
+    pub outputs: Outputs,
+    pub alerts: Vec<AlertRule>,
+    pub lines: LineIndex,
+}
+
+#[derive(Debug, Clone)]
+pub struct RecordSchema {
+    pub file: PathBuf,
+    pub name: String,
+    pub key: Option<String>,
+    pub fields: Vec<Field>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Field {
+    pub name: String,
+    pub ty: FieldType,
+    pub required: bool,
+}
+
+#[derive(Debug, Clone)]
+pub enum Source {
+    Local {
+        path: PathBuf,
+        poll_interval: Duration,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub enum Lake {
+    Local { path: PathBuf },
+}
+
+#[derive(Debug, Clone)]
+pub enum Checkpoints {
+    Local { path: PathBuf },
+}
+
+#[derive(Debug, Clone)]
+pub struct EventTime {
+    pub field: String,
+    pub format: TimeFormat,
+    /// Microseconds.
+    pub allowed_lateness: i64,
+    pub idle_shard_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Rollover {
+    pub max_bytes: u64,
+    pub max_age: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Outputs {
+    pub raw: String,
+    pub dead_letter: String,
+    pub late: String,
+    pub alerts: String,
+    pub aggregations: Vec<Aggregation>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Aggregation {
+    pub name: String,
+    /// Microseconds.
+    pub size: i64,
+    /// Microseconds; equals `size` for a tumbling window.
+    pub slide: i64,
+    pub sql: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct AlertRule {
+    pub name: String,
+    pub when: String,
+    /// Index into `outputs.aggregations` for a window rule.
+    pub aggregation: Option<usize>,
+}
+
+impl Pipeline {
+    /// Every table name, in a fixed order.
+    pub fn table_names(&self) -> Vec<&str> {
+        let o = &self.outputs;
+        let mut v = vec![
+            o.raw.as_str(),
+            o.dead_letter.as_str(),
+            o.late.as_str(),
+            o.alerts.as_str(),
+        ];
+        v.extend(o.aggregations.iter().map(|a| a.name.as_str()));
+        v
+    }
+
+    /// A problem at `field` of this pipeline file, for checks made after loading (SQL).
+    pub fn problem(
+        &self,
+        field: &str,
+        message: impl Into<String>,
+        fix: impl Into<String>,
+    ) -> Problem {
+        let mut p = Problems::new(&self.file, &self.lines);
+        p.add(field, message, fix);
+        p.list.remove(0)
+    }
+}
+
+// ---------------------------------------------------------------- loading
+
+/// Reads `path` as YAML into a value tree with `${VAR}` replaced, plus its line index.
+fn read_yaml(path: &Path, env: Env) -> Result<(Value, LineIndex), ConfigError> {
+    let one = |line, field: &str, message: String, fix: &str| ConfigError {
+        problems: vec![Problem {
+            file: path.to_path_buf(),
+            line,
+            field: field.to_string(),
+            message,
+            fix: fix.to_string(),
+        }],
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        one(
+            None,
+            "",
+            format!("cannot read the file: {e}"),
+            "check the path; it is relative to the current directory",
+        )
+    })?;
+    let lines = LineIndex::build(&text);
+    let mut value: Value = serde_saphyr::from_str(&text).map_err(|e| {
+        let line = e.location().map(|l| l.line() as usize);
+        let msg = e
+            .to_string()
+            .lines()
+            .next()
+            .unwrap_or("invalid YAML")
+            .to_string();
+        one(
+            line,
+            "",
+            format!("not valid YAML: {msg}"),
+            "fix the YAML syntax at that line",
+        )
+    })?;
+    let mut problems = Problems::new(path, &lines);
+    substitute_env(&mut value, "", env, &mut problems);
+    if problems.list.is_empty() {
+        Ok((value, lines))
+    } else {
+        Err(ConfigError {
+            problems: problems.list,
+        })
+    }
+}
+
+/// Replaces `${VAR}` and `${VAR:-default}` in every string value.
+fn substitute_env(value: &mut Value, path: &str, env: Env, problems: &mut Problems) {
+    match value {
+        Value::String(s) if s.contains("${") => match expand(s, env) {
+            Ok(out) => *s = out,
+            Err(var) => problems.add(
+                path,
+                format!("environment variable `{var}` is not set"),
+                format!("set {var}, or give a default: ${{{var}:-value}}"),
+            ),
+        },
+        Value::Array(items) => {
+            for (i, item) in items.iter_mut().enumerate() {
+                substitute_env(item, &format!("{path}[{i}]"), env, problems);
+            }
+        }
+        Value::Object(map) => {
+            for (k, v) in map.iter_mut() {
+                let child = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                substitute_env(v, &child, env, problems);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Expands `${VAR}` / `${VAR:-default}`; the error is the first unset variable's name.
+pub fn expand(s: &str, env: Env) -> Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let Some(end) = after.find('}') else {
+            out.push_str(&rest[start..]);
+            return Ok(out);
+        };
+        let inner = &after[..end];
+        let (name, default) = match inner.split_once(":-") {
+            Some((n, d)) => (n, Some(d)),
+            None => (inner, None),
+        };
+        match env(name)
+            .filter(|v| !v.is_empty())
+            .or(default.map(str::to_string))
+        {
+            Some(v) => out.push_str(&v),
+            None => return Err(name.to_string()),
+        }
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// Deserializes `value` into `T`, reporting every unknown key (each with the keys allowed
+/// there) and then the first type error, all with their lines.
+fn typed<T: DeserializeOwned>(mut value: Value, problems: &mut Problems) -> Option<T> {
+    loop {
+        match serde_path_to_error::deserialize::<_, T>(value.clone()) {
+            Ok(t) => {
+                return if problems.list.is_empty() {
+                    Some(t)
+                } else {
+                    None
+                };
+            }
+            Err(err) => {
+                let path = err.path().to_string();
+                let path = if path == "." { String::new() } else { path };
+                let msg = err.inner().to_string();
+                if let Some(key) = unknown_field(&msg)
+                    && remove_key(&mut value, &path, &key)
+                {
+                    let expected = msg.split_once(", expected ").map(|(_, e)| e).unwrap_or("");
+                    let field = if path.ends_with(&key) {
+                        path.clone()
+                    } else {
+                        join(&path, &key)
+                    };
+                    problems.add(
+                        &field,
+                        format!("unknown key `{key}`"),
+                        if expected.is_empty() {
+                            "remove it".to_string()
+                        } else {
+                            format!("remove it; expected {expected}")
+                        },
+                    );
+                    continue;
+                }
+                let fix = if msg.starts_with("missing field") {
+                    "add it (see the commented example pipelines in pipelines/)"
+                } else if msg.starts_with("unknown variant") {
+                    "use one of the values listed"
+                } else {
+                    "give the type the field expects"
+                };
+                problems.add(&path, msg, fix);
+                return None;
+            }
+        }
+    }
+}
+
+fn join(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_string()
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+fn unknown_field(msg: &str) -> Option<String> {
+    let rest = msg.strip_prefix("unknown field `")?;
+    Some(rest[..rest.find('`')?].to_string())
+}
+
+/// Removes `key` from the mapping at `path` (or at its parent, when `path` names the key).
+fn remove_key(value: &mut Value, path: &str, key: &str) -> bool {
+    let parent = path
+        .strip_suffix(key)
+        .map(|p| p.trim_end_matches('.'))
+        .unwrap_or(path);
+    let mut node = value;
+    for seg in split_path(parent) {
+        node = match (seg, node) {
+            (Seg::Key(k), Value::Object(m)) => match m.get_mut(k) {
+                Some(v) => v,
+                None => return false,
+            },
+            (Seg::Index(i), Value::Array(a)) => match a.get_mut(i) {
+                Some(v) => v,
+                None => return false,
+            },
+            _ => return false,
+        };
+    }
+    match node {
+        Value::Object(m) => m.remove(key).is_some(),
+        _ => false,
+    }
+}
+
+enum Seg<'a> {
+    Key(&'a str),
+    Index(usize),
+}
+
+fn split_path(path: &str) -> Vec<Seg<'_>> {
+    let mut out = Vec::new();
+    for part in path.split('.').filter(|p| !p.is_empty()) {
+        let mut p = part;
+        if let Some(b) = p.find('[') {
+            if b > 0 {
+                out.push(Seg::Key(&p[..b]));
+            }
+            p = &p[b..];
+            while let Some(rest) = p.strip_prefix('[') {
+                let end = rest.find(']').unwrap_or(rest.len());
+                if let Ok(i) = rest[..end].parse() {
+                    out.push(Seg::Index(i));
+                }
+                p = rest.get(end + 1..).unwrap_or("");
+            }
+        } else {
+            out.push(Seg::Key(p));
+        }
+    }
+    out
+}
+
+/// Loads a schema file on its own (`shardlake validate schemas/x.yaml`).
+pub fn load_schema(path: &Path, env: Env) -> Result<RecordSchema, ConfigError> {
+    let (value, lines) = read_yaml(path, env)?;
+    let mut problems = Problems::new(path, &lines);
+    let schema =
+        typed::<SchemaFile>(value, &mut problems).map(|f| resolve_schema(path, f, &mut problems));
+    match schema {
+        Some(s) if problems.list.is_empty() => Ok(s),
+        _ => Err(ConfigError {
+            problems: problems.list,
+        }),
+    }
+}
+
+fn resolve_schema(path: &Path, f: SchemaFile, p: &mut Problems) -> RecordSchema {
+    if f.fields.is_empty() {
+        p.add(
+            "fields",
+            "a schema needs at least one field",
+            "list the record's fields under `fields:`",
+        );
+    }
+    let mut seen = std::collections::HashSet::new();
+    for (i, field) in f.fields.iter().enumerate() {
+        let at = format!("fields[{i}].name");
+        p.ident(&at, &field.name);
+        if RESERVED_COLUMNS.contains(&field.name.as_str()) {
+            p.add(&at, format!("`{}` is a column shardlake adds", field.name), "rename the field (reserved: year, month, day, hour, window_start, window_end, _shard_id, _sequence_number, aggregation)");
+        }
+        if !seen.insert(field.name.as_str()) {
+            p.add(
+                &at,
+                format!("field `{}` is listed twice", field.name),
+                "remove one of them",
+            );
+        }
+    }
+    if let Some(key) = &f.key
+        && !f.fields.iter().any(|x| &x.name == key)
+    {
+        p.add(
+            "key",
+            format!("key field `{key}` is not one of the fields"),
+            "name a field listed under `fields:`",
+        );
+    }
+    RecordSchema {
+        file: path.to_path_buf(),
+        name: f.name,
+        key: f.key,
+        fields: f
+            .fields
+            .into_iter()
+            .map(|x| Field {
+                name: x.name,
+                ty: x.ty,
+                required: x.required,
+            })
+            .collect(),
+    }
+}
+
+/// Loads and checks a pipeline file and its schema. SQL is checked by the engine
+/// (`engine::check_sql`), which needs DataFusion.
+pub fn load_pipeline(path: &Path, env: Env) -> Result<Pipeline, ConfigError> {
+    let (value, lines) = read_yaml(path, env)?;
+    let mut p = Problems::new(path, &lines);
+    let Some(f) = typed::<PipelineFile>(value, &mut p) else {
+        return Err(ConfigError { problems: p.list });
+    };
+    let mut extra = Vec::new();
+    let schema_path = path.parent().unwrap_or(Path::new(".")).join(&f.schema);
+    let schema = match load_schema(&schema_path, env) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            if !schema_path.exists() {
+                p.add(
+                    "schema",
+                    format!("schema file {} does not exist", schema_path.display()),
+                    "give a path relative to this pipeline file, e.g. ../schemas/well-reading.yaml",
+                );
+            } else {
+                extra = e.problems;
+            }
+            None
+        }
+    };
+    let pipeline = resolve_pipeline(path, f, schema, lines.clone(), &mut p);
+    p.list.extend(extra);
+    match pipeline {
+        Some(pl) if p.list.is_empty() => Ok(pl),
+        _ => Err(ConfigError { problems: p.list }),
+    }
+}
+
+fn resolve_pipeline(
+    path: &Path,
+    f: PipelineFile,
+    schema: Option<RecordSchema>,
+    lines: LineIndex,
+    p: &mut Problems,
+) -> Option<Pipeline> {
+    if f.name.is_empty()
+        || !f
+            .name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+    {
+        p.add(
+            "name",
+            format!("`{}` is not a valid pipeline name", f.name),
+            "use lowercase letters, digits, `-` and `_`",
+        );
+    }
+    let source = match f.source {
+        SourceFile::Local {
+            path,
+            poll_interval,
+        } => {
+            let poll_interval = p.duration("source.local.poll_interval", &poll_interval);
+            Source::Local {
+                path: path.into(),
+                poll_interval,
+            }
+        }
+    };
+    let LakeFile::Local { path: lake } = f.lake;
+    let CheckpointsFile::Local { path: state } = f.checkpoints;
+
+    let et = &f.event_time;
+    let allowed_lateness = p.duration("event_time.allowed_lateness", &et.allowed_lateness);
+    let idle_shard_timeout = p.duration("event_time.idle_shard_timeout", &et.idle_shard_timeout);
+    if let Some(s) = &schema {
+        match s.fields.iter().find(|x| x.name == et.field) {
+            None => p.add(
+                "event_time.field",
+                format!(
+                    "`{}` is not a field of schema {}",
+                    et.field,
+                    s.file.display()
+                ),
+                format!(
+                    "name one of: {}",
+                    s.fields
+                        .iter()
+                        .map(|x| x.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ),
+            Some(x) if x.ty != FieldType::Timestamp => p.add(
+                "event_time.field",
+                format!(
+                    "`{}` has type {:?} in the schema; event time needs `timestamp`",
+                    et.field, x.ty
+                ),
+                format!(
+                    "set `type: timestamp` for `{}` in {}",
+                    et.field,
+                    s.file.display()
+                ),
+            ),
+            _ => {}
+        }
+    }
+    let max_record_bytes = p.bytes("limits.max_record_bytes", &f.limits.max_record_bytes);
+    if max_record_bytes == 0 {
+        p.add(
+            "limits.max_record_bytes",
+            "must be more than zero",
+            "write e.g. 1MiB",
+        );
+    }
+    let max_future_skew = p.duration("limits.max_future_skew", &f.limits.max_future_skew);
+    let max_bytes = p.bytes("rollover.max_bytes", &f.rollover.max_bytes);
+    if max_bytes > 0 && max_bytes < 64 << 10 {
+        p.add(
+            "rollover.max_bytes",
+            format!("{max_bytes} bytes makes tiny files"),
+            "use at least 64KiB; 64MiB-512MiB suits Athena",
+        );
+    }
+    let max_age = p.duration("rollover.max_age", &f.rollover.max_age);
+    if max_age.is_zero() {
+        p.add(
+            "rollover.max_age",
+            "must be more than zero",
+            "write e.g. 1m or 5m",
+        );
+    }
+
+    let o = &f.outputs;
+    let mut names = std::collections::HashMap::new();
+    for (field, name) in [
+        ("outputs.raw.name", &o.raw.name),
+        ("outputs.dead_letter.name", &o.dead_letter.name),
+        ("outputs.late.name", &o.late.name),
+        ("outputs.alerts.name", &o.alerts.name),
+    ]
+    .into_iter()
+    .map(|(a, b)| (a.to_string(), b))
+    .chain(
+        o.aggregations
+            .iter()
+            .enumerate()
+            .map(|(i, a)| (format!("outputs.aggregations[{i}].name"), &a.name)),
+    ) {
+        p.ident(&field, name);
+        if let Some(first) = names.insert(name.clone(), field.clone()) {
+            p.add(
+                &field,
+                format!("table name `{name}` is already used by {first}"),
+                "give every output its own name",
+            );
+        }
+    }
+    let mut aggregations = Vec::new();
+    for (i, a) in o.aggregations.iter().enumerate() {
+        let at = format!("outputs.aggregations[{i}].window");
+        let size = p.duration(&format!("{at}.size"), &a.window.size);
+        let slide = match &a.window.slide {
+            Some(s) => p.duration(&format!("{at}.slide"), s),
+            None => size,
+        };
+        if size.is_zero() {
+            p.add(
+                &format!("{at}.size"),
+                "a window must be longer than zero",
+                "write e.g. 1m",
+            );
+        } else if slide.is_zero() || slide > size || size.as_micros() % slide.as_micros() != 0 {
+            p.add(
+                &format!("{at}.slide"),
+                format!("slide {:?} does not divide size {:?}", slide, size),
+                "use a slide that divides the size, e.g. size 5m with slide 1m",
+            );
+        } else if (size.as_micros() / slide.as_micros()) > 60 {
+            p.add(
+                &format!("{at}.slide"),
+                "more than 60 windows overlap each record",
+                "use a longer slide",
+            );
+        }
+        aggregations.push(Aggregation {
+            name: a.name.clone(),
+            size: size.as_micros() as i64,
+            slide: slide.as_micros() as i64,
+            sql: a.sql.clone(),
+        });
+    }
+    let mut alerts = Vec::new();
+    let mut rule_names = std::collections::HashSet::new();
+    for (i, r) in f.alerts.iter().enumerate() {
+        if r.name.is_empty() || !rule_names.insert(r.name.clone()) {
+            p.add(
+                &format!("alerts[{i}].name"),
+                format!("rule name `{}` is empty or used twice", r.name),
+                "give every rule its own name",
+            );
+        }
+        let aggregation = r.aggregation.as_ref().and_then(|name| {
+            let idx = aggregations.iter().position(|a| &a.name == name);
+            if idx.is_none() {
+                p.add(
+                    &format!("alerts[{i}].aggregation"),
+                    format!("no aggregation is named `{name}`"),
+                    format!(
+                        "name one of: {}",
+                        aggregations
+                            .iter()
+                            .map(|a| a.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                );
+            }
+            idx
+        });
+        alerts.push(AlertRule {
+            name: r.name.clone(),
+            when: r.when.clone(),
+            aggregation,
+        });
+    }
+
+    Some(Pipeline {
+        file: path.to_path_buf(),
+        name: f.name,
+        schema: schema?,
+        source,
+        lake: Lake::Local { path: lake.into() },
+        checkpoints: Checkpoints::Local { path: state.into() },
+        event_time: EventTime {
+            field: et.field.clone(),
+            format: et.format,
+            allowed_lateness: allowed_lateness.as_micros() as i64,
+            idle_shard_timeout,
+        },
+        max_record_bytes: max_record_bytes as usize,
+        max_future_skew: max_future_skew.as_micros() as i64,
+        rollover: Rollover { max_bytes, max_age },
+        outputs: Outputs {
+            raw: o.raw.name.clone(),
+            dead_letter: o.dead_letter.name.clone(),
+            late: o.late.name.clone(),
+            alerts: o.alerts.name.clone(),
+            aggregations,
+        },
+        alerts,
+        lines,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expands_variables_with_defaults() {
+        let env = |k: &str| (k == "A").then(|| "x".to_string());
+        assert_eq!(expand("${A}/b/${B:-c}", &env).unwrap(), "x/b/c");
+        assert_eq!(expand("${MISSING}", &env).unwrap_err(), "MISSING");
+        assert_eq!(expand("no vars", &env).unwrap(), "no vars");
+    }
+
+    #[test]
+    fn parses_sizes() {
+        assert_eq!(parse_bytes("128MiB"), Some(128 << 20));
+        assert_eq!(parse_bytes("64 KiB"), Some(64 << 10));
+        assert_eq!(parse_bytes("1000"), Some(1000));
+        assert_eq!(parse_bytes("12 parsecs"), None);
+    }
+
+    #[test]
+    fn identifiers() {
+        assert!(is_ident("well_1m"));
+        assert!(!is_ident("Well"));
+        assert!(!is_ident("1m"));
+        assert!(!is_ident("a-b"));
+    }
+
+    #[test]
+    fn every_unknown_key_is_reported_with_its_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let schema = dir.path().join("s.yaml");
+        std::fs::write(
+            &schema,
+            "name: s\nfields:\n  - {name: ts, type: timestamp, required: true}\n",
+        )
+        .unwrap();
+        let pipe = dir.path().join("p.yaml");
+        std::fs::write(
+            &pipe,
+            "name: p\nschema: s.yaml\ncolour: red\nsource: {local: {path: x}}\nlake: {local: {path: y}}\ncheckpoints: {local: {path: z}}\nevent_time:\n  field: ts\n  lateness: 5s\n",
+        )
+        .unwrap();
+        let err = load_pipeline(&pipe, &|_| None).unwrap_err();
+        let text = err.to_string();
+        assert_eq!(err.problems.len(), 2, "{text}");
+        assert_eq!(err.problems[0].line, Some(3), "{text}");
+        assert!(text.contains("unknown key `colour`"), "{text}");
+        assert_eq!(err.problems[1].field, "event_time.lateness", "{text}");
+        assert_eq!(err.problems[1].line, Some(9), "{text}");
+        assert!(text.contains("allowed_lateness"), "{text}");
+    }
+}

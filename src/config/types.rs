@@ -1,0 +1,299 @@
+//! The pipeline and schema files as the user writes them. Every field carries its doc; the
+//! defaults are functions so they show up in one place. Unknown keys are reported by the
+//! loader (all of them at once, with their lines), so these types do not reject them.
+
+use serde::Deserialize;
+
+/// A pipeline file (`pipelines/*.yaml`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct PipelineFile {
+    /// Pipeline name: `[a-z0-9_-]+`. Names the checkpoint namespace and prefixes Athena tables.
+    pub name: String,
+    /// Record schema file, relative to this pipeline file (e.g. `../schemas/well-reading.yaml`).
+    pub schema: String,
+    /// Where records come from.
+    pub source: SourceFile,
+    /// Where the Parquet tables go.
+    pub lake: LakeFile,
+    /// Where checkpoints and pending commits are kept.
+    pub checkpoints: CheckpointsFile,
+    /// How event time is read and when windows close.
+    pub event_time: EventTimeFile,
+    /// Per-record limits.
+    #[serde(default)]
+    pub limits: LimitsFile,
+    /// When open files are closed and committed (all outputs commit together).
+    #[serde(default)]
+    pub rollover: RolloverFile,
+    /// The tables this pipeline writes.
+    #[serde(default)]
+    pub outputs: OutputsFile,
+    /// Alert rules, written to the `alerts` output.
+    #[serde(default)]
+    pub alerts: Vec<AlertFile>,
+}
+
+/// `source:` — exactly one kind.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceFile {
+    /// A local stream: a directory of per-shard append-only NDJSON files
+    /// (`shardId-000000000000.ndjson`, ...), as `shardlake-agent` writes it.
+    Local {
+        /// The stream directory.
+        path: String,
+        /// How often a caught-up shard looks for new lines (default `200ms`).
+        #[serde(default = "default_poll_interval")]
+        poll_interval: String,
+    },
+}
+
+/// `lake:` — exactly one kind.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LakeFile {
+    /// A local directory; each output is a subdirectory.
+    Local {
+        /// The lake directory.
+        path: String,
+    },
+}
+
+/// `checkpoints:` — exactly one kind.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckpointsFile {
+    /// A local directory holding `<pipeline>/checkpoint.json` (atomic rename).
+    Local {
+        /// The state directory.
+        path: String,
+    },
+}
+
+/// `event_time:`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct EventTimeFile {
+    /// The schema field holding event time; must be of type `timestamp`.
+    pub field: String,
+    /// How that field is written: `rfc3339` (e.g. `2026-01-01T10:00:00.123+02:00`) or
+    /// `epoch_millis` (a number).
+    #[serde(default)]
+    pub format: TimeFormat,
+    /// How far behind the newest event time a record may arrive and still count in its window
+    /// (default `30s`). Later records go to the `late` output.
+    #[serde(default = "default_lateness")]
+    pub allowed_lateness: String,
+    /// A shard with no new records for this long (wall clock) stops holding the watermark back
+    /// (default `60s`).
+    #[serde(default = "default_idle")]
+    pub idle_shard_timeout: String,
+}
+
+/// Event-time encodings.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum TimeFormat {
+    /// RFC 3339 text with an offset; a missing offset means UTC.
+    #[default]
+    Rfc3339,
+    /// Milliseconds since the Unix epoch, as a JSON number.
+    EpochMillis,
+}
+
+/// `limits:`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct LimitsFile {
+    /// Larger records go to dead-letter (default `1MiB`, Kinesis' own record limit).
+    #[serde(default = "default_max_record")]
+    pub max_record_bytes: String,
+    /// Records whose event time is further ahead of the wall clock go to dead-letter, so one
+    /// bad clock cannot close every window (default `1h`).
+    #[serde(default = "default_future")]
+    pub max_future_skew: String,
+}
+
+impl Default for LimitsFile {
+    fn default() -> Self {
+        Self {
+            max_record_bytes: default_max_record(),
+            max_future_skew: default_future(),
+        }
+    }
+}
+
+/// `rollover:`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RolloverFile {
+    /// Commit once any open file reaches this size (default `128MiB`).
+    #[serde(default = "default_roll_bytes")]
+    pub max_bytes: String,
+    /// Commit once the oldest uncommitted record was read this long ago (default `5m`).
+    #[serde(default = "default_roll_age")]
+    pub max_age: String,
+}
+
+impl Default for RolloverFile {
+    fn default() -> Self {
+        Self {
+            max_bytes: default_roll_bytes(),
+            max_age: default_roll_age(),
+        }
+    }
+}
+
+/// `outputs:`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct OutputsFile {
+    /// Every valid record, with `_shard_id` and `_sequence_number`.
+    #[serde(default = "default_raw")]
+    pub raw: TableFile,
+    /// Records that could not be decoded: raw bytes, shard, sequence number, reason.
+    #[serde(default = "default_dead_letter")]
+    pub dead_letter: TableFile,
+    /// Records that arrived after their window was emitted, tagged with the aggregation.
+    #[serde(default = "default_late")]
+    pub late: TableFile,
+    /// Alerts from every rule.
+    #[serde(default = "default_alerts")]
+    pub alerts: TableFile,
+    /// Windowed aggregations.
+    #[serde(default)]
+    pub aggregations: Vec<AggregationFile>,
+}
+
+impl Default for OutputsFile {
+    fn default() -> Self {
+        Self {
+            raw: default_raw(),
+            dead_letter: default_dead_letter(),
+            late: default_late(),
+            alerts: default_alerts(),
+            aggregations: Vec::new(),
+        }
+    }
+}
+
+/// A plain table output.
+#[derive(Debug, Clone, Deserialize)]
+pub struct TableFile {
+    /// Table (and directory) name: `[a-z_][a-z0-9_]*`.
+    pub name: String,
+}
+
+/// One windowed aggregation.
+#[derive(Debug, Clone, Deserialize)]
+pub struct AggregationFile {
+    /// Table name: `[a-z_][a-z0-9_]*`.
+    pub name: String,
+    /// The window.
+    pub window: WindowFile,
+    /// SQL over `records`, whose rows carry `window_start` and `window_end` of each window
+    /// they fall in. It must select `window_start` (the table is partitioned by it), e.g.
+    /// `SELECT window_start, window_end, device_id, avg(pressure_psi) AS pressure_avg FROM
+    /// records GROUP BY window_start, window_end, device_id`.
+    pub sql: String,
+}
+
+/// A tumbling window (`size`) or a hopping one (`size` and `slide`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct WindowFile {
+    /// Window length, e.g. `1m`.
+    pub size: String,
+    /// Hop: a new window starts every `slide`; `size` must be a multiple of it.
+    #[serde(default)]
+    pub slide: Option<String>,
+}
+
+/// One alert rule.
+#[derive(Debug, Clone, Deserialize)]
+pub struct AlertFile {
+    /// Rule name, written in the `rule` column.
+    pub name: String,
+    /// A SQL predicate. Without `aggregation`, over each record's fields; with it, over each
+    /// emitted window row of that aggregation (e.g. a z-score of the window's max).
+    pub when: String,
+    /// Name of the aggregation whose rows this rule checks.
+    #[serde(default)]
+    pub aggregation: Option<String>,
+}
+
+/// A record schema file (`schemas/*.yaml`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct SchemaFile {
+    /// Schema name.
+    pub name: String,
+    /// The field that identifies the device (written as the alert key).
+    #[serde(default)]
+    pub key: Option<String>,
+    /// The fields, in column order.
+    pub fields: Vec<FieldFile>,
+}
+
+/// One field of a record.
+#[derive(Debug, Clone, Deserialize)]
+pub struct FieldFile {
+    /// JSON key and column name: `[a-z_][a-z0-9_]*`.
+    pub name: String,
+    /// Column type.
+    #[serde(rename = "type")]
+    pub ty: FieldType,
+    /// A record without this field (or with `null`) goes to dead-letter.
+    #[serde(default)]
+    pub required: bool,
+}
+
+/// Column types.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FieldType {
+    String,
+    Int32,
+    Int64,
+    Float32,
+    Float64,
+    Bool,
+    /// Stored as `TIMESTAMP(MICROS, UTC)`.
+    Timestamp,
+}
+
+fn default_poll_interval() -> String {
+    "200ms".into()
+}
+fn default_lateness() -> String {
+    "30s".into()
+}
+fn default_idle() -> String {
+    "60s".into()
+}
+fn default_max_record() -> String {
+    "1MiB".into()
+}
+fn default_future() -> String {
+    "1h".into()
+}
+fn default_roll_bytes() -> String {
+    "128MiB".into()
+}
+fn default_roll_age() -> String {
+    "5m".into()
+}
+fn default_raw() -> TableFile {
+    TableFile {
+        name: "records".into(),
+    }
+}
+fn default_dead_letter() -> TableFile {
+    TableFile {
+        name: "dead_letter".into(),
+    }
+}
+fn default_late() -> TableFile {
+    TableFile {
+        name: "late".into(),
+    }
+}
+fn default_alerts() -> TableFile {
+    TableFile {
+        name: "alerts".into(),
+    }
+}

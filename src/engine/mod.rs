@@ -1,0 +1,715 @@
+//! The pipeline's core, driven one decoded chunk at a time: raw and dead-letter rows are
+//! written, each aggregation buffers the records of its open windows and emits a window
+//! through its SQL once the watermark passes the window's end, alert rules run, and
+//! [`Engine::commit`] makes everything durable with the two-phase commit of DESIGN.md.
+//!
+//! Replay is how open windows survive a restart: each aggregation's checkpoint is where its
+//! oldest open window's records start. Every output skips what it already committed (the
+//! record outputs by sequence number; an aggregation by `emitted_through`), so reading the
+//! same records again never writes them twice.
+
+pub mod sql;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+
+use arrow::array::{
+    Array, ArrayRef, BinaryArray, BooleanArray, RecordBatch, StringArray, TimestampMicrosecondArray,
+};
+use arrow::compute::{cast, filter_record_batch};
+use arrow::datatypes::{DataType, SchemaRef};
+use datafusion::prelude::SessionContext;
+
+use crate::checkpoint::{CheckpointStore, Committed, Intent, ShardCheckpoint, StoreError};
+use crate::clock::Clock;
+use crate::config::{ConfigError, Pipeline};
+use crate::decode::{DeadLetter, Decoded};
+use crate::failpoint;
+use crate::metrics::Metrics;
+use crate::record::{Position, SeqNo};
+use crate::sink::writer::{OutputWriter, WriteError};
+use crate::sink::{Lake, StagedFile};
+use crate::window::{Watermark, WindowSpec};
+use sql::{Compiled, Rule, WINDOW_START};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The pipeline's SQL does not plan.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The checkpoint store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A table could not be written.
+    #[error(transparent)]
+    Write(#[from] WriteError),
+    /// Publishing or cleaning up files failed.
+    #[error("lake: {0}")]
+    Lake(std::io::Error),
+    /// A query failed while emitting windows.
+    #[error("aggregation {name}: {source}")]
+    Query {
+        name: String,
+        source: datafusion::error::DataFusionError,
+    },
+}
+
+/// Records of one chunk kept for an aggregation's open windows.
+struct Buffered {
+    shard: Arc<str>,
+    resume_from: Position,
+    batch: RecordBatch,
+    /// Earliest window end of any row: nothing here is due before it.
+    min_first_end: i64,
+    /// Latest window end of any row: the entry can go once that window is emitted.
+    max_last_end: i64,
+}
+
+struct AggState {
+    name: String,
+    spec: WindowSpec,
+    sql: String,
+    emitted_through: Option<i64>,
+    buffer: VecDeque<Buffered>,
+    writer: OutputWriter,
+}
+
+struct ShardRun {
+    /// Position after the last record handed to the engine.
+    read_to: Position,
+}
+
+pub struct Engine {
+    p: Arc<Pipeline>,
+    clock: Arc<dyn Clock>,
+    ctx: SessionContext,
+    compiled: Compiled,
+    lake: Arc<dyn Lake>,
+    store: Box<dyn CheckpointStore>,
+    worker: String,
+    metrics: Arc<Metrics>,
+    committed: Committed,
+    shards: BTreeMap<Arc<str>, ShardRun>,
+    watermark: Watermark,
+    aggs: Vec<AggState>,
+    raw: OutputWriter,
+    dead: OutputWriter,
+    late: OutputWriter,
+    alerts: OutputWriter,
+    event_field: usize,
+    key_field: Option<String>,
+    /// Wall clock of the oldest uncommitted read.
+    uncommitted_since: Option<i64>,
+}
+
+impl Engine {
+    /// Opens the pipeline's state: completes a pending commit, removes orphaned staged files,
+    /// and restores checkpoints, emitted windows and the watermark.
+    pub async fn open(
+        p: Arc<Pipeline>,
+        lake: Arc<dyn Lake>,
+        store: Box<dyn CheckpointStore>,
+        clock: Arc<dyn Clock>,
+        worker: &str,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, EngineError> {
+        let ctx = sql::session();
+        let compiled = sql::compile(&p, &ctx).await?;
+        let state = store.load()?;
+        let committed = match state.pending {
+            Some(intent) => {
+                tracing::info!(
+                    files = intent.files.len(),
+                    commit = intent.next.commit_id,
+                    "completing the commit a previous run prepared"
+                );
+                publish(lake.as_ref(), store.as_ref(), &intent)?;
+                intent.next
+            }
+            None => state.committed,
+        };
+        let removed = lake
+            .remove_orphans(&p.table_names())
+            .map_err(EngineError::Lake)?;
+        if removed > 0 {
+            tracing::info!(removed, "removed staged files no commit names");
+        }
+        let mut watermark = Watermark::new(
+            p.event_time.allowed_lateness,
+            p.event_time.idle_shard_timeout.as_micros() as i64,
+        );
+        if let Some(w) = committed.watermark {
+            watermark.set_floor(w);
+        }
+        let event_field = p
+            .schema
+            .fields
+            .iter()
+            .position(|f| f.name == p.event_time.field)
+            .expect("validated");
+        let event_name = p.event_time.field.clone();
+        let outputs = sql::output_schemas(&p, &compiled);
+        let writer =
+            |i: usize, col: &str| OutputWriter::new(&outputs[i].0, outputs[i].1.clone(), col);
+        let aggs = p
+            .outputs
+            .aggregations
+            .iter()
+            .enumerate()
+            .map(|(i, a)| AggState {
+                name: a.name.clone(),
+                spec: WindowSpec {
+                    size: a.size,
+                    slide: a.slide,
+                },
+                sql: a.sql.clone(),
+                emitted_through: committed.emitted_through.get(&a.name).copied(),
+                buffer: VecDeque::new(),
+                writer: writer(4 + i, WINDOW_START),
+            })
+            .collect();
+        Ok(Self {
+            raw: writer(0, &event_name),
+            dead: writer(1, "arrival_time"),
+            late: writer(2, &event_name),
+            alerts: writer(3, "event_time"),
+            key_field: p.schema.key.clone(),
+            p,
+            clock,
+            ctx,
+            compiled,
+            lake,
+            store,
+            worker: worker.to_string(),
+            metrics,
+            committed,
+            shards: BTreeMap::new(),
+            watermark,
+            aggs,
+            event_field,
+            uncommitted_since: None,
+        })
+    }
+
+    /// Starts tracking a shard; returns the position to read it from.
+    pub fn add_shard(&mut self, shard: Arc<str>) -> Position {
+        let cp = self
+            .committed
+            .shards
+            .get(&*shard)
+            .cloned()
+            .unwrap_or_default();
+        let from = cp.resume_from();
+        self.watermark
+            .add_shard(shard.clone(), cp.max_event_time, self.clock.now_us());
+        self.shards.insert(
+            shard,
+            ShardRun {
+                read_to: from.clone(),
+            },
+        );
+        from
+    }
+
+    pub fn committed(&self) -> &Committed {
+        &self.committed
+    }
+
+    /// Every window ending at or before this has been emitted, per aggregation.
+    pub fn emitted_through(&self, aggregation: &str) -> Option<i64> {
+        self.aggs
+            .iter()
+            .find(|a| a.name == aggregation)
+            .and_then(|a| a.emitted_through)
+    }
+
+    pub fn watermark(&mut self) -> Option<i64> {
+        self.watermark.current(self.clock.now_us())
+    }
+
+    /// Takes one decoded chunk through every output.
+    pub async fn ingest(&mut self, d: Decoded) -> Result<(), EngineError> {
+        let now = self.clock.now_us();
+        let n = d.batch.num_rows();
+        Metrics::add(&self.metrics.records_read, (n + d.dead.len()) as u64);
+        let skip = self
+            .committed
+            .shards
+            .get(&*d.shard)
+            .and_then(|c| c.records.clone());
+        let cut = match &skip {
+            None => 0,
+            Some(s) => partition_point(n, |i| SeqNo(d.seq(i).to_string()) <= *s),
+        };
+        let fresh = d.batch.slice(cut, n - cut);
+        let epoch = self.committed.commit_id + 1;
+        self.raw
+            .write(self.lake.as_ref(), &fresh, epoch, &self.worker, now)?;
+        Metrics::add(&self.metrics.records_written, fresh.num_rows() as u64);
+
+        let dead: Vec<&DeadLetter> = d
+            .dead
+            .iter()
+            .filter(|x| skip.as_ref().is_none_or(|s| x.seq > *s))
+            .collect();
+        if !dead.is_empty() {
+            let batch = dead_letter_batch(&d.shard, d.arrival_us, &dead);
+            self.dead
+                .write(self.lake.as_ref(), &batch, epoch, &self.worker, now)?;
+            Metrics::add(&self.metrics.dead_letters, dead.len() as u64);
+        }
+        let rules = self.compiled.record_rules.clone();
+        let event_field = self.event_field;
+        self.run_rules(&rules, "record", &fresh, event_field, now)?;
+
+        let ts = event_times(&d.batch, self.event_field);
+        let late_schema = self.late.schema().clone();
+        for agg in &mut self.aggs {
+            let (late_mask, keep_mask) = classify(&agg.spec, agg.emitted_through, ts, cut);
+            if let Some(mask) = late_mask {
+                let late = filter_record_batch(&d.batch, &mask).expect("filter");
+                if late.num_rows() > 0 {
+                    Metrics::add(&self.metrics.late_records, late.num_rows() as u64);
+                    let batch = with_aggregation(&late_schema, &agg.name, &late);
+                    self.late
+                        .write(self.lake.as_ref(), &batch, epoch, &self.worker, now)?;
+                }
+            }
+            let kept = match keep_mask {
+                Some(mask) => filter_record_batch(&d.batch, &mask).expect("filter"),
+                None => d.batch.clone(),
+            };
+            if kept.num_rows() > 0 {
+                let kts = event_times(&kept, self.event_field);
+                let (lo, hi) = min_max(kts);
+                agg.buffer.push_back(Buffered {
+                    shard: d.shard.clone(),
+                    resume_from: d.resume_from.clone(),
+                    batch: kept,
+                    min_first_end: agg.spec.first_end(lo),
+                    max_last_end: agg.spec.last_end(hi),
+                });
+            }
+        }
+        let max_ts = (ts.len() > ts.null_count()).then(|| min_max(ts).1);
+        self.watermark.observe(&d.shard, max_ts, now);
+        if let Some(run) = self.shards.get_mut(&d.shard) {
+            run.read_to = d.end.clone();
+        }
+        self.uncommitted_since.get_or_insert(now);
+        self.emit(now, false).await
+    }
+
+    /// Emits windows the watermark has passed (idle shards can move it without new records).
+    pub async fn tick(&mut self) -> Result<(), EngineError> {
+        let now = self.clock.now_us();
+        self.emit(now, false).await
+    }
+
+    /// End of a bounded run: emits every window still open.
+    pub async fn finish(&mut self) -> Result<(), EngineError> {
+        let now = self.clock.now_us();
+        self.emit(now, true).await
+    }
+
+    async fn emit(&mut self, now: i64, all: bool) -> Result<(), EngineError> {
+        let wm = if all {
+            None
+        } else {
+            self.watermark.current(now)
+        };
+        for i in 0..self.aggs.len() {
+            let agg = &self.aggs[i];
+            let hi = if all {
+                agg.buffer.iter().map(|b| b.max_last_end).max()
+            } else {
+                wm
+            };
+            let Some(hi) = hi else { continue };
+            let lo = agg.emitted_through;
+            if lo.is_some_and(|lo| hi <= lo) {
+                continue;
+            }
+            let rows = window_rows(agg, lo, hi, &self.compiled.agg_input, self.event_field);
+            if !rows.is_empty() {
+                let name = agg.name.clone();
+                let sql_text = agg.sql.clone();
+                let query = |source| EngineError::Query {
+                    name: name.clone(),
+                    source,
+                };
+                sql::register_records(&self.ctx, self.compiled.agg_input.clone(), rows)
+                    .map_err(query)?;
+                let out = self
+                    .ctx
+                    .sql(&sql_text)
+                    .await
+                    .map_err(query)?
+                    .collect()
+                    .await
+                    .map_err(query)?;
+                let epoch = self.committed.commit_id + 1;
+                let rules = self.compiled.window_rules[i].clone();
+                for batch in &out {
+                    Metrics::add(&self.metrics.windows_emitted, batch.num_rows() as u64);
+                    self.aggs[i].writer.write(
+                        self.lake.as_ref(),
+                        batch,
+                        epoch,
+                        &self.worker,
+                        now,
+                    )?;
+                    let ws = batch.schema().index_of(WINDOW_START).expect("validated");
+                    self.run_rules(&rules, "window", batch, ws, now)?;
+                }
+            }
+            let agg = &mut self.aggs[i];
+            let through = lo.map_or(hi, |lo| lo.max(hi));
+            agg.emitted_through = Some(through);
+            agg.buffer.retain(|b| b.max_last_end > through);
+        }
+        Ok(())
+    }
+
+    fn run_rules(
+        &mut self,
+        rules: &[Rule],
+        kind: &str,
+        batch: &RecordBatch,
+        time_col: usize,
+        now: i64,
+    ) -> Result<(), EngineError> {
+        if batch.num_rows() == 0 {
+            return Ok(());
+        }
+        for rule in rules {
+            let value = rule
+                .expr
+                .evaluate(batch)
+                .and_then(|v| v.into_array(batch.num_rows()));
+            let mask = match value {
+                Ok(v) => v
+                    .as_any()
+                    .downcast_ref::<BooleanArray>()
+                    .cloned()
+                    .unwrap_or_else(|| BooleanArray::from(vec![false; batch.num_rows()])),
+                Err(e) => {
+                    tracing::warn!(rule = %rule.name, error = %e, "alert rule failed on a batch; its rows are not alerted");
+                    continue;
+                }
+            };
+            if mask.true_count() == 0 {
+                continue;
+            }
+            let hits = filter_record_batch(batch, &mask).expect("filter");
+            let alerts = alert_batch(
+                self.alerts.schema(),
+                &rule.name,
+                kind,
+                &hits,
+                time_col,
+                self.key_field.as_deref(),
+            );
+            Metrics::add(&self.metrics.alerts, alerts.num_rows() as u64);
+            self.alerts.write(
+                self.lake.as_ref(),
+                &alerts,
+                self.committed.commit_id + 1,
+                &self.worker,
+                now,
+            )?;
+        }
+        Ok(())
+    }
+
+    fn writers(&mut self) -> impl Iterator<Item = &mut OutputWriter> {
+        [
+            &mut self.raw,
+            &mut self.dead,
+            &mut self.late,
+            &mut self.alerts,
+        ]
+        .into_iter()
+        .chain(self.aggs.iter_mut().map(|a| &mut a.writer))
+    }
+
+    /// True when an open file is big enough, or uncommitted data old enough, to commit.
+    pub fn should_commit(&mut self) -> bool {
+        let now = self.clock.now_us();
+        let max_bytes = self.p.rollover.max_bytes;
+        let aged = self
+            .uncommitted_since
+            .is_some_and(|t| now - t >= self.p.rollover.max_age.as_micros() as i64);
+        aged || self.writers().any(|w| w.largest_file() >= max_bytes)
+    }
+
+    pub fn has_uncommitted(&self) -> bool {
+        self.uncommitted_since.is_some()
+    }
+
+    /// Stage → prepare → publish → commit. Returns the files the commit published.
+    pub async fn commit(&mut self) -> Result<Vec<StagedFile>, EngineError> {
+        if self.uncommitted_since.is_none() {
+            return Ok(Vec::new());
+        }
+        let mut files = Vec::new();
+        for w in self.writers() {
+            files.extend(w.stage()?);
+        }
+        failpoint::hit("after_stage");
+        let intent = Intent {
+            files,
+            next: self.next_state(),
+        };
+        self.store.prepare(&self.committed, &intent)?;
+        failpoint::hit("after_prepare");
+        publish(self.lake.as_ref(), self.store.as_ref(), &intent)?;
+        Metrics::add(&self.metrics.commits, 1);
+        Metrics::add(&self.metrics.files_written, intent.files.len() as u64);
+        Metrics::add(
+            &self.metrics.bytes_written,
+            intent.files.iter().map(|f| f.bytes).sum(),
+        );
+        tracing::info!(
+            commit = intent.next.commit_id,
+            files = intent.files.len(),
+            rows = intent.files.iter().map(|f| f.rows).sum::<u64>(),
+            "committed"
+        );
+        self.committed = intent.next.clone();
+        self.uncommitted_since = None;
+        Ok(intent.files)
+    }
+
+    fn next_state(&mut self) -> Committed {
+        let mut shards = BTreeMap::new();
+        for (shard, run) in &self.shards {
+            let before = self
+                .committed
+                .shards
+                .get(&**shard)
+                .cloned()
+                .unwrap_or_default();
+            // Replayed records were committed already: never move a checkpoint back.
+            let records = run.read_to.clone().max(before.records.clone());
+            let mut aggregations = BTreeMap::new();
+            for agg in &self.aggs {
+                let oldest = agg
+                    .buffer
+                    .iter()
+                    .filter(|b| b.shard == *shard)
+                    .map(|b| b.resume_from.clone())
+                    .min();
+                aggregations.insert(
+                    agg.name.clone(),
+                    oldest.unwrap_or_else(|| run.read_to.clone()),
+                );
+            }
+            let cp = ShardCheckpoint {
+                records,
+                aggregations,
+                max_event_time: self.watermark.max_event(shard),
+            };
+            shards.insert(shard.to_string(), cp);
+        }
+        // Shards not read in this run keep their checkpoints.
+        for (shard, cp) in &self.committed.shards {
+            shards.entry(shard.clone()).or_insert_with(|| cp.clone());
+        }
+        let now = self.clock.now_us();
+        Committed {
+            commit_id: self.committed.commit_id + 1,
+            shards,
+            emitted_through: self
+                .aggs
+                .iter()
+                .filter_map(|a| a.emitted_through.map(|t| (a.name.clone(), t)))
+                .collect(),
+            watermark: self.watermark.current(now),
+        }
+    }
+}
+
+/// Publishes an intent's files, then commits it. Recovery calls exactly this.
+pub fn publish(
+    lake: &dyn Lake,
+    store: &dyn CheckpointStore,
+    intent: &Intent,
+) -> Result<(), EngineError> {
+    for (i, f) in intent.files.iter().enumerate() {
+        lake.publish(f).map_err(EngineError::Lake)?;
+        if i == 0 {
+            failpoint::hit("after_publish_file");
+        }
+    }
+    failpoint::hit("after_publish");
+    store.commit(intent)?;
+    failpoint::hit("after_commit");
+    Ok(())
+}
+
+fn partition_point(n: usize, pred: impl Fn(usize) -> bool) -> usize {
+    let (mut lo, mut hi) = (0, n);
+    while lo < hi {
+        let mid = (lo + hi) / 2;
+        if pred(mid) { lo = mid + 1 } else { hi = mid }
+    }
+    lo
+}
+
+fn event_times(batch: &RecordBatch, col: usize) -> &TimestampMicrosecondArray {
+    batch
+        .column(col)
+        .as_any()
+        .downcast_ref()
+        .expect("event time is a microsecond timestamp")
+}
+
+fn min_max(ts: &TimestampMicrosecondArray) -> (i64, i64) {
+    let lo = arrow::compute::min(ts).unwrap_or(0);
+    let hi = arrow::compute::max(ts).unwrap_or(0);
+    (lo, hi)
+}
+
+/// Which rows are late (their earliest window was emitted; only rows from `cut` on, the
+/// ones not committed before) and which still belong to an open window. None: all or none.
+fn classify(
+    spec: &WindowSpec,
+    emitted: Option<i64>,
+    ts: &TimestampMicrosecondArray,
+    cut: usize,
+) -> (Option<BooleanArray>, Option<BooleanArray>) {
+    let Some(e) = emitted else {
+        return (None, None);
+    };
+    let late: BooleanArray = ts
+        .iter()
+        .enumerate()
+        .map(|(i, t)| Some(i >= cut && t.is_some_and(|t| spec.first_end(t) <= e)))
+        .collect();
+    let keep: BooleanArray = ts
+        .iter()
+        .map(|t| Some(t.is_some_and(|t| spec.last_end(t) > e)))
+        .collect();
+    let late = (late.true_count() > 0).then_some(late);
+    let keep = (keep.true_count() < ts.len()).then_some(keep);
+    (late, keep)
+}
+
+/// The buffered rows of windows ending in `(lo, hi]`, each with that window's bounds; a row
+/// of a hopping window appears once per window.
+fn window_rows(
+    agg: &AggState,
+    lo: Option<i64>,
+    hi: i64,
+    schema: &SchemaRef,
+    event_field: usize,
+) -> Vec<RecordBatch> {
+    let spec = agg.spec;
+    let mut out = Vec::new();
+    for b in agg.buffer.iter().filter(|b| b.min_first_end <= hi) {
+        let ts = event_times(&b.batch, event_field);
+        for k in 0..spec.per_record() as i64 {
+            let mut starts = Vec::with_capacity(ts.len());
+            let mask: BooleanArray = ts
+                .iter()
+                .map(|t| {
+                    let t = t.unwrap_or(i64::MIN / 2);
+                    let start = spec.first_start(t) + k * spec.slide;
+                    let end = start + spec.size;
+                    let hit = end <= hi && lo.is_none_or(|lo| end > lo);
+                    if hit {
+                        starts.push(start);
+                    }
+                    Some(hit)
+                })
+                .collect();
+            if starts.is_empty() {
+                continue;
+            }
+            let rows = filter_record_batch(&b.batch, &mask).expect("filter");
+            let start: ArrayRef =
+                Arc::new(TimestampMicrosecondArray::from(starts.clone()).with_timezone("UTC"));
+            let end: ArrayRef = Arc::new(
+                TimestampMicrosecondArray::from(
+                    starts.iter().map(|s| s + spec.size).collect::<Vec<_>>(),
+                )
+                .with_timezone("UTC"),
+            );
+            let mut cols = rows.columns().to_vec();
+            cols.push(start);
+            cols.push(end);
+            out.push(
+                RecordBatch::try_new(schema.clone(), cols)
+                    .expect("window rows match the aggregation input"),
+            );
+        }
+    }
+    out
+}
+
+fn with_aggregation(schema: &SchemaRef, name: &str, batch: &RecordBatch) -> RecordBatch {
+    let agg: StringArray = std::iter::repeat_n(Some(name), batch.num_rows()).collect();
+    let mut cols: Vec<ArrayRef> = vec![Arc::new(agg)];
+    cols.extend(batch.columns().iter().cloned());
+    RecordBatch::try_new(schema.clone(), cols).expect("late schema")
+}
+
+fn dead_letter_batch(shard: &str, arrival_us: i64, dead: &[&DeadLetter]) -> RecordBatch {
+    let n = dead.len();
+    let arrival = TimestampMicrosecondArray::from(vec![arrival_us; n]).with_timezone("UTC");
+    let shard: StringArray = std::iter::repeat_n(Some(shard), n).collect();
+    let seq: StringArray = dead.iter().map(|d| Some(d.seq.0.as_str())).collect();
+    let reasons: Vec<String> = dead.iter().map(|d| d.reason.to_string()).collect();
+    let kind: StringArray = reasons.iter().map(|r| r.split(':').next()).collect();
+    let reason: StringArray = reasons.iter().map(|r| Some(r.as_str())).collect();
+    let raw: BinaryArray = dead.iter().map(|d| Some(d.raw.as_slice())).collect();
+    RecordBatch::try_new(
+        sql::dead_letter_schema(),
+        vec![
+            Arc::new(arrival),
+            Arc::new(shard),
+            Arc::new(seq),
+            Arc::new(kind),
+            Arc::new(reason),
+            Arc::new(raw),
+        ],
+    )
+    .expect("dead-letter schema")
+}
+
+fn alert_batch(
+    schema: &SchemaRef,
+    rule: &str,
+    kind: &str,
+    hits: &RecordBatch,
+    time_col: usize,
+    key: Option<&str>,
+) -> RecordBatch {
+    let n = hits.num_rows();
+    let rules: StringArray = std::iter::repeat_n(Some(rule), n).collect();
+    let kinds: StringArray = std::iter::repeat_n(Some(kind), n).collect();
+    let time = hits.column(time_col).clone();
+    let keys: ArrayRef = match key.and_then(|k| hits.column_by_name(k)) {
+        Some(col) => cast(col, &DataType::Utf8).expect("any column casts to text"),
+        None => Arc::new(StringArray::new_null(n)),
+    };
+    let mut json = Vec::new();
+    {
+        let mut w = arrow::json::LineDelimitedWriter::new(&mut json);
+        w.write(hits).expect("json");
+        w.finish().expect("json");
+    }
+    let detail: StringArray = String::from_utf8_lossy(&json).lines().map(Some).collect();
+    RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            Arc::new(rules),
+            Arc::new(kinds),
+            time,
+            keys,
+            Arc::new(detail),
+        ],
+    )
+    .expect("alerts schema")
+}

@@ -1,0 +1,48 @@
+//! shardlake: event-time stream processing for sensor fleets.
+//!
+//! # Layout
+//!
+//! A record's path through the crate, in order:
+//!
+//! - **Source** — [`source`]: one task per shard reads chunks of raw records
+//!   ([`record::RawChunk`]: shard, sequence numbers, bytes) from the local stream
+//!   ([`source::local`], the files [`localstream`] defines) or, later, Kinesis.
+//! - **Decode** — [`decode`]: JSON to Arrow with arrow-json, against the record schema;
+//!   records that do not fit become dead letters with a reason.
+//! - **Windows and alerts** — [`engine`]: event-time watermark ([`window`]), per-aggregation
+//!   buffers of open windows emitted through DataFusion SQL ([`engine::sql`]), alert
+//!   predicates on records and on window rows, late records.
+//! - **Sink** — [`sink`]: one Parquet file per `year=/month=/day=/hour=` partition of each
+//!   output ([`sink::writer`], [`sink::partition`]), staged then published in a lake
+//!   ([`sink::local`]).
+//! - **Checkpoint** — [`checkpoint`]: the two-phase commit's intents and the per-shard,
+//!   per-output checkpoints ([`checkpoint::local`]).
+//!
+//! Around it: [`config`] (pipeline and schema YAML, validation), [`pipeline`] (the run loop
+//! shared by `main`, the demo and the tests), [`query`] (SQL over the lake, Athena DDL),
+//! [`clock`], [`failpoint`], [`metrics`]. The Pi agent is [`agent`]; it and the modules it
+//! uses ([`localstream`], [`config`]) build without the `pipeline` feature.
+
+pub mod agent;
+pub mod clock;
+pub mod config;
+pub mod failpoint;
+pub mod localstream;
+pub mod metrics;
+pub mod record;
+pub mod window;
+
+#[cfg(feature = "pipeline")]
+pub mod checkpoint;
+#[cfg(feature = "pipeline")]
+pub mod decode;
+#[cfg(feature = "pipeline")]
+pub mod engine;
+#[cfg(feature = "pipeline")]
+pub mod pipeline;
+#[cfg(feature = "pipeline")]
+pub mod query;
+#[cfg(feature = "pipeline")]
+pub mod sink;
+#[cfg(feature = "pipeline")]
+pub mod source;

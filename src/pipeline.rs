@@ -1,0 +1,182 @@
+//! `run(pipeline, options, clock, shutdown)`: the one entry point `main`, the demo and the
+//! tests share. It opens the engine (which recovers), starts a task per shard, feeds the
+//! engine their chunks, commits on rollover, and on shutdown commits what it has.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+
+use crate::checkpoint::local::LocalStore;
+use crate::clock::Clock;
+use crate::config::{Checkpoints, Lake as LakeConfig, Pipeline, Source};
+use crate::decode::RecordDecoder;
+use crate::engine::{Engine, EngineError};
+use crate::metrics::Metrics;
+use crate::sink::Lake;
+use crate::sink::local::LocalLake;
+use crate::source::local::{LocalShardReader, list_shards};
+use crate::source::{ShardEvent, ShardTaskConfig, SourceError, shard_task, show};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Store(#[from] crate::checkpoint::StoreError),
+}
+
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Stop once every shard is caught up, emitting every open window (a bounded run).
+    pub drain: bool,
+    /// Names this worker's files.
+    pub worker: String,
+    /// Print a progress line to stderr every second.
+    pub progress: bool,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self {
+            drain: false,
+            worker: "w0".into(),
+            progress: false,
+        }
+    }
+}
+
+pub fn lake_for(p: &Pipeline) -> Arc<dyn Lake> {
+    let LakeConfig::Local { path } = &p.lake;
+    Arc::new(LocalLake::new(path))
+}
+
+pub async fn run(
+    p: Arc<Pipeline>,
+    opts: RunOptions,
+    clock: Arc<dyn Clock>,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError> {
+    let Source::Local {
+        path: stream,
+        poll_interval,
+    } = &p.source;
+    let Checkpoints::Local { path: state } = &p.checkpoints;
+    let shards = list_shards(stream)?;
+    let store = Box::new(LocalStore::open(state, &p.name)?);
+    let mut engine = Engine::open(
+        p.clone(),
+        lake_for(&p),
+        store,
+        clock.clone(),
+        &opts.worker,
+        metrics.clone(),
+    )
+    .await?;
+
+    let decoder = RecordDecoder::new(&p);
+    // Two chunks in flight per shard: enough to overlap reading with processing, and a
+    // bound on memory whatever the backlog.
+    let (tx, mut rx) = mpsc::channel(2 * shards.len());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let cfg = ShardTaskConfig {
+        max_records: 10_000,
+        poll_interval: *poll_interval,
+    };
+    let mut tasks = JoinSet::new();
+    for shard in &shards {
+        let from = engine.add_shard(shard.clone());
+        tracing::info!(shard_id = %shard, from = %show(&from), "reading shard");
+        let reader = LocalShardReader::open(stream, shard.clone(), &from);
+        tasks.spawn(shard_task(
+            shard.clone(),
+            reader,
+            decoder.clone(),
+            clock.clone(),
+            cfg.clone(),
+            tx.clone(),
+            stop_rx.clone(),
+        ));
+    }
+    drop(tx);
+    let progress = opts
+        .progress
+        .then(|| tokio::spawn(report_progress(metrics.clone())));
+
+    let mut caught_up: HashSet<Arc<str>> = HashSet::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    tokio::pin!(shutdown);
+    let result: Result<(), RunError> = async {
+        loop {
+            tokio::select! {
+                event = rx.recv() => match event {
+                    Some(ShardEvent::Chunk(d)) => {
+                        caught_up.remove(&d.shard);
+                        engine.ingest(d).await?;
+                    }
+                    Some(ShardEvent::CaughtUp(shard)) => { caught_up.insert(shard); }
+                    Some(ShardEvent::Failed(_, e)) => return Err(e.into()),
+                    None => return Ok(()),
+                },
+                _ = tick.tick() => engine.tick().await?,
+                _ = &mut shutdown => {
+                    tracing::info!("shutting down: committing what was read");
+                    return Ok(());
+                }
+            }
+            if opts.drain && caught_up.len() == shards.len() {
+                tracing::info!("every shard is caught up: emitting open windows");
+                engine.finish().await?;
+                return Ok(());
+            }
+            if engine.should_commit() {
+                engine.commit().await?;
+            }
+        }
+    }
+    .await;
+    let _ = stop_tx.send(true);
+    drop(rx);
+    while tasks.join_next().await.is_some() {}
+    if result.is_ok() {
+        engine.commit().await?;
+    }
+    if let Some(h) = progress {
+        h.abort();
+        eprintln!("{}", progress_line(&metrics, None));
+    }
+    result
+}
+
+async fn report_progress(m: Arc<Metrics>) {
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    every.tick().await;
+    let mut last = 0;
+    loop {
+        every.tick().await;
+        let now = Metrics::get(&m.records_read);
+        eprintln!("{}", progress_line(&m, Some(now - last)));
+        last = now;
+    }
+}
+
+fn progress_line(m: &Metrics, rate: Option<u64>) -> String {
+    let g = Metrics::get;
+    let rate = rate.map(|r| format!(" ({r}/s)")).unwrap_or_default();
+    format!(
+        "records {}{rate} · dead-letter {} · late {} · windows {} · alerts {} · files {} · commits {}",
+        g(&m.records_read),
+        g(&m.dead_letters),
+        g(&m.late_records),
+        g(&m.windows_emitted),
+        g(&m.alerts),
+        g(&m.files_written),
+        g(&m.commits)
+    )
+}

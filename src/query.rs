@@ -1,0 +1,117 @@
+//! `shardlake query`: SQL over the lake with DataFusion, every output registered as a table
+//! partitioned by year/month/day/hour (so `WHERE day = '07'` prunes directories), and
+//! `shardlake athena-ddl`: the same tables for Athena, with partition projection.
+
+use std::sync::Arc;
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::{DataType, SchemaRef, TimeUnit};
+use datafusion::datasource::file_format::parquet::ParquetFormat;
+use datafusion::datasource::listing::{
+    ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
+};
+use datafusion::error::Result;
+use datafusion::prelude::SessionContext;
+
+use crate::config::{ConfigError, Pipeline};
+use crate::engine::sql;
+use crate::pipeline::lake_for;
+
+pub const PARTITION_COLUMNS: [&str; 4] = ["year", "month", "day", "hour"];
+
+/// Every output's name and schema, as the pipeline writes them.
+pub async fn output_schemas(
+    p: &Pipeline,
+) -> std::result::Result<Vec<(String, SchemaRef)>, ConfigError> {
+    let compiled = sql::compile(p, &sql::session()).await?;
+    Ok(sql::output_schemas(p, &compiled))
+}
+
+/// A session with every output of the pipeline registered as a table.
+pub async fn lake_session(p: &Pipeline, schemas: &[(String, SchemaRef)]) -> Result<SessionContext> {
+    let ctx = SessionContext::new();
+    let lake = lake_for(p);
+    for (name, schema) in schemas {
+        let url = lake.table_url(name);
+        if !url.contains("://") {
+            std::fs::create_dir_all(&url)?;
+        }
+        let opts = ListingOptions::new(Arc::new(ParquetFormat::default()))
+            .with_file_extension(".parquet")
+            .with_table_partition_cols(
+                PARTITION_COLUMNS
+                    .iter()
+                    .map(|c| (c.to_string(), DataType::Utf8))
+                    .collect(),
+            );
+        let config = ListingTableConfig::new(ListingTableUrl::parse(&url)?)
+            .with_listing_options(opts)
+            .with_schema(schema.clone());
+        ctx.register_table(name.as_str(), Arc::new(ListingTable::try_new(config)?))?;
+    }
+    Ok(ctx)
+}
+
+pub async fn query(ctx: &SessionContext, sql: &str) -> Result<Vec<RecordBatch>> {
+    ctx.sql(sql).await?.collect().await
+}
+
+/// The Athena (Hive DDL) type of an Arrow type.
+pub fn athena_type(t: &DataType) -> Option<String> {
+    Some(match t {
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => "string".into(),
+        DataType::Boolean => "boolean".into(),
+        DataType::Int8 => "tinyint".into(),
+        DataType::Int16 => "smallint".into(),
+        DataType::Int32 => "int".into(),
+        DataType::Int64 => "bigint".into(),
+        DataType::Float32 => "float".into(),
+        DataType::Float64 => "double".into(),
+        DataType::Binary | DataType::LargeBinary | DataType::BinaryView => "binary".into(),
+        DataType::Date32 => "date".into(),
+        DataType::Timestamp(TimeUnit::Microsecond | TimeUnit::Millisecond, _) => "timestamp".into(),
+        DataType::Decimal128(p, s) => format!("decimal({p},{s})"),
+        _ => return None,
+    })
+}
+
+/// `CREATE EXTERNAL TABLE` statements for every output, with partition projection.
+/// `location` is the lake's S3 URL (`s3://bucket/prefix`).
+pub fn athena_ddl(
+    pipeline: &str,
+    database: &str,
+    location: &str,
+    schemas: &[(String, SchemaRef)],
+) -> std::result::Result<String, String> {
+    let base = location.trim_end_matches('/');
+    let mut out = String::new();
+    for (name, schema) in schemas {
+        let table = format!("{}_{}", pipeline.replace('-', "_"), name);
+        let mut cols = Vec::new();
+        for f in schema.fields() {
+            let ty = athena_type(f.data_type()).ok_or_else(|| {
+                format!(
+                    "output {name}: column {} has type {} that Athena cannot read",
+                    f.name(),
+                    f.data_type()
+                )
+            })?;
+            cols.push(format!("  `{}` {ty}", f.name()));
+        }
+        let loc = format!("{base}/{name}/");
+        out.push_str(&format!(
+            "CREATE EXTERNAL TABLE IF NOT EXISTS `{database}`.`{table}` (\n{}\n)\n\
+             PARTITIONED BY (`year` string, `month` string, `day` string, `hour` string)\n\
+             STORED AS PARQUET\n\
+             LOCATION '{loc}'\n\
+             TBLPROPERTIES (\n  'parquet.compression'='ZSTD',\n  'projection.enabled'='true',\n  \
+             'projection.year.type'='integer',\n  'projection.year.range'='2020,2100',\n  \
+             'projection.month.type'='integer',\n  'projection.month.range'='1,12',\n  'projection.month.digits'='2',\n  \
+             'projection.day.type'='integer',\n  'projection.day.range'='1,31',\n  'projection.day.digits'='2',\n  \
+             'projection.hour.type'='integer',\n  'projection.hour.range'='0,23',\n  'projection.hour.digits'='2',\n  \
+             'storage.location.template'='{loc}year=${{year}}/month=${{month}}/day=${{day}}/hour=${{hour}}/'\n);\n\n",
+            cols.join(",\n")
+        ));
+    }
+    Ok(out)
+}

@@ -1,0 +1,106 @@
+//! What every source hands the pipeline: chunks of raw records from one shard, each with its
+//! sequence number, in shard order.
+
+use std::cmp::Ordering;
+use std::fmt;
+use std::ops::Range;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+/// A shard's sequence number. Kinesis' are decimal strings of up to 128 digits (beyond
+/// `u128`); they order by length, then digit by digit. The local stream's are byte offsets.
+#[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SeqNo(pub String);
+
+impl SeqNo {
+    pub fn from_u64(n: u64) -> Self {
+        Self(n.to_string())
+    }
+
+    pub fn as_u64(&self) -> Option<u64> {
+        self.0.parse().ok()
+    }
+}
+
+impl Ord for SeqNo {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.0
+            .len()
+            .cmp(&other.0.len())
+            .then_with(|| self.0.cmp(&other.0))
+    }
+}
+
+impl PartialOrd for SeqNo {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl fmt::Debug for SeqNo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Display for SeqNo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A reading position in a shard: after this sequence number, or (None) from the start.
+pub type Position = Option<SeqNo>;
+
+/// Consecutive records of one shard.
+#[derive(Debug, Clone)]
+pub struct RawChunk {
+    pub shard: Arc<str>,
+    /// The position before the first record: reading from here again yields this chunk.
+    pub resume_from: Position,
+    /// The records' bytes, back to back.
+    pub data: Vec<u8>,
+    /// Each record's bytes within `data`.
+    pub spans: Vec<Range<usize>>,
+    pub seqs: Vec<SeqNo>,
+    /// Wall-clock time the chunk was read (microseconds since the epoch).
+    pub arrival_us: i64,
+}
+
+impl RawChunk {
+    pub fn len(&self) -> usize {
+        self.spans.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.spans.is_empty()
+    }
+
+    pub fn record(&self, i: usize) -> &[u8] {
+        &self.data[self.spans[i].clone()]
+    }
+
+    /// The position after the last record.
+    pub fn end(&self) -> Position {
+        self.seqs
+            .last()
+            .cloned()
+            .or_else(|| self.resume_from.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sequence_numbers_order_numerically() {
+        let a = SeqNo("49590338271490256608559692538361571095921575989136588898".into());
+        let b = SeqNo("49590338271490256608559692540925702759324208523137515618".into());
+        assert!(a < b);
+        assert!(SeqNo::from_u64(9) < SeqNo::from_u64(10));
+        assert!(SeqNo::from_u64(100) > SeqNo::from_u64(99));
+    }
+}

@@ -1,0 +1,175 @@
+//! Reads one shard file of a local stream (see [`crate::localstream`]). Only whole lines are
+//! records: a line still being written (no newline yet) is left for the next read.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::{ShardReader, SourceError};
+use crate::localstream::{read_meta, shard_id, shard_path};
+use crate::record::{Position, RawChunk, SeqNo};
+
+/// Lines longer than this are not kept in memory whole: the record is dead-lettered by size.
+const READ_BYTES: usize = 4 << 20;
+
+/// Lists the shards of the stream at `dir`.
+pub fn list_shards(dir: &Path) -> Result<Vec<Arc<str>>, SourceError> {
+    let meta = read_meta(dir).map_err(|e| SourceError::Stream {
+        path: dir.display().to_string(),
+        message: format!("{e}; create it with `shardlake-agent simulate --stream {}` or point source.local.path at an existing stream", dir.display()),
+    })?;
+    Ok((0..meta.shards).map(|i| Arc::from(shard_id(i))).collect())
+}
+
+pub struct LocalShardReader {
+    shard: Arc<str>,
+    path: PathBuf,
+    file: Option<File>,
+    offset: u64,
+    buf: Vec<u8>,
+}
+
+impl LocalShardReader {
+    pub fn open(dir: &Path, shard: Arc<str>, after: &Position) -> Self {
+        let offset = after.as_ref().and_then(SeqNo::as_u64).unwrap_or(0);
+        Self {
+            path: shard_path(dir, &shard),
+            shard,
+            file: None,
+            offset,
+            buf: Vec::new(),
+        }
+    }
+
+    fn io(&self, source: std::io::Error) -> SourceError {
+        SourceError::Io {
+            shard: self.shard.to_string(),
+            source,
+        }
+    }
+}
+
+impl ShardReader for LocalShardReader {
+    fn read(&mut self, max_records: usize, now_us: i64) -> Result<Option<RawChunk>, SourceError> {
+        if self.file.is_none() {
+            self.file = Some(File::open(&self.path).map_err(|e| self.io(e))?);
+        }
+        let file = self.file.as_mut().expect("opened");
+        file.seek(SeekFrom::Start(self.offset))
+            .map_err(|e| SourceError::Io {
+                shard: self.shard.to_string(),
+                source: e,
+            })?;
+        self.buf.clear();
+        self.buf.resize(READ_BYTES, 0);
+        let mut filled = 0;
+        while filled < self.buf.len() {
+            match file.read(&mut self.buf[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    return Err(SourceError::Io {
+                        shard: self.shard.to_string(),
+                        source: e,
+                    });
+                }
+            }
+        }
+        self.buf.truncate(filled);
+        let resume_from = (self.offset > 0).then(|| SeqNo::from_u64(self.offset));
+        let mut spans = Vec::new();
+        let mut seqs = Vec::new();
+        let mut start = 0;
+        while spans.len() < max_records {
+            let Some(nl) = self.buf[start..].iter().position(|&b| b == b'\n') else {
+                break;
+            };
+            spans.push(start..start + nl);
+            seqs.push(SeqNo::from_u64(self.offset + (start + nl + 1) as u64));
+            start += nl + 1;
+        }
+        if spans.is_empty() && filled == READ_BYTES {
+            // One line longer than the read buffer: keep its head and skip to its end, so it
+            // reaches dead-letter (too large) without holding it all in memory.
+            let head = self.buf[..READ_BYTES].to_vec();
+            let mut end = self.offset + READ_BYTES as u64;
+            let mut byte = [0u8; 1 << 16];
+            loop {
+                let n = file.read(&mut byte).map_err(|e| SourceError::Io {
+                    shard: self.shard.to_string(),
+                    source: e,
+                })?;
+                if n == 0 {
+                    return Ok(None); // not finished being written
+                }
+                if let Some(p) = byte[..n].iter().position(|&b| b == b'\n') {
+                    end += p as u64 + 1;
+                    break;
+                }
+                end += n as u64;
+            }
+            self.offset = end;
+            return Ok(Some(RawChunk {
+                shard: self.shard.clone(),
+                resume_from,
+                spans: vec![0..head.len()],
+                data: head,
+                seqs: vec![SeqNo::from_u64(end)],
+                arrival_us: now_us,
+            }));
+        }
+        if spans.is_empty() {
+            return Ok(None);
+        }
+        self.buf.truncate(start);
+        self.offset += start as u64;
+        Ok(Some(RawChunk {
+            shard: self.shard.clone(),
+            resume_from,
+            data: std::mem::take(&mut self.buf),
+            spans,
+            seqs,
+            arrival_us: now_us,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn reads_whole_lines_and_resumes_after_a_position() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::localstream::create(dir.path(), 1).unwrap();
+        let path = shard_path(dir.path(), &shard_id(0));
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(b"a\nbb\nccc")
+            .unwrap();
+        let shard: Arc<str> = shard_id(0).into();
+        let mut r = LocalShardReader::open(dir.path(), shard.clone(), &None);
+        let c = r.read(10, 0).unwrap().unwrap();
+        assert_eq!((c.record(0), c.record(1)), (&b"a"[..], &b"bb"[..]));
+        assert_eq!(c.seqs, vec![SeqNo::from_u64(2), SeqNo::from_u64(5)]);
+        assert!(r.read(10, 0).unwrap().is_none(), "ccc has no newline yet");
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(b"\n")
+            .unwrap();
+        let c = r.read(10, 0).unwrap().unwrap();
+        assert_eq!(
+            (c.record(0), c.resume_from.clone()),
+            (&b"ccc"[..], Some(SeqNo::from_u64(5)))
+        );
+        let mut again = LocalShardReader::open(dir.path(), shard, &Some(SeqNo::from_u64(2)));
+        assert_eq!(again.read(1, 0).unwrap().unwrap().record(0), b"bb");
+    }
+}
