@@ -30,8 +30,10 @@ pub enum Reason {
     InvalidUtf8 { valid_up_to: usize },
     /// Empty or only white space.
     Empty,
-    /// Not JSON, or not a JSON object.
+    /// Not JSON.
     InvalidJson(String),
+    /// JSON, but not an object.
+    NotAnObject(String),
     /// Several JSON values in one record.
     MultipleValues(usize),
     /// A field's value does not have the schema's type.
@@ -58,6 +60,9 @@ impl fmt::Display for Reason {
             }
             Reason::Empty => write!(f, "empty: the record holds no JSON value"),
             Reason::InvalidJson(m) => write!(f, "invalid_json: {m}"),
+            Reason::NotAnObject(m) => {
+                write!(f, "not_an_object: a record must be a JSON object ({m})")
+            }
             Reason::MultipleValues(n) => write!(
                 f,
                 "multiple_values: the record holds {n} JSON values; expected one object"
@@ -125,6 +130,9 @@ pub struct RecordDecoder {
     timestamps: Vec<usize>,
     max_record_bytes: usize,
     max_future_skew: i64,
+    /// Integer fields and their bounds, checked exactly before arrow-json (which would
+    /// truncate `1.5` to 1).
+    ints: Arc<Vec<(String, i64, i64)>>,
 }
 
 impl RecordDecoder {
@@ -169,6 +177,24 @@ impl RecordDecoder {
                 .collect(),
             max_record_bytes: p.max_record_bytes,
             max_future_skew: p.max_future_skew,
+            ints: Arc::new(
+                fields
+                    .iter()
+                    .filter_map(|f| match f.ty {
+                        FieldType::Int32 => {
+                            Some((f.name.clone(), i32::MIN as i64, i32::MAX as i64))
+                        }
+                        FieldType::Int64 => Some((f.name.clone(), i64::MIN, i64::MAX)),
+                        FieldType::Timestamp
+                            if f.name == p.event_time.field
+                                && p.event_time.format == TimeFormat::EpochMillis =>
+                        {
+                            Some((f.name.clone(), i64::MIN, i64::MAX))
+                        }
+                        _ => None,
+                    })
+                    .collect(),
+            ),
         }
     }
 
@@ -198,7 +224,7 @@ impl RecordDecoder {
             } else if rec.iter().all(u8::is_ascii_whitespace) {
                 Some(Reason::Empty)
             } else {
-                None
+                strict::check(rec, &self.ints).err()
             };
             match reason {
                 Some(reason) => dead.push(DeadLetter {
@@ -290,7 +316,14 @@ impl RecordDecoder {
             Ok(Some(batch)) => Ok(batch),
             Ok(None) => Ok(RecordBatch::new_empty(self.json_schema.clone())),
             Err(e) if decoder.has_partial_record() => Err(Reason::InvalidJson(clean(e))),
-            Err(e) => Err(Reason::WrongType(clean(e))),
+            Err(e) => {
+                let msg = clean(e);
+                if msg.starts_with("expected { got") {
+                    Err(Reason::NotAnObject(msg))
+                } else {
+                    Err(Reason::WrongType(msg))
+                }
+            }
         }
     }
 
@@ -405,6 +438,158 @@ impl RecordDecoder {
             all
         } else {
             filter_record_batch(&all, &BooleanArray::from(ok)).expect("filter")
+        }
+    }
+}
+
+/// A strict JSON pass before arrow-json: syntax (arrow-json accepts trailing commas), one
+/// value per record, an object at the top, and integers that are integers in range. It
+/// allocates nothing per value.
+mod strict {
+    use std::borrow::Cow;
+    use std::fmt;
+
+    use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, Visitor};
+
+    use super::Reason;
+
+    const NOT_OBJECT: &str = "\u{0}not an object";
+
+    pub fn check(rec: &[u8], ints: &[(String, i64, i64)]) -> Result<(), Reason> {
+        let mut de = serde_json::Deserializer::from_slice(rec);
+        let result = Object(ints).deserialize(&mut de).and_then(|_| de.end());
+        result.map_err(|e| {
+            let msg = e.to_string();
+            if let Some(rest) = msg.strip_prefix(NOT_OBJECT) {
+                Reason::NotAnObject(rest.trim().to_string())
+            } else if e.is_data() {
+                Reason::WrongType(msg)
+            } else if msg.starts_with("trailing characters") {
+                let values = serde_json::Deserializer::from_slice(rec).into_iter::<IgnoredAny>();
+                let counted: Result<Vec<_>, _> = values.collect();
+                match counted {
+                    Ok(v) if v.len() > 1 => Reason::MultipleValues(v.len()),
+                    _ => Reason::InvalidJson(msg),
+                }
+            } else {
+                Reason::InvalidJson(msg)
+            }
+        })
+    }
+
+    struct Object<'a>(&'a [(String, i64, i64)]);
+
+    impl<'de> DeserializeSeed<'de> for Object<'_> {
+        type Value = ();
+        fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for Object<'_> {
+        type Value = ();
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                match self.0.iter().find(|(name, ..)| *name == key) {
+                    Some((name, lo, hi)) => map.next_value_seed(Int {
+                        name,
+                        lo: *lo,
+                        hi: *hi,
+                    })?,
+                    None => {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+            }
+            Ok(())
+        }
+        fn visit_seq<A: de::SeqAccess<'de>>(self, _: A) -> Result<(), A::Error> {
+            Err(de::Error::custom(format!("{NOT_OBJECT} got an array")))
+        }
+        fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
+            Err(E::custom(format!("{NOT_OBJECT} got a string")))
+        }
+        fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
+            Err(E::custom(format!("{NOT_OBJECT} got a boolean")))
+        }
+        fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
+            Err(E::custom(format!("{NOT_OBJECT} got a number")))
+        }
+        fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
+            Err(E::custom(format!("{NOT_OBJECT} got a number")))
+        }
+        fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
+            Err(E::custom(format!("{NOT_OBJECT} got a number")))
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+            Err(E::custom(format!("{NOT_OBJECT} got null")))
+        }
+    }
+
+    struct Int<'a> {
+        name: &'a str,
+        lo: i64,
+        hi: i64,
+    }
+
+    impl<'de> DeserializeSeed<'de> for Int<'_> {
+        type Value = ();
+        fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for Int<'_> {
+        type Value = ();
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            write!(f, "an integer for field `{}`", self.name)
+        }
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<(), E> {
+            if v < self.lo || v > self.hi {
+                return Err(E::custom(format!(
+                    "field `{}`: {v} is out of range",
+                    self.name
+                )));
+            }
+            Ok(())
+        }
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<(), E> {
+            match i64::try_from(v) {
+                Ok(v) => self.visit_i64(v),
+                Err(_) => Err(E::custom(format!(
+                    "field `{}`: {v} is out of range",
+                    self.name
+                ))),
+            }
+        }
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<(), E> {
+            let what = if v.fract() == 0.0 {
+                "is out of range"
+            } else {
+                "is not an integer"
+            };
+            Err(E::custom(format!("field `{}`: {v} {what}", self.name)))
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+            Ok(())
+        }
+        // Text and other values are left to arrow-json, which parses numeric strings.
+        fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+            Ok(())
+        }
+        fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            Ok(())
         }
     }
 }

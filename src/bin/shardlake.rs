@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 
 use shardlake::agent::sim::{SimConfig, simulate};
 use shardlake::clock::SystemClock;
-use shardlake::config::{self, Pipeline, load_pipeline, load_schema, process_env};
+use shardlake::config::{self, Pipeline, load_schema, process_env};
 use shardlake::engine::sql;
 use shardlake::localstream::{self, LocalStreamWriter};
 use shardlake::metrics::Metrics;
@@ -170,9 +170,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
 
 /// Loads a pipeline and plans its SQL, so every configuration problem surfaces before a run.
 async fn load(path: &Path, env: config::Env<'_>) -> Result<Pipeline> {
-    let p = load_pipeline(path, env)?;
-    sql::compile(&p, &sql::session()).await?;
-    Ok(p)
+    Ok(sql::load(path, env).await?)
 }
 
 async fn validate(files: &[PathBuf]) -> Result<ExitCode> {

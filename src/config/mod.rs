@@ -263,6 +263,8 @@ pub struct Aggregation {
 
 #[derive(Debug, Clone)]
 pub struct AlertRule {
+    /// Position in the file's `alerts:` list, for error messages.
+    pub index: usize,
     pub name: String,
     pub when: String,
     /// Index into `outputs.aggregations` for a window rule.
@@ -318,7 +320,10 @@ fn read_yaml(path: &Path, env: Env) -> Result<(Value, LineIndex), ConfigError> {
         )
     })?;
     let lines = LineIndex::build(&text);
-    let mut value: Value = serde_saphyr::from_str(&text).map_err(|e| {
+    // YAML 1.2 booleans only: `y`, `no`, `on` stay text (a path named `y` is a path).
+    let mut options = serde_saphyr::Options::default();
+    options.strict_booleans = true;
+    let mut value: Value = serde_saphyr::from_str_with_options(&text, options).map_err(|e| {
         let line = e.location().map(|l| l.line() as usize);
         let msg = e
             .to_string()
@@ -583,12 +588,25 @@ fn resolve_schema(path: &Path, f: SchemaFile, p: &mut Problems) -> RecordSchema 
 }
 
 /// Loads and checks a pipeline file and its schema. SQL is checked by the engine
-/// (`engine::check_sql`), which needs DataFusion.
+/// (`engine::sql::load`), which needs DataFusion.
 pub fn load_pipeline(path: &Path, env: Env) -> Result<Pipeline, ConfigError> {
-    let (value, lines) = read_yaml(path, env)?;
+    match load_pipeline_partial(path, env) {
+        (Some(p), problems) if problems.is_empty() => Ok(p),
+        (_, problems) => Err(ConfigError { problems }),
+    }
+}
+
+/// Like [`load_pipeline`], but returns the pipeline as far as it resolved beside the problems
+/// found, so later checks (SQL) can still run and every problem is reported at once. A rule
+/// naming a missing aggregation is left out of the returned pipeline.
+pub fn load_pipeline_partial(path: &Path, env: Env) -> (Option<Pipeline>, Vec<Problem>) {
+    let (value, lines) = match read_yaml(path, env) {
+        Ok(v) => v,
+        Err(e) => return (None, e.problems),
+    };
     let mut p = Problems::new(path, &lines);
     let Some(f) = typed::<PipelineFile>(value, &mut p) else {
-        return Err(ConfigError { problems: p.list });
+        return (None, p.list);
     };
     let mut extra = Vec::new();
     let schema_path = path.parent().unwrap_or(Path::new(".")).join(&f.schema);
@@ -609,10 +627,7 @@ pub fn load_pipeline(path: &Path, env: Env) -> Result<Pipeline, ConfigError> {
     };
     let pipeline = resolve_pipeline(path, f, schema, lines.clone(), &mut p);
     p.list.extend(extra);
-    match pipeline {
-        Some(pl) if p.list.is_empty() => Ok(pl),
-        _ => Err(ConfigError { problems: p.list }),
-    }
+    (pipeline, p.list)
 }
 
 fn resolve_pipeline(
@@ -798,7 +813,11 @@ fn resolve_pipeline(
             }
             idx
         });
+        if r.aggregation.is_some() && aggregation.is_none() {
+            continue;
+        }
         alerts.push(AlertRule {
+            index: i,
             name: r.name.clone(),
             when: r.when.clone(),
             aggregation,

@@ -1,11 +1,12 @@
 //! The pipeline and schema files as the user writes them. Every field carries its doc; the
-//! defaults are functions so they show up in one place. Unknown keys are reported by the
-//! loader (all of them at once, with their lines), so these types do not reject them.
+//! defaults are functions so they show up in one place. Unknown keys are errors; the loader
+//! reports all of them at once, each with its line and the keys allowed there.
 
 use serde::Deserialize;
 
 /// A pipeline file (`pipelines/*.yaml`).
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PipelineFile {
     /// Pipeline name: `[a-z0-9_-]+`. Names the checkpoint namespace and prefixes Athena tables.
     pub name: String,
@@ -35,6 +36,7 @@ pub struct PipelineFile {
 
 /// `source:` — exactly one kind.
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 #[serde(rename_all = "snake_case")]
 pub enum SourceFile {
     /// A local stream: a directory of per-shard append-only NDJSON files
@@ -50,6 +52,7 @@ pub enum SourceFile {
 
 /// `lake:` — exactly one kind.
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 #[serde(rename_all = "snake_case")]
 pub enum LakeFile {
     /// A local directory; each output is a subdirectory.
@@ -61,6 +64,7 @@ pub enum LakeFile {
 
 /// `checkpoints:` — exactly one kind.
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 #[serde(rename_all = "snake_case")]
 pub enum CheckpointsFile {
     /// A local directory holding `<pipeline>/checkpoint.json` (atomic rename).
@@ -72,6 +76,7 @@ pub enum CheckpointsFile {
 
 /// `event_time:`.
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct EventTimeFile {
     /// The schema field holding event time; must be of type `timestamp`.
     pub field: String,
@@ -102,6 +107,7 @@ pub enum TimeFormat {
 
 /// `limits:`.
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LimitsFile {
     /// Larger records go to dead-letter (default `1MiB`, Kinesis' own record limit).
     #[serde(default = "default_max_record")]
@@ -123,6 +129,7 @@ impl Default for LimitsFile {
 
 /// `rollover:`.
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RolloverFile {
     /// Commit once any open file reaches this size (default `128MiB`).
     #[serde(default = "default_roll_bytes")]
@@ -143,6 +150,7 @@ impl Default for RolloverFile {
 
 /// `outputs:`.
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct OutputsFile {
     /// Every valid record, with `_shard_id` and `_sequence_number`.
     #[serde(default = "default_raw")]
@@ -175,6 +183,7 @@ impl Default for OutputsFile {
 
 /// A plain table output.
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TableFile {
     /// Table (and directory) name: `[a-z_][a-z0-9_]*`.
     pub name: String,
@@ -182,6 +191,7 @@ pub struct TableFile {
 
 /// One windowed aggregation.
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AggregationFile {
     /// Table name: `[a-z_][a-z0-9_]*`.
     pub name: String,
@@ -196,6 +206,7 @@ pub struct AggregationFile {
 
 /// A tumbling window (`size`) or a hopping one (`size` and `slide`).
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct WindowFile {
     /// Window length, e.g. `1m`.
     pub size: String,
@@ -206,6 +217,7 @@ pub struct WindowFile {
 
 /// One alert rule.
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AlertFile {
     /// Rule name, written in the `rule` column.
     pub name: String,
@@ -219,6 +231,7 @@ pub struct AlertFile {
 
 /// A record schema file (`schemas/*.yaml`).
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SchemaFile {
     /// Schema name.
     pub name: String,
@@ -231,6 +244,7 @@ pub struct SchemaFile {
 
 /// One field of a record.
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct FieldFile {
     /// JSON key and column name: `[a-z_][a-z0-9_]*`.
     pub name: String,

@@ -449,7 +449,9 @@ impl Engine {
 
     /// Stage → prepare → publish → commit. Returns the files the commit published.
     pub async fn commit(&mut self) -> Result<Vec<StagedFile>, EngineError> {
-        if self.uncommitted_since.is_none() {
+        // Nothing read and nothing written (windows emitted by `finish` or `tick` are written
+        // without a read) since the last commit: nothing to do.
+        if self.uncommitted_since.is_none() && self.writers().all(|w| w.is_empty()) {
             return Ok(Vec::new());
         }
         let mut files = Vec::new();

@@ -73,6 +73,24 @@ pub fn late_schema(records: &Schema) -> SchemaRef {
     Arc::new(Schema::new(fields))
 }
 
+/// Loads a pipeline and plans its SQL: every problem of the file, its schema and its SQL,
+/// at once.
+pub async fn load(
+    path: &std::path::Path,
+    env: crate::config::Env<'_>,
+) -> Result<Pipeline, ConfigError> {
+    let (pipeline, mut problems) = crate::config::load_pipeline_partial(path, env);
+    if let Some(p) = &pipeline
+        && let Err(e) = compile(p, &session()).await
+    {
+        problems.extend(e.problems);
+    }
+    match pipeline {
+        Some(p) if problems.is_empty() => Ok(p),
+        _ => Err(ConfigError { problems }),
+    }
+}
+
 /// Plans the pipeline's SQL; every problem is reported with its file, line and field.
 pub async fn compile(p: &Pipeline, ctx: &SessionContext) -> Result<Compiled, ConfigError> {
     let records = record_schema(p);
@@ -135,7 +153,7 @@ pub async fn compile(p: &Pipeline, ctx: &SessionContext) -> Result<Compiled, Con
 
     let mut record_rules = Vec::new();
     let mut window_rules = vec![Vec::new(); p.outputs.aggregations.len()];
-    for (i, r) in p.alerts.iter().enumerate() {
+    for r in &p.alerts {
         let schema = match r.aggregation {
             Some(a) => agg_outputs[a].clone(),
             None => records.clone(),
@@ -152,7 +170,7 @@ pub async fn compile(p: &Pipeline, ctx: &SessionContext) -> Result<Compiled, Con
                 }
             }
             Err(e) => problems.push(p.problem(
-                &format!("alerts[{i}].when"),
+                &format!("alerts[{}].when", r.index),
                 e,
                 format!(
                     "write a SQL condition over these columns: {}",

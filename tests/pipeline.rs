@@ -1,0 +1,583 @@
+//! Integration tests of the data path on the embedded default: shipped configs, the bad-input
+//! corpora, event-time semantics (late, out of order, idle shards) and crash recovery at every
+//! named failpoint. One test binary on purpose: each debug binary links all of DataFusion.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use arrow::util::display::array_value_to_string;
+use shardlake::agent::sim::{SimConfig, simulate};
+use shardlake::checkpoint::local::LocalStore;
+use shardlake::clock::{Clock, ManualClock, SystemClock};
+use shardlake::config::{Pipeline, load_schema};
+use shardlake::decode::RecordDecoder;
+use shardlake::engine::{Engine, sql};
+use shardlake::localstream::{self, LocalStreamWriter};
+use shardlake::metrics::Metrics;
+use shardlake::pipeline::{RunOptions, lake_for, run};
+use shardlake::query;
+use shardlake::record::{RawChunk, SeqNo};
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn data_env(dir: &Path) -> impl Fn(&str) -> Option<String> + use<> {
+    let d = dir.display().to_string();
+    move |k: &str| (k == "SHARDLAKE_DATA").then(|| d.clone())
+}
+
+async fn load(file: &Path, data: &Path) -> Pipeline {
+    sql::load(file, &data_env(data))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Runs SQL over the pipeline's lake; every value as text.
+async fn rows(p: &Pipeline, q: &str) -> Vec<Vec<String>> {
+    let schemas = query::output_schemas(p).await.unwrap();
+    let ctx = query::lake_session(p, &schemas).await.unwrap();
+    let mut out = Vec::new();
+    for b in query::query(&ctx, q)
+        .await
+        .unwrap_or_else(|e| panic!("{q}: {e}"))
+    {
+        for r in 0..b.num_rows() {
+            out.push(
+                b.columns()
+                    .iter()
+                    .map(|c| array_value_to_string(c, r).unwrap())
+                    .collect(),
+            );
+        }
+    }
+    out
+}
+
+async fn count(p: &Pipeline, q: &str) -> i64 {
+    rows(p, q).await[0][0].parse().unwrap()
+}
+
+fn ts(s: &str) -> i64 {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .unwrap()
+        .timestamp_micros()
+}
+
+fn reading(device: &str, seq: i64, ts: &str, pressure: f64) -> String {
+    format!(
+        r#"{{"device_id":"{device}","tenant":"acme","seq":{seq},"ts":"{ts}","barrels_per_s":0.5,"pressure_psi":{pressure},"temp_c":70.0,"status":"ok"}}"#
+    )
+}
+
+fn inprogress_files(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.to_string_lossy().ends_with(".inprogress") {
+                found.push(path);
+            }
+        }
+    }
+    found
+}
+
+// ------------------------------------------------------------------ configuration
+
+#[tokio::test]
+async fn every_shipped_pipeline_and_schema_validates() {
+    let mut checked = 0;
+    for dir in ["pipelines", "schemas"] {
+        for entry in std::fs::read_dir(repo().join(dir)).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+                if dir == "schemas" {
+                    load_schema(&path, &|_| None).unwrap_or_else(|e| panic!("{e}"));
+                } else {
+                    load(&path, Path::new("/tmp/unused")).await;
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 2, "found only {checked} files");
+}
+
+/// Each file in testdata/bad-config starts with `# expect: FIELD | LINE | TEXT` lines, one per
+/// problem the loader must report (LINE `-` when it has none).
+#[tokio::test]
+async fn bad_config_corpus_gets_every_problem_with_line_and_fix() {
+    let dir = repo().join("testdata/bad-config");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 12, "corpus has {} files", files.len());
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        let expects: Vec<(String, Option<usize>, String)> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# expect: "))
+            .map(|l| {
+                let parts: Vec<&str> = l.splitn(3, " | ").collect();
+                (
+                    parts[0].trim().to_string(),
+                    parts[1].trim().parse().ok(),
+                    parts[2].trim().to_string(),
+                )
+            })
+            .collect();
+        assert!(
+            !expects.is_empty(),
+            "{} has no `# expect:` line",
+            file.display()
+        );
+        let problems = match sql::load(&file, &|_| None).await {
+            Ok(_) => panic!("{} loaded without errors", file.display()),
+            Err(e) => e.problems,
+        };
+        let shown: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+        assert_eq!(
+            problems.len(),
+            expects.len(),
+            "{}: got\n{}",
+            file.display(),
+            shown.join("\n")
+        );
+        for (field, line, text) in &expects {
+            assert!(
+                problems.iter().any(|p| &p.field == field
+                    && (line.is_none() || p.line == *line)
+                    && (p.message.contains(text) || p.fix.contains(text))),
+                "{}: no problem at {field} line {line:?} mentioning {text:?}; got\n{}",
+                file.display(),
+                shown.join("\n")
+            );
+        }
+        assert!(
+            problems.iter().all(|p| !p.fix.is_empty()),
+            "{}: every problem says what to do",
+            file.display()
+        );
+    }
+}
+
+// ------------------------------------------------------------------ bad records
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_record_corpus_goes_to_dead_letter_with_reasons_and_the_rest_goes_on() {
+    let corpus = repo().join("testdata/bad-records");
+    let expected: Vec<(String, String, String)> =
+        std::fs::read_to_string(corpus.join("expected.tsv"))
+            .unwrap()
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .map(|l| {
+                let f: Vec<&str> = l.split('\t').collect();
+                (f[0].to_string(), f[1].to_string(), f[2].to_string())
+            })
+            .collect();
+    assert!(expected.len() >= 30, "corpus has {} cases", expected.len());
+
+    let data = tempfile::tempdir().unwrap();
+    let stream = data.path().join("stream");
+    localstream::create(&stream, 1).unwrap();
+    let mut w = LocalStreamWriter::open(&stream).unwrap();
+    let mut case_seq = Vec::new();
+    let mut good = 0;
+    for (i, (file, _, _)) in expected.iter().enumerate() {
+        let bytes = std::fs::read(corpus.join(file)).unwrap();
+        w.put(
+            "k",
+            reading(
+                "well-0001",
+                2 * i as i64 + 1,
+                "2026-01-05T10:00:00Z",
+                2000.0,
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        let (_, seq) = w.put("k", &bytes).unwrap();
+        w.put(
+            "k",
+            reading(
+                "well-0001",
+                2 * i as i64 + 2,
+                "2026-01-05T10:00:01Z",
+                2000.0,
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        good += 2;
+        case_seq.push((seq.to_string(), bytes));
+    }
+    drop(w);
+
+    let p = Arc::new(load(&repo().join("testdata/pipelines/corpus.yaml"), data.path()).await);
+    let opts = RunOptions {
+        drain: true,
+        ..Default::default()
+    };
+    run(
+        p.clone(),
+        opts,
+        Arc::new(SystemClock),
+        Arc::new(Metrics::default()),
+        std::future::pending(),
+    )
+    .await
+    .unwrap();
+
+    let dead = rows(
+        &p,
+        "SELECT _sequence_number, error, reason, encode(raw, 'hex') FROM dead_letter",
+    )
+    .await;
+    let mut failures = Vec::new();
+    for ((file, kind, text), (seq, bytes)) in expected.iter().zip(&case_seq) {
+        match dead.iter().find(|r| &r[0] == seq) {
+            None => failures.push(format!("{file}: not in dead_letter")),
+            Some(r) => {
+                if &r[1] != kind || !r[2].contains(text.as_str()) {
+                    failures.push(format!(
+                        "{file}: got {} / {:?}, expected {kind} / {text:?}",
+                        r[1], r[2]
+                    ));
+                }
+                let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+                if r[3] != hex {
+                    failures.push(format!("{file}: raw bytes differ"));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert_eq!(
+        dead.len(),
+        expected.len(),
+        "only the corpus records are dead letters"
+    );
+    assert_eq!(count(&p, "SELECT count(*) FROM readings").await, good);
+    assert_eq!(
+        count(&p, "SELECT count(DISTINCT seq) FROM readings").await,
+        good
+    );
+}
+
+// ------------------------------------------------------------------ event time
+
+/// Feeds an engine directly, one shard at a time, with an injected clock.
+struct Feed {
+    decoder: RecordDecoder,
+    offsets: std::collections::HashMap<String, u64>,
+    clock: Arc<ManualClock>,
+}
+
+impl Feed {
+    fn chunk(&mut self, shard: &str, lines: &[String]) -> shardlake::decode::Decoded {
+        let off = self.offsets.entry(shard.to_string()).or_insert(0);
+        let resume_from = (*off > 0).then(|| SeqNo::from_u64(*off));
+        let mut data = Vec::new();
+        let mut spans = Vec::new();
+        let mut seqs = Vec::new();
+        for l in lines {
+            let start = data.len();
+            data.extend_from_slice(l.as_bytes());
+            spans.push(start..data.len());
+            *off += l.len() as u64 + 1;
+            seqs.push(SeqNo::from_u64(*off));
+        }
+        let chunk = RawChunk {
+            shard: shard.into(),
+            resume_from,
+            data,
+            spans,
+            seqs,
+            arrival_us: self.clock.now_us(),
+        };
+        self.decoder.decode(&chunk, self.clock.now_us())
+    }
+}
+
+async fn engine_for(file: &str, data: &Path, clock: Arc<ManualClock>) -> (Engine, Feed, Pipeline) {
+    let p = load(&repo().join(file), data).await;
+    let store = Box::new(LocalStore::open(&data.join("state"), &p.name).unwrap());
+    let engine = Engine::open(
+        Arc::new(p.clone()),
+        lake_for(&p),
+        store,
+        clock.clone(),
+        "w0",
+        Arc::new(Metrics::default()),
+    )
+    .await
+    .unwrap();
+    let feed = Feed {
+        decoder: RecordDecoder::new(&p),
+        offsets: Default::default(),
+        clock,
+    };
+    (engine, feed, p)
+}
+
+#[tokio::test]
+async fn late_and_out_of_order_records() {
+    let data = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(ts("2026-01-05T10:00:00Z")));
+    let (mut engine, mut feed, p) = engine_for(
+        "testdata/pipelines/windows.yaml",
+        data.path(),
+        clock.clone(),
+    )
+    .await;
+    engine.add_shard("a".into());
+    let r = |seq, t: &str| reading("well-0001", seq, &format!("2026-01-05T{t}Z"), 2000.0);
+
+    engine
+        .ingest(feed.chunk("a", &[r(1, "10:00:05"), r(2, "10:00:50"), r(3, "10:01:05")]))
+        .await
+        .unwrap();
+    // Watermark 10:00:55: the 10:00 window is still open.
+    assert_eq!(
+        engine.emitted_through("per_device_1m"),
+        Some(ts("2026-01-05T10:00:55Z"))
+    );
+    // Out of order but within the allowed lateness: counts in its window.
+    engine
+        .ingest(feed.chunk("a", &[r(4, "10:00:58")]))
+        .await
+        .unwrap();
+    engine
+        .ingest(feed.chunk("a", &[r(5, "10:01:20")]))
+        .await
+        .unwrap();
+    assert_eq!(
+        engine.emitted_through("per_device_1m"),
+        Some(ts("2026-01-05T10:01:10Z"))
+    );
+    // Beyond it: the 10:00 window was emitted, so this one is late.
+    engine
+        .ingest(feed.chunk("a", &[r(6, "10:00:30"), r(7, "10:01:30")]))
+        .await
+        .unwrap();
+    engine.finish().await.unwrap();
+    engine.commit().await.unwrap();
+
+    let w = rows(&p, "SELECT CAST(window_start AS VARCHAR) AS ws, n, seq_sum FROM per_device_1m ORDER BY window_start").await;
+    assert_eq!(
+        w,
+        vec![
+            vec!["2026-01-05T10:00:00Z", "3", "7"],
+            vec!["2026-01-05T10:01:00Z", "3", "15"]
+        ]
+    );
+    let late = rows(&p, "SELECT aggregation, seq FROM late ORDER BY aggregation").await;
+    // Record 6 missed the 10:00 window of both aggregations (and the hop ending 10:01); the
+    // 3-minute hops still open (ending 10:02 and 10:03) counted it.
+    assert_eq!(late, vec![vec!["hop_3m", "6"], vec!["per_device_1m", "6"]]);
+    let hops = rows(
+        &p,
+        "SELECT CAST(window_start AS VARCHAR) AS ws, n FROM hop_3m ORDER BY window_start",
+    )
+    .await;
+    assert_eq!(
+        hops,
+        vec![
+            vec!["2026-01-05T09:58:00Z", "3"],
+            vec!["2026-01-05T09:59:00Z", "7"],
+            vec!["2026-01-05T10:00:00Z", "7"],
+            vec!["2026-01-05T10:01:00Z", "3"],
+        ]
+    );
+    assert_eq!(count(&p, "SELECT count(*) FROM readings").await, 7);
+}
+
+#[tokio::test]
+async fn an_idle_shard_stops_holding_the_watermark() {
+    let data = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(ts("2026-01-05T10:10:00Z")));
+    let (mut engine, mut feed, p) = engine_for(
+        "testdata/pipelines/windows.yaml",
+        data.path(),
+        clock.clone(),
+    )
+    .await;
+    engine.add_shard("a".into());
+    engine.add_shard("b".into());
+    let r = |d: &str, seq, t: &str| reading(d, seq, &format!("2026-01-05T{t}Z"), 2000.0);
+    let a: Vec<String> = (0..11)
+        .map(|i| {
+            r(
+                "well-a",
+                i + 1,
+                &format!("10:0{}:{:02}", i * 30 / 60, i * 30 % 60),
+            )
+        })
+        .collect();
+    engine.ingest(feed.chunk("a", &a)).await.unwrap();
+    engine
+        .ingest(feed.chunk(
+            "b",
+            &[r("well-b", 1, "10:00:10"), r("well-b", 2, "10:00:30")],
+        ))
+        .await
+        .unwrap();
+    // b is behind: the watermark is b's newest event time minus the lateness.
+    assert_eq!(
+        engine.emitted_through("per_device_1m"),
+        Some(ts("2026-01-05T10:00:20Z"))
+    );
+    clock.advance(4_000_000);
+    engine.tick().await.unwrap();
+    assert_eq!(
+        engine.emitted_through("per_device_1m"),
+        Some(ts("2026-01-05T10:00:20Z")),
+        "b is not idle yet"
+    );
+    clock.advance(2_000_000);
+    engine
+        .ingest(feed.chunk("a", &[r("well-a", 12, "10:05:05")]))
+        .await
+        .unwrap();
+    // b has read nothing for 6 s (> 5 s): a alone decides.
+    assert_eq!(
+        engine.emitted_through("per_device_1m"),
+        Some(ts("2026-01-05T10:04:55Z"))
+    );
+    engine
+        .ingest(feed.chunk("b", &[r("well-b", 3, "10:00:40")]))
+        .await
+        .unwrap();
+    engine.commit().await.unwrap();
+    let emitted = rows(&p, "SELECT device_id, CAST(window_start AS VARCHAR) AS ws, n FROM per_device_1m ORDER BY device_id, window_start").await;
+    assert_eq!(emitted.len(), 5, "{emitted:?}");
+    assert_eq!(emitted[0], vec!["well-a", "2026-01-05T10:00:00Z", "2"]);
+    assert_eq!(emitted[4], vec!["well-b", "2026-01-05T10:00:00Z", "2"]);
+    assert_eq!(
+        rows(
+            &p,
+            "SELECT seq FROM late WHERE aggregation = 'per_device_1m'"
+        )
+        .await,
+        vec![vec!["3"]]
+    );
+}
+
+// ------------------------------------------------------------------ crash recovery
+
+/// The process aborts at each named point of the commit protocol and is restarted; every
+/// output then holds each record exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_at_every_failpoint_loses_and_duplicates_nothing() {
+    let bin = env!("CARGO_BIN_EXE_shardlake");
+    let pipeline = repo().join("testdata/pipelines/crash.yaml");
+    for point in shardlake::failpoint::POINTS {
+        let data = tempfile::tempdir().unwrap();
+        let stream = data.path().join("stream");
+        localstream::create(&stream, 2).unwrap();
+        let cfg = SimConfig {
+            devices: 30,
+            readings_per_device: 800,
+            start: chrono::DateTime::from_timestamp(1_767_607_200, 0).unwrap(),
+            spikes: 3,
+            malformed: 5,
+            seed: 7,
+            ..Default::default()
+        };
+        let sim = simulate(&cfg, &mut LocalStreamWriter::open(&stream).unwrap()).unwrap();
+        let run = |fail: Option<&str>| {
+            let mut c = Command::new(bin);
+            c.args(["run", "--drain"])
+                .arg(&pipeline)
+                .env("SHARDLAKE_DATA", data.path())
+                .env("SHARDLAKE_LOG_FORMAT", "json")
+                .env("RUST_LOG", "warn");
+            match fail {
+                Some(f) => c.env("SHARDLAKE_FAILPOINTS", f),
+                None => c.env_remove("SHARDLAKE_FAILPOINTS"),
+            };
+            c.output().unwrap()
+        };
+        let crashed = run(Some(&format!("{point}@2")));
+        assert!(
+            !crashed.status.success(),
+            "{point}: the run did not crash: {}",
+            String::from_utf8_lossy(&crashed.stderr)
+        );
+        assert!(
+            String::from_utf8_lossy(&crashed.stderr)
+                .contains(&format!("failpoint {point} reached"))
+        );
+        let done = run(None);
+        assert!(
+            done.status.success(),
+            "{point}: restart failed: {}",
+            String::from_utf8_lossy(&done.stderr)
+        );
+
+        let p = load(&pipeline, data.path()).await;
+        let n = sim.readings as i64;
+        let seq_total: i64 = (1..=cfg.readings_per_device as i64).sum::<i64>() * cfg.devices as i64;
+        assert_eq!(
+            count(&p, "SELECT count(*) FROM readings").await,
+            n,
+            "{point}: readings"
+        );
+        assert_eq!(
+            count(
+                &p,
+                "SELECT count(*) FROM (SELECT DISTINCT device_id, seq FROM readings)"
+            )
+            .await,
+            n,
+            "{point}: distinct"
+        );
+        assert_eq!(
+            count(&p, "SELECT sum(n) FROM per_device_1m").await,
+            n,
+            "{point}: windows count every reading once"
+        );
+        assert_eq!(
+            count(&p, "SELECT sum(seq_sum) FROM per_device_1m").await,
+            seq_total,
+            "{point}: window sums"
+        );
+        assert_eq!(
+            count(
+                &p,
+                "SELECT count(*) FROM (SELECT DISTINCT window_start, device_id FROM per_device_1m)"
+            )
+            .await,
+            count(&p, "SELECT count(*) FROM per_device_1m").await,
+            "{point}: one row per window"
+        );
+        assert_eq!(
+            count(&p, "SELECT count(*) FROM late").await,
+            0,
+            "{point}: late"
+        );
+        assert_eq!(
+            count(&p, "SELECT count(*) FROM dead_letter").await,
+            sim.malformed as i64,
+            "{point}: dead letters"
+        );
+        assert_eq!(
+            count(&p, "SELECT count(*) FROM alerts").await,
+            sim.spikes as i64,
+            "{point}: alerts"
+        );
+        assert!(
+            inprogress_files(&data.path().join("lake")).is_empty(),
+            "{point}: staged files left behind"
+        );
+    }
+}
