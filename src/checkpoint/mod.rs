@@ -27,14 +27,17 @@ pub struct ShardCheckpoint {
 }
 
 impl ShardCheckpoint {
-    /// Where reading resumes: the earliest position any output still needs.
-    pub fn resume_from(&self) -> Position {
-        self.aggregations
-            .values()
-            .chain(std::iter::once(&self.records))
-            .min()
-            .cloned()
-            .flatten()
+    /// Where reading resumes: the earliest position any of `aggregations` (the pipeline's
+    /// current ones; a removed aggregation's checkpoint must not hold reading back) or the
+    /// record outputs still need. An aggregation added since the commit starts at `records`.
+    pub fn resume_from<'a>(&self, aggregations: impl IntoIterator<Item = &'a str>) -> Position {
+        let mut from = self.records.clone();
+        for name in aggregations {
+            if let Some(pos) = self.aggregations.get(name) {
+                from = from.min(pos.clone());
+            }
+        }
+        from
     }
 }
 
@@ -105,12 +108,17 @@ mod tests {
             records: Some(SeqNo::from_u64(500)),
             ..Default::default()
         };
-        assert_eq!(c.resume_from(), Some(SeqNo::from_u64(500)));
+        assert_eq!(c.resume_from(["a"]), Some(SeqNo::from_u64(500)));
         c.aggregations.insert("a".into(), Some(SeqNo::from_u64(90)));
         c.aggregations
             .insert("b".into(), Some(SeqNo::from_u64(120)));
-        assert_eq!(c.resume_from(), Some(SeqNo::from_u64(90)));
+        assert_eq!(c.resume_from(["a", "b"]), Some(SeqNo::from_u64(90)));
+        assert_eq!(
+            c.resume_from(["b"]),
+            Some(SeqNo::from_u64(120)),
+            "a was removed"
+        );
         c.aggregations.insert("c".into(), None);
-        assert_eq!(c.resume_from(), None);
+        assert_eq!(c.resume_from(["a", "b", "c"]), None);
     }
 }

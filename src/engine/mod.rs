@@ -199,7 +199,7 @@ impl Engine {
             .get(&*shard)
             .cloned()
             .unwrap_or_default();
-        let from = cp.resume_from();
+        let from = cp.resume_from(self.aggs.iter().map(|a| a.name.as_str()));
         self.watermark
             .add_shard(shard.clone(), cp.max_event_time, self.clock.now_us());
         self.shards.insert(
