@@ -8,15 +8,15 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use shardlake::agent::sim::{simulate, SimConfig};
+use shardlake::agent::sim::{SimConfig, simulate};
 use shardlake::clock::SystemClock;
 use shardlake::decode::RecordDecoder;
 use shardlake::engine::sql;
 use shardlake::localstream::{self, LocalStreamWriter};
 use shardlake::metrics::Metrics;
-use shardlake::pipeline::{run, RunOptions};
-use shardlake::source::local::{list_shards, LocalShardReader};
+use shardlake::pipeline::{RunOptions, run};
 use shardlake::source::ShardReader;
+use shardlake::source::local::{LocalShardReader, list_shards};
 
 fn peak_rss_mib() -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -28,7 +28,10 @@ fn peak_rss_mib() -> f64 {
 }
 
 fn main() {
-    let records: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(1_000_000);
+    let records: usize = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(1_000_000);
     let devices = 2_000;
     let dir = tempfile::tempdir().unwrap();
     let stream = dir.path().join("stream");
@@ -42,16 +45,30 @@ fn main() {
     };
     let t = Instant::now();
     let sim = simulate(&cfg, &mut LocalStreamWriter::open(&stream).unwrap()).unwrap();
-    let bytes: u64 = std::fs::read_dir(&stream).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
-    println!("generated {} records ({:.0} bytes each) in {:.2}s", sim.readings, bytes as f64 / sim.readings as f64, t.elapsed().as_secs_f64());
+    let bytes: u64 = std::fs::read_dir(&stream)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    println!(
+        "generated {} records ({:.0} bytes each) in {:.2}s",
+        sim.readings,
+        bytes as f64 / sim.readings as f64,
+        t.elapsed().as_secs_f64()
+    );
 
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let env = {
         let d = dir.path().display().to_string();
         move |k: &str| (k == "SHARDLAKE_DATA").then(|| d.clone())
     };
-    let pipeline_file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/well-telemetry.yaml");
-    let p = rt.block_on(sql::load(&pipeline_file, &env)).unwrap_or_else(|e| panic!("{e}"));
+    let pipeline_file =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/well-telemetry.yaml");
+    let p = rt
+        .block_on(sql::load(&pipeline_file, &env))
+        .unwrap_or_else(|e| panic!("{e}"));
 
     // Decode alone, one core.
     let decoder = RecordDecoder::new(&p);
@@ -65,15 +82,32 @@ fn main() {
         }
     }
     let s = t.elapsed().as_secs_f64();
-    println!("decode (read + strict JSON check + arrow-json, 1 core): {:.0} records/s", decoded as f64 / s);
+    println!(
+        "decode (read + strict JSON check + arrow-json, 1 core): {:.0} records/s",
+        decoded as f64 / s
+    );
 
     // The whole pipeline.
     let metrics = Arc::new(Metrics::default());
     let t = Instant::now();
-    let opts = RunOptions { drain: true, ..Default::default() };
-    rt.block_on(run(Arc::new(p), opts, Arc::new(SystemClock), metrics.clone(), std::future::pending())).unwrap();
+    let opts = RunOptions {
+        drain: true,
+        ..Default::default()
+    };
+    rt.block_on(run(
+        Arc::new(p),
+        opts,
+        Arc::new(SystemClock),
+        metrics.clone(),
+        std::future::pending(),
+    ))
+    .unwrap();
     let s = t.elapsed().as_secs_f64();
     let n = Metrics::get(&metrics.records_read);
-    println!("pipeline end to end (2 cores): {:.0} records/s ({n} records in {s:.2}s, {} files)", n as f64 / s, Metrics::get(&metrics.files_written));
+    println!(
+        "pipeline end to end (2 cores): {:.0} records/s ({n} records in {s:.2}s, {} files)",
+        n as f64 / s,
+        Metrics::get(&metrics.files_written)
+    );
     println!("peak RSS: {:.0} MiB", peak_rss_mib());
 }

@@ -120,7 +120,10 @@ pub async fn run(
                         caught_up.remove(&d.shard);
                         engine.ingest(d).await?;
                     }
-                    Some(ShardEvent::CaughtUp(shard)) => { caught_up.insert(shard); }
+                    Some(ShardEvent::CaughtUp(shard)) => {
+                        engine.shard_caught_up(&shard);
+                        caught_up.insert(shard);
+                    }
                     Some(ShardEvent::Failed(_, e)) => return Err(e.into()),
                     None => return Ok(()),
                 },

@@ -41,9 +41,10 @@ impl WindowSpec {
 }
 
 /// Per-shard event-time progress and the watermark derived from it: the minimum over active
-/// shards of their newest event time, minus the allowed lateness. A shard that has read
-/// nothing for `idle_timeout` of wall clock is left out; when every shard is idle, the most
-/// advanced one decides, so windows still close when a whole fleet goes quiet.
+/// shards of their newest event time, minus the allowed lateness. A shard that has been
+/// caught up with its end for `idle_timeout` of wall clock, with nothing new, is left out (a
+/// shard with unread records is never idle, however slowly it is read); when every shard is
+/// idle, the most advanced one decides, so windows still close when a whole fleet goes quiet.
 #[derive(Debug, Clone)]
 pub struct Watermark {
     lateness: i64,
@@ -56,7 +57,8 @@ pub struct Watermark {
 #[derive(Debug, Clone, Copy)]
 struct ShardProgress {
     max_event: Option<i64>,
-    last_active: i64,
+    /// Since when the shard has had nothing more to read (None: it has, or may have).
+    caught_up_since: Option<i64>,
 }
 
 impl Watermark {
@@ -69,11 +71,11 @@ impl Watermark {
         }
     }
 
-    /// A shard starts counting as active now (it holds the watermark until it reads or idles).
-    pub fn add_shard(&mut self, shard: Arc<str>, max_event: Option<i64>, now: i64) {
+    /// A shard starts counting as active (it holds the watermark until it reads or idles).
+    pub fn add_shard(&mut self, shard: Arc<str>, max_event: Option<i64>) {
         self.shards.entry(shard).or_insert(ShardProgress {
             max_event,
-            last_active: now,
+            caught_up_since: None,
         });
     }
 
@@ -81,15 +83,22 @@ impl Watermark {
         self.shards.remove(shard);
     }
 
-    /// The shard read records up to `max_event` (or nothing new, when None) at `now`.
-    pub fn observe(&mut self, shard: &Arc<str>, max_event: Option<i64>, now: i64) {
+    /// The shard read records up to `max_event` (None: only records without event time).
+    pub fn observe(&mut self, shard: &Arc<str>, max_event: Option<i64>) {
         let p = self.shards.entry(shard.clone()).or_insert(ShardProgress {
             max_event: None,
-            last_active: now,
+            caught_up_since: None,
         });
+        p.caught_up_since = None;
         if let Some(ts) = max_event {
             p.max_event = Some(p.max_event.map_or(ts, |m| m.max(ts)));
-            p.last_active = now;
+        }
+    }
+
+    /// The shard has nothing more to read for now.
+    pub fn caught_up(&mut self, shard: &Arc<str>, now: i64) {
+        if let Some(p) = self.shards.get_mut(shard) {
+            p.caught_up_since.get_or_insert(now);
         }
     }
 
@@ -106,7 +115,10 @@ impl Watermark {
         let active: Vec<&ShardProgress> = self
             .shards
             .values()
-            .filter(|p| now - p.last_active < self.idle_timeout)
+            .filter(|p| {
+                p.caught_up_since
+                    .is_none_or(|t| now - t < self.idle_timeout)
+            })
             .collect();
         let derived = if active.is_empty() {
             self.shards.values().filter_map(|p| p.max_event).max()
@@ -158,22 +170,30 @@ mod tests {
     fn watermark_is_min_over_active_shards_and_idle_shards_drop_out() {
         let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
         let mut wm = Watermark::new(10, 1_000);
-        wm.add_shard(a.clone(), None, 0);
-        wm.add_shard(b.clone(), None, 0);
-        wm.observe(&a, Some(500), 0);
-        assert_eq!(
-            wm.current(0),
-            None,
-            "b has read nothing and is not idle yet"
-        );
-        wm.observe(&b, Some(200), 0);
+        wm.add_shard(a.clone(), None);
+        wm.add_shard(b.clone(), None);
+        wm.observe(&a, Some(500));
+        assert_eq!(wm.current(0), None, "b has read nothing and is not idle");
+        wm.observe(&b, Some(200));
         assert_eq!(wm.current(0), Some(190));
-        wm.observe(&a, Some(900), 800);
+        wm.observe(&a, Some(900));
         assert_eq!(wm.current(800), Some(190), "b holds it");
-        assert_eq!(wm.current(1_001), Some(890), "b is idle now");
+        assert_eq!(
+            wm.current(5_000),
+            Some(190),
+            "b is slow, not idle: it is not caught up"
+        );
+        wm.caught_up(&b, 5_000);
+        assert_eq!(
+            wm.current(5_999),
+            Some(190),
+            "caught up, not yet for the timeout"
+        );
+        assert_eq!(wm.current(6_000), Some(890), "b is idle now");
         // Every shard idle: the most advanced decides; it never moves back.
-        assert_eq!(wm.current(5_000), Some(890));
-        wm.observe(&b, Some(300), 5_000);
-        assert_eq!(wm.current(5_000), Some(890));
+        wm.caught_up(&a, 6_000);
+        assert_eq!(wm.current(9_000), Some(890));
+        wm.observe(&b, Some(300));
+        assert_eq!(wm.current(9_000), Some(890));
     }
 }

@@ -432,23 +432,29 @@ async fn an_idle_shard_stops_holding_the_watermark() {
         .await
         .unwrap();
     // b is behind: the watermark is b's newest event time minus the lateness.
+    let held = Some(ts("2026-01-05T10:00:20Z"));
+    assert_eq!(engine.emitted_through("per_device_1m"), held);
+    clock.advance(10_000_000);
+    engine.tick().await.unwrap();
     assert_eq!(
         engine.emitted_through("per_device_1m"),
-        Some(ts("2026-01-05T10:00:20Z"))
+        held,
+        "b is slow, not idle: it never said it was caught up"
     );
+    engine.shard_caught_up(&"b".into());
     clock.advance(4_000_000);
     engine.tick().await.unwrap();
     assert_eq!(
         engine.emitted_through("per_device_1m"),
-        Some(ts("2026-01-05T10:00:20Z")),
-        "b is not idle yet"
+        held,
+        "caught up for 4 s: not idle yet"
     );
     clock.advance(2_000_000);
     engine
         .ingest(feed.chunk("a", &[r("well-a", 12, "10:05:05")]))
         .await
         .unwrap();
-    // b has read nothing for 6 s (> 5 s): a alone decides.
+    // b has been caught up for 6 s (> 5 s): a alone decides.
     assert_eq!(
         engine.emitted_through("per_device_1m"),
         Some(ts("2026-01-05T10:04:55Z"))

@@ -200,8 +200,12 @@ impl Engine {
             .cloned()
             .unwrap_or_default();
         let from = cp.resume_from(self.aggs.iter().map(|a| a.name.as_str()));
-        self.watermark
-            .add_shard(shard.clone(), cp.max_event_time, self.clock.now_us());
+        // A shard that must re-read records for open windows holds the watermark until it has:
+        // counting its restored newest event time would close those windows before their
+        // records are back (they would then be neither counted nor late).
+        let replaying = from < cp.records;
+        let restored = if replaying { None } else { cp.max_event_time };
+        self.watermark.add_shard(shard.clone(), restored);
         self.shards.insert(
             shard,
             ShardRun {
@@ -209,6 +213,12 @@ impl Engine {
             },
         );
         from
+    }
+
+    /// The shard has nothing more to read for now; after `idle_shard_timeout` of that, it
+    /// stops holding the watermark.
+    pub fn shard_caught_up(&mut self, shard: &Arc<str>) {
+        self.watermark.caught_up(shard, self.clock.now_us());
     }
 
     pub fn committed(&self) -> &Committed {
@@ -275,6 +285,14 @@ impl Engine {
                         .write(self.lake.as_ref(), &batch, epoch, &self.worker, now)?;
                 }
             }
+            // Replay for this buffer starts just before its first kept row, not at the chunk.
+            let first_kept = keep_mask
+                .as_ref()
+                .map_or(Some(0), |m| m.values().set_indices().next());
+            let resume_from = match first_kept {
+                Some(0) | None => d.resume_from.clone(),
+                Some(k) => Some(SeqNo(d.seq(k - 1).to_string())),
+            };
             let kept = match keep_mask {
                 Some(mask) => filter_record_batch(&d.batch, &mask).expect("filter"),
                 None => d.batch.clone(),
@@ -284,7 +302,7 @@ impl Engine {
                 let (lo, hi) = min_max(kts);
                 agg.buffer.push_back(Buffered {
                     shard: d.shard.clone(),
-                    resume_from: d.resume_from.clone(),
+                    resume_from,
                     batch: kept,
                     min_first_end: agg.spec.first_end(lo),
                     max_last_end: agg.spec.last_end(hi),
@@ -292,7 +310,7 @@ impl Engine {
             }
         }
         let max_ts = (ts.len() > ts.null_count()).then(|| min_max(ts).1);
-        self.watermark.observe(&d.shard, max_ts, now);
+        self.watermark.observe(&d.shard, max_ts);
         if let Some(run) = self.shards.get_mut(&d.shard) {
             run.read_to = d.end.clone();
         }

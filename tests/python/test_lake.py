@@ -1,0 +1,516 @@
+"""The lake, checked from outside: the shardlake binaries run over simulated streams, and every
+expectation is computed from the input NDJSON files with independent tools (a Python validity
+filter, DuckDB, pyarrow, sqlglot).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import random
+import re
+import resource
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import sqlglot
+from sqlglot import exp
+
+from conftest import (
+    OUTPUT_TIME_COLUMN,
+    PIPELINE,
+    check_run,
+    check_well_1m,
+    check_well_5m_hop,
+    duck,
+    inprogress_files,
+    lake_count,
+    lake_source,
+    parquet_files,
+    pipeline_env,
+    read_stream,
+    run_pipeline,
+    simulate,
+    write_test_pipeline,
+)
+
+UTC_US = pa.timestamp("us", tz="UTC")
+PARTITION_DIR = re.compile(r"^year=(\d{4})/month=(\d{2})/day=(\d{2})/hour=(\d{2})$")
+FAILPOINTS = ["after_stage", "after_prepare", "after_publish_file", "after_publish", "after_commit"]
+
+
+def check_readings_exactly_once(con, lake: Path, valid: int) -> None:
+    """`readings` holds every valid input record exactly once, every field as sent."""
+    src = lake_source(lake, "readings")
+    assert src is not None, "readings has no files"
+    n, distinct = con.execute(
+        f"SELECT count(*), count(DISTINCT (device_id, seq)) FROM {src}").fetchall()[0]
+    assert n == valid, f"readings has {n} rows; the input has {valid} valid records"
+    assert distinct == n, f"readings has {n - distinct} duplicate (device_id, seq) rows"
+    lake_rows = f"""SELECT device_id, tenant, seq, epoch_us(ts), barrels_per_s, pressure_psi,
+                           temp_c, status, _shard_id, _sequence_number FROM {src}"""
+    input_rows = """SELECT device_id, tenant, seq, ts_us, barrels_per_s, pressure_psi, temp_c,
+                           status, shard, seqno FROM src"""
+    missing = con.execute(f"{input_rows} EXCEPT ALL {lake_rows} LIMIT 5").fetchall()
+    extra = con.execute(f"{lake_rows} EXCEPT ALL {input_rows} LIMIT 5").fetchall()
+    assert not missing and not extra, (
+        f"readings differ from the input: missing (first 5) {missing}; unexpected {extra}")
+
+
+def check_dead_letter(con, lake: Path, invalid: list[tuple[str, str]]) -> None:
+    """`dead_letter` holds exactly the invalid input lines, once each."""
+    src = lake_source(lake, "dead_letter")
+    rows = [] if src is None else con.execute(
+        f"SELECT _shard_id, _sequence_number FROM {src}").fetchall()
+    assert len(rows) == len(invalid), (
+        f"dead_letter has {len(rows)} rows; the input has {len(invalid)} invalid records")
+    assert len(set(rows)) == len(rows), "dead_letter has a (shard, sequence number) twice"
+    assert set(rows) == set(invalid), (
+        f"dead_letter names other records than the invalid input lines: "
+        f"missing {sorted(set(invalid) - set(rows))[:5]}, unexpected {sorted(set(rows) - set(invalid))[:5]}")
+
+
+def check_record_alerts(con, lake: Path) -> int:
+    """One `pressure_spike` alert per input record above 5000 psi, keyed by its device."""
+    expected = con.execute(
+        "SELECT device_id, ts_us FROM src WHERE pressure_psi > 5000").fetchall()
+    src = lake_source(lake, "alerts")
+    actual = [] if src is None else con.execute(f"""
+        SELECT key, epoch_us(event_time) FROM {src}
+        WHERE rule = 'pressure_spike' AND kind = 'record'""").fetchall()
+    assert sorted(actual) == sorted(expected), (
+        f"pressure_spike alerts: expected {len(expected)} (one per reading above 5000 psi), "
+        f"the lake has {len(actual)}")
+    return len(expected)
+
+
+def no_late(con, lake: Path) -> None:
+    n = lake_count(con, lake, "late")
+    assert n == 0, f"late has {n} rows; every reading is within the allowed lateness"
+
+
+def test_aggregates_match_duckdb(tmp_path, agent_bin, shardlake_bin):
+    summary = simulate(agent_bin, tmp_path, shards=4, devices=120, readings=300, seed=11,
+                       spikes=6, malformed=9)
+    run_pipeline(shardlake_bin, PIPELINE, tmp_path)
+    stream = read_stream(tmp_path / "stream")
+    # The independent filter and the simulator agree on what is malformed.
+    assert len(stream.valid) == summary["readings"], (len(stream.valid), summary)
+    assert len(stream.invalid) == summary["malformed"], (len(stream.invalid), summary)
+
+    lake = tmp_path / "lake"
+    con = duck()
+    con.register("src", stream.table())
+
+    check_readings_exactly_once(con, lake, len(stream.valid))
+    no_late(con, lake)
+    check_dead_letter(con, lake, stream.invalid)
+    spikes = check_record_alerts(con, lake)
+    assert spikes > 0, "the input has no pressure spike: the alert check would be vacuous"
+
+    windows_1m = check_well_1m(con, lake)
+    windows_5m = check_well_5m_hop(con, lake)
+    # Every device reports every second for 5 minutes: about 6 minutes' windows each.
+    assert windows_1m >= 120 * 5 and windows_5m >= 3 * 5, (windows_1m, windows_5m)
+
+
+def small_lake_with_every_output(tmp_path: Path, agent_bin: Path, shardlake_bin: Path):
+    """A run whose lake has files in every output: one shard (so it is read in several
+    chunks), 90 s of event-time jitter (beyond the 30 s allowed lateness, so some readings
+    are late), spikes, malformed records, and readings on both sides of 11:00 UTC."""
+    simulate(agent_bin, tmp_path, shards=1, devices=20, readings=1200, seed=5, spikes=4,
+             malformed=6, start="2026-01-05T10:50:00Z", jitter_ms=90_000)
+    before = dt.datetime.now(dt.timezone.utc)
+    run_pipeline(shardlake_bin, PIPELINE, tmp_path)
+    after = dt.datetime.now(dt.timezone.utc)
+    lake = tmp_path / "lake"
+    files = {o: parquet_files(lake, o) for o in OUTPUT_TIME_COLUMN}
+    empty = [o for o, f in files.items() if not f]
+    assert not empty, f"the run wrote no file for {empty}: the input was meant to produce all"
+    return lake, files, (before, after)
+
+
+def test_parquet_types_for_athena(tmp_path, agent_bin, shardlake_bin):
+    lake, files, (before, after) = small_lake_with_every_output(tmp_path, agent_bin,
+                                                                shardlake_bin)
+    outputs = sorted(p.name for p in lake.iterdir() if p.is_dir())
+    assert outputs == sorted(OUTPUT_TIME_COLUMN), outputs
+    hours_seen = {o: set() for o in OUTPUT_TIME_COLUMN}
+    for output, paths in files.items():
+        for f in paths:
+            rel = Path(f).relative_to(lake / output)
+            where = f"{output}/{rel}"
+            m = PARTITION_DIR.match("/".join(rel.parts[:-1]))
+            assert m, f"{where}: not in a year=YYYY/month=MM/day=DD/hour=HH directory"
+            part = tuple(int(x) for x in m.groups())
+
+            pf = pq.ParquetFile(f)
+            # Arrow's view of the schema (what pyarrow, DuckDB and DataFusion see).
+            for fld in pf.schema_arrow:
+                if pa.types.is_timestamp(fld.type) or pa.types.is_date(fld.type) \
+                        or pa.types.is_time(fld.type):
+                    assert fld.type == UTC_US, f"{where}: column {fld.name} is {fld.type}"
+            # Parquet's own logical types (what Athena reads; the Arrow schema above can come
+            # from the ARROW:schema metadata instead).
+            for i in range(len(pf.schema)):
+                col = pf.schema.column(i)
+                assert col.physical_type != "INT96", f"{where}: {col.name} is INT96"
+                if col.logical_type.type == "TIMESTAMP":
+                    lt = json.loads(col.logical_type.to_json())
+                    assert (lt["isAdjustedToUTC"], lt["timeUnit"]) == (True, "microseconds"), (
+                        f"{where}: column {col.name} has logical type {lt}")
+            md = pf.metadata
+            assert md.num_row_groups >= 1 and md.num_rows > 0, f"{where}: empty file"
+            for rg in range(md.num_row_groups):
+                for c in range(md.num_columns):
+                    chunk = md.row_group(rg).column(c)
+                    assert chunk.compression == "ZSTD", (
+                        f"{where}: row group {rg} column {chunk.path_in_schema} is "
+                        f"{chunk.compression}")
+
+            time_col = OUTPUT_TIME_COLUMN[output]
+            assert pf.schema_arrow.field(time_col).type == UTC_US, (where, time_col)
+            values = pf.read(columns=[time_col]).column(0).to_pylist()
+            assert None not in values, f"{where}: null {time_col}"
+            hours = {(v.year, v.month, v.day, v.hour) for v in
+                     (x.astimezone(dt.timezone.utc) for x in values)}
+            assert hours == {part}, (
+                f"{where}: {time_col} values fall in hours {sorted(hours)}, "
+                f"not only in the partition's {part}")
+            hours_seen[output] |= hours
+            if output == "dead_letter":
+                lo = before.replace(minute=0, second=0, microsecond=0)
+                assert all(before - dt.timedelta(seconds=1) <= v <= after for v in values), (
+                    f"{where}: arrival_time outside the run ({before} .. {after})")
+                assert part >= (lo.year, lo.month, lo.day, lo.hour)
+    # The input spans 10:50-11:10 UTC, so event-time outputs are split over two hours.
+    for output in ("readings", "well_1m", "well_5m_hop"):
+        assert {h[3] for h in hours_seen[output]} == {10, 11}, (output, hours_seen[output])
+
+
+ARROW_TO_ATHENA = [
+    (lambda t: t == UTC_US, "timestamp"),
+    (lambda t: pa.types.is_string(t) or pa.types.is_large_string(t), "string"),
+    (pa.types.is_int64, "bigint"),
+    (pa.types.is_int32, "int"),
+    (pa.types.is_float64, "double"),
+    (pa.types.is_float32, "float"),
+    (pa.types.is_boolean, "boolean"),
+    (lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t), "binary"),
+]
+
+
+def athena_type(t: pa.DataType) -> str:
+    for pred, name in ARROW_TO_ATHENA:
+        if pred(t):
+            return name
+    pytest.fail(f"no Athena type known for Arrow type {t}")
+
+
+def test_athena_ddl_matches_parquet(tmp_path, agent_bin, shardlake_bin):
+    lake, files, _ = small_lake_with_every_output(tmp_path, agent_bin, shardlake_bin)
+    location = "s3://bucket/lake"
+    ddl = check_run([str(shardlake_bin), "athena-ddl", str(PIPELINE), "--location", location],
+                    env=pipeline_env(tmp_path)).stdout
+    # The athena dialect parses Hive DDL with TBLPROPERTIES (sqlglot 30); "hive" is the fallback.
+    try:
+        statements = sqlglot.parse(ddl, read="athena")
+    except sqlglot.errors.ParseError:
+        statements = sqlglot.parse(ddl, read="hive")
+    creates = [s for s in statements if s is not None]
+    assert all(isinstance(s, exp.Create) and s.kind == "TABLE" for s in creates), ddl
+
+    tables = {}
+    for create in creates:
+        table = create.this.this
+        assert table.db == "shardlake", table.sql()
+        props = create.args["properties"].expressions
+        assert any(isinstance(p, exp.ExternalProperty) for p in props), "not EXTERNAL"
+        tables[table.name] = (create, props)
+    assert sorted(tables) == sorted(f"well_telemetry_{o}" for o in OUTPUT_TIME_COLUMN), (
+        sorted(tables))
+
+    for output in OUTPUT_TIME_COLUMN:
+        create, props = tables[f"well_telemetry_{output}"]
+        columns = [(c.name, c.args["kind"].sql(dialect="hive").lower())
+                   for c in create.this.expressions]
+        for f in files[output]:
+            schema = pq.read_schema(f)
+            expected = [(fld.name, athena_type(fld.type)) for fld in schema]
+            assert columns == expected, f"{output}: DDL columns {columns}, Parquet {expected}"
+
+        partitioned = [p for p in props if isinstance(p, exp.PartitionedByProperty)]
+        assert len(partitioned) == 1, create.sql()
+        part_cols = [(c.name, c.args["kind"].sql(dialect="hive").lower())
+                     for c in partitioned[0].this.expressions]
+        assert part_cols == [(c, "string") for c in ("year", "month", "day", "hour")], part_cols
+        assert not {c for c, _ in part_cols} & {c for c, _ in columns}, (
+            f"{output}: a partition column is also a data column")
+        fmt = [p for p in props if isinstance(p, exp.FileFormatProperty)]
+        assert [p.this.name.upper() for p in fmt] == ["PARQUET"], create.sql()
+        loc = [p.this.name for p in props if isinstance(p, exp.LocationProperty)]
+        assert loc == [f"{location}/{output}/"], loc
+
+        tbl = {p.this.name: p.args["value"].name for p in props if type(p) is exp.Property}
+        assert tbl.get("projection.enabled") == "true", tbl
+        for unit, lo, hi in (("year", None, None), ("month", 1, 12), ("day", 1, 31),
+                             ("hour", 0, 23)):
+            assert tbl.get(f"projection.{unit}.type") == "integer", (unit, tbl)
+            rng = tbl.get(f"projection.{unit}.range", "")
+            assert re.fullmatch(r"\d+,\d+", rng), (unit, rng)
+            if lo is not None:
+                assert rng == f"{lo},{hi}", (unit, rng)
+                assert tbl.get(f"projection.{unit}.digits") == "2", (unit, tbl)
+        year_lo, year_hi = map(int, tbl["projection.year.range"].split(","))
+        for f in files[output]:
+            year = int(re.search(r"/year=(\d{4})/", f).group(1))
+            assert year_lo <= year <= year_hi, f"{f}: year outside the projection's range"
+        assert tbl.get("storage.location.template") == (
+            f"{location}/{output}/year=${{year}}/month=${{month}}/day=${{day}}/hour=${{hour}}/"
+        ), tbl.get("storage.location.template")
+        assert tbl.get("parquet.compression") == "ZSTD", tbl
+
+
+def parse_pretty_table(text: str) -> tuple[list[str], list[list[str]]]:
+    """Arrow's pretty-printed table: header row, then data rows."""
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")]
+            for line in text.splitlines() if line.startswith("|")]
+    assert rows, f"no table in the output:\n{text}"
+    return rows[0], rows[1:]
+
+
+def test_query_cli_prunes_and_reads(tmp_path, agent_bin, shardlake_bin):
+    # 10 minutes of readings from 10:55 UTC: both hour partitions 10 and 11 hold data.
+    simulate(agent_bin, tmp_path, shards=2, devices=30, readings=600, seed=9, spikes=2,
+             malformed=3, start="2026-01-05T10:55:00Z")
+    run_pipeline(shardlake_bin, PIPELINE, tmp_path)
+    stream = read_stream(tmp_path / "stream")
+    con = duck()
+    con.register("src", stream.table())
+    expected = dict(con.execute(
+        "SELECT hour(ts)::int, count(*) FROM src GROUP BY ALL").fetchall())
+    assert set(expected) == {10, 11}, expected
+
+    env = pipeline_env(tmp_path)
+
+    def query(sql: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(shardlake_bin), "query", str(PIPELINE), sql], env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    def count(sql: str) -> int:
+        proc = query(sql)
+        assert proc.returncode == 0, f"{sql}: exit {proc.returncode}\n{proc.stderr[-3000:]}"
+        header, rows = parse_pretty_table(proc.stdout)
+        assert header == ["n"] and len(rows) == 1, proc.stdout
+        return int(rows[0][0])
+
+    q10 = "SELECT count(*) AS n FROM readings WHERE hour = '10'"
+    assert count(q10) == expected[10]
+    assert count("SELECT count(*) AS n FROM readings WHERE hour = '11'") == expected[11]
+    assert count("SELECT count(*) AS n FROM readings") == len(stream.valid)
+
+    # Pruning: a file that is not Parquet in hour=11 breaks a query that reads hour 11, and
+    # not one restricted to hour 10, which must not open it.
+    bad = tmp_path / "lake/readings/year=2026/month=01/day=05/hour=11/part-zz-not-parquet.parquet"
+    assert bad.parent.is_dir()
+    bad.write_bytes(b"this is not a parquet file\n" * 100)
+    broken = query("SELECT count(*) AS n FROM readings WHERE hour = '11'")
+    assert broken.returncode != 0, "a query over hour 11 read past a corrupt file"
+    assert count(q10) == expected[10], "the hour=10 query opened files of hour 11"
+
+
+def _no_core_dumps():
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+def test_sigkill_crash_exactly_once(tmp_path, agent_bin, shardlake_bin, capsys):
+    min_kills = 10
+    summary = simulate(agent_bin, tmp_path, shards=4, devices=200, readings=1000, seed=23,
+                       spikes=8, malformed=20)
+    assert summary["readings"] >= 200_000
+    stream = read_stream(tmp_path / "stream")
+    assert (len(stream.valid), len(stream.invalid)) == (summary["readings"],
+                                                        summary["malformed"])
+    # Commits every second or 1 MiB, so crashes land between and inside many commits.
+    pipeline = write_test_pipeline(tmp_path / "test.yaml", max_bytes="1MiB", max_age="1s")
+    lake = tmp_path / "lake"
+    checkpoint = tmp_path / "state" / "well-telemetry" / "checkpoint.json"
+    cmd = [str(shardlake_bin), "run", str(pipeline), "--drain"]
+    con = duck()
+    rng = random.Random(20260105)
+
+    events: list[str] = []
+    kills = 0
+    mid_stream_kills = 0
+    run_no = 0
+    while kills < min_kills:
+        run_no += 1
+        assert run_no <= 4 * min_kills, f"{kills} kills in {run_no - 1} runs:\n" + "\n".join(events)
+        failpoint = None
+        if run_no % 2 == 0:
+            # The process aborts itself at the n-th pass of the point; the kill is a backstop.
+            failpoint = f"{rng.choice(FAILPOINTS)}@{rng.randint(1, 2)}"
+            delay = rng.uniform(6.0, 10.0)
+        else:
+            # The first commit of a run lands ~3 s after its start with debug binaries: kill
+            # before, during and after it.
+            delay = rng.uniform(0.3, 4.0)
+        extra = {"SHARDLAKE_FAILPOINTS": failpoint} if failpoint else None
+        log_path = tmp_path / f"run-{run_no:02}.log"
+        started = time.monotonic()
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(cmd, env=pipeline_env(tmp_path, extra), cwd=tmp_path,
+                                    stdout=log, stderr=subprocess.STDOUT,
+                                    preexec_fn=_no_core_dumps)
+            try:
+                rc = proc.wait(timeout=delay)
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGKILL)
+                rc = proc.wait()
+        alive = time.monotonic() - started
+        log_text = log_path.read_text(errors="replace")
+        if rc == -signal.SIGKILL:
+            kills += 1
+            how = f"SIGKILL after {alive:.2f}s" + (f" (failpoint {failpoint} not reached)"
+                                                  if failpoint else "")
+        elif rc == -signal.SIGABRT and failpoint:
+            point = failpoint.split("@")[0]
+            assert f"failpoint {point} reached" in log_text, log_text[-3000:]
+            how = f"aborted at failpoint {failpoint} after {alive:.2f}s"
+        elif rc == 0:
+            how = f"finished (exit 0) after {alive:.2f}s" + (
+                f" without reaching failpoint {failpoint}" if failpoint else "")
+        else:
+            pytest.fail(f"run {run_no} ({failpoint or 'no failpoint'}) exited {rc}:\n"
+                        f"{log_text[-4000:]}")
+
+        # After every crash: what is visible has no duplicates.
+        state = json.loads(checkpoint.read_text()) if checkpoint.exists() else None
+        visible = lake_count(con, lake, "readings")
+        src = lake_source(lake, "readings")
+        if src:
+            dups = con.execute(
+                f"SELECT count(*) - count(DISTINCT (device_id, seq)) FROM {src}").fetchall()[0][0]
+            assert dups == 0, f"after run {run_no} ({how}) readings has {dups} duplicates"
+        src_1m = lake_source(lake, "well_1m")
+        if src_1m:
+            dups = con.execute(f"""SELECT count(*) - count(DISTINCT (window_start, device_id))
+                                   FROM {src_1m}""").fetchall()[0][0]
+            assert dups == 0, f"after run {run_no} ({how}) well_1m has {dups} duplicate windows"
+        if rc != 0 and 0 < visible < len(stream.valid):
+            mid_stream_kills += 1
+        commit = state["committed"]["commit_id"] if state else 0
+        pending = bool(state and state.get("pending"))
+        events.append(
+            f"run {run_no:2}: {how}; checkpoint: commit {commit}"
+            f"{', intent pending' if pending else ''}; {len(inprogress_files(lake))} staged "
+            f"files; {visible} readings visible")
+        if rc == 0:
+            pytest.fail(
+                f"the stream was drained after only {kills} kills (need {min_kills}); "
+                f"simulate more readings or kill earlier:\n" + "\n".join(events))
+
+    started = time.monotonic()
+    run_pipeline(shardlake_bin, pipeline, tmp_path)
+    events.append(f"final run: finished in {time.monotonic() - started:.1f}s")
+    with capsys.disabled():
+        print(f"\n[crash test] {kills} SIGKILLs, "
+              f"{sum('aborted at failpoint' in e for e in events)} failpoint aborts, "
+              f"{run_no} interrupted runs:")
+        for e in events:
+            print("  " + e)
+    assert mid_stream_kills >= 1, "no crash left the lake part-way through the stream"
+
+    assert inprogress_files(lake) == [], inprogress_files(lake)
+    con.register("src", stream.table())
+    check_readings_exactly_once(con, lake, len(stream.valid))
+    check_dead_letter(con, lake, stream.invalid)
+    assert lake_count(con, lake, "dead_letter") == summary["malformed"]
+    no_late(con, lake)
+    check_record_alerts(con, lake)
+    src_alerts = lake_source(lake, "alerts")
+    n, distinct = con.execute(f"""SELECT count(*), count(DISTINCT (rule, kind, key, event_time))
+                                  FROM {src_alerts}""").fetchall()[0]
+    assert n == distinct, f"alerts has {n - distinct} duplicates"
+    check_well_1m(con, lake)
+    check_well_5m_hop(con, lake)
+
+
+def _reading(device: str, tenant: str, seq: int, t: dt.datetime) -> str:
+    return json.dumps({
+        "device_id": device, "tenant": tenant, "seq": seq,
+        "ts": t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z",
+        "barrels_per_s": round(0.5 + (seq % 5) * 0.01, 4),
+        "pressure_psi": round(2000.0 + (seq % 7) * 1.5, 2),
+        "temp_c": round(70.0 + (seq % 3) * 0.25, 2), "status": "ok",
+    }, separators=(",", ":")) + "\n"
+
+
+def test_graceful_restart_keeps_open_windows(tmp_path, shardlake_bin):
+    """A restart in the middle of a stream (SIGTERM: the run commits what it read, then a
+    second run continues) must give the same windows as one uninterrupted run.
+
+    The stream is written directly in the local-stream format (stream.json and one NDJSON
+    file per shard) so the shards are deliberately uneven: shard 1 holds 50 wells for
+    10 minutes (several read chunks), shard 0 one well that is first behind (it holds the
+    watermark back, so shard 1's windows are still open at the restart) and then catches up.
+    """
+    stream = tmp_path / "stream"
+    stream.mkdir()
+    (stream / "stream.json").write_text('{"shards":2}')
+    t0 = dt.datetime(2026, 1, 5, 10, 0, tzinfo=dt.timezone.utc)
+    sec = dt.timedelta(seconds=1)
+    shard0, shard1 = stream / "shardId-000000000000.ndjson", stream / "shardId-000000000001.ndjson"
+    with open(shard1, "w") as f:
+        for s in range(600):
+            for d in range(50):
+                f.write(_reading(f"well-b{d:02}", ["acme", "borealis"][d % 2], s + 1,
+                                 t0 + s * sec + dt.timedelta(milliseconds=7 * d)))
+    first = 121  # shard 0: 10:00:00-10:02:00 before the restart, up to 10:20:00 after it
+    with open(shard0, "w") as f:
+        for s in range(first):
+            f.write(_reading("well-a", "cascade", s + 1, t0 + s * sec))
+    total_before = 600 * 50 + first
+
+    env = pipeline_env(tmp_path)
+    proc = subprocess.Popen([str(shardlake_bin), "run", str(PIPELINE), "--progress"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        # --progress prints "records N ..." every second: wait until every record is read.
+        deadline = time.monotonic() + 90
+        read = 0
+        for line in proc.stderr:
+            m = re.match(r"records (\d+)", line)
+            if m:
+                read = int(m.group(1))
+                if read >= total_before:
+                    break
+            assert time.monotonic() < deadline, f"only {read} of {total_before} records read"
+        assert read == total_before, f"the run ended after reading {read} records"
+        proc.send_signal(signal.SIGTERM)
+        proc.stderr.read()
+        assert proc.wait(timeout=60) == 0, "the run did not shut down cleanly on SIGTERM"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    with open(shard0, "a") as f:
+        for s in range(first, 1201):
+            f.write(_reading("well-a", "cascade", s + 1, t0 + s * sec))
+    run_pipeline(shardlake_bin, PIPELINE, tmp_path)
+
+    data = read_stream(stream)
+    assert not data.invalid and len(data.valid) == total_before + 1201 - first
+    lake = tmp_path / "lake"
+    con = duck()
+    con.register("src", data.table())
+    check_readings_exactly_once(con, lake, len(data.valid))
+    no_late(con, lake)
+    check_well_1m(con, lake)
+    check_well_5m_hop(con, lake)
