@@ -249,6 +249,8 @@ pub struct Outputs {
     pub late: String,
     pub alerts: String,
     pub aggregations: Vec<Aggregation>,
+    /// Every table's rollover, by table name.
+    pub rollover: std::collections::BTreeMap<String, Rollover>,
 }
 
 #[derive(Debug, Clone)]
@@ -409,17 +411,14 @@ pub fn expand(s: &str, env: Env) -> Result<String, String> {
 }
 
 /// Deserializes `value` into `T`, reporting every unknown key (each with the keys allowed
-/// there) and then the first type error, all with their lines.
+/// there) and then the first type error, all with their lines. Unknown keys are left out of
+/// the result, so the caller can go on checking it; any problem fails the load.
 fn typed<T: DeserializeOwned>(mut value: Value, problems: &mut Problems) -> Option<T> {
     loop {
         match serde_path_to_error::deserialize::<_, T>(value.clone()) {
-            Ok(t) => {
-                return if problems.list.is_empty() {
-                    Some(t)
-                } else {
-                    None
-                };
-            }
+            // Unknown keys were recorded and removed: the rest is still checked, so every
+            // problem is reported at once.
+            Ok(t) => return Some(t),
             Err(err) => {
                 let path = err.path().to_string();
                 let path = if path == "." { String::new() } else { path };
@@ -709,23 +708,13 @@ fn resolve_pipeline(
         );
     }
     let max_future_skew = p.duration("limits.max_future_skew", &f.limits.max_future_skew);
-    let max_bytes = p.bytes("rollover.max_bytes", &f.rollover.max_bytes);
-    if max_bytes > 0 && max_bytes < 64 << 10 {
-        p.add(
-            "rollover.max_bytes",
-            format!("{max_bytes} bytes makes tiny files"),
-            "use at least 64KiB; 64MiB-512MiB suits Athena",
-        );
-    }
-    let max_age = p.duration("rollover.max_age", &f.rollover.max_age);
-    if max_age.is_zero() {
-        p.add(
-            "rollover.max_age",
-            "must be more than zero",
-            "write e.g. 1m or 5m",
-        );
-    }
-
+    let rollover = check_rollover(
+        p,
+        "rollover",
+        Some(&f.rollover.max_bytes),
+        Some(&f.rollover.max_age),
+        None,
+    );
     let o = &f.outputs;
     let mut names = std::collections::HashMap::new();
     for (field, name) in [
@@ -824,6 +813,41 @@ fn resolve_pipeline(
         });
     }
 
+    let mut per_table = std::collections::BTreeMap::new();
+    for (field, t) in [
+        ("outputs.raw", &o.raw),
+        ("outputs.dead_letter", &o.dead_letter),
+        ("outputs.late", &o.late),
+        ("outputs.alerts", &o.alerts),
+    ] {
+        let r = t.rollover.as_ref();
+        let at = format!("{field}.rollover");
+        per_table.insert(
+            t.name.clone(),
+            check_rollover(
+                p,
+                &at,
+                r.and_then(|r| r.max_bytes.as_ref()),
+                r.and_then(|r| r.max_age.as_ref()),
+                Some(&rollover),
+            ),
+        );
+    }
+    for (i, a) in o.aggregations.iter().enumerate() {
+        let r = a.rollover.as_ref();
+        let at = format!("outputs.aggregations[{i}].rollover");
+        per_table.insert(
+            a.name.clone(),
+            check_rollover(
+                p,
+                &at,
+                r.and_then(|r| r.max_bytes.as_ref()),
+                r.and_then(|r| r.max_age.as_ref()),
+                Some(&rollover),
+            ),
+        );
+    }
+
     Some(Pipeline {
         file: path.to_path_buf(),
         name: f.name,
@@ -839,17 +863,56 @@ fn resolve_pipeline(
         },
         max_record_bytes: max_record_bytes as usize,
         max_future_skew: max_future_skew.as_micros() as i64,
-        rollover: Rollover { max_bytes, max_age },
+        rollover: rollover.clone(),
         outputs: Outputs {
             raw: o.raw.name.clone(),
             dead_letter: o.dead_letter.name.clone(),
             late: o.late.name.clone(),
             alerts: o.alerts.name.clone(),
             aggregations,
+            rollover: per_table,
         },
         alerts,
         lines,
     })
+}
+
+/// Parses and checks a rollover; values it leaves out come from `base`.
+fn check_rollover(
+    p: &mut Problems,
+    at: &str,
+    max_bytes: Option<&String>,
+    max_age: Option<&String>,
+    base: Option<&Rollover>,
+) -> Rollover {
+    let max_bytes = match max_bytes {
+        Some(text) => {
+            let field = format!("{at}.max_bytes");
+            let n = p.bytes(&field, text);
+            if n > 0 && n < 64 << 10 {
+                p.add(
+                    &field,
+                    format!("{n} bytes makes tiny files"),
+                    "use at least 64KiB; 64MiB-512MiB suits Athena",
+                );
+            }
+            n
+        }
+        None => base.map_or(0, |b| b.max_bytes),
+    };
+    let max_age = match max_age {
+        Some(text) => {
+            let field = format!("{at}.max_age");
+            let before = p.list.len();
+            let d = p.duration(&field, text);
+            if d.is_zero() && p.list.len() == before {
+                p.add(&field, "must be more than zero", "write e.g. 1m or 5m");
+            }
+            d
+        }
+        None => base.map_or(Duration::ZERO, |b| b.max_age),
+    };
+    Rollover { max_bytes, max_age }
 }
 
 #[cfg(test)]
@@ -878,6 +941,36 @@ mod tests {
         assert!(!is_ident("Well"));
         assert!(!is_ident("1m"));
         assert!(!is_ident("a-b"));
+    }
+
+    #[test]
+    fn a_table_rollover_falls_back_to_the_pipeline_default() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("s.yaml"),
+            "name: s\nfields:\n  - {name: ts, type: timestamp}\n",
+        )
+        .unwrap();
+        let pipe = dir.path().join("p.yaml");
+        std::fs::write(
+            &pipe,
+            "name: p\nschema: s.yaml\nsource: {local: {path: x}}\nlake: {local: {path: l}}\ncheckpoints: {local: {path: z}}\nevent_time: {field: ts}\nrollover: {max_bytes: 1MiB, max_age: 2m}\noutputs:\n  raw: {name: raw, rollover: {max_bytes: 8MiB}}\n  alerts: {name: alerts, rollover: {max_age: 10s}}\n",
+        )
+        .unwrap();
+        let p = load_pipeline(&pipe, &|_| None).unwrap_or_else(|e| panic!("{e}"));
+        let r = &p.outputs.rollover;
+        assert_eq!(
+            (r["raw"].max_bytes, r["raw"].max_age),
+            (8 << 20, Duration::from_secs(120))
+        );
+        assert_eq!(
+            (r["alerts"].max_bytes, r["alerts"].max_age),
+            (1 << 20, Duration::from_secs(10))
+        );
+        assert_eq!(
+            (r["late"].max_bytes, r["late"].max_age),
+            (1 << 20, Duration::from_secs(120))
+        );
     }
 
     #[test]

@@ -187,6 +187,22 @@ impl Default for OutputsFile {
 pub struct TableFile {
     /// Table (and directory) name: `[a-z_][a-z0-9_]*`.
     pub name: String,
+    /// This table's own rollover; what it leaves out comes from the pipeline's `rollover`.
+    #[serde(default)]
+    pub rollover: Option<RolloverOverride>,
+}
+
+/// A table's rollover. All tables commit together: the first table to reach its size or age
+/// commits every table, so a short age here makes every table's files roll that often.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolloverOverride {
+    /// Commit once this table's largest open file reaches this size.
+    #[serde(default)]
+    pub max_bytes: Option<String>,
+    /// Commit once this table's oldest open file is this old.
+    #[serde(default)]
+    pub max_age: Option<String>,
 }
 
 /// One windowed aggregation.
@@ -202,6 +218,9 @@ pub struct AggregationFile {
     /// `SELECT window_start, window_end, device_id, avg(pressure_psi) AS pressure_avg FROM
     /// records GROUP BY window_start, window_end, device_id`.
     pub sql: String,
+    /// This table's own rollover (see `TableFile::rollover`).
+    #[serde(default)]
+    pub rollover: Option<RolloverOverride>,
 }
 
 /// A tumbling window (`size`) or a hopping one (`size` and `slide`).
@@ -294,20 +313,24 @@ fn default_roll_age() -> String {
 fn default_raw() -> TableFile {
     TableFile {
         name: "records".into(),
+        rollover: None,
     }
 }
 fn default_dead_letter() -> TableFile {
     TableFile {
         name: "dead_letter".into(),
+        rollover: None,
     }
 }
 fn default_late() -> TableFile {
     TableFile {
         name: "late".into(),
+        rollover: None,
     }
 }
 fn default_alerts() -> TableFile {
     TableFile {
         name: "alerts".into(),
+        rollover: None,
     }
 }

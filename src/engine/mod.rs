@@ -149,8 +149,10 @@ impl Engine {
             .expect("validated");
         let event_name = p.event_time.field.clone();
         let outputs = sql::output_schemas(&p, &compiled);
-        let writer =
-            |i: usize, col: &str| OutputWriter::new(&outputs[i].0, outputs[i].1.clone(), col);
+        let writer = |i: usize, col: &str| {
+            let rollover = p.outputs.rollover[&outputs[i].0].clone();
+            OutputWriter::new(&outputs[i].0, outputs[i].1.clone(), col, rollover)
+        };
         let aggs = p
             .outputs
             .aggregations
@@ -451,14 +453,15 @@ impl Engine {
         .chain(self.aggs.iter_mut().map(|a| &mut a.writer))
     }
 
-    /// True when an open file is big enough, or uncommitted data old enough, to commit.
+    /// True when a table's open file is big enough, or its data old enough, to commit (each
+    /// table by its own rollover), or reads are older than the pipeline's `max_age`.
     pub fn should_commit(&mut self) -> bool {
         let now = self.clock.now_us();
-        let max_bytes = self.p.rollover.max_bytes;
+        // Reads that only went into open windows still need their checkpoints to move.
         let aged = self
             .uncommitted_since
             .is_some_and(|t| now - t >= self.p.rollover.max_age.as_micros() as i64);
-        aged || self.writers().any(|w| w.largest_file() >= max_bytes)
+        aged || self.writers().any(|w| w.due(now))
     }
 
     pub fn has_uncommitted(&self) -> bool {

@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 
 use super::partition::{file_key, hour_of};
 use super::{Lake, StagedFile, Staging};
+use crate::config::Rollover;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
@@ -39,10 +40,13 @@ pub struct OutputWriter {
     time_column: usize,
     props: WriterProperties,
     open: BTreeMap<i64, OpenFile>,
+    rollover: Rollover,
+    /// Wall clock of the first write since the files were last staged.
+    opened_at: Option<i64>,
 }
 
 impl OutputWriter {
-    pub fn new(name: &str, schema: SchemaRef, time_column: &str) -> Self {
+    pub fn new(name: &str, schema: SchemaRef, time_column: &str, rollover: Rollover) -> Self {
         let time_column = schema
             .index_of(time_column)
             .expect("partition column exists");
@@ -57,6 +61,8 @@ impl OutputWriter {
             time_column,
             props,
             open: BTreeMap::new(),
+            rollover,
+            opened_at: None,
         }
     }
 
@@ -71,6 +77,14 @@ impl OutputWriter {
             .map(|f| (f.writer.bytes_written() + f.writer.in_progress_size()) as u64)
             .max()
             .unwrap_or(0)
+    }
+
+    /// True when this table's largest open file or its oldest data reached its rollover.
+    pub fn due(&self, now_us: i64) -> bool {
+        let aged = self
+            .opened_at
+            .is_some_and(|t| now_us - t >= self.rollover.max_age.as_micros() as i64);
+        aged || self.largest_file() >= self.rollover.max_bytes
     }
 
     pub fn is_empty(&self) -> bool {
@@ -90,6 +104,7 @@ impl OutputWriter {
         if batch.num_rows() == 0 {
             return Ok(());
         }
+        self.opened_at.get_or_insert(fallback_us);
         let ts = batch
             .column(self.time_column)
             .as_any()
@@ -167,6 +182,7 @@ impl OutputWriter {
 
     /// Closes every open file; they stay invisible until published.
     pub fn stage(&mut self) -> Result<Vec<StagedFile>, WriteError> {
+        self.opened_at = None;
         let mut out = Vec::with_capacity(self.open.len());
         for (_, f) in std::mem::take(&mut self.open) {
             let key = f.key;
@@ -192,5 +208,53 @@ impl OutputWriter {
             });
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sink::local::LocalLake;
+    use arrow::array::{ArrayRef, Int64Array};
+    use arrow::datatypes::{DataType, Field, Schema};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    #[test]
+    fn a_table_is_due_by_its_own_size_and_age() {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = LocalLake::new(dir.path());
+        let schema = Arc::new(Schema::new(vec![
+            Field::new(
+                "t",
+                DataType::Timestamp(arrow::datatypes::TimeUnit::Microsecond, Some("UTC".into())),
+                false,
+            ),
+            Field::new("v", DataType::Int64, false),
+        ]));
+        let rollover = Rollover {
+            max_bytes: 64 << 10,
+            max_age: Duration::from_secs(60),
+        };
+        let mut w = OutputWriter::new("t", schema.clone(), "t", rollover);
+        assert!(!w.due(0), "nothing written");
+        let batch = |n: i64| {
+            let t: ArrayRef =
+                Arc::new(TimestampMicrosecondArray::from(vec![0; n as usize]).with_timezone("UTC"));
+            let v: ArrayRef = Arc::new(Int64Array::from(
+                (0..n).map(|i| i * 7919 % 1_000_003).collect::<Vec<_>>(),
+            ));
+            RecordBatch::try_new(schema.clone(), vec![t, v]).unwrap()
+        };
+        w.write(&lake, &batch(10), 1, "w0", 1_000_000).unwrap();
+        assert!(!w.due(1_000_000 + 59_999_999));
+        assert!(w.due(1_000_000 + 60_000_000), "by age");
+        let staged = w.stage().unwrap();
+        assert_eq!(staged.iter().map(|f| f.rows).sum::<u64>(), 10);
+        assert!(!w.due(i64::MAX / 2), "staging starts over");
+        for _ in 0..20 {
+            w.write(&lake, &batch(10_000), 2, "w0", 0).unwrap();
+        }
+        assert!(w.due(0), "by size: {} bytes", w.largest_file());
     }
 }
