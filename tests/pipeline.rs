@@ -399,6 +399,55 @@ async fn late_and_out_of_order_records() {
         ]
     );
     assert_eq!(count(&p, "SELECT count(*) FROM readings").await, 7);
+    // The window rule saw each emitted window row once.
+    let alerts = rows(
+        &p,
+        "SELECT rule, kind, CAST(event_time AS VARCHAR) AS t, key FROM alerts ORDER BY event_time",
+    )
+    .await;
+    assert_eq!(
+        alerts,
+        vec![
+            vec!["busy_minute", "window", "2026-01-05T10:00:00Z", "well-0001"],
+            vec!["busy_minute", "window", "2026-01-05T10:01:00Z", "well-0001"],
+        ]
+    );
+}
+
+#[tokio::test]
+async fn epoch_millis_event_time() {
+    let data = tempfile::tempdir().unwrap();
+    let p = load(&repo().join("testdata/pipelines/epoch.yaml"), data.path()).await;
+    let clock = Arc::new(ManualClock::new(ts("2026-01-05T10:00:00Z")));
+    let mut feed = Feed {
+        decoder: RecordDecoder::new(&p),
+        offsets: Default::default(),
+        clock,
+    };
+    let rec = |ts: &str| format!(r#"{{"device_id":"d","tenant":"t","seq":1,"ts":{ts}}}"#);
+    let d = feed.chunk(
+        "a",
+        &[
+            rec("1767607200123"),
+            rec("\"2026-01-05T10:00:00Z\""),
+            rec("1767607200123.5"),
+        ],
+    );
+    assert_eq!(d.batch.num_rows(), 1);
+    let col = d.batch.column_by_name("ts").unwrap();
+    assert_eq!(
+        array_value_to_string(col, 0).unwrap(),
+        "2026-01-05T10:00:00.123Z"
+    );
+    let reasons: Vec<String> = d.dead.iter().map(|x| x.reason.to_string()).collect();
+    assert!(
+        reasons[0].starts_with("wrong_type:") && reasons[0].contains("ts"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons[1].contains("`ts`: 1767607200123.5 is not an integer"),
+        "{reasons:?}"
+    );
 }
 
 #[tokio::test]
