@@ -142,7 +142,7 @@ impl Well {
         };
         let flow = (self.base_flow + 0.05 * (t * 1.3).cos() + noise(rng, 0.02)).max(0.0);
         let temp = self.base_temp + noise(rng, 0.5);
-        let status = if step % 997 == 0 && step > 0 {
+        let status = if step.is_multiple_of(997) && step > 0 {
             "maintenance"
         } else {
             "ok"

@@ -754,7 +754,10 @@ fn resolve_pipeline(
                 "a window must be longer than zero",
                 "write e.g. 1m",
             );
-        } else if slide.is_zero() || slide > size || size.as_micros() % slide.as_micros() != 0 {
+        } else if slide.is_zero()
+            || slide > size
+            || !size.as_micros().is_multiple_of(slide.as_micros())
+        {
             p.add(
                 &format!("{at}.slide"),
                 format!("slide {:?} does not divide size {:?}", slide, size),

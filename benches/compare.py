@@ -1,0 +1,147 @@
+#!/usr/bin/env python3
+"""shardlake, DuckDB and a plain Python consumer on the same job and input, in one run.
+
+The job: NDJSON well readings -> 1-minute per-device aggregates (count, avg/min/max pressure,
+avg flow, avg temperature) + a pressure threshold alert -> zstd Parquet partitioned by hour.
+shardlake additionally writes every raw record and the dead-letter table.
+
+    python3 benches/compare.py [--records 1000000] [--shardlake target/release/shardlake]
+
+Needs duckdb and pyarrow (scripts/test installs them into .venv). Prints records/s per engine
+and the ratios; benches/README.md records the figures and what bounds them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def timed(fn):
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def run_shardlake(binary: Path, data: Path, cores: str | None) -> None:
+    shutil.rmtree(data / "lake", ignore_errors=True)
+    shutil.rmtree(data / "state", ignore_errors=True)
+    cmd = [str(binary), "run", "--drain", str(REPO / "benches/pipelines/compare.yaml")]
+    if cores:
+        cmd = ["taskset", "-c", cores] + cmd
+    env = dict(os.environ, SHARDLAKE_DATA=str(data), RUST_LOG="warn", SHARDLAKE_LOG_FORMAT="json")
+    subprocess.run(cmd, env=env, check=True)
+
+
+def run_duckdb(data: Path) -> None:
+    import duckdb
+
+    out = data / "duck"
+    shutil.rmtree(out, ignore_errors=True)
+    con = duckdb.connect()
+    con.execute("SET threads = 1")
+    con.execute("SET TimeZone = 'UTC'")
+    con.execute(f"""
+        CREATE TEMP TABLE r AS SELECT * FROM read_json('{data}/stream/*.ndjson',
+            format = 'newline_delimited', ignore_errors = true,
+            columns = {{device_id: 'VARCHAR', tenant: 'VARCHAR', seq: 'BIGINT',
+                        ts: 'TIMESTAMPTZ', barrels_per_s: 'DOUBLE', pressure_psi: 'DOUBLE',
+                        temp_c: 'DOUBLE', status: 'VARCHAR'}})""")
+    parts = "year(window_start) AS year, month(window_start) AS month, day(window_start) AS day, hour(window_start) AS hour"
+    con.execute(f"""
+        COPY (SELECT *, {parts} FROM (
+                SELECT date_trunc('minute', ts) AS window_start, tenant, device_id,
+                       count(*) AS readings, avg(barrels_per_s) AS barrels_per_s_avg,
+                       min(pressure_psi) AS pressure_min, max(pressure_psi) AS pressure_max,
+                       avg(pressure_psi) AS pressure_avg, avg(temp_c) AS temp_avg
+                FROM r GROUP BY ALL))
+        TO '{out}/well_1m' (FORMAT parquet, COMPRESSION zstd, PARTITION_BY (year, month, day, hour))""")
+    con.execute(f"""
+        COPY (SELECT *, year(ts) AS year, month(ts) AS month, day(ts) AS day, hour(ts) AS hour
+              FROM r WHERE pressure_psi > 5000)
+        TO '{out}/alerts' (FORMAT parquet, COMPRESSION zstd, PARTITION_BY (year, month, day, hour))""")
+
+
+def run_python(data: Path) -> None:
+    import datetime as dt
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.dataset as ds
+
+    out = data / "py"
+    shutil.rmtree(out, ignore_errors=True)
+    cols = {k: [] for k in ("device_id", "tenant", "ts", "barrels_per_s", "pressure_psi", "temp_c")}
+    for f in sorted((data / "stream").glob("*.ndjson")):
+        with open(f, "rb") as fh:
+            for line in fh:
+                try:
+                    r = json.loads(line)
+                    t = dt.datetime.fromisoformat(r["ts"])
+                except (ValueError, KeyError, TypeError):
+                    continue
+                cols["device_id"].append(r["device_id"])
+                cols["tenant"].append(r["tenant"])
+                cols["ts"].append(t)
+                cols["barrels_per_s"].append(r.get("barrels_per_s"))
+                cols["pressure_psi"].append(r.get("pressure_psi"))
+                cols["temp_c"].append(r.get("temp_c"))
+    table = pa.table(cols)
+    table = table.set_column(2, "ts", pc.cast(table["ts"], pa.timestamp("us", tz="UTC")))
+    table = table.append_column("window_start", pc.floor_temporal(table["ts"], unit="minute"))
+    agg = table.group_by(["window_start", "tenant", "device_id"]).aggregate([
+        ("device_id", "count"), ("barrels_per_s", "mean"), ("pressure_psi", "min"),
+        ("pressure_psi", "max"), ("pressure_psi", "mean"), ("temp_c", "mean")])
+
+    def with_parts(t, col):
+        return (t.append_column("year", pc.year(t[col])).append_column("month", pc.month(t[col]))
+                 .append_column("day", pc.day(t[col])).append_column("hour", pc.hour(t[col])))
+
+    fmt = ds.ParquetFileFormat()
+    opts = fmt.make_write_options(compression="zstd")
+    part = ds.partitioning(pa.schema([(c, pa.int64()) for c in ("year", "month", "day", "hour")]), flavor="hive")
+    ds.write_dataset(with_parts(agg, "window_start"), out / "well_1m", format=fmt, file_options=opts, partitioning=part)
+    alerts = table.filter(pc.greater(table["pressure_psi"], 5000))
+    ds.write_dataset(with_parts(alerts, "ts"), out / "alerts", format=fmt, file_options=opts, partitioning=part)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--records", type=int, default=1_000_000)
+    ap.add_argument("--devices", type=int, default=2_000)
+    ap.add_argument("--shardlake", type=Path, default=REPO / "target/release/shardlake")
+    ap.add_argument("--agent", type=Path, default=REPO / "target/release/shardlake-agent")
+    ap.add_argument("--skip-python", action="store_true", help="the Python consumer takes ~10 s per 1M records")
+    args = ap.parse_args()
+    data = Path(tempfile.mkdtemp(prefix="shardlake-compare-"))
+    readings = args.records // args.devices
+    subprocess.run([str(args.agent), "simulate", "--stream", str(data / "stream"), "--shards", "4",
+                    "--devices", str(args.devices), "--readings", str(readings),
+                    "--interval-ms", str(7_200_000 // readings), "--start", "2026-01-05T10:00:00Z",
+                    "--malformed", "0", "--spikes", "20"], check=True, stdout=subprocess.DEVNULL)
+    n = args.devices * readings
+    size = sum(f.stat().st_size for f in (data / "stream").glob("*.ndjson"))
+    print(f"input: {n} records, {size / n:.0f} bytes each, 2 hours, {args.devices} devices, 4 shards")
+    results = {}
+    results["shardlake, 1 core"] = timed(lambda: run_shardlake(args.shardlake, data, "0"))
+    results["shardlake, 2 cores"] = timed(lambda: run_shardlake(args.shardlake, data, None))
+    results["DuckDB, 1 thread"] = timed(lambda: run_duckdb(data))
+    if not args.skip_python:
+        results["Python json + pyarrow"] = timed(lambda: run_python(data))
+    duck = results["DuckDB, 1 thread"]
+    print(f"{'engine':28} {'seconds':>8} {'records/s':>12} {'vs DuckDB':>10}")
+    for name, s in results.items():
+        print(f"{name:28} {s:8.2f} {n / s:12,.0f} {duck / s:9.2f}x")
+    shutil.rmtree(data)
+
+
+if __name__ == "__main__":
+    main()
