@@ -46,6 +46,7 @@ def run_duckdb(data: Path) -> None:
 
     out = data / "duck"
     shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
     con = duckdb.connect()
     con.execute("SET threads = 1")
     con.execute("SET TimeZone = 'UTC'")
