@@ -202,10 +202,6 @@ impl RecordDecoder {
         &self.schema
     }
 
-    pub fn event_field(&self) -> usize {
-        self.event_field
-    }
-
     /// Decodes a chunk. `now_us` is the wall clock, for the future-skew check.
     pub fn decode(&self, chunk: &RawChunk, now_us: i64) -> Decoded {
         let mut dead = Vec::new();

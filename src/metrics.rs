@@ -5,7 +5,6 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 #[derive(Debug, Default)]
 pub struct Metrics {
     pub records_read: AtomicU64,
-    pub bytes_read: AtomicU64,
     pub records_written: AtomicU64,
     pub dead_letters: AtomicU64,
     pub late_records: AtomicU64,

@@ -79,10 +79,6 @@ impl Watermark {
         });
     }
 
-    pub fn remove_shard(&mut self, shard: &str) {
-        self.shards.remove(shard);
-    }
-
     /// The shard read records up to `max_event` (None: only records without event time).
     pub fn observe(&mut self, shard: &Arc<str>, max_event: Option<i64>) {
         let p = self.shards.entry(shard.clone()).or_insert(ShardProgress {

@@ -223,20 +223,12 @@ impl Engine {
         self.watermark.caught_up(shard, self.clock.now_us());
     }
 
-    pub fn committed(&self) -> &Committed {
-        &self.committed
-    }
-
     /// Every window ending at or before this has been emitted, per aggregation.
     pub fn emitted_through(&self, aggregation: &str) -> Option<i64> {
         self.aggs
             .iter()
             .find(|a| a.name == aggregation)
             .and_then(|a| a.emitted_through)
-    }
-
-    pub fn watermark(&mut self) -> Option<i64> {
-        self.watermark.current(self.clock.now_us())
     }
 
     /// Takes one decoded chunk through every output.
@@ -462,10 +454,6 @@ impl Engine {
             .uncommitted_since
             .is_some_and(|t| now - t >= self.p.rollover.max_age.as_micros() as i64);
         aged || self.writers().any(|w| w.due(now))
-    }
-
-    pub fn has_uncommitted(&self) -> bool {
-        self.uncommitted_since.is_some()
     }
 
     /// Stage → prepare → publish → commit. Returns the files the commit published.
