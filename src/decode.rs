@@ -213,14 +213,15 @@ impl RecordDecoder {
                     size: rec.len(),
                     limit: self.max_record_bytes,
                 })
-            } else if let Err(e) = std::str::from_utf8(rec) {
-                Some(Reason::InvalidUtf8 {
-                    valid_up_to: e.valid_up_to(),
-                })
-            } else if rec.iter().all(u8::is_ascii_whitespace) {
-                Some(Reason::Empty)
             } else {
-                strict::check(rec, &self.ints).err()
+                match std::str::from_utf8(rec) {
+                    Err(e) => Some(Reason::InvalidUtf8 {
+                        valid_up_to: e.valid_up_to(),
+                    }),
+                    Ok(text) if text.trim_ascii().is_empty() => Some(Reason::Empty),
+                    // Checked as text: serde_json does not validate UTF-8 a second time.
+                    Ok(text) => strict::check(text, &self.ints).err(),
+                }
             };
             match reason {
                 Some(reason) => dead.push(DeadLetter {
@@ -451,8 +452,8 @@ mod strict {
 
     const NOT_OBJECT: &str = "\u{0}not an object";
 
-    pub fn check(rec: &[u8], ints: &[(String, i64, i64)]) -> Result<(), Reason> {
-        let mut de = serde_json::Deserializer::from_slice(rec);
+    pub fn check(rec: &str, ints: &[(String, i64, i64)]) -> Result<(), Reason> {
+        let mut de = serde_json::Deserializer::from_str(rec);
         let result = Object(ints).deserialize(&mut de).and_then(|_| de.end());
         result.map_err(|e| {
             let msg = e.to_string();
@@ -461,7 +462,7 @@ mod strict {
             } else if e.is_data() {
                 Reason::WrongType(msg)
             } else if msg.starts_with("trailing characters") {
-                let values = serde_json::Deserializer::from_slice(rec).into_iter::<IgnoredAny>();
+                let values = serde_json::Deserializer::from_str(rec).into_iter::<IgnoredAny>();
                 let counted: Result<Vec<_>, _> = values.collect();
                 match counted {
                     Ok(v) if v.len() > 1 => Reason::MultipleValues(v.len()),

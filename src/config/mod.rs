@@ -816,38 +816,37 @@ fn resolve_pipeline(
         });
     }
 
+    let tables = [
+        ("outputs.raw".to_string(), &o.raw.name, &o.raw.rollover),
+        (
+            "outputs.dead_letter".to_string(),
+            &o.dead_letter.name,
+            &o.dead_letter.rollover,
+        ),
+        ("outputs.late".to_string(), &o.late.name, &o.late.rollover),
+        (
+            "outputs.alerts".to_string(),
+            &o.alerts.name,
+            &o.alerts.rollover,
+        ),
+    ]
+    .into_iter()
+    .chain(
+        o.aggregations
+            .iter()
+            .enumerate()
+            .map(|(i, a)| (format!("outputs.aggregations[{i}]"), &a.name, &a.rollover)),
+    );
     let mut per_table = std::collections::BTreeMap::new();
-    for (field, t) in [
-        ("outputs.raw", &o.raw),
-        ("outputs.dead_letter", &o.dead_letter),
-        ("outputs.late", &o.late),
-        ("outputs.alerts", &o.alerts),
-    ] {
-        let r = t.rollover.as_ref();
-        let at = format!("{field}.rollover");
-        per_table.insert(
-            t.name.clone(),
-            check_rollover(
-                p,
-                &at,
-                r.and_then(|r| r.max_bytes.as_ref()),
-                r.and_then(|r| r.max_age.as_ref()),
-                Some(&rollover),
-            ),
+    for (field, name, own) in tables {
+        let own = own.as_ref();
+        let (bytes, age) = (
+            own.and_then(|r| r.max_bytes.as_ref()),
+            own.and_then(|r| r.max_age.as_ref()),
         );
-    }
-    for (i, a) in o.aggregations.iter().enumerate() {
-        let r = a.rollover.as_ref();
-        let at = format!("outputs.aggregations[{i}].rollover");
         per_table.insert(
-            a.name.clone(),
-            check_rollover(
-                p,
-                &at,
-                r.and_then(|r| r.max_bytes.as_ref()),
-                r.and_then(|r| r.max_age.as_ref()),
-                Some(&rollover),
-            ),
+            name.clone(),
+            check_rollover(p, &format!("{field}.rollover"), bytes, age, Some(&rollover)),
         );
     }
 
