@@ -14,12 +14,13 @@
 //!   predicates on records and on window rows, late records.
 //! - **Sink** — [`sink`]: one Parquet file per `year=/month=/day=/hour=` partition of each
 //!   output ([`sink::writer`], [`sink::partition`]), staged then published in a lake
-//!   ([`sink::local`]).
+//!   ([`sink::local`], [`sink::s3`]).
 //! - **Checkpoint** — [`checkpoint`]: the two-phase commit's intents and the per-shard,
 //!   per-output checkpoints ([`checkpoint::local`]).
 //!
 //! Around it: [`config`] (pipeline and schema YAML, validation), [`pipeline`] (the run loop
-//! shared by `main`, the demo and the tests), [`query`] (SQL over the lake, Athena DDL),
+//! shared by `main`, the demo and the tests), [`notify`] (alerts to SNS and webhooks),
+//! [`aws`] (SDK set-up), [`query`] (SQL over the lake, Athena DDL),
 //! [`clock`], [`failpoint`], [`metrics`]. The Pi agent is [`agent`]; it and the modules it
 //! uses ([`localstream`], [`config`]) build without the `pipeline` feature.
 
@@ -33,11 +34,15 @@ pub mod record;
 pub mod window;
 
 #[cfg(feature = "pipeline")]
+pub mod aws;
+#[cfg(feature = "pipeline")]
 pub mod checkpoint;
 #[cfg(feature = "pipeline")]
 pub mod decode;
 #[cfg(feature = "pipeline")]
 pub mod engine;
+#[cfg(feature = "pipeline")]
+pub mod notify;
 #[cfg(feature = "pipeline")]
 pub mod pipeline;
 #[cfg(feature = "pipeline")]

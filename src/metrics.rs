@@ -13,6 +13,14 @@ pub struct Metrics {
     pub files_written: AtomicU64,
     pub bytes_written: AtomicU64,
     pub commits: AtomicU64,
+    /// Alert messages a notifier delivered.
+    pub notifications_sent: AtomicU64,
+    /// Alerts a notifier did not send because of its cooldown.
+    pub notifications_suppressed: AtomicU64,
+    /// Alert messages a notifier gave up on after its retries.
+    pub notifier_failures: AtomicU64,
+    /// Alert messages dropped because a notifier's queue was full.
+    pub notifications_dropped: AtomicU64,
 }
 
 impl Metrics {

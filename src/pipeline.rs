@@ -16,8 +16,10 @@ use crate::config::{Checkpoints, Lake as LakeConfig, Pipeline, Source};
 use crate::decode::RecordDecoder;
 use crate::engine::{Engine, EngineError};
 use crate::metrics::Metrics;
-use crate::sink::Lake;
+use crate::notify::Notifications;
 use crate::sink::local::LocalLake;
+use crate::sink::s3::S3Lake;
+use crate::sink::{Lake, Lakes};
 use crate::source::local::{LocalShardReader, list_shards};
 use crate::source::{ShardEvent, ShardTaskConfig, SourceError, shard_task, show};
 
@@ -29,7 +31,14 @@ pub enum RunError {
     Source(#[from] SourceError),
     #[error(transparent)]
     Store(#[from] crate::checkpoint::StoreError),
+    #[error("opening the lake: {0}")]
+    Lake(std::io::Error),
+    #[error("starting the notifiers: {0}")]
+    Notify(anyhow::Error),
 }
+
+/// How long a run waits at its end for notifiers to send what they have queued.
+const NOTIFY_DRAIN: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone)]
 pub struct RunOptions {
@@ -51,9 +60,26 @@ impl Default for RunOptions {
     }
 }
 
-pub fn lake_for(p: &Pipeline) -> Arc<dyn Lake> {
-    let LakeConfig::Local { path } = &p.lake;
-    Arc::new(LocalLake::new(path))
+/// Every output's lake, connected (an S3 lake checks its bucket). Outputs with the same
+/// sink share one.
+pub async fn lakes_for(p: &Pipeline) -> std::io::Result<Lakes> {
+    let mut opened: Vec<(&LakeConfig, Arc<dyn Lake>)> = Vec::new();
+    let mut by_output = std::collections::BTreeMap::new();
+    for (output, cfg) in &p.outputs.sinks {
+        let lake = match opened.iter().find(|(c, _)| *c == cfg) {
+            Some((_, l)) => l.clone(),
+            None => {
+                let l: Arc<dyn Lake> = match cfg {
+                    LakeConfig::Local { path } => Arc::new(LocalLake::new(path)),
+                    LakeConfig::S3(loc) => Arc::new(S3Lake::connect(loc).await?),
+                };
+                opened.push((cfg, l.clone()));
+                l
+            }
+        };
+        by_output.insert(output.clone(), lake);
+    }
+    Ok(Lakes::new(by_output))
 }
 
 pub async fn run(
@@ -70,15 +96,22 @@ pub async fn run(
     let Checkpoints::Local { path: state } = &p.checkpoints;
     let shards = list_shards(stream)?;
     let store = Box::new(LocalStore::open(state, &p.name)?);
+    let lakes = lakes_for(&p).await.map_err(RunError::Lake)?;
     let mut engine = Engine::open(
         p.clone(),
-        lake_for(&p),
+        lakes,
         store,
         clock.clone(),
         &opts.worker,
         metrics.clone(),
     )
     .await?;
+    let notifications = Notifications::start(&p, metrics.clone())
+        .await
+        .map_err(RunError::Notify)?;
+    if let Some(n) = &notifications {
+        engine.set_notifications(n.clone());
+    }
 
     let decoder = RecordDecoder::new(&p);
     // Two chunks in flight per shard: enough to overlap reading with processing, and a
@@ -149,6 +182,9 @@ pub async fn run(
     while tasks.join_next().await.is_some() {}
     if result.is_ok() {
         engine.commit().await?;
+    }
+    if let Some(n) = notifications {
+        n.close(NOTIFY_DRAIN).await;
     }
     if let Some(h) = progress {
         h.abort();

@@ -13,9 +13,8 @@ use datafusion::datasource::listing::{
 use datafusion::error::Result;
 use datafusion::prelude::SessionContext;
 
-use crate::config::{ConfigError, Pipeline};
+use crate::config::{ConfigError, Lake, Pipeline};
 use crate::engine::sql;
-use crate::pipeline::lake_for;
 
 pub const PARTITION_COLUMNS: [&str; 4] = ["year", "month", "day", "hour"];
 
@@ -30,11 +29,21 @@ pub async fn output_schemas(
 /// A session with every output of the pipeline registered as a table.
 pub async fn lake_session(p: &Pipeline, schemas: &[(String, SchemaRef)]) -> Result<SessionContext> {
     let ctx = SessionContext::new();
-    let lake = lake_for(p);
+    let mut buckets = Vec::new();
     for (name, schema) in schemas {
+        let lake = &p.outputs.sinks[name];
         let url = lake.table_url(name);
-        if !url.contains("://") {
-            std::fs::create_dir_all(&url)?;
+        match lake {
+            Lake::Local { .. } => std::fs::create_dir_all(&url)?,
+            Lake::S3(loc) => {
+                if !buckets.contains(&loc.bucket) {
+                    let store = s3_store(loc).await?;
+                    let bucket_url = url::Url::parse(&format!("s3://{}", loc.bucket))
+                        .map_err(|e| datafusion::error::DataFusionError::External(e.into()))?;
+                    ctx.register_object_store(&bucket_url, store);
+                    buckets.push(loc.bucket.clone());
+                }
+            }
         }
         let opts = ListingOptions::new(Arc::new(ParquetFormat::default()))
             .with_file_extension(".parquet")
@@ -50,6 +59,60 @@ pub async fn lake_session(p: &Pipeline, schemas: &[(String, SchemaRef)]) -> Resu
         ctx.register_table(name.as_str(), Arc::new(ListingTable::try_new(config)?))?;
     }
     Ok(ctx)
+}
+
+/// An object store for an S3 lake, with the same credentials (the SDK's default chain),
+/// region and endpoint as the writer.
+async fn s3_store(loc: &crate::config::S3Location) -> Result<Arc<dyn object_store::ObjectStore>> {
+    use object_store::aws::AmazonS3Builder;
+    let conf = crate::aws::sdk_config(loc.region.as_deref()).await;
+    let mut b = AmazonS3Builder::new()
+        .with_bucket_name(&loc.bucket)
+        .with_region(
+            conf.region()
+                .map(|r| r.to_string())
+                .unwrap_or_else(|| "us-east-1".into()),
+        );
+    if let Some(provider) = conf.credentials_provider() {
+        b = b.with_credentials(Arc::new(SdkCredentials(provider)));
+    }
+    if let Some(endpoint) = crate::aws::custom_endpoint("S3") {
+        b = b
+            .with_allow_http(endpoint.starts_with("http://"))
+            .with_virtual_hosted_style_request(false)
+            .with_endpoint(endpoint);
+    }
+    let store = b
+        .build()
+        .map_err(|e| datafusion::error::DataFusionError::External(e.into()))?;
+    Ok(Arc::new(store))
+}
+
+/// object_store's view of the AWS SDK's credential chain (profiles, SSO, the ECS task
+/// role...), so that queries use the credentials the pipeline does.
+#[derive(Debug)]
+struct SdkCredentials(aws_sdk_s3::config::SharedCredentialsProvider);
+
+#[async_trait::async_trait]
+impl object_store::CredentialProvider for SdkCredentials {
+    type Credential = object_store::aws::AwsCredential;
+
+    async fn get_credential(&self) -> object_store::Result<Arc<Self::Credential>> {
+        use aws_sdk_s3::config::ProvideCredentials;
+        let c = self
+            .0
+            .provide_credentials()
+            .await
+            .map_err(|e| object_store::Error::Generic {
+                store: "S3",
+                source: Box::new(e),
+            })?;
+        Ok(Arc::new(object_store::aws::AwsCredential {
+            key_id: c.access_key_id().to_string(),
+            secret_key: c.secret_access_key().to_string(),
+            token: c.session_token().map(str::to_string),
+        }))
+    }
 }
 
 pub async fn query(ctx: &SessionContext, sql: &str) -> Result<Vec<RecordBatch>> {

@@ -15,7 +15,7 @@ use shardlake::decode::RecordDecoder;
 use shardlake::engine::{Engine, sql};
 use shardlake::localstream::{self, LocalStreamWriter};
 use shardlake::metrics::Metrics;
-use shardlake::pipeline::{RunOptions, lake_for, run};
+use shardlake::pipeline::{RunOptions, lakes_for, run};
 use shardlake::query;
 use shardlake::record::{RawChunk, SeqNo};
 
@@ -313,7 +313,7 @@ async fn engine_for(file: &str, data: &Path, clock: Arc<ManualClock>) -> (Engine
     let store = Box::new(LocalStore::open(&data.join("state"), &p.name).unwrap());
     let engine = Engine::open(
         Arc::new(p.clone()),
-        lake_for(&p),
+        lakes_for(&p).await.unwrap(),
         store,
         clock.clone(),
         "w0",

@@ -191,6 +191,7 @@ pub struct Pipeline {
     pub rollover: Rollover,
     pub outputs: Outputs,
     pub alerts: Vec<AlertRule>,
+    pub notifiers: Vec<Notifier>,
     pub lines: LineIndex,
 }
 
@@ -217,9 +218,98 @@ pub enum Source {
     },
 }
 
-#[derive(Debug, Clone)]
+/// Where a table's files go.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Lake {
     Local { path: PathBuf },
+    S3(S3Location),
+}
+
+/// An S3 lake: a bucket and a key prefix, with how objects are written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct S3Location {
+    pub bucket: String,
+    /// Without leading or trailing `/`; empty for the bucket's root.
+    pub prefix: String,
+    pub region: Option<String>,
+    pub kms_key_id: Option<String>,
+    pub storage_class: Option<String>,
+    pub part_size: usize,
+}
+
+impl Lake {
+    /// Where `shardlake query` reads an output from: a directory or an `s3://` URL, ending
+    /// in `/`.
+    pub fn table_url(&self, output: &str) -> String {
+        match self {
+            Lake::Local { path } => {
+                let dir = path.join(output);
+                let abs = std::path::absolute(&dir).unwrap_or(dir);
+                format!("{}/", abs.display())
+            }
+            Lake::S3(s3) => format!("s3://{}/{}/", s3.bucket, s3.object_key(output)),
+        }
+    }
+}
+
+impl S3Location {
+    /// The object key of a lake key (`<output>/year=…`).
+    pub fn object_key(&self, key: &str) -> String {
+        if self.prefix.is_empty() {
+            key.to_string()
+        } else {
+            format!("{}/{key}", self.prefix)
+        }
+    }
+}
+
+/// Storage classes S3 accepts on upload.
+pub const STORAGE_CLASSES: &[&str] = &[
+    "STANDARD",
+    "STANDARD_IA",
+    "ONEZONE_IA",
+    "INTELLIGENT_TIERING",
+    "GLACIER_IR",
+    "REDUCED_REDUNDANCY",
+];
+
+/// Where a notifier sends alerts.
+#[derive(Clone)]
+pub enum NotifyTarget {
+    Sns {
+        topic_arn: String,
+    },
+    Webhook {
+        url: String,
+        /// Header values may hold secrets: `Debug` shows the names only.
+        headers: Vec<(String, String)>,
+    },
+}
+
+impl fmt::Debug for NotifyTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Sns { topic_arn } => f.debug_struct("Sns").field("topic_arn", topic_arn).finish(),
+            Self::Webhook { headers, .. } => f
+                .debug_struct("Webhook")
+                .field("url", &"<not shown>")
+                .field(
+                    "headers",
+                    &headers.iter().map(|(k, _)| k).collect::<Vec<_>>(),
+                )
+                .finish(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Notifier {
+    pub name: String,
+    pub target: NotifyTarget,
+    /// Microseconds of event time between two messages for the same rule and device.
+    pub cooldown: i64,
+    /// The rules it sends; `None` for every rule.
+    pub rules: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone)]
@@ -251,6 +341,8 @@ pub struct Outputs {
     pub aggregations: Vec<Aggregation>,
     /// Every table's rollover, by table name.
     pub rollover: std::collections::BTreeMap<String, Rollover>,
+    /// Every table's lake, by table name (its own `sink`, else the pipeline's `lake`).
+    pub sinks: std::collections::BTreeMap<String, Lake>,
 }
 
 #[derive(Debug, Clone)]
@@ -457,6 +549,148 @@ fn typed<T: DeserializeOwned>(mut value: Value, problems: &mut Problems) -> Opti
     }
 }
 
+fn resolve_lake(p: &mut Problems, field: &str, f: LakeFile) -> Lake {
+    match f {
+        LakeFile::Local { path } => Lake::Local { path: path.into() },
+        LakeFile::S3 {
+            bucket,
+            prefix,
+            region,
+            kms_key_id,
+            storage_class,
+            part_size,
+        } => {
+            let at = |k: &str| format!("{field}.s3.{k}");
+            if !is_bucket_name(&bucket) {
+                p.add(
+                    &at("bucket"),
+                    format!("`{bucket}` is not an S3 bucket name"),
+                    "give the bucket's name only (3-63 lowercase letters, digits, `.` and `-`), without s3:// or a path; put the path in `prefix`",
+                );
+            }
+            let size = p.bytes(&at("part_size"), &part_size);
+            if size != 0 && !(5 << 20..=5 << 30).contains(&size) {
+                p.add(
+                    &at("part_size"),
+                    format!("{part_size} is outside S3's part sizes"),
+                    "write a size from 5MiB to 5GiB, e.g. 8MiB",
+                );
+            }
+            if let Some(class) = &storage_class
+                && !STORAGE_CLASSES.contains(&class.as_str())
+            {
+                p.add(
+                    &at("storage_class"),
+                    format!("`{class}` is not a storage class objects can be written with"),
+                    format!("use one of: {}", STORAGE_CLASSES.join(", ")),
+                );
+            }
+            if kms_key_id.as_deref() == Some("") {
+                p.add(
+                    &at("kms_key_id"),
+                    "is empty",
+                    "give a KMS key id or ARN, or remove the key to use the bucket's default encryption",
+                );
+            }
+            Lake::S3(S3Location {
+                bucket,
+                prefix: prefix.trim_matches('/').to_string(),
+                region: region.filter(|r| !r.is_empty()),
+                kms_key_id,
+                storage_class,
+                part_size: size as usize,
+            })
+        }
+    }
+}
+
+fn is_bucket_name(b: &str) -> bool {
+    (3..=63).contains(&b.len())
+        && b.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' || c == '-')
+        && b.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && b.ends_with(|c: char| c.is_ascii_alphanumeric())
+}
+
+fn resolve_notifiers(
+    p: &mut Problems,
+    files: &[NotifierFile],
+    rules: &std::collections::HashSet<String>,
+) -> Vec<Notifier> {
+    let mut names = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for (i, n) in files.iter().enumerate() {
+        let at = |k: &str| format!("notifiers[{i}].{k}");
+        p.ident(&at("name"), &n.name);
+        if !names.insert(n.name.clone()) {
+            p.add(
+                &at("name"),
+                format!("notifier name `{}` is used twice", n.name),
+                "give every notifier its own name",
+            );
+        }
+        let cooldown = p.duration(&at("cooldown"), &n.cooldown).as_micros() as i64;
+        for (j, r) in n.rules.iter().flatten().enumerate() {
+            if !rules.contains(r) {
+                let mut known: Vec<_> = rules.iter().map(String::as_str).collect();
+                known.sort_unstable();
+                p.add(
+                    &format!("notifiers[{i}].rules[{j}]"),
+                    format!("no alert rule is named `{r}`"),
+                    format!("name one of: {}", known.join(", ")),
+                );
+            }
+        }
+        let target = match (&n.sns, &n.webhook) {
+            (Some(sns), None) => {
+                if !sns.topic_arn.starts_with("arn:") || sns.topic_arn.split(':').count() != 6 {
+                    p.add(
+                        &format!("notifiers[{i}].sns.topic_arn"),
+                        format!("`{}` is not a topic ARN", sns.topic_arn),
+                        "write arn:aws:sns:<region>:<account>:<topic>",
+                    );
+                }
+                NotifyTarget::Sns {
+                    topic_arn: sns.topic_arn.clone(),
+                }
+            }
+            (None, Some(hook)) => {
+                if !(hook.url.starts_with("https://") || hook.url.starts_with("http://")) {
+                    // The URL may carry a token: it is not repeated in the message.
+                    p.add(
+                        &format!("notifiers[{i}].webhook.url"),
+                        "is not an http:// or https:// URL",
+                        "write the receiver's full URL, e.g. https://hooks.example.com/shardlake",
+                    );
+                }
+                NotifyTarget::Webhook {
+                    url: hook.url.clone(),
+                    headers: hook
+                        .headers
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect(),
+                }
+            }
+            _ => {
+                p.add(
+                    &format!("notifiers[{i}]"),
+                    "a notifier needs exactly one of `sns` and `webhook`",
+                    "keep one; declare another notifier for the other target",
+                );
+                continue;
+            }
+        };
+        out.push(Notifier {
+            name: n.name.clone(),
+            target,
+            cooldown,
+            rules: n.rules.clone(),
+        });
+    }
+    out
+}
+
 fn join(path: &str, key: &str) -> String {
     if path.is_empty() {
         key.to_string()
@@ -660,7 +894,7 @@ fn resolve_pipeline(
             }
         }
     };
-    let LakeFile::Local { path: lake } = f.lake;
+    let lake = resolve_lake(p, "lake", f.lake.clone());
     let CheckpointsFile::Local { path: state } = f.checkpoints;
 
     let et = &f.event_time;
@@ -816,29 +1050,50 @@ fn resolve_pipeline(
         });
     }
 
+    let notifiers = resolve_notifiers(p, &f.notifiers, &rule_names);
     let tables = [
-        ("outputs.raw".to_string(), &o.raw.name, &o.raw.rollover),
+        (
+            "outputs.raw".to_string(),
+            &o.raw.name,
+            &o.raw.rollover,
+            &o.raw.sink,
+        ),
         (
             "outputs.dead_letter".to_string(),
             &o.dead_letter.name,
             &o.dead_letter.rollover,
+            &o.dead_letter.sink,
         ),
-        ("outputs.late".to_string(), &o.late.name, &o.late.rollover),
+        (
+            "outputs.late".to_string(),
+            &o.late.name,
+            &o.late.rollover,
+            &o.late.sink,
+        ),
         (
             "outputs.alerts".to_string(),
             &o.alerts.name,
             &o.alerts.rollover,
+            &o.alerts.sink,
         ),
     ]
     .into_iter()
-    .chain(
-        o.aggregations
-            .iter()
-            .enumerate()
-            .map(|(i, a)| (format!("outputs.aggregations[{i}]"), &a.name, &a.rollover)),
-    );
+    .chain(o.aggregations.iter().enumerate().map(|(i, a)| {
+        (
+            format!("outputs.aggregations[{i}]"),
+            &a.name,
+            &a.rollover,
+            &a.sink,
+        )
+    }));
     let mut per_table = std::collections::BTreeMap::new();
-    for (field, name, own) in tables {
+    let mut sinks = std::collections::BTreeMap::new();
+    for (field, name, own, sink) in tables {
+        let sink = match sink {
+            Some(s) => resolve_lake(p, &format!("{field}.sink"), s.clone()),
+            None => lake.clone(),
+        };
+        sinks.insert(name.clone(), sink);
         let own = own.as_ref();
         let (bytes, age) = (
             own.and_then(|r| r.max_bytes.as_ref()),
@@ -855,7 +1110,7 @@ fn resolve_pipeline(
         name: f.name,
         schema: schema?,
         source,
-        lake: Lake::Local { path: lake.into() },
+        lake,
         checkpoints: Checkpoints::Local { path: state.into() },
         event_time: EventTime {
             field: et.field.clone(),
@@ -873,7 +1128,9 @@ fn resolve_pipeline(
             alerts: o.alerts.name.clone(),
             aggregations,
             rollover: per_table,
+            sinks,
         },
+        notifiers,
         alerts,
         lines,
     })

@@ -32,6 +32,9 @@ pub struct PipelineFile {
     /// Alert rules, written to the `alerts` output.
     #[serde(default)]
     pub alerts: Vec<AlertFile>,
+    /// Where alerts are also sent (SNS topics, webhooks), besides the alerts table.
+    #[serde(default)]
+    pub notifiers: Vec<NotifierFile>,
 }
 
 /// `source:` — exactly one kind.
@@ -60,6 +63,75 @@ pub enum LakeFile {
         /// The lake directory.
         path: String,
     },
+    /// An S3 bucket: objects `<prefix>/<output>/year=…/part-….parquet`, staged as multipart
+    /// uploads and completed when their commit publishes.
+    S3 {
+        /// The bucket (it must exist).
+        bucket: String,
+        /// Key prefix, e.g. `lake/well-telemetry` (default: the bucket's root).
+        #[serde(default)]
+        prefix: String,
+        /// Region (default: from the environment, `AWS_REGION` or the profile).
+        #[serde(default)]
+        region: Option<String>,
+        /// SSE-KMS key id or ARN; without it the bucket's default encryption applies.
+        #[serde(default)]
+        kms_key_id: Option<String>,
+        /// Storage class, e.g. `STANDARD_IA` or `INTELLIGENT_TIERING` (default `STANDARD`).
+        #[serde(default)]
+        storage_class: Option<String>,
+        /// Multipart part size: at least 5MiB (default 8MiB). At most two parts per open
+        /// file are in memory or in flight.
+        #[serde(default = "default_part_size")]
+        part_size: String,
+    },
+}
+
+fn default_part_size() -> String {
+    "8MiB".into()
+}
+
+/// One alert notifier.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotifierFile {
+    /// Name, for logs and metrics.
+    pub name: String,
+    /// Publish to an SNS topic.
+    #[serde(default)]
+    pub sns: Option<SnsFile>,
+    /// POST JSON to an HTTP(S) URL.
+    #[serde(default)]
+    pub webhook: Option<WebhookFile>,
+    /// At most one message per rule and device per this much event time (default `5m`).
+    #[serde(default = "default_cooldown")]
+    pub cooldown: String,
+    /// The rules this notifier sends (default: every rule).
+    #[serde(default)]
+    pub rules: Option<Vec<String>>,
+}
+
+fn default_cooldown() -> String {
+    "5m".into()
+}
+
+/// `sns:` of a notifier.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnsFile {
+    /// The topic's ARN.
+    pub topic_arn: String,
+}
+
+/// `webhook:` of a notifier.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookFile {
+    /// `https://…` (or `http://` for a local receiver).
+    pub url: String,
+    /// Extra request headers; values usually come from `${VAR}`s and are never logged.
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, String>,
 }
 
 /// `checkpoints:` — exactly one kind.
@@ -190,6 +262,9 @@ pub struct TableFile {
     /// This table's own rollover; what it leaves out comes from the pipeline's `rollover`.
     #[serde(default)]
     pub rollover: Option<RolloverOverride>,
+    /// Where this table goes, if not to the pipeline's `lake` (same form as `lake:`).
+    #[serde(default)]
+    pub sink: Option<LakeFile>,
 }
 
 /// A table's rollover. All tables commit together: the first table to reach its size or age
@@ -221,6 +296,9 @@ pub struct AggregationFile {
     /// This table's own rollover (see `TableFile::rollover`).
     #[serde(default)]
     pub rollover: Option<RolloverOverride>,
+    /// Where this table goes, if not to the pipeline's `lake` (same form as `lake:`).
+    #[serde(default)]
+    pub sink: Option<LakeFile>,
 }
 
 /// A tumbling window (`size`) or a hopping one (`size` and `slide`).
@@ -314,23 +392,27 @@ fn default_raw() -> TableFile {
     TableFile {
         name: "records".into(),
         rollover: None,
+        sink: None,
     }
 }
 fn default_dead_letter() -> TableFile {
     TableFile {
         name: "dead_letter".into(),
         rollover: None,
+        sink: None,
     }
 }
 fn default_late() -> TableFile {
     TableFile {
         name: "late".into(),
         rollover: None,
+        sink: None,
     }
 }
 fn default_alerts() -> TableFile {
     TableFile {
         name: "alerts".into(),
         rollover: None,
+        sink: None,
     }
 }

@@ -26,10 +26,12 @@ use crate::config::{ConfigError, Pipeline};
 use crate::decode::{DeadLetter, Decoded};
 use crate::failpoint;
 use crate::metrics::Metrics;
+use crate::notify::Notifications;
 use crate::record::{Position, SeqNo};
 use crate::sink::writer::{OutputWriter, WriteError};
-use crate::sink::{Lake, StagedFile};
+use crate::sink::{Lakes, StagedFile};
 use crate::window::{Watermark, WindowSpec};
+use futures::{StreamExt, TryStreamExt};
 use sql::{Compiled, Rule, WINDOW_START};
 
 #[derive(Debug, thiserror::Error)]
@@ -84,9 +86,10 @@ pub struct Engine {
     clock: Arc<dyn Clock>,
     ctx: SessionContext,
     compiled: Compiled,
-    lake: Arc<dyn Lake>,
+    lakes: Lakes,
     store: Box<dyn CheckpointStore>,
     worker: String,
+    notify: Option<Arc<Notifications>>,
     metrics: Arc<Metrics>,
     committed: Committed,
     shards: BTreeMap<Arc<str>, ShardRun>,
@@ -107,7 +110,7 @@ impl Engine {
     /// and restores checkpoints, emitted windows and the watermark.
     pub async fn open(
         p: Arc<Pipeline>,
-        lake: Arc<dyn Lake>,
+        lakes: Lakes,
         store: Box<dyn CheckpointStore>,
         clock: Arc<dyn Clock>,
         worker: &str,
@@ -123,13 +126,14 @@ impl Engine {
                     commit = intent.next.commit_id,
                     "completing the commit a previous run prepared"
                 );
-                publish(lake.as_ref(), store.as_ref(), &intent)?;
+                publish(&lakes, store.as_ref(), &intent).await?;
                 intent.next
             }
             None => state.committed,
         };
-        let removed = lake
-            .remove_orphans(&p.table_names())
+        let removed = lakes
+            .remove_orphans(worker)
+            .await
             .map_err(EngineError::Lake)?;
         if removed > 0 {
             tracing::info!(removed, "removed staged files no commit names");
@@ -149,40 +153,51 @@ impl Engine {
             .expect("validated");
         let event_name = p.event_time.field.clone();
         let outputs = sql::output_schemas(&p, &compiled);
-        let writer = |i: usize, col: &str| {
-            let rollover = p.outputs.rollover[&outputs[i].0].clone();
-            OutputWriter::new(&outputs[i].0, outputs[i].1.clone(), col, rollover)
+        let writer = |i: usize, col: &str| -> Result<OutputWriter, EngineError> {
+            let name = &outputs[i].0;
+            let rollover = p.outputs.rollover[name].clone();
+            let lake = lakes.get(name).map_err(EngineError::Lake)?.clone();
+            Ok(OutputWriter::new(
+                name,
+                outputs[i].1.clone(),
+                col,
+                rollover,
+                lake,
+            ))
         };
         let aggs = p
             .outputs
             .aggregations
             .iter()
             .enumerate()
-            .map(|(i, a)| AggState {
-                name: a.name.clone(),
-                spec: WindowSpec {
-                    size: a.size,
-                    slide: a.slide,
-                },
-                sql: a.sql.clone(),
-                emitted_through: committed.emitted_through.get(&a.name).copied(),
-                buffer: VecDeque::new(),
-                writer: writer(4 + i, WINDOW_START),
+            .map(|(i, a)| {
+                Ok(AggState {
+                    name: a.name.clone(),
+                    spec: WindowSpec {
+                        size: a.size,
+                        slide: a.slide,
+                    },
+                    sql: a.sql.clone(),
+                    emitted_through: committed.emitted_through.get(&a.name).copied(),
+                    buffer: VecDeque::new(),
+                    writer: writer(4 + i, WINDOW_START)?,
+                })
             })
-            .collect();
+            .collect::<Result<_, EngineError>>()?;
         Ok(Self {
-            raw: writer(0, &event_name),
-            dead: writer(1, "arrival_time"),
-            late: writer(2, &event_name),
-            alerts: writer(3, "event_time"),
+            raw: writer(0, &event_name)?,
+            dead: writer(1, "arrival_time")?,
+            late: writer(2, &event_name)?,
+            alerts: writer(3, "event_time")?,
             key_field: p.schema.key.clone(),
             p,
             clock,
             ctx,
             compiled,
-            lake,
+            lakes,
             store,
             worker: worker.to_string(),
+            notify: None,
             metrics,
             committed,
             shards: BTreeMap::new(),
@@ -191,6 +206,11 @@ impl Engine {
             event_field,
             uncommitted_since: None,
         })
+    }
+
+    /// Sends every alert to these notifiers too (besides the alerts table).
+    pub fn set_notifications(&mut self, n: Arc<Notifications>) {
+        self.notify = Some(n);
     }
 
     /// Starts tracking a shard; returns the position to read it from.
@@ -247,8 +267,7 @@ impl Engine {
         };
         let fresh = d.batch.slice(cut, n - cut);
         let epoch = self.committed.commit_id + 1;
-        self.raw
-            .write(self.lake.as_ref(), &fresh, epoch, &self.worker, now)?;
+        self.raw.write(&fresh, epoch, &self.worker, now).await?;
         Metrics::add(&self.metrics.records_written, fresh.num_rows() as u64);
 
         let dead: Vec<&DeadLetter> = d
@@ -258,13 +277,13 @@ impl Engine {
             .collect();
         if !dead.is_empty() {
             let batch = dead_letter_batch(&d.shard, d.arrival_us, &dead);
-            self.dead
-                .write(self.lake.as_ref(), &batch, epoch, &self.worker, now)?;
+            self.dead.write(&batch, epoch, &self.worker, now).await?;
             Metrics::add(&self.metrics.dead_letters, dead.len() as u64);
         }
         let rules = self.compiled.record_rules.clone();
         let event_field = self.event_field;
-        self.run_rules(&rules, "record", &fresh, event_field, now)?;
+        self.run_rules(&rules, "record", &fresh, event_field, now)
+            .await?;
 
         let ts = event_times(&d.batch, self.event_field);
         let late_schema = self.late.schema().clone();
@@ -275,8 +294,7 @@ impl Engine {
                 if late.num_rows() > 0 {
                     Metrics::add(&self.metrics.late_records, late.num_rows() as u64);
                     let batch = with_aggregation(&late_schema, &agg.name, &late);
-                    self.late
-                        .write(self.lake.as_ref(), &batch, epoch, &self.worker, now)?;
+                    self.late.write(&batch, epoch, &self.worker, now).await?;
                 }
             }
             // Replay for this buffer starts just before its first kept row, not at the chunk.
@@ -364,15 +382,12 @@ impl Engine {
                 let rules = self.compiled.window_rules[i].clone();
                 for batch in &out {
                     Metrics::add(&self.metrics.windows_emitted, batch.num_rows() as u64);
-                    self.aggs[i].writer.write(
-                        self.lake.as_ref(),
-                        batch,
-                        epoch,
-                        &self.worker,
-                        now,
-                    )?;
+                    self.aggs[i]
+                        .writer
+                        .write(batch, epoch, &self.worker, now)
+                        .await?;
                     let ws = batch.schema().index_of(WINDOW_START).expect("validated");
-                    self.run_rules(&rules, "window", batch, ws, now)?;
+                    self.run_rules(&rules, "window", batch, ws, now).await?;
                 }
             }
             let agg = &mut self.aggs[i];
@@ -383,7 +398,7 @@ impl Engine {
         Ok(())
     }
 
-    fn run_rules(
+    async fn run_rules(
         &mut self,
         rules: &[Rule],
         kind: &str,
@@ -423,13 +438,12 @@ impl Engine {
                 self.key_field.as_deref(),
             );
             Metrics::add(&self.metrics.alerts, alerts.num_rows() as u64);
-            self.alerts.write(
-                self.lake.as_ref(),
-                &alerts,
-                self.committed.commit_id + 1,
-                &self.worker,
-                now,
-            )?;
+            if let Some(n) = &self.notify {
+                n.offer(&alerts);
+            }
+            self.alerts
+                .write(&alerts, self.committed.commit_id + 1, &self.worker, now)
+                .await?;
         }
         Ok(())
     }
@@ -465,7 +479,7 @@ impl Engine {
         }
         let mut files = Vec::new();
         for w in self.writers() {
-            files.extend(w.stage()?);
+            files.extend(w.stage().await?);
         }
         failpoint::hit("after_stage");
         let intent = Intent {
@@ -474,7 +488,7 @@ impl Engine {
         };
         self.store.prepare(&self.committed, &intent)?;
         failpoint::hit("after_prepare");
-        publish(self.lake.as_ref(), self.store.as_ref(), &intent)?;
+        publish(&self.lakes, self.store.as_ref(), &intent).await?;
         Metrics::add(&self.metrics.commits, 1);
         Metrics::add(&self.metrics.files_written, intent.files.len() as u64);
         Metrics::add(
@@ -541,17 +555,23 @@ impl Engine {
     }
 }
 
+/// Files published at once (S3 completes uploads in parallel).
+const PUBLISH_CONCURRENCY: usize = 8;
+
 /// Publishes an intent's files, then commits it. Recovery calls exactly this.
-pub fn publish(
-    lake: &dyn Lake,
+pub async fn publish(
+    lakes: &Lakes,
     store: &dyn CheckpointStore,
     intent: &Intent,
 ) -> Result<(), EngineError> {
-    for (i, f) in intent.files.iter().enumerate() {
-        lake.publish(f).map_err(EngineError::Lake)?;
-        if i == 0 {
-            failpoint::hit("after_publish_file");
-        }
+    if let Some((first, rest)) = intent.files.split_first() {
+        lakes.publish(first).await.map_err(EngineError::Lake)?;
+        failpoint::hit("after_publish_file");
+        futures::stream::iter(rest.iter().map(|f| lakes.publish(f)))
+            .buffer_unordered(PUBLISH_CONCURRENCY)
+            .try_collect::<()>()
+            .await
+            .map_err(EngineError::Lake)?;
     }
     failpoint::hit("after_publish");
     store.commit(intent)?;

@@ -1,12 +1,17 @@
 //! The lake in a local directory. Staged files are `.<name>.inprogress` beside their final
 //! name (hidden from readers by name and extension); publishing is a rename, then an fsync of
-//! the directory.
+//! the directory. File I/O is synchronous: a local disk answers in microseconds, and the
+//! engine that calls it is one task.
 
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use super::{Lake, StagedFile, Staging};
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use super::partition::file_worker;
+use super::{Lake, StagedFile, Staging, Upload};
 
 #[derive(Debug, Clone)]
 pub struct LocalLake {
@@ -30,19 +35,16 @@ impl LocalLake {
 
 struct LocalStaging(BufWriter<File>);
 
-impl Write for LocalStaging {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.write(buf)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.0.flush()
-    }
-}
-
+#[async_trait]
 impl Staging for LocalStaging {
-    fn finish(self: Box<Self>) -> io::Result<()> {
+    async fn write(&mut self, bytes: Bytes) -> io::Result<()> {
+        self.0.write_all(&bytes)
+    }
+
+    async fn finish(self: Box<Self>) -> io::Result<Option<Upload>> {
         let file = self.0.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()
+        file.sync_all()?;
+        Ok(None)
     }
 }
 
@@ -50,8 +52,9 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+#[async_trait]
 impl Lake for LocalLake {
-    fn stage(&self, key: &str) -> io::Result<Box<dyn Staging>> {
+    async fn stage(&self, key: &str) -> io::Result<Box<dyn Staging>> {
         let path = self.staging_path(key);
         if let Some(dir) = path.parent() {
             fs::create_dir_all(dir)?;
@@ -62,7 +65,7 @@ impl Lake for LocalLake {
         ))))
     }
 
-    fn publish(&self, file: &StagedFile) -> io::Result<()> {
+    async fn publish(&self, file: &StagedFile) -> io::Result<()> {
         let staged = self.staging_path(&file.key);
         let target = self.root.join(&file.key);
         match fs::rename(&staged, &target) {
@@ -76,7 +79,7 @@ impl Lake for LocalLake {
         }
     }
 
-    fn remove_orphans(&self, outputs: &[&str]) -> io::Result<usize> {
+    async fn remove_orphans(&self, outputs: &[&str], worker: &str) -> io::Result<usize> {
         let mut removed = 0;
         for output in outputs {
             let mut stack = vec![self.root.join(output)];
@@ -87,9 +90,11 @@ impl Lake for LocalLake {
                 for entry in entries {
                     let entry = entry?;
                     let path = entry.path();
+                    let name = entry.file_name();
+                    let name = name.to_string_lossy();
                     if entry.file_type()?.is_dir() {
                         stack.push(path);
-                    } else if path.to_string_lossy().ends_with(".inprogress") {
+                    } else if name.ends_with(".inprogress") && file_worker(&name) == Some(worker) {
                         fs::remove_file(&path)?;
                         removed += 1;
                     }
@@ -98,44 +103,43 @@ impl Lake for LocalLake {
         }
         Ok(removed)
     }
-
-    fn table_url(&self, output: &str) -> String {
-        let abs =
-            std::path::absolute(self.root.join(output)).unwrap_or_else(|_| self.root.join(output));
-        format!("{}/", abs.display())
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn publish_is_idempotent_and_orphans_go() {
+    #[tokio::test]
+    async fn publish_is_idempotent_and_only_this_workers_orphans_go() {
         let dir = tempfile::tempdir().unwrap();
         let lake = LocalLake::new(dir.path());
-        let key = "t/year=2026/month=01/day=01/hour=00/part-1.parquet";
-        let mut w = lake.stage(key).unwrap();
-        w.write_all(b"data").unwrap();
-        w.finish().unwrap();
+        let key = "t/year=2026/month=01/day=01/hour=00/part-0000000001-w0-0000.parquet";
+        let mut w = lake.stage(key).await.unwrap();
+        w.write(Bytes::from_static(b"data")).await.unwrap();
+        assert_eq!(w.finish().await.unwrap(), None);
         let f = StagedFile {
             output: "t".into(),
             key: key.into(),
             rows: 1,
             bytes: 4,
+            upload: None,
         };
-        lake.publish(&f).unwrap();
-        lake.publish(&f).unwrap();
+        lake.publish(&f).await.unwrap();
+        lake.publish(&f).await.unwrap();
         assert_eq!(fs::read(dir.path().join(key)).unwrap(), b"data");
-        let orphan = lake
-            .stage("t/year=2026/month=01/day=01/hour=00/part-2.parquet")
-            .unwrap();
-        drop(orphan);
-        assert_eq!(lake.remove_orphans(&["t"]).unwrap(), 1);
+        for worker in ["w0", "w1"] {
+            let orphan = format!(
+                "t/year=2026/month=01/day=01/hour=00/part-0000000002-{worker}-0000.parquet"
+            );
+            drop(lake.stage(&orphan).await.unwrap());
+        }
+        assert_eq!(lake.remove_orphans(&["t"], "w0").await.unwrap(), 1);
+        assert_eq!(lake.remove_orphans(&["t"], "w0").await.unwrap(), 0);
+        assert_eq!(lake.remove_orphans(&["t"], "w1").await.unwrap(), 1);
         let missing = StagedFile {
             key: "t/nope.parquet".into(),
             ..f
         };
-        assert!(lake.publish(&missing).is_err());
+        assert!(lake.publish(&missing).await.is_err());
     }
 }

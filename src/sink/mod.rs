@@ -1,13 +1,19 @@
 //! Where the tables go. A [`Lake`] stages files where readers do not see them and publishes
 //! them (idempotently) when their commit is prepared; [`writer`] keeps one Parquet writer per
-//! `year=/month=/day=/hour=` partition of each output.
+//! `year=/month=/day=/hour=` partition of each output. [`Lakes`] maps each output to its
+//! lake (a table may have its own `sink`).
 
 pub mod local;
 pub mod partition;
+pub mod s3;
 pub mod writer;
 
-use std::io::{self, Write};
+use std::collections::BTreeMap;
+use std::io;
+use std::sync::Arc;
 
+use async_trait::async_trait;
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 /// A file written but not yet visible, named in a commit intent.
@@ -18,21 +24,92 @@ pub struct StagedFile {
     pub key: String,
     pub rows: u64,
     pub bytes: u64,
+    /// The S3 multipart upload holding the file; `None` on a local lake.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload: Option<Upload>,
 }
 
-/// A file being staged. `finish` makes its bytes durable (not yet visible).
-pub trait Staging: Write + Send {
-    fn finish(self: Box<Self>) -> io::Result<()>;
+/// An S3 multipart upload whose parts are all uploaded, waiting to be completed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Upload {
+    pub id: String,
+    /// Part ETags in part-number order (part 1 first).
+    pub etags: Vec<String>,
+    /// Bytes in all parts: the object's size once completed.
+    pub size: u64,
 }
 
-/// A lake location: the local directory now, S3 later.
+/// A file being staged. Bytes arrive in order; `finish` makes them durable (not visible) and
+/// says what publishing needs.
+#[async_trait]
+pub trait Staging: Send {
+    async fn write(&mut self, bytes: Bytes) -> io::Result<()>;
+    async fn finish(self: Box<Self>) -> io::Result<Option<Upload>>;
+}
+
+/// A lake location: a local directory or an S3 bucket and prefix.
+#[async_trait]
 pub trait Lake: Send + Sync + std::fmt::Debug {
     /// Opens a staging file for `key`.
-    fn stage(&self, key: &str) -> io::Result<Box<dyn Staging>>;
+    async fn stage(&self, key: &str) -> io::Result<Box<dyn Staging>>;
     /// Makes a staged file visible under its key. Doing it again is harmless.
-    fn publish(&self, file: &StagedFile) -> io::Result<()>;
-    /// Removes staged files that no commit names (call with no intent pending).
-    fn remove_orphans(&self, outputs: &[&str]) -> io::Result<usize>;
-    /// Where `shardlake query` reads an output from (a directory or URL ending in `/`).
-    fn table_url(&self, output: &str) -> String;
+    async fn publish(&self, file: &StagedFile) -> io::Result<()>;
+    /// Removes `worker`'s staged files of `outputs` (call with no intent pending: none of
+    /// them is named by a commit).
+    async fn remove_orphans(&self, outputs: &[&str], worker: &str) -> io::Result<usize>;
+}
+
+/// Each output's lake.
+#[derive(Debug, Clone)]
+pub struct Lakes {
+    by_output: BTreeMap<String, Arc<dyn Lake>>,
+}
+
+impl Lakes {
+    pub fn new(by_output: BTreeMap<String, Arc<dyn Lake>>) -> Self {
+        Self { by_output }
+    }
+
+    /// Every output in one lake.
+    pub fn single(lake: Arc<dyn Lake>, outputs: &[&str]) -> Self {
+        Self::new(
+            outputs
+                .iter()
+                .map(|o| (o.to_string(), lake.clone()))
+                .collect(),
+        )
+    }
+
+    pub fn get(&self, output: &str) -> io::Result<&Arc<dyn Lake>> {
+        self.by_output.get(output).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("no output is named `{output}` in this pipeline"),
+            )
+        })
+    }
+
+    pub async fn publish(&self, file: &StagedFile) -> io::Result<()> {
+        self.get(&file.output)?.publish(file).await
+    }
+
+    /// Removes `worker`'s staged files in every lake.
+    pub async fn remove_orphans(&self, worker: &str) -> io::Result<usize> {
+        let mut removed = 0;
+        let mut done: Vec<&Arc<dyn Lake>> = Vec::new();
+        for lake in self.by_output.values() {
+            if done.iter().any(|d| Arc::ptr_eq(d, lake)) {
+                continue;
+            }
+            done.push(lake);
+            let outputs: Vec<&str> = self
+                .by_output
+                .iter()
+                .filter(|(_, l)| Arc::ptr_eq(l, lake))
+                .map(|(o, _)| o.as_str())
+                .collect();
+            removed += lake.remove_orphans(&outputs, worker).await?;
+        }
+        Ok(removed)
+    }
 }

@@ -31,6 +31,19 @@ pub fn file_key(output: &str, hour_us: i64, commit: u64, worker: &str, n: usize)
     )
 }
 
+/// The worker that wrote a data file, from its name (`part-<commit>-<worker>-<n>.parquet`),
+/// with or without the local lake's staging decoration (`.<name>.inprogress`).
+pub fn file_worker(name: &str) -> Option<&str> {
+    let name = name.rsplit('/').next()?;
+    let name = name.strip_prefix('.').unwrap_or(name);
+    let name = name.strip_suffix(".inprogress").unwrap_or(name);
+    let rest = name.strip_prefix("part-")?.strip_suffix(".parquet")?;
+    let (commit, rest) = rest.split_once('-')?;
+    let (worker, n) = rest.rsplit_once('-')?;
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    (digits(commit) && digits(n) && !worker.is_empty()).then_some(worker)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -55,5 +68,13 @@ mod tests {
             file_key("readings", 0, 7, "w0", 2),
             "readings/year=1970/month=01/day=01/hour=00/part-0000000007-w0-0002.parquet"
         );
+        let key = file_key("t", 0, 7, "task-3f2a-b", 12);
+        assert_eq!(file_worker(&key), Some("task-3f2a-b"));
+        assert_eq!(
+            file_worker("t/x/.part-0000000001-w1-0000.parquet.inprogress"),
+            Some("w1")
+        );
+        assert_eq!(file_worker("t/x/part-1-w1.parquet"), None);
+        assert_eq!(file_worker("t/x/other.parquet"), None);
     }
 }

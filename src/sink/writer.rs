@@ -2,13 +2,19 @@
 //! timestamp column (event time, window start or arrival time); `stage` closes every file
 //! and returns what was written, for the commit.
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
 use arrow::array::{Array, BooleanArray, RecordBatch, TimestampMicrosecondArray};
 use arrow::compute::filter_record_batch;
 use arrow::datatypes::SchemaRef;
-use parquet::arrow::ArrowWriter;
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use parquet::arrow::AsyncArrowWriter;
+use parquet::arrow::async_writer::AsyncFileWriter;
 use parquet::basic::{Compression, ZstdLevel};
+use parquet::errors::ParquetError;
 use parquet::file::properties::WriterProperties;
-use std::collections::BTreeMap;
 
 use super::partition::{file_key, hour_of};
 use super::{Lake, StagedFile, Staging};
@@ -27,9 +33,28 @@ pub enum WriteError {
     },
 }
 
+/// Hands the Parquet writer's bytes to a lake's staging file. The encoder buffers a row
+/// group in memory and passes it on whole; `finish` is called separately, after the footer.
+struct ToStaging(Box<dyn Staging>);
+
+impl AsyncFileWriter for ToStaging {
+    fn write(&mut self, bs: Bytes) -> BoxFuture<'_, parquet::errors::Result<()>> {
+        Box::pin(async move {
+            self.0
+                .write(bs)
+                .await
+                .map_err(|e| ParquetError::External(Box::new(e)))
+        })
+    }
+
+    fn complete(&mut self) -> BoxFuture<'_, parquet::errors::Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
 struct OpenFile {
     key: String,
-    writer: ArrowWriter<Box<dyn Staging>>,
+    writer: AsyncArrowWriter<ToStaging>,
     rows: u64,
 }
 
@@ -41,12 +66,19 @@ pub struct OutputWriter {
     props: WriterProperties,
     open: BTreeMap<i64, OpenFile>,
     rollover: Rollover,
+    lake: Arc<dyn Lake>,
     /// Wall clock of the first write since the files were last staged.
     opened_at: Option<i64>,
 }
 
 impl OutputWriter {
-    pub fn new(name: &str, schema: SchemaRef, time_column: &str, rollover: Rollover) -> Self {
+    pub fn new(
+        name: &str,
+        schema: SchemaRef,
+        time_column: &str,
+        rollover: Rollover,
+        lake: Arc<dyn Lake>,
+    ) -> Self {
         let time_column = schema
             .index_of(time_column)
             .expect("partition column exists");
@@ -62,6 +94,7 @@ impl OutputWriter {
             props,
             open: BTreeMap::new(),
             rollover,
+            lake,
             opened_at: None,
         }
     }
@@ -93,9 +126,8 @@ impl OutputWriter {
 
     /// Writes rows, each to the partition of its time column. Rows with a null time go to
     /// the partition of `fallback_us`.
-    pub fn write(
+    pub async fn write(
         &mut self,
-        lake: &dyn Lake,
         batch: &RecordBatch,
         commit: u64,
         worker: &str,
@@ -121,7 +153,7 @@ impl OutputWriter {
             .collect();
         let first = hours[0];
         if hours.iter().all(|&h| h == first) {
-            return self.write_to(lake, first, batch, commit, worker);
+            return self.write_to(first, batch, commit, worker).await;
         }
         let mut distinct = hours.clone();
         distinct.sort_unstable();
@@ -129,14 +161,13 @@ impl OutputWriter {
         for hour in distinct {
             let mask: BooleanArray = hours.iter().map(|&h| Some(h == hour)).collect();
             let part = filter_record_batch(batch, &mask).expect("filter");
-            self.write_to(lake, hour, &part, commit, worker)?;
+            self.write_to(hour, &part, commit, worker).await?;
         }
         Ok(())
     }
 
-    fn write_to(
+    async fn write_to(
         &mut self,
-        lake: &dyn Lake,
         hour: i64,
         batch: &RecordBatch,
         commit: u64,
@@ -144,16 +175,23 @@ impl OutputWriter {
     ) -> Result<(), WriteError> {
         if !self.open.contains_key(&hour) {
             let key = file_key(&self.name, hour, commit, worker, self.open.len());
-            let staging = lake.stage(&key).map_err(|source| WriteError::Io {
+            let staging = self
+                .lake
+                .stage(&key)
+                .await
+                .map_err(|source| WriteError::Io {
+                    key: key.clone(),
+                    source,
+                })?;
+            let writer = AsyncArrowWriter::try_new(
+                ToStaging(staging),
+                self.schema.clone(),
+                Some(self.props.clone()),
+            )
+            .map_err(|source| WriteError::Parquet {
                 key: key.clone(),
                 source,
             })?;
-            let writer =
-                ArrowWriter::try_new(staging, self.schema.clone(), Some(self.props.clone()))
-                    .map_err(|source| WriteError::Parquet {
-                        key: key.clone(),
-                        source,
-                    })?;
             self.open.insert(
                 hour,
                 OpenFile {
@@ -172,6 +210,7 @@ impl OutputWriter {
         };
         f.writer
             .write(&batch)
+            .await
             .map_err(|source| WriteError::Parquet {
                 key: f.key.clone(),
                 source,
@@ -181,30 +220,36 @@ impl OutputWriter {
     }
 
     /// Closes every open file; they stay invisible until published.
-    pub fn stage(&mut self) -> Result<Vec<StagedFile>, WriteError> {
+    pub async fn stage(&mut self) -> Result<Vec<StagedFile>, WriteError> {
         self.opened_at = None;
         let mut out = Vec::with_capacity(self.open.len());
-        for (_, f) in std::mem::take(&mut self.open) {
+        for (_, mut f) in std::mem::take(&mut self.open) {
             let key = f.key;
-            // Footer excluded: a few KiB at most.
-            let bytes = (f.writer.bytes_written() + f.writer.in_progress_size()) as u64;
-            // Writes the footer.
-            let staging = f
-                .writer
-                .into_inner()
+            // Writes the footer and hands every byte to the staging file.
+            f.writer
+                .finish()
+                .await
                 .map_err(|source| WriteError::Parquet {
                     key: key.clone(),
                     source,
                 })?;
-            staging.finish().map_err(|source| WriteError::Io {
-                key: key.clone(),
-                source,
-            })?;
+            let bytes = f.writer.bytes_written() as u64;
+            let upload =
+                f.writer
+                    .into_inner()
+                    .0
+                    .finish()
+                    .await
+                    .map_err(|source| WriteError::Io {
+                        key: key.clone(),
+                        source,
+                    })?;
             out.push(StagedFile {
                 output: self.name.clone(),
                 key,
                 rows: f.rows,
                 bytes,
+                upload,
             });
         }
         Ok(out)
@@ -217,13 +262,12 @@ mod tests {
     use crate::sink::local::LocalLake;
     use arrow::array::{ArrayRef, Int64Array};
     use arrow::datatypes::{DataType, Field, Schema};
-    use std::sync::Arc;
     use std::time::Duration;
 
-    #[test]
-    fn a_table_is_due_by_its_own_size_and_age() {
+    #[tokio::test]
+    async fn a_table_is_due_by_its_own_size_and_age() {
         let dir = tempfile::tempdir().unwrap();
-        let lake = LocalLake::new(dir.path());
+        let lake: Arc<dyn Lake> = Arc::new(LocalLake::new(dir.path()));
         let schema = Arc::new(Schema::new(vec![
             Field::new(
                 "t",
@@ -236,7 +280,7 @@ mod tests {
             max_bytes: 64 << 10,
             max_age: Duration::from_secs(60),
         };
-        let mut w = OutputWriter::new("t", schema.clone(), "t", rollover);
+        let mut w = OutputWriter::new("t", schema.clone(), "t", rollover, lake);
         assert!(!w.due(0), "nothing written");
         let batch = |n: i64| {
             let t: ArrayRef =
@@ -246,14 +290,14 @@ mod tests {
             ));
             RecordBatch::try_new(schema.clone(), vec![t, v]).unwrap()
         };
-        w.write(&lake, &batch(10), 1, "w0", 1_000_000).unwrap();
+        w.write(&batch(10), 1, "w0", 1_000_000).await.unwrap();
         assert!(!w.due(1_000_000 + 59_999_999));
         assert!(w.due(1_000_000 + 60_000_000), "by age");
-        let staged = w.stage().unwrap();
+        let staged = w.stage().await.unwrap();
         assert_eq!(staged.iter().map(|f| f.rows).sum::<u64>(), 10);
         assert!(!w.due(i64::MAX / 2), "staging starts over");
         for _ in 0..20 {
-            w.write(&lake, &batch(10_000), 2, "w0", 0).unwrap();
+            w.write(&batch(10_000), 2, "w0", 0).await.unwrap();
         }
         assert!(w.due(0), "by size: {} bytes", w.largest_file());
     }

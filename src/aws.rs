@@ -1,0 +1,50 @@
+//! Shared AWS set-up: one HTTPS client (rustls on ring, the stack object_store and reqwest
+//! also use), credentials from the default chain (the ECS task role in Fargate), endpoints
+//! from the standard `AWS_ENDPOINT_URL` / `AWS_ENDPOINT_URL_<SERVICE>` variables, and a
+//! retry policy for a worker that has nothing better to do than to try again.
+
+use std::time::Duration;
+
+use aws_config::retry::RetryConfig;
+use aws_config::{BehaviorVersion, Region, SdkConfig};
+use aws_smithy_http_client::tls::{Provider, rustls_provider::CryptoMode};
+
+/// Attempts per request, first included. With exponential backoff capped at
+/// [`MAX_BACKOFF`], ten attempts ride out about a minute of throttling or 5xx.
+pub const MAX_ATTEMPTS: u32 = 10;
+pub const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// The SDK configuration every client of this process starts from.
+pub async fn sdk_config(region: Option<&str>) -> SdkConfig {
+    let http = aws_smithy_http_client::Builder::new()
+        .tls_provider(Provider::Rustls(CryptoMode::Ring))
+        .build_https();
+    let mut loader = aws_config::defaults(BehaviorVersion::latest())
+        .http_client(http)
+        .retry_config(
+            RetryConfig::standard()
+                .with_max_attempts(MAX_ATTEMPTS)
+                .with_initial_backoff(Duration::from_millis(100))
+                .with_max_backoff(MAX_BACKOFF),
+        );
+    if let Some(r) = region {
+        loader = loader.region(Region::new(r.to_string()));
+    }
+    loader.load().await
+}
+
+/// The endpoint set for `service` (e.g. `S3`) by `AWS_ENDPOINT_URL_S3` or
+/// `AWS_ENDPOINT_URL`: a local server in tests, a VPC endpoint or another S3 in production.
+pub fn custom_endpoint(service: &str) -> Option<String> {
+    [
+        format!("AWS_ENDPOINT_URL_{service}"),
+        "AWS_ENDPOINT_URL".into(),
+    ]
+    .iter()
+    .find_map(|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
+}
+
+/// An SDK error with its causes (the SDK's own `Display` shows only "service error").
+pub fn describe<E: std::error::Error>(e: &E) -> String {
+    aws_sdk_s3::error::DisplayErrorContext(e).to_string()
+}
