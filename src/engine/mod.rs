@@ -132,7 +132,7 @@ impl Engine {
             None => state.committed,
         };
         let removed = lakes
-            .remove_orphans(worker)
+            .remove_orphans(worker, true)
             .await
             .map_err(EngineError::Lake)?;
         if removed > 0 {
@@ -503,6 +503,12 @@ impl Engine {
         );
         self.committed = intent.next.clone();
         self.uncommitted_since = None;
+        // Every open file was just published; nothing is staged until the next write.
+        match self.lakes.remove_orphans(&self.worker, false).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(removed = n, "aborted uploads that retries left behind"),
+            Err(e) => tracing::warn!(error = %e, "could not sweep staged uploads; the next start will"),
+        }
         Ok(intent.files)
     }
 

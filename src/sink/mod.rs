@@ -57,6 +57,12 @@ pub trait Lake: Send + Sync + std::fmt::Debug {
     /// Removes `worker`'s staged files of `outputs` (call with no intent pending: none of
     /// them is named by a commit).
     async fn remove_orphans(&self, outputs: &[&str], worker: &str) -> io::Result<usize>;
+    /// Whether staging can leave orphans behind while the worker runs, so that they must be
+    /// swept after each commit too (S3: a `CreateMultipartUpload` whose answer was lost and
+    /// that the SDK retried).
+    fn sweep_after_commit(&self) -> bool {
+        false
+    }
 }
 
 /// Each output's lake.
@@ -93,12 +99,13 @@ impl Lakes {
         self.get(&file.output)?.publish(file).await
     }
 
-    /// Removes `worker`'s staged files in every lake.
-    pub async fn remove_orphans(&self, worker: &str) -> io::Result<usize> {
+    /// Removes `worker`'s staged files in every lake (`all`), or in those that must be swept
+    /// after a commit. Call it only while no file is staged for a commit to come.
+    pub async fn remove_orphans(&self, worker: &str, all: bool) -> io::Result<usize> {
         let mut removed = 0;
         let mut done: Vec<&Arc<dyn Lake>> = Vec::new();
         for lake in self.by_output.values() {
-            if done.iter().any(|d| Arc::ptr_eq(d, lake)) {
+            if done.iter().any(|d| Arc::ptr_eq(d, lake)) || !(all || lake.sweep_after_commit()) {
                 continue;
             }
             done.push(lake);

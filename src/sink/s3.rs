@@ -297,6 +297,10 @@ impl Lake for S3Lake {
         }
     }
 
+    fn sweep_after_commit(&self) -> bool {
+        true
+    }
+
     async fn remove_orphans(&self, outputs: &[&str], worker: &str) -> io::Result<usize> {
         let prefix = self.key_prefix();
         let mut removed = 0;
