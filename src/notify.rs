@@ -233,16 +233,24 @@ async fn deliver(
     mut rx: mpsc::Receiver<Message>,
     metrics: Arc<Metrics>,
 ) {
+    // After a message failed every attempt, the next ones get a single attempt each until
+    // one goes through: a dead receiver must not hold each alert for the whole backoff.
+    let mut down = false;
     while let Some(m) = rx.recv().await {
+        let attempts = if down { 1 } else { ATTEMPTS };
         let mut attempt = 0;
         loop {
             attempt += 1;
             match target.send(&m).await {
                 Ok(()) => {
                     Metrics::add(&metrics.notifications_sent, 1);
+                    if down {
+                        tracing::info!(notifier = %name, "notifier delivers again");
+                        down = false;
+                    }
                     break;
                 }
-                Err(e) if e.retry && attempt < ATTEMPTS => {
+                Err(e) if e.retry && attempt < attempts => {
                     tracing::debug!(notifier = %name, attempt, error = %e.text, "notifier failed; retrying");
                     tokio::time::sleep(backoff(attempt)).await;
                 }
@@ -256,6 +264,10 @@ async fn deliver(
                         error = %e.text,
                         "notifier failed; the alert is only in the alerts table"
                     );
+                    if !down {
+                        tracing::warn!(notifier = %name, "notifier is down: each alert is now tried once until one goes through");
+                        down = true;
+                    }
                     break;
                 }
             }

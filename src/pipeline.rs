@@ -185,6 +185,14 @@ pub async fn run(
     }
     if let Some(n) = notifications {
         n.close(NOTIFY_DRAIN).await;
+        let g = Metrics::get;
+        tracing::info!(
+            sent = g(&metrics.notifications_sent),
+            suppressed = g(&metrics.notifications_suppressed),
+            failed = g(&metrics.notifier_failures),
+            dropped = g(&metrics.notifications_dropped),
+            "notifiers closed"
+        );
     }
     if let Some(h) = progress {
         h.abort();

@@ -85,7 +85,7 @@ impl S3Lake {
                 Err(io::Error::new(
                     io::ErrorKind::PermissionDenied,
                     format!(
-                        "access to S3 bucket `{bucket}` denied: the role needs s3:ListBucket on arn:aws:s3:::{bucket} and s3:PutObject, s3:GetObject, s3:AbortMultipartUpload, s3:ListBucketMultipartUploads on arn:aws:s3:::{bucket}/*"
+                        "access to S3 bucket `{bucket}` denied: the role needs s3:ListBucket and s3:ListBucketMultipartUploads on arn:aws:s3:::{bucket}, and s3:PutObject, s3:GetObject and s3:AbortMultipartUpload on arn:aws:s3:::{bucket}/*"
                     ),
                 ))
             }
@@ -135,12 +135,15 @@ struct S3Staging {
 }
 
 impl S3Staging {
-    /// Uploads what is buffered as the next part; waits while too many are in flight.
+    /// Uploads the first `part_size` bytes buffered (all of them if fewer) as the next
+    /// part; waits while too many are in flight.
     async fn send_part(&mut self) -> io::Result<()> {
-        let body = Bytes::from(std::mem::replace(
-            &mut self.buf,
-            Vec::with_capacity(self.part_size),
-        ));
+        let rest = if self.buf.len() > self.part_size {
+            self.buf.split_off(self.part_size)
+        } else {
+            Vec::with_capacity(self.part_size)
+        };
+        let body = Bytes::from(std::mem::replace(&mut self.buf, rest));
         self.size += body.len() as u64;
         let number = self.next_part;
         self.next_part += 1;
@@ -181,8 +184,10 @@ impl S3Staging {
 #[async_trait]
 impl Staging for S3Staging {
     async fn write(&mut self, bytes: Bytes) -> io::Result<()> {
+        // Parts of exactly `part_size` (the Parquet writer hands over whole row groups,
+        // which can be larger); only the last part of a file is shorter.
         self.buf.extend_from_slice(&bytes);
-        if self.buf.len() >= self.part_size {
+        while self.buf.len() >= self.part_size {
             self.send_part().await?;
         }
         Ok(())

@@ -15,8 +15,15 @@ import datetime as dt
 import glob
 import json
 import os
+import random
 import re
+import resource
+import signal
+import socket
 import subprocess
+import sys
+import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,14 +131,19 @@ def run_pipeline(shardlake_bin: Path, pipeline: Path, data_dir: Path, *,
                      env=pipeline_env(data_dir), timeout=timeout)
 
 
-def write_test_pipeline(dest: Path, *, max_bytes: str, max_age: str) -> Path:
-    """The shipped pipeline with an absolute schema path and another rollover."""
+def write_test_pipeline(dest: Path, *, max_bytes: str, max_age: str, lake: str | None = None,
+                        extra: str = "") -> Path:
+    """The shipped pipeline with an absolute schema path and another rollover; `lake` (flow
+    YAML, e.g. `{s3: {bucket: b}}`) replaces its lake, `extra` is appended (top-level keys)."""
     text = PIPELINE.read_text()
     text, n_schema = re.subn(r"(?m)^schema:.*$", f"schema: {SCHEMA}", text)
     text, n_roll = re.subn(r"(?m)^rollover:\n(?:[ \t]+\S.*\n)+",
                            f"rollover: {{max_bytes: {max_bytes}, max_age: {max_age}}}\n", text)
-    assert (n_schema, n_roll) == (1, 1), "pipelines/well-telemetry.yaml changed shape"
-    dest.write_text(text)
+    n_lake = 1
+    if lake is not None:
+        text, n_lake = re.subn(r"(?m)^lake:\n(?:[ \t]+\S.*\n)+", f"lake: {lake}\n", text)
+    assert (n_schema, n_roll, n_lake) == (1, 1, 1), "pipelines/well-telemetry.yaml changed shape"
+    dest.write_text(text + extra)
     return dest
 
 
@@ -278,9 +290,11 @@ def parquet_files(lake: Path, output: str) -> list[str]:
     return sorted(glob.glob(str(lake / output / "**" / "*.parquet"), recursive=True))
 
 
-def lake_source(lake: Path, output: str) -> str | None:
+def lake_source(lake, output: str) -> str | None:
     """A DuckDB table expression for an output, None when it has no files (DuckDB errors on
-    an empty glob)."""
+    an empty glob). `lake` is a local lake directory or an `S3LakeView`."""
+    if isinstance(lake, S3LakeView):
+        return lake.source(output)
     if not parquet_files(lake, output):
         return None
     pattern = str(lake / output / "**" / "*.parquet").replace("'", "''")
@@ -398,3 +412,321 @@ def check_well_5m_hop(con, lake: Path) -> int:
         WHERE epoch_us(window_end) - epoch_us(window_start) <> {5 * MINUTE_US}""").fetchall()[0][0]
     assert bad_end == 0, f"{bad_end} well_5m_hop rows whose window_end is not window_start + 5 min"
     return len(expected)
+
+
+# --------------------------------------------------------------------------------------------
+# What every lake must hold, checked against the input
+
+
+def check_readings_exactly_once(con, lake, valid: int) -> None:
+    """`readings` holds every valid input record exactly once, every field as sent."""
+    src = lake_source(lake, "readings")
+    assert src is not None, "readings has no files"
+    n, distinct = con.execute(
+        f"SELECT count(*), count(DISTINCT (device_id, seq)) FROM {src}").fetchall()[0]
+    assert n == valid, f"readings has {n} rows; the input has {valid} valid records"
+    assert distinct == n, f"readings has {n - distinct} duplicate (device_id, seq) rows"
+    lake_rows = f"""SELECT device_id, tenant, seq, epoch_us(ts), barrels_per_s, pressure_psi,
+                           temp_c, status, _shard_id, _sequence_number FROM {src}"""
+    input_rows = """SELECT device_id, tenant, seq, ts_us, barrels_per_s, pressure_psi, temp_c,
+                           status, shard, seqno FROM src"""
+    missing = con.execute(f"{input_rows} EXCEPT ALL {lake_rows} LIMIT 5").fetchall()
+    extra = con.execute(f"{lake_rows} EXCEPT ALL {input_rows} LIMIT 5").fetchall()
+    assert not missing and not extra, (
+        f"readings differ from the input: missing (first 5) {missing}; unexpected {extra}")
+
+
+def check_dead_letter(con, lake, invalid: list[tuple[str, str]]) -> None:
+    """`dead_letter` holds exactly the invalid input lines, once each."""
+    src = lake_source(lake, "dead_letter")
+    rows = [] if src is None else con.execute(
+        f"SELECT _shard_id, _sequence_number FROM {src}").fetchall()
+    assert len(rows) == len(invalid), (
+        f"dead_letter has {len(rows)} rows; the input has {len(invalid)} invalid records")
+    assert len(set(rows)) == len(rows), "dead_letter has a (shard, sequence number) twice"
+    assert set(rows) == set(invalid), (
+        f"dead_letter names other records than the invalid input lines: "
+        f"missing {sorted(set(invalid) - set(rows))[:5]}, unexpected {sorted(set(rows) - set(invalid))[:5]}")
+
+
+def check_record_alerts(con, lake) -> int:
+    """One `pressure_spike` alert per input record above 5000 psi, keyed by its device."""
+    expected = con.execute(
+        "SELECT device_id, ts_us FROM src WHERE pressure_psi > 5000").fetchall()
+    src = lake_source(lake, "alerts")
+    actual = [] if src is None else con.execute(f"""
+        SELECT key, epoch_us(event_time) FROM {src}
+        WHERE rule = 'pressure_spike' AND kind = 'record'""").fetchall()
+    assert sorted(actual) == sorted(expected), (
+        f"pressure_spike alerts: expected {len(expected)} (one per reading above 5000 psi), "
+        f"the lake has {len(actual)}")
+    return len(expected)
+
+
+def no_late(con, lake) -> None:
+    n = lake_count(con, lake, "late")
+    assert n == 0, f"late has {n} rows; every reading is within the allowed lateness"
+
+
+def check_whole_lake(con, lake, stream: StreamData) -> None:
+    """Every output of pipelines/well-telemetry.yaml against the input (registered as `src`
+    in `con` by the caller), for an input without late readings."""
+    check_readings_exactly_once(con, lake, len(stream.valid))
+    check_dead_letter(con, lake, stream.invalid)
+    no_late(con, lake)
+    check_record_alerts(con, lake)
+    src_alerts = lake_source(lake, "alerts")
+    n, distinct = con.execute(f"""SELECT count(*), count(DISTINCT (rule, kind, key, event_time))
+                                  FROM {src_alerts}""").fetchall()[0]
+    assert n == distinct, f"alerts has {n - distinct} duplicates"
+    check_well_1m(con, lake)
+    check_well_5m_hop(con, lake)
+
+
+# --------------------------------------------------------------------------------------------
+# Crashing a run again and again
+
+FAILPOINTS = ["after_stage", "after_prepare", "after_publish_file", "after_publish", "after_commit"]
+
+
+def _no_core_dumps():
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+@dataclass
+class Crashes:
+    kills: int = 0
+    aborts: int = 0
+    runs: int = 0
+    # Crashes that left part of the stream, not none or all of it, in the lake.
+    mid_stream: int = 0
+    events: list[str] = field(default_factory=list)
+
+    def report(self) -> str:
+        return (f"{self.kills} SIGKILLs, {self.aborts} failpoint aborts, {self.runs} "
+                f"interrupted runs:\n" + "\n".join("  " + e for e in self.events))
+
+
+def crash_runs(shardlake_bin: Path, pipeline: Path, data_dir: Path, con, lake, *, valid: int,
+               seed: int, staged, min_kills: int = 10, env: dict[str, str] | None = None,
+               kill_window: tuple[float, float] = (0.3, 4.0)) -> Crashes:
+    """Runs `shardlake run --drain` until it was SIGKILLed `min_kills` times: every other run
+    is killed at a random moment in `kill_window` seconds (around the first commits), the
+    others abort themselves at a random failpoint of the commit protocol. After each crash
+    the visible lake must have no duplicates. `staged()` describes what is staged but not
+    published (temporary files, multipart uploads) for the report."""
+    checkpoint = data_dir / "state" / "well-telemetry" / "checkpoint.json"
+    cmd = [str(shardlake_bin), "run", str(pipeline), "--drain"]
+    rng = random.Random(seed)
+    out = Crashes()
+    while out.kills < min_kills:
+        out.runs += 1
+        assert out.runs <= 4 * min_kills, (
+            f"{out.kills} kills in {out.runs - 1} runs:\n" + "\n".join(out.events))
+        failpoint = None
+        if out.runs % 2 == 0:
+            # The process aborts itself at the n-th pass of the point; the kill is a backstop.
+            failpoint = f"{rng.choice(FAILPOINTS)}@{rng.randint(1, 2)}"
+            delay = kill_window[1] + rng.uniform(2.0, 6.0)
+        else:
+            delay = rng.uniform(*kill_window)
+        extra = dict(env or {})
+        if failpoint:
+            extra["SHARDLAKE_FAILPOINTS"] = failpoint
+        log_path = data_dir / f"run-{out.runs:02}.log"
+        started = time.monotonic()
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(cmd, env=pipeline_env(data_dir, extra), cwd=data_dir,
+                                    stdout=log, stderr=subprocess.STDOUT,
+                                    preexec_fn=_no_core_dumps)
+            try:
+                rc = proc.wait(timeout=delay)
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGKILL)
+                rc = proc.wait()
+        alive = time.monotonic() - started
+        log_text = log_path.read_text(errors="replace")
+        if rc == -signal.SIGKILL:
+            out.kills += 1
+            how = f"SIGKILL after {alive:.2f}s" + (f" (failpoint {failpoint} not reached)"
+                                                  if failpoint else "")
+        elif rc == -signal.SIGABRT and failpoint:
+            point = failpoint.split("@")[0]
+            assert f"failpoint {point} reached" in log_text, log_text[-3000:]
+            out.aborts += 1
+            how = f"aborted at failpoint {failpoint} after {alive:.2f}s"
+        elif rc == 0:
+            how = f"finished (exit 0) after {alive:.2f}s" + (
+                f" without reaching failpoint {failpoint}" if failpoint else "")
+        else:
+            pytest.fail(f"run {out.runs} ({failpoint or 'no failpoint'}) exited {rc}:\n"
+                        f"{log_text[-4000:]}")
+
+        # After every crash: what is visible has no duplicates.
+        if isinstance(lake, S3LakeView):
+            lake.refresh()
+        visible = lake_count(con, lake, "readings")
+        src = lake_source(lake, "readings")
+        if src:
+            dups = con.execute(
+                f"SELECT count(*) - count(DISTINCT (device_id, seq)) FROM {src}").fetchall()[0][0]
+            assert dups == 0, f"after run {out.runs} ({how}) readings has {dups} duplicates"
+        src_1m = lake_source(lake, "well_1m")
+        if src_1m:
+            dups = con.execute(f"""SELECT count(*) - count(DISTINCT (window_start, device_id))
+                                   FROM {src_1m}""").fetchall()[0][0]
+            assert dups == 0, f"after run {out.runs} ({how}) well_1m has {dups} duplicate windows"
+        if rc != 0 and 0 < visible < valid:
+            out.mid_stream += 1
+        state = json.loads(checkpoint.read_text()) if checkpoint.exists() else None
+        commit = state["committed"]["commit_id"] if state else 0
+        pending = bool(state and state.get("pending"))
+        out.events.append(
+            f"run {out.runs:2}: {how}; checkpoint: commit {commit}"
+            f"{', intent pending' if pending else ''}; {staged()} staged; "
+            f"{visible} readings visible")
+        if rc == 0:
+            pytest.fail(
+                f"the stream was drained after only {out.kills} kills (need {min_kills}); "
+                f"simulate more readings or kill earlier:\n" + "\n".join(out.events))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# moto's server: S3, SNS and SQS (one process for the session, reset before each test)
+
+AWS_TEST_ENV = {
+    "AWS_ACCESS_KEY_ID": "test",
+    "AWS_SECRET_ACCESS_KEY": "test",
+    "AWS_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+    "AWS_CONFIG_FILE": "/dev/null",
+    "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(what: str, check, timeout: float = 60.0, every: float = 0.1):
+    """Polls `check()` until it returns a true value (returned), or fails after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(every)
+
+
+@dataclass
+class Moto:
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def env(self, endpoint: str | None = None) -> dict[str, str]:
+        """The environment for shardlake: credentials and the endpoint (moto's, or a proxy's)."""
+        return {**AWS_TEST_ENV, "AWS_ENDPOINT_URL": endpoint or self.url}
+
+    def client(self, service: str):
+        import boto3
+        return boto3.client(service, endpoint_url=self.url, region_name="us-east-1",
+                            aws_access_key_id="test", aws_secret_access_key="test")
+
+    def reset(self) -> None:
+        req = urllib.request.Request(f"{self.url}/moto-api/reset", method="POST", data=b"")
+        with urllib.request.urlopen(req, timeout=30) as r:
+            assert r.status == 200, r.status
+
+
+def _moto_up(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/moto-api/", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory):
+    exe = Path(sys.executable).parent / "moto_server"
+    if not exe.exists():
+        pytest.fail(f"moto_server not found next to {sys.executable}; "
+                    "install tests/python/requirements.txt (scripts/test does)")
+    server = Moto("127.0.0.1", free_port())
+    log_path = tmp_path_factory.mktemp("moto") / "moto.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([str(exe), "-H", server.host, "-p", str(server.port)],
+                                stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while not _moto_up(server.url):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"moto_server did not start:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.1)
+        yield server
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def moto(moto_server) -> Moto:
+    """moto's server with nothing in it."""
+    moto_server.reset()
+    return moto_server
+
+
+class S3LakeView:
+    """An S3 lake read the way Athena's users read it: pyarrow's S3FileSystem (pointed at the
+    local server) with hive partitioning; each output becomes a table in `con`."""
+
+    def __init__(self, con, moto: Moto, bucket: str, prefix: str,
+                 elsewhere: dict[str, str] | None = None):
+        """`elsewhere`: outputs with a sink of their own, as `bucket/prefix`."""
+        from pyarrow import fs as pafs
+        self.con = con
+        self.fs = pafs.S3FileSystem(endpoint_override=f"{moto.host}:{moto.port}", scheme="http",
+                                    access_key="test", secret_key="test", region="us-east-1")
+        self.root = f"{bucket}/{prefix.strip('/')}".rstrip("/")
+        self.elsewhere = {o: r.strip("/") for o, r in (elsewhere or {}).items()}
+        self._tables: dict[str, str | None] = {}
+
+    def _dir(self, output: str) -> str:
+        return f"{self.elsewhere.get(output, self.root)}/{output}"
+
+    def refresh(self) -> None:
+        self._tables.clear()
+
+    def files(self, output: str) -> list[str]:
+        from pyarrow import fs as pafs
+        infos = self.fs.get_file_info(pafs.FileSelector(self._dir(output), recursive=True,
+                                                        allow_not_found=True))
+        return sorted(i.path for i in infos
+                      if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+
+    def dataset(self, output: str):
+        import pyarrow.dataset as pads
+        return pads.dataset(self._dir(output), filesystem=self.fs, format="parquet",
+                            partitioning="hive")
+
+    def source(self, output: str) -> str | None:
+        if output not in self._tables:
+            name = None
+            if self.files(output):
+                name = f"s3_{output}"
+                self.con.register(name, self.dataset(output).to_table())
+            self._tables[output] = name
+        return self._tables[output]

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import random
 import re
-import resource
 import signal
 import subprocess
 import time
@@ -24,13 +22,18 @@ from sqlglot import exp
 from conftest import (
     OUTPUT_TIME_COLUMN,
     PIPELINE,
+    check_dead_letter,
+    check_readings_exactly_once,
+    check_record_alerts,
     check_run,
     check_well_1m,
     check_well_5m_hop,
+    check_whole_lake,
+    crash_runs,
     duck,
     inprogress_files,
     lake_count,
-    lake_source,
+    no_late,
     parquet_files,
     pipeline_env,
     read_stream,
@@ -41,59 +44,6 @@ from conftest import (
 
 UTC_US = pa.timestamp("us", tz="UTC")
 PARTITION_DIR = re.compile(r"^year=(\d{4})/month=(\d{2})/day=(\d{2})/hour=(\d{2})$")
-FAILPOINTS = ["after_stage", "after_prepare", "after_publish_file", "after_publish", "after_commit"]
-
-
-def check_readings_exactly_once(con, lake: Path, valid: int) -> None:
-    """`readings` holds every valid input record exactly once, every field as sent."""
-    src = lake_source(lake, "readings")
-    assert src is not None, "readings has no files"
-    n, distinct = con.execute(
-        f"SELECT count(*), count(DISTINCT (device_id, seq)) FROM {src}").fetchall()[0]
-    assert n == valid, f"readings has {n} rows; the input has {valid} valid records"
-    assert distinct == n, f"readings has {n - distinct} duplicate (device_id, seq) rows"
-    lake_rows = f"""SELECT device_id, tenant, seq, epoch_us(ts), barrels_per_s, pressure_psi,
-                           temp_c, status, _shard_id, _sequence_number FROM {src}"""
-    input_rows = """SELECT device_id, tenant, seq, ts_us, barrels_per_s, pressure_psi, temp_c,
-                           status, shard, seqno FROM src"""
-    missing = con.execute(f"{input_rows} EXCEPT ALL {lake_rows} LIMIT 5").fetchall()
-    extra = con.execute(f"{lake_rows} EXCEPT ALL {input_rows} LIMIT 5").fetchall()
-    assert not missing and not extra, (
-        f"readings differ from the input: missing (first 5) {missing}; unexpected {extra}")
-
-
-def check_dead_letter(con, lake: Path, invalid: list[tuple[str, str]]) -> None:
-    """`dead_letter` holds exactly the invalid input lines, once each."""
-    src = lake_source(lake, "dead_letter")
-    rows = [] if src is None else con.execute(
-        f"SELECT _shard_id, _sequence_number FROM {src}").fetchall()
-    assert len(rows) == len(invalid), (
-        f"dead_letter has {len(rows)} rows; the input has {len(invalid)} invalid records")
-    assert len(set(rows)) == len(rows), "dead_letter has a (shard, sequence number) twice"
-    assert set(rows) == set(invalid), (
-        f"dead_letter names other records than the invalid input lines: "
-        f"missing {sorted(set(invalid) - set(rows))[:5]}, unexpected {sorted(set(rows) - set(invalid))[:5]}")
-
-
-def check_record_alerts(con, lake: Path) -> int:
-    """One `pressure_spike` alert per input record above 5000 psi, keyed by its device."""
-    expected = con.execute(
-        "SELECT device_id, ts_us FROM src WHERE pressure_psi > 5000").fetchall()
-    src = lake_source(lake, "alerts")
-    actual = [] if src is None else con.execute(f"""
-        SELECT key, epoch_us(event_time) FROM {src}
-        WHERE rule = 'pressure_spike' AND kind = 'record'""").fetchall()
-    assert sorted(actual) == sorted(expected), (
-        f"pressure_spike alerts: expected {len(expected)} (one per reading above 5000 psi), "
-        f"the lake has {len(actual)}")
-    return len(expected)
-
-
-def no_late(con, lake: Path) -> None:
-    n = lake_count(con, lake, "late")
-    assert n == 0, f"late has {n} rows; every reading is within the allowed lateness"
-
-
 def test_aggregates_match_duckdb(tmp_path, agent_bin, shardlake_bin):
     summary = simulate(agent_bin, tmp_path, shards=4, devices=120, readings=300, seed=11,
                        spikes=6, malformed=9)
@@ -324,121 +274,33 @@ def test_query_cli_prunes_and_reads(tmp_path, agent_bin, shardlake_bin):
     assert count(q10) == expected[10], "the hour=10 query opened files of hour 11"
 
 
-def _no_core_dumps():
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
-
 def test_sigkill_crash_exactly_once(tmp_path, agent_bin, shardlake_bin, capsys):
-    min_kills = 10
     summary = simulate(agent_bin, tmp_path, shards=4, devices=200, readings=1000, seed=23,
                        spikes=8, malformed=20)
     assert summary["readings"] >= 200_000
     stream = read_stream(tmp_path / "stream")
     assert (len(stream.valid), len(stream.invalid)) == (summary["readings"],
                                                         summary["malformed"])
-    # Commits every second or 1 MiB, so crashes land between and inside many commits.
+    # Commits every second or 1 MiB, so crashes land between and inside many commits. The
+    # first commit of a run lands ~3 s after its start with debug binaries: kills land
+    # before, during and after it.
     pipeline = write_test_pipeline(tmp_path / "test.yaml", max_bytes="1MiB", max_age="1s")
     lake = tmp_path / "lake"
-    checkpoint = tmp_path / "state" / "well-telemetry" / "checkpoint.json"
-    cmd = [str(shardlake_bin), "run", str(pipeline), "--drain"]
     con = duck()
-    rng = random.Random(20260105)
-
-    events: list[str] = []
-    kills = 0
-    mid_stream_kills = 0
-    run_no = 0
-    while kills < min_kills:
-        run_no += 1
-        assert run_no <= 4 * min_kills, f"{kills} kills in {run_no - 1} runs:\n" + "\n".join(events)
-        failpoint = None
-        if run_no % 2 == 0:
-            # The process aborts itself at the n-th pass of the point; the kill is a backstop.
-            failpoint = f"{rng.choice(FAILPOINTS)}@{rng.randint(1, 2)}"
-            delay = rng.uniform(6.0, 10.0)
-        else:
-            # The first commit of a run lands ~3 s after its start with debug binaries: kill
-            # before, during and after it.
-            delay = rng.uniform(0.3, 4.0)
-        extra = {"SHARDLAKE_FAILPOINTS": failpoint} if failpoint else None
-        log_path = tmp_path / f"run-{run_no:02}.log"
-        started = time.monotonic()
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(cmd, env=pipeline_env(tmp_path, extra), cwd=tmp_path,
-                                    stdout=log, stderr=subprocess.STDOUT,
-                                    preexec_fn=_no_core_dumps)
-            try:
-                rc = proc.wait(timeout=delay)
-            except subprocess.TimeoutExpired:
-                proc.send_signal(signal.SIGKILL)
-                rc = proc.wait()
-        alive = time.monotonic() - started
-        log_text = log_path.read_text(errors="replace")
-        if rc == -signal.SIGKILL:
-            kills += 1
-            how = f"SIGKILL after {alive:.2f}s" + (f" (failpoint {failpoint} not reached)"
-                                                  if failpoint else "")
-        elif rc == -signal.SIGABRT and failpoint:
-            point = failpoint.split("@")[0]
-            assert f"failpoint {point} reached" in log_text, log_text[-3000:]
-            how = f"aborted at failpoint {failpoint} after {alive:.2f}s"
-        elif rc == 0:
-            how = f"finished (exit 0) after {alive:.2f}s" + (
-                f" without reaching failpoint {failpoint}" if failpoint else "")
-        else:
-            pytest.fail(f"run {run_no} ({failpoint or 'no failpoint'}) exited {rc}:\n"
-                        f"{log_text[-4000:]}")
-
-        # After every crash: what is visible has no duplicates.
-        state = json.loads(checkpoint.read_text()) if checkpoint.exists() else None
-        visible = lake_count(con, lake, "readings")
-        src = lake_source(lake, "readings")
-        if src:
-            dups = con.execute(
-                f"SELECT count(*) - count(DISTINCT (device_id, seq)) FROM {src}").fetchall()[0][0]
-            assert dups == 0, f"after run {run_no} ({how}) readings has {dups} duplicates"
-        src_1m = lake_source(lake, "well_1m")
-        if src_1m:
-            dups = con.execute(f"""SELECT count(*) - count(DISTINCT (window_start, device_id))
-                                   FROM {src_1m}""").fetchall()[0][0]
-            assert dups == 0, f"after run {run_no} ({how}) well_1m has {dups} duplicate windows"
-        if rc != 0 and 0 < visible < len(stream.valid):
-            mid_stream_kills += 1
-        commit = state["committed"]["commit_id"] if state else 0
-        pending = bool(state and state.get("pending"))
-        events.append(
-            f"run {run_no:2}: {how}; checkpoint: commit {commit}"
-            f"{', intent pending' if pending else ''}; {len(inprogress_files(lake))} staged "
-            f"files; {visible} readings visible")
-        if rc == 0:
-            pytest.fail(
-                f"the stream was drained after only {kills} kills (need {min_kills}); "
-                f"simulate more readings or kill earlier:\n" + "\n".join(events))
+    crashes = crash_runs(shardlake_bin, pipeline, tmp_path, con, lake, valid=len(stream.valid),
+                         seed=20260105, staged=lambda: f"{len(inprogress_files(lake))} files")
 
     started = time.monotonic()
     run_pipeline(shardlake_bin, pipeline, tmp_path)
-    events.append(f"final run: finished in {time.monotonic() - started:.1f}s")
     with capsys.disabled():
-        print(f"\n[crash test] {kills} SIGKILLs, "
-              f"{sum('aborted at failpoint' in e for e in events)} failpoint aborts, "
-              f"{run_no} interrupted runs:")
-        for e in events:
-            print("  " + e)
-    assert mid_stream_kills >= 1, "no crash left the lake part-way through the stream"
+        print(f"\n[crash test, local lake] {crashes.report()}\n"
+              f"  final run: finished in {time.monotonic() - started:.1f}s")
+    assert crashes.mid_stream >= 1, "no crash left the lake part-way through the stream"
 
     assert inprogress_files(lake) == [], inprogress_files(lake)
     con.register("src", stream.table())
-    check_readings_exactly_once(con, lake, len(stream.valid))
-    check_dead_letter(con, lake, stream.invalid)
+    check_whole_lake(con, lake, stream)
     assert lake_count(con, lake, "dead_letter") == summary["malformed"]
-    no_late(con, lake)
-    check_record_alerts(con, lake)
-    src_alerts = lake_source(lake, "alerts")
-    n, distinct = con.execute(f"""SELECT count(*), count(DISTINCT (rule, kind, key, event_time))
-                                  FROM {src_alerts}""").fetchall()[0]
-    assert n == distinct, f"alerts has {n - distinct} duplicates"
-    check_well_1m(con, lake)
-    check_well_5m_hop(con, lake)
 
 
 def _reading(device: str, tenant: str, seq: int, t: dt.datetime) -> str:
