@@ -621,7 +621,19 @@ fn resolve_notifiers(
     let mut out = Vec::new();
     for (i, n) in files.iter().enumerate() {
         let at = |k: &str| format!("notifiers[{i}].{k}");
-        p.ident(&at("name"), &n.name);
+        // Names only label logs and metrics: hyphens are fine.
+        let valid = !n.name.is_empty()
+            && n.name.len() <= 64
+            && n.name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !valid {
+            p.add(
+                &at("name"),
+                format!("`{}` is not a valid notifier name", n.name),
+                "use 1 to 64 letters, digits, `-` and `_`",
+            );
+        }
         if !names.insert(n.name.clone()) {
             p.add(
                 &at("name"),
