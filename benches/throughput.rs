@@ -15,7 +15,6 @@ use shardlake::engine::sql;
 use shardlake::localstream::{self, LocalStreamWriter};
 use shardlake::metrics::Metrics;
 use shardlake::pipeline::{RunOptions, run};
-use shardlake::source::ShardReader;
 use shardlake::source::local::{LocalShardReader, list_shards};
 
 fn peak_rss_mib() -> f64 {
@@ -77,7 +76,7 @@ fn main() {
     let mut decoded = 0;
     for shard in list_shards(&stream).unwrap() {
         let mut r = LocalShardReader::open(&stream, shard, &None);
-        while let Some(chunk) = r.read(10_000, now).unwrap() {
+        while let Some(chunk) = r.read_now(10_000, now).unwrap() {
             decoded += decoder.decode(&chunk, now).batch.num_rows();
         }
     }

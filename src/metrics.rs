@@ -1,5 +1,7 @@
 //! Counters the pipeline keeps; printed as progress and (later) exported for Prometheus.
 
+use std::collections::BTreeMap;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 #[derive(Debug, Default)]
@@ -21,6 +23,15 @@ pub struct Metrics {
     pub notifier_failures: AtomicU64,
     /// Alert messages dropped because a notifier's queue was full.
     pub notifications_dropped: AtomicU64,
+    /// Kinesis answers that said to slow down (retried).
+    pub kinesis_throttled: AtomicU64,
+    /// Kinesis 5xx answers, timeouts and lost connections (retried).
+    pub kinesis_errors_retried: AtomicU64,
+    /// Shard iterators that expired and were acquired again.
+    pub kinesis_expired_iterators: AtomicU64,
+    pub kinesis_bytes_read: AtomicU64,
+    /// Per shard: `MillisBehindLatest` of its last GetRecords.
+    pub lag_ms: Mutex<BTreeMap<String, i64>>,
 }
 
 impl Metrics {
@@ -30,5 +41,15 @@ impl Metrics {
 
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Relaxed)
+    }
+
+    pub fn set_lag(&self, shard: &str, ms: i64) {
+        let mut lag = self.lag_ms.lock().expect("not poisoned");
+        match lag.get_mut(shard) {
+            Some(v) => *v = ms,
+            None => {
+                lag.insert(shard.to_string(), ms);
+            }
+        }
     }
 }

@@ -20,8 +20,17 @@ use crate::notify::Notifications;
 use crate::sink::local::LocalLake;
 use crate::sink::s3::S3Lake;
 use crate::sink::{Lake, Lakes};
+use crate::source::kinesis::KinesisStream;
 use crate::source::local::{LocalShardReader, list_shards};
-use crate::source::{ShardEvent, ShardTaskConfig, SourceError, shard_task, show};
+use crate::source::{
+    Parents, ShardEvent, ShardGate, ShardTaskConfig, SourceError, shard_task, show,
+};
+
+/// The source, opened.
+enum Opened {
+    Local(std::path::PathBuf, Duration),
+    Kinesis(KinesisStream),
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -89,12 +98,38 @@ pub async fn run(
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
-    let Source::Local {
-        path: stream,
-        poll_interval,
-    } = &p.source;
+    let (source, shards) = match &p.source {
+        Source::Local {
+            path,
+            poll_interval,
+        } => {
+            let shards = list_shards(path)?
+                .into_iter()
+                .map(|id| (id, Vec::new()))
+                .collect();
+            (Opened::Local(path.clone(), *poll_interval), shards)
+        }
+        Source::Kinesis(k) => {
+            let stream = KinesisStream::connect(k, metrics.clone()).await;
+            let listed = stream.list_shards().await?;
+            let known: HashSet<&str> = listed.iter().map(|s| &*s.id).collect();
+            let shards = listed
+                .iter()
+                .map(|s| {
+                    let parents = s
+                        .parents
+                        .iter()
+                        .filter(|p| known.contains(p.as_str()))
+                        .cloned()
+                        .collect();
+                    (s.id.clone(), parents)
+                })
+                .collect();
+            (Opened::Kinesis(stream), shards)
+        }
+    };
+    let shards: Vec<(Arc<str>, Vec<String>)> = shards;
     let Checkpoints::Local { path: state } = &p.checkpoints;
-    let shards = list_shards(stream)?;
     let store = Box::new(LocalStore::open(state, &p.name)?);
     let lakes = lakes_for(&p).await.map_err(RunError::Lake)?;
     let mut engine = Engine::open(
@@ -118,24 +153,37 @@ pub async fn run(
     // bound on memory whatever the backlog.
     let (tx, mut rx) = mpsc::channel(2 * shards.len());
     let (stop_tx, stop_rx) = watch::channel(false);
-    let cfg = ShardTaskConfig {
-        max_records: 10_000,
-        poll_interval: *poll_interval,
-    };
+    let gate = Arc::new(ShardGate::default());
     let mut tasks = JoinSet::new();
-    for shard in &shards {
+    for (shard, parents) in &shards {
         let from = engine.add_shard(shard.clone());
         tracing::info!(shard_id = %shard, from = %show(&from), "reading shard");
-        let reader = LocalShardReader::open(stream, shard.clone(), &from);
-        tasks.spawn(shard_task(
-            shard.clone(),
-            reader,
-            decoder.clone(),
-            clock.clone(),
-            cfg.clone(),
-            tx.clone(),
-            stop_rx.clone(),
-        ));
+        let parents = Parents {
+            gate: gate.clone(),
+            shards: parents.clone(),
+        };
+        let (clock, decoder, tx, stop) = (clock.clone(), decoder.clone(), tx.clone(), stop_rx.clone());
+        match &source {
+            Opened::Local(stream, poll_interval) => {
+                let cfg = ShardTaskConfig {
+                    max_records: 10_000,
+                    poll_interval: *poll_interval,
+                    parents,
+                };
+                let reader = LocalShardReader::open(stream, shard.clone(), &from);
+                tasks.spawn(shard_task(shard.clone(), reader, decoder, clock, cfg, tx, stop));
+            }
+            Opened::Kinesis(stream) => {
+                // The reader paces itself (poll interval, read limits).
+                let cfg = ShardTaskConfig {
+                    max_records: stream.max_records(),
+                    poll_interval: Duration::ZERO,
+                    parents,
+                };
+                let reader = stream.reader(shard.clone(), &from);
+                tasks.spawn(shard_task(shard.clone(), reader, decoder, clock, cfg, tx, stop));
+            }
+        }
     }
     drop(tx);
     let progress = opts
@@ -153,6 +201,7 @@ pub async fn run(
                         caught_up.remove(&d.shard);
                         engine.ingest(d).await?;
                     }
+                    Some(ShardEvent::Waiting(shard)) => engine.shard_caught_up(&shard),
                     Some(ShardEvent::CaughtUp(shard)) => {
                         engine.shard_caught_up(&shard);
                         caught_up.insert(shard);
@@ -194,6 +243,16 @@ pub async fn run(
             "notifiers closed"
         );
     }
+    let g = Metrics::get;
+    tracing::info!(
+        records = g(&metrics.records_read),
+        dead_letters = g(&metrics.dead_letters),
+        commits = g(&metrics.commits),
+        kinesis_throttled = g(&metrics.kinesis_throttled),
+        kinesis_errors_retried = g(&metrics.kinesis_errors_retried),
+        kinesis_expired_iterators = g(&metrics.kinesis_expired_iterators),
+        "run finished"
+    );
     if let Some(h) = progress {
         h.abort();
         eprintln!("{}", progress_line(&metrics, None));

@@ -216,6 +216,28 @@ pub enum Source {
         path: PathBuf,
         poll_interval: Duration,
     },
+    Kinesis(KinesisSource),
+}
+
+#[derive(Debug, Clone)]
+pub struct KinesisSource {
+    /// Name or ARN.
+    pub stream: String,
+    pub region: Option<String>,
+    pub start: StartAt,
+    pub poll_interval: Duration,
+    pub discovery_interval: Duration,
+    /// Records per GetRecords call.
+    pub max_records: usize,
+}
+
+/// Where a shard without a checkpoint starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartAt {
+    TrimHorizon,
+    Latest,
+    /// Microseconds since the epoch.
+    AtTimestamp(i64),
 }
 
 /// Where a table's files go.
@@ -904,6 +926,84 @@ fn resolve_pipeline(
                 path: path.into(),
                 poll_interval,
             }
+        }
+        SourceFile::Kinesis {
+            stream,
+            region,
+            start,
+            timestamp,
+            poll_interval,
+            discovery_interval,
+            max_records,
+        } => {
+            let at = |k: &str| format!("source.kinesis.{k}");
+            if !(1..=10_000).contains(&max_records) {
+                p.add(
+                    &at("max_records"),
+                    format!("{max_records} is outside GetRecords' limit"),
+                    "use 1 to 10000",
+                );
+            }
+            let valid_name = !stream.is_empty()
+                && (stream.starts_with("arn:")
+                    || (stream.len() <= 128
+                        && stream
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))));
+            if !valid_name {
+                p.add(
+                    &at("stream"),
+                    format!("`{stream}` is not a Kinesis stream name or ARN"),
+                    "use the stream's name (1-128 letters, digits, `_`, `.`, `-`) or its ARN",
+                );
+            }
+            let start = match (start.as_str(), &timestamp) {
+                ("trim_horizon", None) => StartAt::TrimHorizon,
+                ("latest", None) => StartAt::Latest,
+                ("at_timestamp", Some(t)) => match chrono::DateTime::parse_from_rfc3339(t) {
+                    Ok(t) => StartAt::AtTimestamp(t.timestamp_micros()),
+                    Err(_) => {
+                        p.add(
+                            &at("timestamp"),
+                            format!("`{t}` is not an RFC 3339 time"),
+                            "write it like 2026-01-05T10:00:00Z",
+                        );
+                        StartAt::TrimHorizon
+                    }
+                },
+                ("at_timestamp", None) => {
+                    p.add(
+                        &at("start"),
+                        "`at_timestamp` needs a `timestamp`",
+                        "add `timestamp: 2026-01-05T10:00:00Z` (RFC 3339) beside `start`",
+                    );
+                    StartAt::TrimHorizon
+                }
+                ("trim_horizon" | "latest", Some(_)) => {
+                    p.add(
+                        &at("timestamp"),
+                        format!("`timestamp` is only read with `start: at_timestamp`, not `{start}`"),
+                        "remove `timestamp`, or set `start: at_timestamp`",
+                    );
+                    StartAt::TrimHorizon
+                }
+                (other, _) => {
+                    p.add(
+                        &at("start"),
+                        format!("`{other}` is not a start position"),
+                        "use trim_horizon, latest or at_timestamp",
+                    );
+                    StartAt::TrimHorizon
+                }
+            };
+            Source::Kinesis(KinesisSource {
+                stream,
+                region,
+                start,
+                poll_interval: p.duration(&at("poll_interval"), &poll_interval),
+                discovery_interval: p.duration(&at("discovery_interval"), &discovery_interval),
+                max_records: max_records.clamp(1, 10_000) as usize,
+            })
         }
     };
     let lake = resolve_lake(p, "lake", f.lake.clone());

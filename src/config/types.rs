@@ -51,6 +51,46 @@ pub enum SourceFile {
         #[serde(default = "default_poll_interval")]
         poll_interval: String,
     },
+    /// A Kinesis Data Stream, read with GetRecords (one task per shard). The endpoint comes
+    /// from `AWS_ENDPOINT_URL_KINESIS` / `AWS_ENDPOINT_URL`, credentials from the default
+    /// chain.
+    Kinesis {
+        /// The stream's name or ARN.
+        stream: String,
+        /// Region (default: from the environment, `AWS_REGION` or the profile).
+        #[serde(default)]
+        region: Option<String>,
+        /// Where a shard with no checkpoint starts: `trim_horizon` (the oldest record kept,
+        /// the default), `latest` (only records written from now on), or `at_timestamp`.
+        #[serde(default = "default_start")]
+        start: String,
+        /// With `start: at_timestamp`: an RFC 3339 time.
+        #[serde(default)]
+        timestamp: Option<String>,
+        /// How long a shard that is caught up waits before asking again (default `1s`;
+        /// GetRecords allows 5 calls a second per shard, shared by every consumer).
+        #[serde(default = "default_kinesis_poll")]
+        poll_interval: String,
+        /// Records per GetRecords call, 1 to 10000 (default 10000).
+        #[serde(default = "default_max_records")]
+        max_records: u32,
+        /// How often the shard list is read again to find new shards (default `30s`).
+        #[serde(default = "default_discovery")]
+        discovery_interval: String,
+    },
+}
+
+fn default_start() -> String {
+    "trim_horizon".into()
+}
+fn default_max_records() -> u32 {
+    10_000
+}
+fn default_kinesis_poll() -> String {
+    "1s".into()
+}
+fn default_discovery() -> String {
+    "30s".into()
 }
 
 /// `lake:` — exactly one kind.

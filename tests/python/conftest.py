@@ -132,9 +132,10 @@ def run_pipeline(shardlake_bin: Path, pipeline: Path, data_dir: Path, *,
 
 
 def write_test_pipeline(dest: Path, *, max_bytes: str, max_age: str, lake: str | None = None,
-                        extra: str = "") -> Path:
-    """The shipped pipeline with an absolute schema path and another rollover; `lake` (flow
-    YAML, e.g. `{s3: {bucket: b}}`) replaces its lake, `extra` is appended (top-level keys)."""
+                        source: str | None = None, extra: str = "") -> Path:
+    """The shipped pipeline with an absolute schema path and another rollover; `lake` and
+    `source` (flow YAML, e.g. `{s3: {bucket: b}}`) replace its own, `extra` is appended
+    (top-level keys)."""
     text = PIPELINE.read_text()
     text, n_schema = re.subn(r"(?m)^schema:.*$", f"schema: {SCHEMA}", text)
     text, n_roll = re.subn(r"(?m)^rollover:\n(?:[ \t]+\S.*\n)+",
@@ -142,7 +143,12 @@ def write_test_pipeline(dest: Path, *, max_bytes: str, max_age: str, lake: str |
     n_lake = 1
     if lake is not None:
         text, n_lake = re.subn(r"(?m)^lake:\n(?:[ \t]+\S.*\n)+", f"lake: {lake}\n", text)
-    assert (n_schema, n_roll, n_lake) == (1, 1, 1), "pipelines/well-telemetry.yaml changed shape"
+    n_source = 1
+    if source is not None:
+        text, n_source = re.subn(r"(?m)^source:\n(?:[ \t]+\S.*\n)+", f"source: {source}\n",
+                                 text)
+    assert (n_schema, n_roll, n_lake, n_source) == (1, 1, 1, 1), (
+        "pipelines/well-telemetry.yaml changed shape")
     dest.write_text(text + extra)
     return dest
 
@@ -250,10 +256,24 @@ class StreamData:
         })
 
 
-def read_stream(stream_dir: Path) -> StreamData:
-    """Reads every `shardId-*.ndjson` file line by line. A line's sequence number is the byte
-    offset just past its newline (the local stream's definition)."""
+def stream_data(records) -> StreamData:
+    """`(bytes, shard id, sequence number)` of every record, split by the validity filter."""
     out = StreamData()
+    for line, shard, seqno in records:
+        rec = parse_record(line)
+        if rec is None:
+            out.invalid.append((shard, seqno))
+        else:
+            rec["shard"] = shard
+            rec["seqno"] = seqno
+            out.valid.append(rec)
+    return out
+
+
+def stream_lines(stream_dir: Path):
+    """`(line, shard id, sequence number)` of every whole line of every `shardId-*.ndjson`
+    file. A line's sequence number is the byte offset just past its newline (the local
+    stream's definition)."""
     files = sorted(stream_dir.glob("shardId-*.ndjson"))
     assert files, f"no shard files in {stream_dir}"
     for path in files:
@@ -266,14 +286,11 @@ def read_stream(stream_dir: Path) -> StreamData:
                 break
             line = data[offset:nl]
             offset = nl + 1
-            rec = parse_record(line)
-            if rec is None:
-                out.invalid.append((shard, str(offset)))
-            else:
-                rec["shard"] = shard
-                rec["seqno"] = str(offset)
-                out.valid.append(rec)
-    return out
+            yield line, shard, str(offset)
+
+
+def read_stream(stream_dir: Path) -> StreamData:
+    return stream_data(stream_lines(stream_dir))
 
 
 # --------------------------------------------------------------------------------------------
@@ -730,3 +747,112 @@ class S3LakeView:
                 self.con.register(name, self.dataset(output).to_table())
             self._tables[output] = name
         return self._tables[output]
+
+
+# --------------------------------------------------------------------------------------------
+# kinesalite: a Kinesis server for volume (one process for the session; tests use streams of
+# their own)
+
+SERVERS = REPO / "tests" / "servers"
+
+
+@dataclass
+class Kinesalite:
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def env(self) -> dict[str, str]:
+        return {**AWS_TEST_ENV, "AWS_ENDPOINT_URL": self.url}
+
+    def client(self):
+        import boto3
+        from botocore.config import Config
+        return boto3.client("kinesis", endpoint_url=self.url, region_name="us-east-1",
+                            aws_access_key_id="test", aws_secret_access_key="test",
+                            config=Config(retries={"max_attempts": 10, "mode": "standard"}))
+
+
+def _node_server(script: str, tmp_path_factory, args: list[str]):
+    if not (SERVERS / "node_modules").is_dir():
+        pytest.fail(f"{SERVERS}/node_modules is missing; run `npm ci --prefix {SERVERS}` "
+                    "(scripts/test does)")
+    log_path = tmp_path_factory.mktemp(script.split(".")[0]) / "server.log"
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(["node", str(SERVERS / script), *args], stdout=log,
+                            stderr=subprocess.STDOUT)
+    return proc, log, log_path
+
+
+def _port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def kinesalite(tmp_path_factory):
+    server = Kinesalite("127.0.0.1", free_port())
+    proc, log, log_path = _node_server("kinesalite.js", tmp_path_factory, [str(server.port)])
+    try:
+        deadline = time.monotonic() + 60
+        while not _port_open(server.host, server.port):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"kinesalite did not start:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.1)
+        yield server
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        log.close()
+
+
+def create_stream(kinesis, name: str, shards: int) -> None:
+    kinesis.create_stream(StreamName=name, ShardCount=shards)
+    wait_until(f"stream {name} to be ACTIVE", lambda: kinesis.describe_stream_summary(
+        StreamName=name)["StreamDescriptionSummary"]["StreamStatus"] == "ACTIVE")
+
+
+def _partition_key(line: bytes) -> str:
+    try:
+        key = json.loads(line).get("device_id")
+    except (ValueError, AttributeError):
+        key = None
+    return key if isinstance(key, str) and key else "unparseable"
+
+
+def put_lines(kinesis, stream: str, lines: list[bytes]) -> list[tuple[bytes, str, str]]:
+    """Puts records keyed by device (as the IoT rule does), 500 a call, in order; returns
+    each record's (bytes, shard id, sequence number) as Kinesis assigned them."""
+    out = []
+    for i in range(0, len(lines), 500):
+        batch = lines[i:i + 500]
+        resp = kinesis.put_records(StreamName=stream, Records=[
+            {"Data": line, "PartitionKey": _partition_key(line)} for line in batch])
+        # A partial failure would reorder a device's records if retried: none is expected
+        # from a local server, so it fails the test instead.
+        assert resp["FailedRecordCount"] == 0, resp
+        out += [(line, r["ShardId"], r["SequenceNumber"]) for line, r in zip(batch, resp["Records"])]
+    return out
+
+
+def interleave(stream_dir: Path) -> list[bytes]:
+    """The lines of a simulated local stream, shard files interleaved (each file's order,
+    and so each device's, is kept)."""
+    per_file: dict[str, list[bytes]] = {}
+    for line, shard, _ in stream_lines(stream_dir):
+        per_file.setdefault(shard, []).append(line)
+    out: list[bytes] = []
+    i = 0
+    while True:
+        chunks = [q[i:i + 50] for q in per_file.values()]
+        if not any(chunks):
+            return out
+        for c in chunks:
+            out += c
+        i += 50

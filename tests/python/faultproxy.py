@@ -11,7 +11,8 @@ requests. Each request, with probability `rate`, gets one of the `kinds`:
   instead of the answer: the client cannot know whether it happened, the hardest case;
 - any other kind registered in `RESPONSES` (status, headers, body), e.g. Kinesis throttling.
 
-Everything else is forwarded as is (the SDK signs the Host header; servers here do not check
+A kind listed several times in `kinds` is picked that much more often. Everything else is
+forwarded as is (the SDK signs the Host header; servers here do not check
 signatures). Counters say what was injected, so a test can show every kind happened.
 """
 
@@ -40,10 +41,17 @@ S3_INTERNAL = (
     b"<RequestId>faultproxy</RequestId></Error>",
 )
 
+KINESIS_JSON = {"Content-Type": "application/x-amz-json-1.1"}
+
 # Canned answers by kind; tests may add their own.
 RESPONSES: dict[str, tuple[int, dict[str, str], bytes]] = {
     "slowdown": S3_SLOWDOWN,
     "internal": S3_INTERNAL,
+    "kinesis_throttled": (400, KINESIS_JSON,
+                          b'{"__type":"ProvisionedThroughputExceededException",'
+                          b'"message":"Rate exceeded for shard (faultproxy)"}'),
+    "kinesis_internal": (500, KINESIS_JSON,
+                         b'{"__type":"InternalFailure","message":"faultproxy"}'),
 }
 RESETS = ("reset_before", "reset_after")
 
@@ -176,7 +184,8 @@ class FaultProxy:
             self._answer(h, status, list(headers.items()), payload,
                          head=h.command == "HEAD")
             return
-        headers = {k: v for k, v in h.headers.items() if k.lower() not in HOP_BY_HOP}
+        headers = {k: v for k, v in h.headers.items()
+                   if k.lower() not in HOP_BY_HOP and k.lower() != "content-length"}
         if body or h.command in ("PUT", "POST", "PATCH"):
             headers["Content-Length"] = str(len(body))
         conn = http.client.HTTPConnection(*self.upstream, timeout=60)
