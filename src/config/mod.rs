@@ -226,7 +226,6 @@ pub struct KinesisSource {
     pub region: Option<String>,
     pub start: StartAt,
     pub poll_interval: Duration,
-    pub discovery_interval: Duration,
     /// Records per GetRecords call.
     pub max_records: usize,
 }
@@ -933,7 +932,6 @@ fn resolve_pipeline(
             start,
             timestamp,
             poll_interval,
-            discovery_interval,
             max_records,
         } => {
             let at = |k: &str| format!("source.kinesis.{k}");
@@ -1001,7 +999,6 @@ fn resolve_pipeline(
                 region,
                 start,
                 poll_interval: p.duration(&at("poll_interval"), &poll_interval),
-                discovery_interval: p.duration(&at("discovery_interval"), &discovery_interval),
                 max_records: max_records.clamp(1, 10_000) as usize,
             })
         }

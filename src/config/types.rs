@@ -74,9 +74,6 @@ pub enum SourceFile {
         /// Records per GetRecords call, 1 to 10000 (default 10000).
         #[serde(default = "default_max_records")]
         max_records: u32,
-        /// How often the shard list is read again to find new shards (default `30s`).
-        #[serde(default = "default_discovery")]
-        discovery_interval: String,
     },
 }
 
@@ -88,9 +85,6 @@ fn default_max_records() -> u32 {
 }
 fn default_kinesis_poll() -> String {
     "1s".into()
-}
-fn default_discovery() -> String {
-    "30s".into()
 }
 
 /// `lake:` — exactly one kind.
