@@ -162,7 +162,8 @@ pub async fn run(
             gate: gate.clone(),
             shards: parents.clone(),
         };
-        let (clock, decoder, tx, stop) = (clock.clone(), decoder.clone(), tx.clone(), stop_rx.clone());
+        let (clock, decoder, tx, stop) =
+            (clock.clone(), decoder.clone(), tx.clone(), stop_rx.clone());
         match &source {
             Opened::Local(stream, poll_interval) => {
                 let cfg = ShardTaskConfig {
@@ -171,7 +172,15 @@ pub async fn run(
                     parents,
                 };
                 let reader = LocalShardReader::open(stream, shard.clone(), &from);
-                tasks.spawn(shard_task(shard.clone(), reader, decoder, clock, cfg, tx, stop));
+                tasks.spawn(shard_task(
+                    shard.clone(),
+                    reader,
+                    decoder,
+                    clock,
+                    cfg,
+                    tx,
+                    stop,
+                ));
             }
             Opened::Kinesis(stream) => {
                 // The reader paces itself (poll interval, read limits).
@@ -181,7 +190,15 @@ pub async fn run(
                     parents,
                 };
                 let reader = stream.reader(shard.clone(), &from);
-                tasks.spawn(shard_task(shard.clone(), reader, decoder, clock, cfg, tx, stop));
+                tasks.spawn(shard_task(
+                    shard.clone(),
+                    reader,
+                    decoder,
+                    clock,
+                    cfg,
+                    tx,
+                    stop,
+                ));
             }
         }
     }

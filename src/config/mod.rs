@@ -980,7 +980,9 @@ fn resolve_pipeline(
                 ("trim_horizon" | "latest", Some(_)) => {
                     p.add(
                         &at("timestamp"),
-                        format!("`timestamp` is only read with `start: at_timestamp`, not `{start}`"),
+                        format!(
+                            "`timestamp` is only read with `start: at_timestamp`, not `{start}`"
+                        ),
                         "remove `timestamp`, or set `start: at_timestamp`",
                     );
                     StartAt::TrimHorizon

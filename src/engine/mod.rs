@@ -507,7 +507,9 @@ impl Engine {
         match self.lakes.remove_orphans(&self.worker, false).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(removed = n, "aborted uploads that retries left behind"),
-            Err(e) => tracing::warn!(error = %e, "could not sweep staged uploads; the next start will"),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not sweep staged uploads; the next start will")
+            }
         }
         Ok(intent.files)
     }

@@ -266,7 +266,11 @@ impl ShardReader for KinesisShardReader {
                 },
             };
             failures = 0;
-            let bytes: u64 = out.records().iter().map(|r| r.data().as_ref().len() as u64).sum();
+            let bytes: u64 = out
+                .records()
+                .iter()
+                .map(|r| r.data().as_ref().len() as u64)
+                .sum();
             // Spend the shard's read budget evenly: a 2 MB answer waits a second.
             let budget = Duration::from_micros(bytes * 1_000_000 / BYTES_PER_SEC);
             self.next_call = Instant::now() + MIN_CALL_GAP.max(budget);

@@ -174,7 +174,10 @@ mod tests {
         let c = r.read_now(10, 0).unwrap().unwrap();
         assert_eq!((c.record(0), c.record(1)), (&b"a"[..], &b"bb"[..]));
         assert_eq!(c.seqs, vec![SeqNo::from_u64(2), SeqNo::from_u64(5)]);
-        assert!(r.read_now(10, 0).unwrap().is_none(), "ccc has no newline yet");
+        assert!(
+            r.read_now(10, 0).unwrap().is_none(),
+            "ccc has no newline yet"
+        );
         std::fs::OpenOptions::new()
             .append(true)
             .open(&path)
