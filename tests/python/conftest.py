@@ -153,6 +153,33 @@ def write_test_pipeline(dest: Path, *, max_bytes: str, max_age: str, lake: str |
     return dest
 
 
+def run_until_read_then_sigterm(shardlake_bin: Path, pipeline: Path, env: dict[str, str],
+                                records: int, timeout: float = 120) -> None:
+    """Runs `shardlake run --progress` until it has read `records` records (its progress
+    line, every second, says how many), then stops it with SIGTERM: it must commit what it
+    read and exit 0."""
+    proc = subprocess.Popen([str(shardlake_bin), "run", str(pipeline), "--progress"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + timeout
+        read = 0
+        for line in proc.stderr:
+            m = re.match(r"records (\d+)", line)
+            if m:
+                read = int(m.group(1))
+                if read >= records:
+                    break
+            assert time.monotonic() < deadline, f"only {read} of {records} records read"
+        assert read == records, f"the run read {read} records, not {records}"
+        proc.send_signal(signal.SIGTERM)
+        proc.stderr.read()
+        assert proc.wait(timeout=60) == 0, "the run did not shut down cleanly on SIGTERM"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 # --------------------------------------------------------------------------------------------
 # The input, parsed independently of shardlake
 

@@ -6,13 +6,11 @@ against the records and the sequence numbers the server assigned.
 from __future__ import annotations
 
 import json
-import re
-import signal
-import subprocess
 import time
 import uuid
 
 from conftest import (
+    run_until_read_then_sigterm,
     check_readings_exactly_once,
     check_run,
     check_whole_lake,
@@ -54,26 +52,7 @@ def test_kinesis_source_exactly_once_and_resumes(tmp_path, kinesalite, agent_bin
     env = pipeline_env(tmp_path, kinesalite.env())
     # The first run is stopped (SIGTERM) once it has read the first half: its windows stay
     # open, and the second run must rebuild them from the checkpoints.
-    proc = subprocess.Popen([str(shardlake_bin), "run", str(pipeline), "--progress"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        read = 0
-        for line in proc.stderr:
-            m = re.match(r"records (\d+)", line)
-            if m:
-                read = int(m.group(1))
-                if read >= half:
-                    break
-            assert time.monotonic() < deadline, f"only {read} of {half} records read"
-        assert read == half, f"the run read {read} records; {half} were put"
-        proc.send_signal(signal.SIGTERM)
-        proc.stderr.read()
-        assert proc.wait(timeout=60) == 0, "the run did not shut down cleanly on SIGTERM"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    run_until_read_then_sigterm(shardlake_bin, pipeline, env, half)
     first = stream_data(put)
     con = duck()
     con.register("src", first.table())

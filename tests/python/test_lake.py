@@ -8,7 +8,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ import sqlglot
 from sqlglot import exp
 
 from conftest import (
+    run_until_read_then_sigterm,
     OUTPUT_TIME_COLUMN,
     PIPELINE,
     check_dead_letter,
@@ -339,28 +339,8 @@ def test_graceful_restart_keeps_open_windows(tmp_path, shardlake_bin):
             f.write(_reading("well-a", "cascade", s + 1, t0 + s * sec))
     total_before = 600 * 50 + first
 
-    env = pipeline_env(tmp_path)
-    proc = subprocess.Popen([str(shardlake_bin), "run", str(PIPELINE), "--progress"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        # --progress prints "records N ..." every second: wait until every record is read.
-        deadline = time.monotonic() + 90
-        read = 0
-        for line in proc.stderr:
-            m = re.match(r"records (\d+)", line)
-            if m:
-                read = int(m.group(1))
-                if read >= total_before:
-                    break
-            assert time.monotonic() < deadline, f"only {read} of {total_before} records read"
-        assert read == total_before, f"the run ended after reading {read} records"
-        proc.send_signal(signal.SIGTERM)
-        proc.stderr.read()
-        assert proc.wait(timeout=60) == 0, "the run did not shut down cleanly on SIGTERM"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    run_until_read_then_sigterm(shardlake_bin, PIPELINE, pipeline_env(tmp_path), total_before,
+                                timeout=90)
 
     with open(shard0, "a") as f:
         for s in range(first, 1201):
