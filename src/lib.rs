@@ -16,7 +16,8 @@
 //!   output ([`sink::writer`], [`sink::partition`]), staged then published in a lake
 //!   ([`sink::local`], [`sink::s3`]).
 //! - **Checkpoint** — [`checkpoint`]: the two-phase commit's intents and the per-shard,
-//!   per-output checkpoints ([`checkpoint::local`]).
+//!   per-output checkpoints ([`checkpoint::local`]); with many workers, the DynamoDB lease
+//!   table ([`lease`]).
 //!
 //! Around it: [`config`] (pipeline and schema YAML, validation), [`pipeline`] (the run loop
 //! shared by `main`, the demo and the tests), [`notify`] (alerts to SNS and webhooks),
@@ -41,6 +42,8 @@ pub mod checkpoint;
 pub mod decode;
 #[cfg(feature = "pipeline")]
 pub mod engine;
+#[cfg(feature = "pipeline")]
+pub mod lease;
 #[cfg(feature = "pipeline")]
 pub mod notify;
 #[cfg(feature = "pipeline")]

@@ -30,6 +30,14 @@ pub struct Metrics {
     /// Shard iterators that expired and were acquired again.
     pub kinesis_expired_iterators: AtomicU64,
     pub kinesis_bytes_read: AtomicU64,
+    /// Leases (shards) this worker holds now.
+    pub leases_held: AtomicU64,
+    /// Leases this worker took (free, expired or stolen).
+    pub leases_taken: AtomicU64,
+    /// Leases another worker took from this one.
+    pub leases_lost: AtomicU64,
+    /// Sessions started over because the leases held changed.
+    pub lease_sessions: AtomicU64,
     /// Per shard: `MillisBehindLatest` of its last GetRecords.
     pub lag_ms: Mutex<BTreeMap<String, i64>>,
 }
@@ -37,6 +45,10 @@ pub struct Metrics {
 impl Metrics {
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Relaxed);
+    }
+
+    pub fn set(gauge: &AtomicU64, n: u64) {
+        gauge.store(n, Relaxed);
     }
 
     pub fn get(counter: &AtomicU64) -> u64 {

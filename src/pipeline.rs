@@ -10,11 +10,13 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
+use crate::checkpoint::StoreError;
 use crate::checkpoint::local::LocalStore;
 use crate::clock::Clock;
 use crate::config::{Checkpoints, Lake as LakeConfig, Pipeline, Source};
 use crate::decode::RecordDecoder;
 use crate::engine::{Engine, EngineError};
+use crate::lease::{Generation, LeaseManager};
 use crate::metrics::Metrics;
 use crate::notify::Notifications;
 use crate::sink::local::LocalLake;
@@ -91,6 +93,25 @@ pub async fn lakes_for(p: &Pipeline) -> std::io::Result<Lakes> {
     Ok(Lakes::new(by_output))
 }
 
+/// How often a Kinesis source without leases lists its shards again (new shards after a
+/// split or merge start a new session).
+const RELIST_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Which shards a session reads, and where their checkpoints are.
+struct Session {
+    shards: Vec<(Arc<str>, Vec<String>)>,
+    store: Box<dyn crate::checkpoint::CheckpointStore>,
+}
+
+/// Why a session ended.
+enum SessionEnd {
+    /// Shut down, or drained: the run is over.
+    Done,
+    /// The shards to read changed (a lease taken, a new shard): start over from the
+    /// checkpoints with the new set.
+    Changed,
+}
+
 pub async fn run(
     p: Arc<Pipeline>,
     opts: RunOptions,
@@ -98,22 +119,176 @@ pub async fn run(
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
-    let (source, shards) = match &p.source {
+    let source = match &p.source {
         Source::Local {
             path,
             poll_interval,
-        } => {
-            let shards = list_shards(path)?
-                .into_iter()
-                .map(|id| (id, Vec::new()))
-                .collect();
-            (Opened::Local(path.clone(), *poll_interval), shards)
+        } => Opened::Local(path.clone(), *poll_interval),
+        Source::Kinesis(k) => Opened::Kinesis(KinesisStream::connect(k, metrics.clone()).await),
+    };
+    let mut opts = opts;
+    let leases = match (&p.checkpoints, &source, &p.source) {
+        (Checkpoints::Dynamodb(table), Opened::Kinesis(stream), Source::Kinesis(k)) => {
+            // A fresh identity per process: file names and commit ids never repeat, even
+            // after a restart with the same worker id.
+            opts.worker = format!("{}-{:08x}", opts.worker, fastrand::u32(..));
+            let m = LeaseManager::connect(
+                table,
+                opts.worker.clone(),
+                stream.clone(),
+                k.start,
+                p.outputs
+                    .aggregations
+                    .iter()
+                    .map(|a| a.name.clone())
+                    .collect(),
+                metrics.clone(),
+            )
+            .await?;
+            tracing::info!(owner = %m.owner(), table = %table.table, "sharing the stream through leases");
+            Some(m)
         }
-        Source::Kinesis(k) => {
-            let stream = KinesisStream::connect(k, metrics.clone()).await;
+        _ => None,
+    };
+    let lakes = lakes_for(&p).await.map_err(RunError::Lake)?;
+    let notifications = Notifications::start(&p, metrics.clone())
+        .await
+        .map_err(RunError::Notify)?;
+    let progress = opts
+        .progress
+        .then(|| tokio::spawn(report_progress(metrics.clone())));
+    let (stop_leases, stop_rx) = watch::channel(false);
+    let lease_task = leases.clone().map(|m| tokio::spawn(m.run(stop_rx)));
+
+    tokio::pin!(shutdown);
+    let result = async {
+        if let Some(m) = &leases {
+            tokio::select! {
+                _ = m.first_scan() => {}
+                _ = &mut shutdown => return Ok(()),
+            }
+        }
+        let mut generation = leases.as_ref().map(|m| m.generation());
+        loop {
+            let session = match &leases {
+                None => {
+                    let shards = list_all(&source).await?;
+                    let Checkpoints::Local { path: state } = &p.checkpoints else {
+                        unreachable!("validated: leases need a Kinesis source")
+                    };
+                    Session {
+                        shards,
+                        store: Box::new(LocalStore::open(state, &p.name)?),
+                    }
+                }
+                Some(m) => {
+                    let generation = generation.as_mut().expect("with leases");
+                    let held = loop {
+                        // Whatever changes from here on ends the session about to start.
+                        generation.borrow_and_update();
+                        let held = m.session_shards().await?;
+                        if !held.is_empty() {
+                            break held;
+                        }
+                        tracing::info!("no lease to hold for now; waiting");
+                        tokio::select! {
+                            _ = generation.changed() => {}
+                            _ = &mut shutdown => return Ok(()),
+                        }
+                    };
+                    let ids: Vec<String> = held.keys().cloned().collect();
+                    let shards = held
+                        .into_iter()
+                        .map(|(id, h)| {
+                            // Parents outside this session were read to their end already
+                            // (their leases were not takeable before).
+                            let parents = h.parents.into_iter().filter(|p| ids.contains(p)).collect();
+                            (Arc::from(id.as_str()), parents)
+                        })
+                        .collect();
+                    Metrics::add(&metrics.lease_sessions, 1);
+                    Session {
+                        shards,
+                        store: m.store(ids),
+                    }
+                }
+            };
+            let outcome = run_session(
+                &p,
+                &opts,
+                &source,
+                session,
+                &lakes,
+                notifications.as_ref(),
+                generation.as_mut(),
+                &clock,
+                &metrics,
+                &mut shutdown,
+            )
+            .await;
+            match outcome {
+                Ok(SessionEnd::Done) => return Ok(()),
+                Ok(SessionEnd::Changed) => {}
+                Err(RunError::Engine(EngineError::Store(StoreError::LeaseLost(shards))))
+                | Err(RunError::Store(StoreError::LeaseLost(shards))) => {
+                    tracing::warn!(shards = ?shards, "a lease was lost: dropping this session's uncommitted work (the new owner reads it again)");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    .await;
+    if let Some(m) = &leases {
+        let _ = stop_leases.send(true);
+        if let Some(t) = lease_task {
+            let _ = t.await;
+        }
+        if result.is_ok() {
+            m.release_all().await;
+        }
+    }
+    if let Some(n) = notifications {
+        n.close(NOTIFY_DRAIN).await;
+        let g = Metrics::get;
+        tracing::info!(
+            sent = g(&metrics.notifications_sent),
+            suppressed = g(&metrics.notifications_suppressed),
+            failed = g(&metrics.notifier_failures),
+            dropped = g(&metrics.notifications_dropped),
+            "notifiers closed"
+        );
+    }
+    let g = Metrics::get;
+    tracing::info!(
+        records = g(&metrics.records_read),
+        dead_letters = g(&metrics.dead_letters),
+        commits = g(&metrics.commits),
+        kinesis_throttled = g(&metrics.kinesis_throttled),
+        kinesis_errors_retried = g(&metrics.kinesis_errors_retried),
+        kinesis_expired_iterators = g(&metrics.kinesis_expired_iterators),
+        leases_taken = g(&metrics.leases_taken),
+        leases_lost = g(&metrics.leases_lost),
+        lease_sessions = g(&metrics.lease_sessions),
+        "run finished"
+    );
+    if let Some(h) = progress {
+        h.abort();
+        eprintln!("{}", progress_line(&metrics, None));
+    }
+    result
+}
+
+/// Every shard of the source, each with its parents still in the stream.
+async fn list_all(source: &Opened) -> Result<Vec<(Arc<str>, Vec<String>)>, RunError> {
+    Ok(match source {
+        Opened::Local(path, _) => list_shards(path)?
+            .into_iter()
+            .map(|id| (id, Vec::new()))
+            .collect(),
+        Opened::Kinesis(stream) => {
             let listed = stream.list_shards().await?;
             let known: HashSet<&str> = listed.iter().map(|s| &*s.id).collect();
-            let shards = listed
+            listed
                 .iter()
                 .map(|s| {
                     let parents = s
@@ -124,34 +299,45 @@ pub async fn run(
                         .collect();
                     (s.id.clone(), parents)
                 })
-                .collect();
-            (Opened::Kinesis(stream), shards)
+                .collect()
         }
-    };
-    let shards: Vec<(Arc<str>, Vec<String>)> = shards;
-    let Checkpoints::Local { path: state } = &p.checkpoints;
-    let store = Box::new(LocalStore::open(state, &p.name)?);
-    let lakes = lakes_for(&p).await.map_err(RunError::Lake)?;
+    })
+}
+
+/// Reads a fixed set of shards until shutdown, drain, or a change of that set. Opening the
+/// engine recovers (pending commits, orphaned files); every session starts from the
+/// committed checkpoints, so open windows are rebuilt by replay.
+#[allow(clippy::too_many_arguments)]
+async fn run_session(
+    p: &Arc<Pipeline>,
+    opts: &RunOptions,
+    source: &Opened,
+    session: Session,
+    lakes: &Lakes,
+    notifications: Option<&Arc<Notifications>>,
+    mut generation: Option<&mut watch::Receiver<Generation>>,
+    clock: &Arc<dyn Clock>,
+    metrics: &Arc<Metrics>,
+    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> Result<SessionEnd, RunError> {
+    let Session { shards, store } = session;
     let mut engine = Engine::open(
         p.clone(),
-        lakes,
+        lakes.clone(),
         store,
         clock.clone(),
         &opts.worker,
         metrics.clone(),
     )
     .await?;
-    let notifications = Notifications::start(&p, metrics.clone())
-        .await
-        .map_err(RunError::Notify)?;
-    if let Some(n) = &notifications {
+    if let Some(n) = notifications {
         engine.set_notifications(n.clone());
     }
 
-    let decoder = RecordDecoder::new(&p);
+    let decoder = RecordDecoder::new(p);
     // Two chunks in flight per shard: enough to overlap reading with processing, and a
     // bound on memory whatever the backlog.
-    let (tx, mut rx) = mpsc::channel(2 * shards.len());
+    let (tx, mut rx) = mpsc::channel(2 * shards.len().max(1));
     let (stop_tx, stop_rx) = watch::channel(false);
     let gate = Arc::new(ShardGate::default());
     let mut tasks = JoinSet::new();
@@ -164,7 +350,7 @@ pub async fn run(
         };
         let (clock, decoder, tx, stop) =
             (clock.clone(), decoder.clone(), tx.clone(), stop_rx.clone());
-        match &source {
+        match source {
             Opened::Local(stream, poll_interval) => {
                 let cfg = ShardTaskConfig {
                     max_records: 10_000,
@@ -203,14 +389,22 @@ pub async fn run(
         }
     }
     drop(tx);
-    let progress = opts
-        .progress
-        .then(|| tokio::spawn(report_progress(metrics.clone())));
 
+    let start_gen = generation.as_ref().map(|g| *g.borrow());
+    let lease_change = async |g: &mut Option<&mut watch::Receiver<Generation>>| match g {
+        Some(g) => {
+            let _ = g.changed().await;
+        }
+        None => std::future::pending().await,
+    };
+    let mut relist = tokio::time::interval_at(
+        tokio::time::Instant::now() + RELIST_INTERVAL,
+        RELIST_INTERVAL,
+    );
+    let relisting = generation.is_none() && matches!(source, Opened::Kinesis(_));
     let mut caught_up: HashSet<Arc<str>> = HashSet::new();
     let mut tick = tokio::time::interval(Duration::from_millis(250));
-    tokio::pin!(shutdown);
-    let result: Result<(), RunError> = async {
+    let result: Result<SessionEnd, RunError> = async {
         loop {
             tokio::select! {
                 event = rx.recv() => match event {
@@ -223,19 +417,40 @@ pub async fn run(
                         engine.shard_caught_up(&shard);
                         caught_up.insert(shard);
                     }
+                    Some(ShardEvent::Ended(shard)) => {
+                        engine.shard_caught_up(&shard);
+                        engine.shard_ended(&shard);
+                        caught_up.insert(shard);
+                    }
                     Some(ShardEvent::Failed(_, e)) => return Err(e.into()),
-                    None => return Ok(()),
+                    None => return Ok(SessionEnd::Done),
                 },
                 _ = tick.tick() => engine.tick().await?,
-                _ = &mut shutdown => {
+                _ = lease_change(&mut generation) => {
+                    let now = generation.as_mut().map(|g| *g.borrow_and_update());
+                    if now.map(|g| g.lost) != start_gen.map(|g| g.lost) {
+                        return Err(StoreError::LeaseLost(Vec::new()).into());
+                    }
+                    tracing::info!("took a lease: committing, then reading the new set of shards");
+                    return Ok(SessionEnd::Changed);
+                }
+                _ = relist.tick(), if relisting => {
+                    let now = list_all(source).await?;
+                    let ids = |v: &[(Arc<str>, Vec<String>)]| v.iter().map(|(s, _)| s.clone()).collect::<HashSet<_>>();
+                    if ids(&now) != ids(&shards) {
+                        tracing::info!(shards = now.len(), "the stream's shards changed: committing, then reading the new set");
+                        return Ok(SessionEnd::Changed);
+                    }
+                }
+                _ = shutdown.as_mut() => {
                     tracing::info!("shutting down: committing what was read");
-                    return Ok(());
+                    return Ok(SessionEnd::Done);
                 }
             }
             if opts.drain && caught_up.len() == shards.len() {
                 tracing::info!("every shard is caught up: emitting open windows");
                 engine.finish().await?;
-                return Ok(());
+                return Ok(SessionEnd::Done);
             }
             if engine.should_commit() {
                 engine.commit().await?;
@@ -248,31 +463,6 @@ pub async fn run(
     while tasks.join_next().await.is_some() {}
     if result.is_ok() {
         engine.commit().await?;
-    }
-    if let Some(n) = notifications {
-        n.close(NOTIFY_DRAIN).await;
-        let g = Metrics::get;
-        tracing::info!(
-            sent = g(&metrics.notifications_sent),
-            suppressed = g(&metrics.notifications_suppressed),
-            failed = g(&metrics.notifier_failures),
-            dropped = g(&metrics.notifications_dropped),
-            "notifiers closed"
-        );
-    }
-    let g = Metrics::get;
-    tracing::info!(
-        records = g(&metrics.records_read),
-        dead_letters = g(&metrics.dead_letters),
-        commits = g(&metrics.commits),
-        kinesis_throttled = g(&metrics.kinesis_throttled),
-        kinesis_errors_retried = g(&metrics.kinesis_errors_retried),
-        kinesis_expired_iterators = g(&metrics.kinesis_expired_iterators),
-        "run finished"
-    );
-    if let Some(h) = progress {
-        h.abort();
-        eprintln!("{}", progress_line(&metrics, None));
     }
     result
 }

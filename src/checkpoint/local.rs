@@ -5,7 +5,16 @@ use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use serde::{Deserialize, Serialize};
+
 use super::{CheckpointStore, Committed, Intent, StoreError, StoreState};
+
+/// The file's content.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct StoreFile {
+    committed: Committed,
+    pending: Option<Intent>,
+}
 
 #[derive(Debug)]
 pub struct LocalStore {
@@ -35,7 +44,7 @@ impl LocalStore {
         })
     }
 
-    fn write(&self, state: &StoreState) -> Result<(), StoreError> {
+    fn write(&self, state: &StoreFile) -> Result<(), StoreError> {
         let io = |source| StoreError::Io {
             path: self.path.display().to_string(),
             source,
@@ -52,30 +61,40 @@ impl LocalStore {
     }
 }
 
+#[async_trait::async_trait]
 impl CheckpointStore for LocalStore {
-    fn load(&self) -> Result<StoreState, StoreError> {
-        match fs::read(&self.path) {
+    async fn load(&self) -> Result<StoreState, StoreError> {
+        let file: StoreFile = match fs::read(&self.path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| StoreError::Corrupt {
                 path: self.path.display().to_string(),
                 source,
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(StoreState::default()),
-            Err(source) => Err(StoreError::Io {
-                path: self.path.display().to_string(),
-                source,
-            }),
-        }
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => StoreFile::default(),
+            Err(source) => {
+                return Err(StoreError::Io {
+                    path: self.path.display().to_string(),
+                    source,
+                });
+            }
+        };
+        Ok(StoreState {
+            committed: file
+                .pending
+                .as_ref()
+                .map_or(file.committed, |i| i.next.clone()),
+            pending: file.pending.into_iter().collect(),
+        })
     }
 
-    fn prepare(&self, committed: &Committed, intent: &Intent) -> Result<(), StoreError> {
-        self.write(&StoreState {
+    async fn prepare(&self, committed: &Committed, intent: &Intent) -> Result<(), StoreError> {
+        self.write(&StoreFile {
             committed: committed.clone(),
             pending: Some(intent.clone()),
         })
     }
 
-    fn commit(&self, intent: &Intent) -> Result<(), StoreError> {
-        self.write(&StoreState {
+    async fn commit(&self, intent: &Intent) -> Result<(), StoreError> {
+        self.write(&StoreFile {
             committed: intent.next.clone(),
             pending: None,
         })
@@ -86,26 +105,32 @@ impl CheckpointStore for LocalStore {
 mod tests {
     use super::*;
 
-    #[test]
-    fn prepare_then_commit_and_the_lock_holds() {
+    #[tokio::test]
+    async fn prepare_then_commit_and_the_lock_holds() {
         let dir = tempfile::tempdir().unwrap();
         let store = LocalStore::open(dir.path(), "p").unwrap();
         assert!(matches!(
             LocalStore::open(dir.path(), "p"),
             Err(StoreError::Locked(_))
         ));
-        assert_eq!(store.load().unwrap(), StoreState::default());
+        assert_eq!(store.load().await.unwrap(), StoreState::default());
         let intent = Intent {
+            id: "w0-1".into(),
             files: vec![],
             next: Committed {
                 commit_id: 1,
                 ..Default::default()
             },
         };
-        store.prepare(&Committed::default(), &intent).unwrap();
-        assert_eq!(store.load().unwrap().pending, Some(intent.clone()));
-        store.commit(&intent).unwrap();
-        let s = store.load().unwrap();
-        assert_eq!((s.committed.commit_id, s.pending), (1, None));
+        store.prepare(&Committed::default(), &intent).await.unwrap();
+        let s = store.load().await.unwrap();
+        assert_eq!(s.pending, vec![intent.clone()]);
+        assert_eq!(
+            s.committed.commit_id, 1,
+            "the state once the intent is done"
+        );
+        store.commit(&intent).await.unwrap();
+        let s = store.load().await.unwrap();
+        assert_eq!((s.committed.commit_id, s.pending), (1, vec![]));
     }
 }

@@ -4,6 +4,10 @@
 //! state after the commit) beside the last committed state; `commit` replaces the committed
 //! state with the intent's and clears it. Whoever opens the store next and finds an intent
 //! publishes its files and commits it: the same steps as the normal path.
+//!
+//! Two stores: [`local`] (one file, one worker: the embedded default) and
+//! [`crate::lease`]'s DynamoDB lease table (one item per shard, many workers), where each
+//! shard's item holds its own checkpoint and its share of a pending intent.
 
 pub mod local;
 
@@ -24,6 +28,15 @@ pub struct ShardCheckpoint {
     pub aggregations: BTreeMap<String, Position>,
     /// The newest event time read from the shard (microseconds).
     pub max_event_time: Option<i64>,
+    /// Per aggregation: every window ending at or before this was emitted with this shard's
+    /// records in it. A shard that moves between workers brings this along, so that a
+    /// worker whose own windows are behind still treats the shard's records of those windows
+    /// as emitted.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub emitted_through: BTreeMap<String, i64>,
+    /// The shard is closed and every record of it is committed (Kinesis `SHARD_END`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ended: bool,
 }
 
 impl ShardCheckpoint {
@@ -38,6 +51,12 @@ impl ShardCheckpoint {
             }
         }
         from
+    }
+
+    /// Closed, and nothing of it is still needed for an open window: it will never be read
+    /// again.
+    pub fn finished<'a>(&self, aggregations: impl IntoIterator<Item = &'a str>) -> bool {
+        self.ended && self.resume_from(aggregations) == self.records
     }
 }
 
@@ -56,15 +75,22 @@ pub struct Committed {
 /// A prepared commit.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Intent {
+    /// Unique among every worker's intents (`<worker>-<commit id>`): completing an intent
+    /// is conditional on it.
+    #[serde(default)]
+    pub id: String,
     pub files: Vec<StagedFile>,
     pub next: Committed,
 }
 
-/// What the store holds.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// What a store holds, as `load` returns it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StoreState {
+    /// The state once every pending intent is committed.
     pub committed: Committed,
-    pub pending: Option<Intent>,
+    /// Prepared commits not known to be finished: their files must be published and the
+    /// intents committed before anything else is written.
+    pub pending: Vec<Intent>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -86,15 +112,24 @@ pub enum StoreError {
         path: String,
         source: serde_json::Error,
     },
+    /// Another worker took one of the shards since this worker's session began: the
+    /// session's uncommitted work must be dropped (the new owner reads it again).
+    #[error("lost the lease of shard(s) {}", .0.join(", "))]
+    LeaseLost(Vec<String>),
+    /// The lease table could not be read or written.
+    #[error("lease table {table}: {message}")]
+    Table { table: String, message: String },
 }
 
-/// A checkpoint store: local file now, DynamoDB leases later.
+/// Where checkpoints and pending intents live.
+#[async_trait::async_trait]
 pub trait CheckpointStore: Send + Sync + std::fmt::Debug {
-    fn load(&self) -> Result<StoreState, StoreError>;
-    /// Records `intent` as pending beside `committed`.
-    fn prepare(&self, committed: &Committed, intent: &Intent) -> Result<(), StoreError>;
+    async fn load(&self) -> Result<StoreState, StoreError>;
+    /// Records `intent` as pending beside `committed`. This is the decisive write: once it
+    /// succeeded, the commit happens (here or in a recovery).
+    async fn prepare(&self, committed: &Committed, intent: &Intent) -> Result<(), StoreError>;
     /// Makes `intent.next` the committed state and clears the intent.
-    fn commit(&self, intent: &Intent) -> Result<(), StoreError>;
+    async fn commit(&self, intent: &Intent) -> Result<(), StoreError>;
 }
 
 #[cfg(test)]
@@ -120,5 +155,25 @@ mod tests {
         );
         c.aggregations.insert("c".into(), None);
         assert_eq!(c.resume_from(["a", "b", "c"]), None);
+    }
+
+    #[test]
+    fn a_shard_is_finished_when_closed_and_no_window_needs_it() {
+        let mut c = ShardCheckpoint {
+            records: Some(SeqNo::from_u64(500)),
+            ..Default::default()
+        };
+        c.aggregations
+            .insert("a".into(), Some(SeqNo::from_u64(400)));
+        assert!(!c.finished(["a"]), "not closed");
+        c.ended = true;
+        assert!(
+            !c.finished(["a"]),
+            "an open window still needs records from 400"
+        );
+        assert!(c.finished(["b"]), "a removed aggregation does not count");
+        c.aggregations
+            .insert("a".into(), Some(SeqNo::from_u64(500)));
+        assert!(c.finished(["a"]));
     }
 }

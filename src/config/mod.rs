@@ -336,6 +336,17 @@ pub struct Notifier {
 #[derive(Debug, Clone)]
 pub enum Checkpoints {
     Local { path: PathBuf },
+    Dynamodb(LeaseTable),
+}
+
+/// `checkpoints: dynamodb:`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseTable {
+    pub table: String,
+    pub region: Option<String>,
+    pub failover_time: Duration,
+    pub shard_sync_interval: Duration,
+    pub max_leases: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -1006,7 +1017,58 @@ fn resolve_pipeline(
         }
     };
     let lake = resolve_lake(p, "lake", f.lake.clone());
-    let CheckpointsFile::Local { path: state } = f.checkpoints;
+    let checkpoints = match f.checkpoints.clone() {
+        CheckpointsFile::Local { path } => Checkpoints::Local { path: path.into() },
+        CheckpointsFile::Dynamodb {
+            table,
+            region,
+            failover_time,
+            shard_sync_interval,
+            max_leases,
+        } => {
+            let at = |k: &str| format!("checkpoints.dynamodb.{k}");
+            let valid = (3..=255).contains(&table.len())
+                && table
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+            if !valid {
+                p.add(
+                    &at("table"),
+                    format!("`{table}` is not a DynamoDB table name"),
+                    "use 3-255 letters, digits, `_`, `.` or `-`, e.g. shardlake-<pipeline>",
+                );
+            }
+            if !matches!(source, Source::Kinesis(_)) {
+                p.add(
+                    "checkpoints.dynamodb",
+                    "DynamoDB leases share a Kinesis stream's shards between workers; this source is not Kinesis",
+                    "use `checkpoints: {local: {path: ...}}` with a local stream",
+                );
+            }
+            let failover_time = p.duration(&at("failover_time"), &failover_time);
+            if failover_time < Duration::from_secs(1) {
+                p.add(
+                    &at("failover_time"),
+                    "a lease must last at least 1s",
+                    "use e.g. `10s` (renewed three times per period)",
+                );
+            }
+            if !(1..=100).contains(&max_leases) {
+                p.add(
+                    &at("max_leases"),
+                    format!("{max_leases} is outside 1..=100"),
+                    "a commit writes every lease in one transaction of at most 100 items",
+                );
+            }
+            Checkpoints::Dynamodb(LeaseTable {
+                table,
+                region,
+                failover_time,
+                shard_sync_interval: p.duration(&at("shard_sync_interval"), &shard_sync_interval),
+                max_leases: max_leases.clamp(1, 100) as usize,
+            })
+        }
+    };
 
     let et = &f.event_time;
     let allowed_lateness = p.duration("event_time.allowed_lateness", &et.allowed_lateness);
@@ -1222,7 +1284,7 @@ fn resolve_pipeline(
         schema: schema?,
         source,
         lake,
-        checkpoints: Checkpoints::Local { path: state.into() },
+        checkpoints,
         event_time: EventTime {
             field: et.field.clone(),
             format: et.format,

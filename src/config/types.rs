@@ -178,6 +178,39 @@ pub enum CheckpointsFile {
         /// The state directory.
         path: String,
     },
+    /// A DynamoDB lease table shared by many workers (the KCL's model): one item per shard
+    /// holding its owner, lease counter and checkpoint. Only with a Kinesis source. The
+    /// endpoint comes from `AWS_ENDPOINT_URL_DYNAMODB` / `AWS_ENDPOINT_URL`.
+    Dynamodb {
+        /// The table (one per pipeline). Created (on-demand capacity) if missing.
+        table: String,
+        /// Region (default: from the environment).
+        #[serde(default)]
+        region: Option<String>,
+        /// A lease whose counter did not change for this long is free to take (default
+        /// `10s`). Workers renew theirs three times per period.
+        #[serde(default = "default_failover_time")]
+        failover_time: String,
+        /// How often the stream's shards are listed again to find new ones (default `60s`).
+        #[serde(default = "default_shard_sync_interval")]
+        shard_sync_interval: String,
+        /// The most leases one worker holds (default 100; a commit writes every one of
+        /// them in one DynamoDB transaction, which allows 100 items).
+        #[serde(default = "default_max_leases")]
+        max_leases: u32,
+    },
+}
+
+fn default_failover_time() -> String {
+    "10s".into()
+}
+
+fn default_shard_sync_interval() -> String {
+    "60s".into()
+}
+
+fn default_max_leases() -> u32 {
+    100
 }
 
 /// `event_time:`.

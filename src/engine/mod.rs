@@ -79,6 +79,8 @@ struct AggState {
 struct ShardRun {
     /// Position after the last record handed to the engine.
     read_to: Position,
+    /// The shard is closed and every record of it was handed to the engine.
+    ended: bool,
 }
 
 pub struct Engine {
@@ -118,19 +120,17 @@ impl Engine {
     ) -> Result<Self, EngineError> {
         let ctx = sql::session();
         let compiled = sql::compile(&p, &ctx).await?;
-        let state = store.load()?;
-        let committed = match state.pending {
-            Some(intent) => {
-                tracing::info!(
-                    files = intent.files.len(),
-                    commit = intent.next.commit_id,
-                    "completing the commit a previous run prepared"
-                );
-                publish(&lakes, store.as_ref(), &intent).await?;
-                intent.next
-            }
-            None => state.committed,
-        };
+        let state = store.load().await?;
+        for intent in &state.pending {
+            tracing::info!(
+                files = intent.files.len(),
+                commit = intent.next.commit_id,
+                shards = ?intent.next.shards.keys().collect::<Vec<_>>(),
+                "completing a commit prepared earlier"
+            );
+            publish(&lakes, store.as_ref(), intent).await?;
+        }
+        let committed = state.committed;
         let removed = lakes
             .remove_orphans(worker, true)
             .await
@@ -232,6 +232,7 @@ impl Engine {
             shard,
             ShardRun {
                 read_to: from.clone(),
+                ended: false,
             },
         );
         from
@@ -241,6 +242,13 @@ impl Engine {
     /// stops holding the watermark.
     pub fn shard_caught_up(&mut self, shard: &Arc<str>) {
         self.watermark.caught_up(shard, self.clock.now_us());
+    }
+
+    /// The shard is closed and every record of it was handed over: the next commit records it.
+    pub fn shard_ended(&mut self, shard: &Arc<str>) {
+        if let Some(run) = self.shards.get_mut(shard) {
+            run.ended = true;
+        }
     }
 
     /// Every window ending at or before this has been emitted, per aggregation.
@@ -287,8 +295,16 @@ impl Engine {
 
         let ts = event_times(&d.batch, self.event_field);
         let late_schema = self.late.schema().clone();
+        let floors = self
+            .committed
+            .shards
+            .get(&*d.shard)
+            .map(|c| &c.emitted_through);
         for agg in &mut self.aggs {
-            let (late_mask, keep_mask) = classify(&agg.spec, agg.emitted_through, ts, cut);
+            // This shard's records may have been emitted further by the worker that had it.
+            let floor = floors.and_then(|f| f.get(&agg.name)).copied();
+            let emitted = agg.emitted_through.max(floor);
+            let (late_mask, keep_mask) = classify(&agg.spec, emitted, ts, cut);
             if let Some(mask) = late_mask {
                 let late = filter_record_batch(&d.batch, &mask).expect("filter");
                 if late.num_rows() > 0 {
@@ -360,7 +376,14 @@ impl Engine {
             if lo.is_some_and(|lo| hi <= lo) {
                 continue;
             }
-            let rows = window_rows(agg, lo, hi, &self.compiled.agg_input, self.event_field);
+            let rows = window_rows(
+                agg,
+                lo,
+                hi,
+                &self.committed,
+                &self.compiled.agg_input,
+                self.event_field,
+            );
             if !rows.is_empty() {
                 let name = agg.name.clone();
                 let sql_text = agg.sql.clone();
@@ -482,11 +505,13 @@ impl Engine {
             files.extend(w.stage().await?);
         }
         failpoint::hit("after_stage");
+        let next = self.next_state();
         let intent = Intent {
+            id: format!("{}-{}", self.worker, next.commit_id),
             files,
-            next: self.next_state(),
+            next,
         };
-        self.store.prepare(&self.committed, &intent)?;
+        self.store.prepare(&self.committed, &intent).await?;
         failpoint::hit("after_prepare");
         publish(&self.lakes, self.store.as_ref(), &intent).await?;
         Metrics::add(&self.metrics.commits, 1);
@@ -526,7 +551,12 @@ impl Engine {
             // Replayed records were committed already: never move a checkpoint back.
             let records = run.read_to.clone().max(before.records.clone());
             let mut aggregations = BTreeMap::new();
+            let mut emitted_through = BTreeMap::new();
             for agg in &self.aggs {
+                let floor = before.emitted_through.get(&agg.name).copied();
+                if let Some(t) = agg.emitted_through.max(floor) {
+                    emitted_through.insert(agg.name.clone(), t);
+                }
                 let oldest = agg
                     .buffer
                     .iter()
@@ -539,9 +569,11 @@ impl Engine {
                 );
             }
             let cp = ShardCheckpoint {
+                ended: before.ended || (run.ended && records == run.read_to),
                 records,
                 aggregations,
                 max_event_time: self.watermark.max_event(shard),
+                emitted_through,
             };
             shards.insert(shard.to_string(), cp);
         }
@@ -582,7 +614,7 @@ pub async fn publish(
             .map_err(EngineError::Lake)?;
     }
     failpoint::hit("after_publish");
-    store.commit(intent)?;
+    store.commit(intent).await?;
     failpoint::hit("after_commit");
     Ok(())
 }
@@ -637,16 +669,26 @@ fn classify(
 
 /// The buffered rows of windows ending in `(lo, hi]`, each with that window's bounds; a row
 /// of a hopping window appears once per window.
+///
+/// A shard that came from another worker may have emitted further than this worker (its
+/// checkpoint's `emitted_through`): its rows skip the windows it emitted there.
 fn window_rows(
     agg: &AggState,
     lo: Option<i64>,
     hi: i64,
+    committed: &Committed,
     schema: &SchemaRef,
     event_field: usize,
 ) -> Vec<RecordBatch> {
     let spec = agg.spec;
     let mut out = Vec::new();
     for b in agg.buffer.iter().filter(|b| b.min_first_end <= hi) {
+        let floor = committed
+            .shards
+            .get(&*b.shard)
+            .and_then(|c| c.emitted_through.get(&agg.name))
+            .copied();
+        let lo = lo.max(floor);
         let ts = event_times(&b.batch, event_field);
         for k in 0..spec.per_record() as i64 {
             let mut starts = Vec::with_capacity(ts.len());

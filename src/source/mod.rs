@@ -97,6 +97,9 @@ pub enum ShardEvent {
     /// The shard waits for its parents to be read to their end (it is not caught up: it
     /// will have records, but it must not hold the watermark either).
     Waiting(Arc<str>),
+    /// The shard is closed and every record of it was sent before this (it is caught up,
+    /// for good).
+    Ended(Arc<str>),
     Failed(Arc<str>, SourceError),
 }
 
@@ -161,11 +164,8 @@ pub async fn shard_task<R: ShardReader>(
                 // Every record of the shard was sent before this: children may start.
                 finished = true;
                 parents.gate.finish(&shard);
-                if caught_up {
-                    continue;
-                }
                 caught_up = true;
-                ShardEvent::CaughtUp(shard.clone())
+                ShardEvent::Ended(shard.clone())
             }
             Ok(None) if !caught_up => {
                 caught_up = true;

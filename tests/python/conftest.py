@@ -132,10 +132,11 @@ def run_pipeline(shardlake_bin: Path, pipeline: Path, data_dir: Path, *,
 
 
 def write_test_pipeline(dest: Path, *, max_bytes: str, max_age: str, lake: str | None = None,
-                        source: str | None = None, extra: str = "") -> Path:
-    """The shipped pipeline with an absolute schema path and another rollover; `lake` and
-    `source` (flow YAML, e.g. `{s3: {bucket: b}}`) replace its own, `extra` is appended
-    (top-level keys)."""
+                        source: str | None = None, checkpoints: str | None = None,
+                        extra: str = "") -> Path:
+    """The shipped pipeline with an absolute schema path and another rollover; `lake`,
+    `source` and `checkpoints` (flow YAML, e.g. `{s3: {bucket: b}}`) replace its own, `extra`
+    is appended (top-level keys)."""
     text = PIPELINE.read_text()
     text, n_schema = re.subn(r"(?m)^schema:.*$", f"schema: {SCHEMA}", text)
     text, n_roll = re.subn(r"(?m)^rollover:\n(?:[ \t]+\S.*\n)+",
@@ -147,7 +148,11 @@ def write_test_pipeline(dest: Path, *, max_bytes: str, max_age: str, lake: str |
     if source is not None:
         text, n_source = re.subn(r"(?m)^source:\n(?:[ \t]+\S.*\n)+", f"source: {source}\n",
                                  text)
-    assert (n_schema, n_roll, n_lake, n_source) == (1, 1, 1, 1), (
+    n_checkpoints = 1
+    if checkpoints is not None:
+        text, n_checkpoints = re.subn(r"(?m)^checkpoints:\n(?:[ \t]+\S.*\n)+",
+                                      f"checkpoints: {checkpoints}\n", text)
+    assert (n_schema, n_roll, n_lake, n_source, n_checkpoints) == (1, 1, 1, 1, 1), (
         "pipelines/well-telemetry.yaml changed shape")
     dest.write_text(text + extra)
     return dest
@@ -512,9 +517,34 @@ def no_late(con, lake) -> None:
     assert n == 0, f"late has {n} rows; every reading is within the allowed lateness"
 
 
-def check_whole_lake(con, lake, stream: StreamData) -> None:
+def check_well_5m_hop_parts(con, lake: Path) -> int:
+    """Several workers each emit their part of a window whose group spans shards (a tenant's
+    devices are spread over the stream): one row per (window, tenant) per worker that read
+    some of it. Until partial states are stored and merged by a view, what holds is: the
+    parts' `readings` add up to DuckDB's count, their `readings`-weighted averages to its
+    average, their maxima to its maximum, and no part counts more devices than the whole."""
+    src = lake_source(lake, "well_5m_hop")
+    assert src is not None, "well_5m_hop has no files"
+    expected = keyed(con, WELL_5M_HOP_EXPECTED, 2)
+    actual = keyed(con, f"""
+        SELECT epoch_us(window_start), tenant, sum(readings)::BIGINT, max(devices),
+               sum(readings * pressure_avg) / sum(readings), max(pressure_max)
+        FROM {src} GROUP BY ALL""", 2)
+    expected_parts = {k: (v[0], v[1], v[2], v[3]) for k, v in expected.items()}
+    # `devices` of the parts: the largest part has at most the window's distinct devices.
+    too_many = [(k, a[1], expected[k][1]) for k, a in actual.items()
+                if k in expected and a[1] > expected[k][1]]
+    assert not too_many, f"a part counts more devices than the window has: {too_many[:5]}"
+    compare_aggregates("well_5m_hop (parts merged)", expected_parts,
+                       {k: (a[0], expected.get(k, a)[1], a[2], a[3]) for k, a in actual.items()},
+                       WELL_5M_HOP_VALUES)
+    return len(expected)
+
+
+def check_whole_lake(con, lake, stream: StreamData, *, hop_in_parts: bool = False) -> None:
     """Every output of pipelines/well-telemetry.yaml against the input (registered as `src`
-    in `con` by the caller), for an input without late readings."""
+    in `con` by the caller), for an input without late readings. `hop_in_parts`: several
+    workers wrote the lake (see `check_well_5m_hop_parts`)."""
     check_readings_exactly_once(con, lake, len(stream.valid))
     check_dead_letter(con, lake, stream.invalid)
     no_late(con, lake)
@@ -524,7 +554,10 @@ def check_whole_lake(con, lake, stream: StreamData) -> None:
                                   FROM {src_alerts}""").fetchall()[0]
     assert n == distinct, f"alerts has {n - distinct} duplicates"
     check_well_1m(con, lake)
-    check_well_5m_hop(con, lake)
+    if hop_in_parts:
+        check_well_5m_hop_parts(con, lake)
+    else:
+        check_well_5m_hop(con, lake)
 
 
 # --------------------------------------------------------------------------------------------
@@ -803,14 +836,16 @@ class Kinesalite:
                             config=Config(retries={"max_attempts": 10, "mode": "standard"}))
 
 
-def _node_server(script: str, tmp_path_factory, args: list[str]):
+def _node_server(script: str, tmp_path_factory, args: list[str],
+                 preload: list[str] = (), env: dict[str, str] | None = None):
     if not (SERVERS / "node_modules").is_dir():
         pytest.fail(f"{SERVERS}/node_modules is missing; run `npm ci --prefix {SERVERS}` "
                     "(scripts/test does)")
     log_path = tmp_path_factory.mktemp(script.split(".")[0]) / "server.log"
     log = open(log_path, "wb")
-    proc = subprocess.Popen(["node", str(SERVERS / script), *args], stdout=log,
-                            stderr=subprocess.STDOUT)
+    requires = [a for p in preload for a in ("--require", str(SERVERS / p))]
+    proc = subprocess.Popen(["node", *requires, str(SERVERS / script), *args], stdout=log,
+                            stderr=subprocess.STDOUT, env=env)
     return proc, log, log_path
 
 
@@ -822,15 +857,75 @@ def _port_open(host: str, port: int) -> bool:
         return False
 
 
-@pytest.fixture(scope="session")
-def kinesalite(tmp_path_factory):
-    server = Kinesalite("127.0.0.1", free_port())
-    proc, log, log_path = _node_server("kinesalite.js", tmp_path_factory, [str(server.port)])
+def _serve_kinesalite(tmp_path_factory, server: Kinesalite, **kw):
+    proc, log, log_path = _node_server("kinesalite.js", tmp_path_factory, [str(server.port)], **kw)
     try:
         deadline = time.monotonic() + 60
         while not _port_open(server.host, server.port):
             if proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"kinesalite did not start:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.1)
+        yield server
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def kinesalite(tmp_path_factory):
+    yield from _serve_kinesalite(tmp_path_factory, Kinesalite("127.0.0.1", free_port()))
+
+
+@dataclass
+class ShiftedKinesalite(Kinesalite):
+    """A kinesalite whose clock the test moves forward (`shift(seconds)`)."""
+    offset_file: Path = Path()
+
+    def shift(self, seconds: float) -> None:
+        ms = int(self.offset_file.read_text() or 0) + int(seconds * 1000)
+        tmp = self.offset_file.with_suffix(".tmp")
+        tmp.write_text(str(ms))
+        tmp.replace(self.offset_file)
+
+
+@pytest.fixture
+def shifted_kinesalite(tmp_path_factory):
+    offset = tmp_path_factory.mktemp("timeshift") / "offset_ms"
+    offset.write_text("0")
+    server = ShiftedKinesalite("127.0.0.1", free_port(), offset)
+    yield from _serve_kinesalite(tmp_path_factory, server, preload=["timeshift.js"],
+                                 env={**os.environ, "TIMESHIFT_FILE": str(offset)})
+
+
+@pytest.fixture(scope="session")
+def kinesis_local(tmp_path_factory):
+    """kinesis-local (npm), the Kinesis server that reshards as AWS does (child shards,
+    UpdateShardCount). It binds 0.0.0.0 hard-coded: a copy of its script binds 127.0.0.1."""
+    pkg = SERVERS / "node_modules" / "kinesis-local"
+    if not pkg.is_dir():
+        pytest.fail(f"{pkg} is missing; run `npm ci --prefix {SERVERS}` (scripts/test does)")
+    home = tmp_path_factory.mktemp("kinesis-local")
+    script = (pkg / "main.js").read_text()
+    assert 'em("0.0.0.0")' in script, "kinesis-local changed: its bind address was not found"
+    (home / "main.js").write_text(script.replace('em("0.0.0.0")', 'em("127.0.0.1")'))
+    (home / "server.json").write_text((pkg / "server.json").read_text())
+    server = Kinesalite("127.0.0.1", free_port())
+    ms = "50ms"
+    env = {**os.environ, "KINESIS_MOCK_PLAIN_PORT": str(server.port),
+           "KINESIS_MOCK_TLS_PORT": str(free_port()), "CREATE_STREAM_DURATION": ms,
+           "DELETE_STREAM_DURATION": ms, "SPLIT_SHARD_DURATION": ms,
+           "MERGE_SHARDS_DURATION": ms, "UPDATE_SHARD_COUNT_DURATION": ms,
+           "REGISTER_STREAM_CONSUMER_DURATION": ms, "LOG_LEVEL": "WARN"}
+    log_path = home / "server.log"
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(["node", "main.js"], cwd=home, env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while not _port_open(server.host, server.port):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"kinesis-local did not start:\n{log_path.read_text()[-3000:]}")
             time.sleep(0.1)
         yield server
     finally:

@@ -1,0 +1,175 @@
+"""Many workers on one stream through DynamoDB leases: kinesalite for Kinesis (volume), moto's
+server for DynamoDB (conditional writes, transactions). Three `shardlake run` processes share
+an 8-shard stream; one is killed with SIGKILL mid-run; the others must take its shards within
+the lease timeout, and the lake must hold every record exactly once with the aggregates
+DuckDB computes from the input.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+import uuid
+
+from conftest import (
+    AWS_TEST_ENV,
+    check_run,
+    check_whole_lake,
+    create_stream,
+    duck,
+    inprogress_files,
+    interleave,
+    pipeline_env,
+    put_lines,
+    simulate,
+    stream_data,
+    wait_until,
+    write_test_pipeline,
+)
+
+FAILOVER_S = 4
+
+
+def lease_table(ddb, table: str) -> dict[str, dict]:
+    """leaseKey → item (plain values), read with a consistent scan."""
+    items, start = [], None
+    while True:
+        kw = {"TableName": table, "ConsistentRead": True}
+        if start:
+            kw["ExclusiveStartKey"] = start
+        page = ddb.scan(**kw)
+        items += page["Items"]
+        start = page.get("LastEvaluatedKey")
+        if not start:
+            break
+    return {i["leaseKey"]["S"]: {k: next(iter(v.values())) for k, v in i.items()} for i in items}
+
+
+def owners(leases: dict[str, dict]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for key, item in leases.items():
+        if "leaseOwner" in item:
+            out.setdefault(item["leaseOwner"], []).append(key)
+    return out
+
+
+def worker_of(owner: str) -> str:
+    """`w1-1a2b3c4d` → `w1` (each process adds a random suffix to its --worker-id)."""
+    return owner.rsplit("-", 1)[0]
+
+
+def test_three_workers_share_a_stream_and_survive_a_sigkill(tmp_path, kinesalite, moto,
+                                                           agent_bin, shardlake_bin, capsys):
+    kinesis = kinesalite.client()
+    ddb = moto.client("dynamodb")
+    name = f"wells-{uuid.uuid4().hex[:8]}"
+    table = f"shardlake-leases-{uuid.uuid4().hex[:8]}"
+    create_stream(kinesis, name, 8)
+    summary = simulate(agent_bin, tmp_path / "sim", shards=8, devices=800, readings=252,
+                       seed=71, spikes=24, malformed=40)
+    lines = interleave(tmp_path / "sim" / "stream")
+    assert len(lines) >= 200_000
+    started = time.monotonic()
+    third = len(lines) // 3
+    put = put_lines(kinesis, name, lines[:third])
+
+    pipeline = write_test_pipeline(
+        tmp_path / "leases.yaml", max_bytes="4MiB", max_age="2s",
+        source=f"{{kinesis: {{stream: {name}}}}}",
+        checkpoints=f"{{dynamodb: {{table: {table}, failover_time: {FAILOVER_S}s, "
+                    "shard_sync_interval: 5s}}")
+    env = pipeline_env(tmp_path, {**AWS_TEST_ENV, "AWS_ENDPOINT_URL_KINESIS": kinesalite.url,
+                                  "AWS_ENDPOINT_URL_DYNAMODB": moto.url})
+    logs = [open(tmp_path / f"w{i}.log", "w") for i in range(3)]
+    workers = [subprocess.Popen([str(shardlake_bin), "run", str(pipeline), "--worker-id", f"w{i}"],
+                                env=env, stdout=subprocess.DEVNULL, stderr=logs[i])
+               for i in range(3)]
+
+    def log_tail(i: int) -> str:
+        return (tmp_path / f"w{i}.log").read_text()[-4000:]
+
+    try:
+        # The table is created by the first worker; then the shards are shared 3/3/2.
+        def balanced():
+            try:
+                leases = lease_table(ddb, table)
+            except ddb.exceptions.ResourceNotFoundException:
+                return None
+            by = owners(leases)
+            counts = sorted(len(v) for v in by.values())
+            return by if len(leases) == 8 and counts == [2, 3, 3] else None
+        by_owner = wait_until("3 workers to hold 3, 3 and 2 of the 8 leases", balanced,
+                              timeout=90, every=0.5)
+        balanced_s = time.monotonic() - started
+        assert {worker_of(o) for o in by_owner} == {"w0", "w1", "w2"}, by_owner
+
+        # More records while the workers read; w0 is killed part-way through.
+        rest: list = []
+        producer = threading.Thread(target=lambda: rest.extend(put_lines(kinesis, name, lines[third:])))
+        producer.start()
+        wait_until("the workers to commit records from every shard",
+                   lambda: all(it["checkpoint"].isdigit() for it in lease_table(ddb, table).values()),
+                   timeout=120, every=0.5)
+        victim_owner = next(o for o in owners(lease_table(ddb, table)) if worker_of(o) == "w0")
+        workers[0].kill()
+        workers[0].wait()
+        killed_at = time.monotonic()
+
+        def taken_over():
+            by = owners(lease_table(ddb, table))
+            return victim_owner not in by and sum(map(len, by.values())) == 8 and by
+        after = wait_until("the survivors to take the killed worker's leases", taken_over,
+                           timeout=FAILOVER_S * 5, every=0.2)
+        takeover_s = time.monotonic() - killed_at
+        # Expiry is seen after `failover_time` without a counter change, by a scan that runs
+        # every failover/2; two survivors racing for one lease may need one scan more.
+        assert takeover_s <= FAILOVER_S * 2 + 1, f"takeover took {takeover_s:.1f}s"
+        assert sorted(len(v) for v in after.values()) == [4, 4], after
+        producer.join(timeout=300)
+        assert not producer.is_alive()
+        put += rest
+
+        # Every record committed: each shard's KCL checkpoint is its last sequence number.
+        last: dict[str, int] = {}
+        for _, shard, seq in put:
+            last[shard] = max(last.get(shard, 0), int(seq))
+        wait_until("every shard's checkpoint to reach its last record",
+                   lambda: all(it["checkpoint"].isdigit() and int(it["checkpoint"]) == last[k]
+                               for k, it in lease_table(ddb, table).items()),
+                   timeout=300, every=1)
+        for w in workers[1:]:
+            w.terminate()
+        for i, w in enumerate(workers[1:], 1):
+            assert w.wait(timeout=60) == 0, f"w{i} did not stop cleanly:\n{log_tail(i)}"
+        assert owners(lease_table(ddb, table)) == {}, "a stopping worker releases its leases"
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+                w.wait()
+        for f in logs:
+            f.close()
+
+    # The windows still open are emitted by one bounded run (it takes every lease).
+    check_run([str(shardlake_bin), "run", str(pipeline), "--drain", "--worker-id", "last"],
+              env=env, timeout=300)
+    total_s = time.monotonic() - started
+    sessions = {f"w{i}": (tmp_path / f"w{i}.log").read_text().count('"reading shard"')
+                for i in range(3)}
+    with capsys.disabled():
+        print(f"\n[leases] {len(put)} records on 8 shards, 3 workers: balanced 3/3/2 after "
+              f"{balanced_s:.1f}s; w0 SIGKILLed, its {len(by_owner[victim_owner])} leases taken "
+              f"in {takeover_s:.1f}s (failover_time {FAILOVER_S}s); shard reads started per "
+              f"worker {sessions}; all done in {total_s:.1f}s")
+
+    data = stream_data(put)
+    assert (len(data.valid), len(data.invalid)) == (summary["readings"], summary["malformed"])
+    con = duck()
+    con.register("src", data.table())
+    lake = tmp_path / "lake"
+    check_whole_lake(con, lake, data, hop_in_parts=True)
+    # Files a worker staged but never prepared are removed by that worker's next session;
+    # the killed worker has none, so its leftovers stay hidden (dot-files readers skip).
+    left = inprogress_files(lake)
+    assert all(f"-{victim_owner}-" in f for f in left), left
