@@ -6,6 +6,10 @@ against the records and the sequence numbers the server assigned.
 from __future__ import annotations
 
 import json
+import re
+import signal
+import subprocess
+import threading
 import time
 import uuid
 
@@ -23,6 +27,7 @@ from conftest import (
     put_lines,
     simulate,
     stream_data,
+    wait_until,
     write_test_pipeline,
 )
 from faultproxy import FaultProxy
@@ -144,3 +149,164 @@ def test_kinesis_throttling_and_5xx_lose_and_duplicate_nothing(tmp_path, kinesal
     con = duck()
     con.register("src", data.table())
     check_whole_lake(con, tmp_path / "lake", data)
+
+
+def test_an_expired_iterator_resumes_where_the_shard_stopped(tmp_path, shifted_kinesalite,
+                                                             agent_bin, shardlake_bin, capsys):
+    """A shard left idle past the 5-minute iterator expiry: kinesalite's clock is moved 310 s
+    forward while the run waits for records, so the server itself refuses the iterator the
+    run holds (ExpiredIteratorException); the run must take a new one from where the shard
+    stopped and read what comes next exactly once."""
+    kinesis = shifted_kinesalite.client()
+    name = f"wells-{uuid.uuid4().hex[:8]}"
+    create_stream(kinesis, name, 2)
+    summary = simulate(agent_bin, tmp_path / "sim", shards=2, devices=40, readings=120,
+                       seed=29, spikes=2, malformed=4)
+    lines = interleave(tmp_path / "sim" / "stream")
+    half = len(lines) // 2
+    put = put_lines(kinesis, name, lines[:half])
+    pipeline = kinesis_pipeline(tmp_path, name, max_bytes="1MiB", max_age="1s")
+    env = pipeline_env(tmp_path, shifted_kinesalite.env())
+    proc = subprocess.Popen([str(shardlake_bin), "run", str(pipeline), "--progress"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    logs: list[str] = []
+
+    def read_until(records: int, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        read = 0
+        for line in proc.stderr:
+            logs.append(line)
+            m = re.match(r"records (\d+)", line)
+            if m:
+                read = int(m.group(1))
+                if read >= records:
+                    return read
+            assert time.monotonic() < deadline, f"only {read} of {records} records read"
+        raise AssertionError(f"the run ended after {read} of {records} records:\n"
+                             + "".join(logs[-20:]))
+
+    try:
+        assert read_until(half, 120) == half
+        shifted_kinesalite.shift(310)
+        put += put_lines(kinesis, name, lines[half:])
+        assert read_until(len(lines), 120) == len(lines), "records read twice"
+        proc.send_signal(signal.SIGTERM)
+        logs.extend(proc.stderr.read().splitlines(keepends=True))
+        assert proc.wait(timeout=60) == 0, "the run did not shut down cleanly on SIGTERM"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    entries = [json.loads(line) for line in logs if line.startswith("{")]
+    entries = [{**e, **e.get("fields", {})} for e in entries]
+    expired = {e.get("shard_id") for e in entries
+               if e.get("message", "").startswith("shard iterator expired")}
+    finished = [e for e in entries if e.get("message") == "run finished"]
+    assert len(finished) == 1 and finished[0]["kinesis_expired_iterators"] >= 2, finished
+    assert len(expired) == 2, f"both idle shards' iterators should have expired: {expired}"
+    with capsys.disabled():
+        print(f"\n[expired iterator] kinesalite's clock moved 310 s; "
+              f"{finished[0]['kinesis_expired_iterators']} iterators re-acquired on "
+              f"{sorted(expired)}; {len(lines)} records read once each")
+
+    check_run([str(shardlake_bin), "run", str(pipeline), "--drain"], env=env, timeout=300)
+    data = stream_data(put)
+    assert (len(data.valid), len(data.invalid)) == (summary["readings"], summary["malformed"])
+    con = duck()
+    con.register("src", data.table())
+    check_whole_lake(con, tmp_path / "lake", data)
+
+
+def test_split_and_merge_while_producing_keep_each_device_in_order(tmp_path, kinesis_local,
+                                                                  agent_bin, shardlake_bin,
+                                                                  capsys):
+    """kinesis-local (it reshards as AWS does): one shard is split and two others merged
+    while a producer writes and a run reads. Every record must reach the lake once, and each
+    device's records in the order they were put, across the parent and child shards."""
+    kinesis = kinesis_local.client()
+    name = f"wells-{uuid.uuid4().hex[:8]}"
+    create_stream(kinesis, name, 3)
+    summary = simulate(agent_bin, tmp_path / "sim", shards=3, devices=60, readings=50,
+                       seed=37, spikes=2, malformed=6)
+    lines = interleave(tmp_path / "sim" / "stream")
+    pipeline = kinesis_pipeline(tmp_path, name, max_bytes="1MiB", max_age="1s")
+    env = pipeline_env(tmp_path, kinesis_local.env())
+    run = subprocess.Popen([str(shardlake_bin), "run", str(pipeline)], env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    put: list = []
+    errors: list = []
+
+    def produce():
+        try:
+            for i in range(0, len(lines), 100):
+                put.extend(put_lines(kinesis, name, lines[i:i + 100]))
+        except Exception as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+
+    def active():
+        return kinesis.describe_stream_summary(
+            StreamName=name)["StreamDescriptionSummary"]["StreamStatus"] == "ACTIVE"
+
+    producer = threading.Thread(target=produce)
+    try:
+        producer.start()
+        shards = {s["ShardId"]: s for s in kinesis.list_shards(StreamName=name)["Shards"]}
+        ids = sorted(shards)
+        wait_until("a third of the records to be put", lambda: len(put) >= len(lines) // 3 or errors,
+                   timeout=120)
+        lo = int(shards[ids[0]]["HashKeyRange"]["StartingHashKey"])
+        hi = int(shards[ids[0]]["HashKeyRange"]["EndingHashKey"])
+        kinesis.split_shard(StreamName=name, ShardToSplit=ids[0],
+                            NewStartingHashKey=str((lo + hi) // 2))
+        wait_until("the split to finish", active, timeout=60)
+        wait_until("two thirds of the records to be put",
+                   lambda: len(put) >= 2 * len(lines) // 3 or errors, timeout=120)
+        kinesis.merge_shards(StreamName=name, ShardToMerge=ids[1], AdjacentShardToMerge=ids[2])
+        wait_until("the merge to finish", active, timeout=60)
+        producer.join(timeout=300)
+        assert not producer.is_alive() and not errors, errors
+        run.send_signal(signal.SIGTERM)
+        stderr = run.communicate(timeout=60)[1]
+        assert run.returncode == 0, f"the run did not stop cleanly:\n{stderr[-3000:]}"
+    finally:
+        if producer.is_alive():
+            producer.join(timeout=300)
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    after = kinesis.list_shards(StreamName=name)["Shards"]
+    closed = [s["ShardId"] for s in after if "EndingSequenceNumber" in s["SequenceNumberRange"]]
+    assert sorted(closed) == ids, f"the split and merge should close the 3 first shards: {after}"
+    assert len(after) == 6, after
+
+    # A second run reads what the first did not reach (the children it had not listed yet).
+    check_run([str(shardlake_bin), "run", str(pipeline), "--drain"], env=env, timeout=300)
+    data = stream_data(put)
+    assert (len(data.valid), len(data.invalid)) == (summary["readings"], summary["malformed"])
+    con = duck()
+    con.register("src", data.table())
+    lake = tmp_path / "lake"
+    check_whole_lake(con, lake, data)
+
+    # Each device's records in the order they reached the lake: by commit (the number in the
+    # file name), then by hour partition and row within the file.
+    files = str(lake / "readings" / "**" / "*.parquet")
+    moved, out_of_order = con.execute(f"""
+        WITH r AS (
+            SELECT device_id, seq, _shard_id,
+                   row_number() OVER (PARTITION BY device_id ORDER BY
+                       CAST(regexp_extract(filename, 'part-([0-9]+)-', 1) AS BIGINT),
+                       filename, file_row_number) AS arrival
+            FROM read_parquet('{files}', filename = true, file_row_number = true))
+        SELECT (SELECT count(*) FROM (SELECT device_id FROM r GROUP BY device_id
+                                      HAVING count(DISTINCT _shard_id) > 1)),
+               (SELECT count(*) FROM (SELECT seq, lag(seq) OVER (PARTITION BY device_id
+                                                                 ORDER BY arrival) AS prev
+                                      FROM r) WHERE seq <= prev)
+    """).fetchall()[0]
+    assert moved >= 10, f"only {moved} devices moved to a child shard: the test proves little"
+    assert out_of_order == 0, f"{out_of_order} records reached the lake before an earlier one of their device"
+    with capsys.disabled():
+        print(f"\n[reshard, kinesis-local] {len(put)} records; split {ids[0]}, merged {ids[1]} "
+              f"and {ids[2]} while producing; {moved} devices read across parent and child "
+              "shards, all in order")
