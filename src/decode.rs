@@ -46,6 +46,9 @@ pub enum Reason {
     FutureEventTime { event_time: String, limit: String },
     /// A timestamp field other than event time is not RFC 3339.
     BadTimestamp { field: String, value: String },
+    /// A KPL aggregate (magic `F3 89 9A C2`) whose digest or protobuf body is wrong; the
+    /// whole Kinesis record is kept as it came.
+    CorruptAggregate(String),
 }
 
 impl fmt::Display for Reason {
@@ -76,6 +79,10 @@ impl fmt::Display for Reason {
             Reason::FutureEventTime { event_time, limit } => write!(
                 f,
                 "future_event_time: event time {event_time} is more than {limit} ahead of the clock (limits.max_future_skew)"
+            ),
+            Reason::CorruptAggregate(m) => write!(
+                f,
+                "corrupt_aggregate: a KPL aggregated record that cannot be unpacked: {m}"
             ),
             Reason::BadTimestamp { field, value } => write!(
                 f,
@@ -208,7 +215,14 @@ impl RecordDecoder {
         let mut candidates = Vec::with_capacity(chunk.len());
         for i in 0..chunk.len() {
             let rec = chunk.record(i);
-            let reason = if rec.len() > self.max_record_bytes {
+            let rejected = chunk
+                .rejected
+                .iter()
+                .find(|(r, _)| *r == i)
+                .map(|(_, why)| Reason::CorruptAggregate(why.clone()));
+            let reason = if rejected.is_some() {
+                rejected
+            } else if rec.len() > self.max_record_bytes {
                 Some(Reason::TooLarge {
                     size: rec.len(),
                     limit: self.max_record_bytes,

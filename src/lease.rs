@@ -699,14 +699,15 @@ fn n(v: u64) -> AttributeValue {
     AttributeValue::N(v.to_string())
 }
 
-/// The KCL `checkpoint` attribute for a shard's state.
-fn kcl_checkpoint(cp: &ShardCheckpoint, start: &str) -> String {
+/// The KCL `checkpoint` and `checkpointSubSequenceNumber` attributes for a shard's state.
+fn kcl_checkpoint(cp: &ShardCheckpoint, start: &str) -> (String, u64) {
     if cp.ended {
-        return SHARD_END.into();
+        return (SHARD_END.into(), 0);
     }
-    cp.records
-        .as_ref()
-        .map_or_else(|| start.to_string(), |s| s.to_string())
+    cp.records.as_ref().map_or_else(
+        || (start.to_string(), 0),
+        |s| (s.record().to_string(), s.sub().unwrap_or(0)),
+    )
 }
 
 /// A session's checkpoint store: the items of the shards it reads.
@@ -899,14 +900,14 @@ impl CheckpointStore for LeaseStore {
                     checkpoint: cp.clone(),
                     watermark: intent.next.watermark,
                 };
-                let cp_attr = kcl_checkpoint(&cp, self.m.start);
+                let (cp_attr, sub) = kcl_checkpoint(&cp, self.m.start);
                 self.m
                     .client
                     .update_item()
                     .table_name(&self.m.cfg.table)
                     .key("leaseKey", AttributeValue::S(key))
                     .update_expression(
-                        "SET shardlakeState = :state, checkpoint = :cp, checkpointSubSequenceNumber = :zero, ownerSwitchesSinceCheckpoint = :zero REMOVE pendingIntentId, pendingIntent",
+                        "SET shardlakeState = :state, checkpoint = :cp, checkpointSubSequenceNumber = :sub, ownerSwitchesSinceCheckpoint = :zero REMOVE pendingIntentId, pendingIntent",
                     )
                     // Whoever completes a prepared commit may: the prepare was fenced.
                     .condition_expression("pendingIntentId = :id")
@@ -919,6 +920,7 @@ impl CheckpointStore for LeaseStore {
                         ":cp",
                         AttributeValue::S(cp_attr),
                     )
+                    .expression_attribute_values(":sub", n(sub))
                     .expression_attribute_values(":zero", n(0))
                     .send()
             });

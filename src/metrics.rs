@@ -30,6 +30,8 @@ pub struct Metrics {
     /// Shard iterators that expired and were acquired again.
     pub kinesis_expired_iterators: AtomicU64,
     pub kinesis_bytes_read: AtomicU64,
+    /// KPL aggregated records unpacked into their user records.
+    pub kpl_aggregates: AtomicU64,
     /// Leases (shards) this worker holds now.
     pub leases_held: AtomicU64,
     /// Leases this worker took (free, expired or stolen).

@@ -266,6 +266,7 @@ pub async fn run(
         kinesis_throttled = g(&metrics.kinesis_throttled),
         kinesis_errors_retried = g(&metrics.kinesis_errors_retried),
         kinesis_expired_iterators = g(&metrics.kinesis_expired_iterators),
+        kpl_aggregates = g(&metrics.kpl_aggregates),
         leases_taken = g(&metrics.leases_taken),
         leases_lost = g(&metrics.leases_lost),
         lease_sessions = g(&metrics.lease_sessions),

@@ -10,6 +10,10 @@ use serde::{Deserialize, Serialize};
 
 /// A shard's sequence number. Kinesis' are decimal strings of up to 128 digits (beyond
 /// `u128`); they order by length, then digit by digit. The local stream's are byte offsets.
+///
+/// A user record unpacked from a KPL aggregate is `<sequence number>:<sub-sequence number>`
+/// (its index in the aggregate); it orders after the records before its aggregate and before
+/// the aggregate's own number, which stands for the whole record.
 #[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct SeqNo(pub String);
@@ -22,14 +26,30 @@ impl SeqNo {
     pub fn as_u64(&self) -> Option<u64> {
         self.0.parse().ok()
     }
+
+    /// The `sub`-th user record of the aggregate with sequence number `seq`.
+    pub fn sub_record(seq: &str, sub: u64) -> Self {
+        Self(format!("{seq}:{sub}"))
+    }
+
+    /// The Kinesis record's sequence number (without a sub-sequence).
+    pub fn record(&self) -> &str {
+        self.0.split_once(':').map_or(&self.0, |(seq, _)| seq)
+    }
+
+    /// The sub-sequence number of a user record unpacked from an aggregate.
+    pub fn sub(&self) -> Option<u64> {
+        self.0.split_once(':').and_then(|(_, sub)| sub.parse().ok())
+    }
 }
 
 impl Ord for SeqNo {
     fn cmp(&self, other: &Self) -> Ordering {
-        self.0
-            .len()
-            .cmp(&other.0.len())
-            .then_with(|| self.0.cmp(&other.0))
+        let (a, b) = (self.record(), other.record());
+        a.len().cmp(&b.len()).then_with(|| a.cmp(b)).then_with(|| {
+            let whole = |s: &SeqNo| s.sub().unwrap_or(u64::MAX);
+            whole(self).cmp(&whole(other))
+        })
     }
 }
 
@@ -65,6 +85,9 @@ pub struct RawChunk {
     /// Each record's bytes within `data`.
     pub spans: Vec<Range<usize>>,
     pub seqs: Vec<SeqNo>,
+    /// Records the source already knows are bad (a corrupt KPL aggregate), by index, with
+    /// why: they go to dead-letter as they are.
+    pub rejected: Vec<(usize, String)>,
     /// Wall-clock time the chunk was read (microseconds since the epoch).
     pub arrival_us: i64,
 }
@@ -102,5 +125,18 @@ mod tests {
         assert!(a < b);
         assert!(SeqNo::from_u64(9) < SeqNo::from_u64(10));
         assert!(SeqNo::from_u64(100) > SeqNo::from_u64(99));
+    }
+
+    #[test]
+    fn sub_records_order_inside_their_aggregate() {
+        let agg = "49590338271490256608559692538361571095921575989136588898";
+        let next = SeqNo("49590338271490256608559692540925702759324208523137515618".into());
+        let (s0, s1) = (SeqNo::sub_record(agg, 0), SeqNo::sub_record(agg, 1));
+        let whole = SeqNo(agg.into());
+        assert!(s0 < s1 && s1 < whole && whole < next);
+        assert!(SeqNo::sub_record(agg, 999) < next);
+        assert!(SeqNo::from_u64(9) < SeqNo::sub_record("10", 0));
+        assert_eq!((s1.record(), s1.sub()), (agg, Some(1)));
+        assert_eq!((whole.record(), whole.sub()), (agg, None));
     }
 }

@@ -303,6 +303,7 @@ impl Feed {
             spans,
             seqs,
             arrival_us: self.clock.now_us(),
+            rejected: Vec::new(),
         };
         self.decoder.decode(&chunk, self.clock.now_us())
     }

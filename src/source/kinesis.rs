@@ -25,6 +25,7 @@ use crate::aws;
 use crate::config::{KinesisSource, StartAt};
 use crate::metrics::Metrics;
 use crate::record::{Position, RawChunk, SeqNo};
+use crate::source::kpl;
 
 /// GetRecords: at most 5 calls a second per shard.
 const MIN_CALL_GAP: Duration = Duration::from_millis(200);
@@ -177,6 +178,10 @@ impl KinesisShardReader {
                 req.stream_name(&s.stream)
             };
             req = match (&self.position, s.start) {
+                // Part-way through a KPL aggregate: read it again, skipping what was read.
+                (Some(seq), _) if seq.sub().is_some() => req
+                    .shard_iterator_type(ShardIteratorType::AtSequenceNumber)
+                    .starting_sequence_number(seq.record()),
                 (Some(seq), _) => req
                     .shard_iterator_type(ShardIteratorType::AfterSequenceNumber)
                     .starting_sequence_number(&seq.0),
@@ -290,26 +295,75 @@ impl ShardReader for KinesisShardReader {
                 // Behind, but this stretch of the shard is empty: keep going.
                 continue;
             }
-            let mut data = Vec::with_capacity(bytes as usize);
-            let mut spans = Vec::with_capacity(out.records().len());
-            let mut seqs = Vec::with_capacity(out.records().len());
-            for r in out.records() {
-                let b = r.data().as_ref();
-                spans.push(data.len()..data.len() + b.len());
-                data.extend_from_slice(b);
-                seqs.push(SeqNo(r.sequence_number().to_string()));
-            }
-            let resume_from = std::mem::replace(&mut self.position, seqs.last().cloned());
             Metrics::add(&metrics.kinesis_bytes_read, bytes);
+            let mut chunk = Chunk::with_capacity(bytes as usize, out.records().len());
+            for r in out.records() {
+                let (b, seq) = (r.data().as_ref(), r.sequence_number());
+                match kpl::unpack(b) {
+                    kpl::Unpacked::Plain => chunk.push(b, SeqNo(seq.to_string()), &self.position),
+                    kpl::Unpacked::Records(users) => {
+                        Metrics::add(&metrics.kpl_aggregates, 1);
+                        for (k, user) in users.into_iter().enumerate() {
+                            chunk.push(user, SeqNo::sub_record(seq, k as u64), &self.position);
+                        }
+                    }
+                    kpl::Unpacked::Corrupt(why) => {
+                        tracing::warn!(shard_id = %self.shard, sequence_number = seq, reason = %why, "corrupt KPL aggregate; the record goes to dead-letter");
+                        chunk.rejected.push((chunk.spans.len(), why));
+                        chunk.push(b, SeqNo(seq.to_string()), &self.position);
+                    }
+                }
+            }
+            if chunk.seqs.is_empty() {
+                // Only the part of an aggregate that was read before: go on after it.
+                continue;
+            }
+            let resume_from = std::mem::replace(&mut self.position, chunk.seqs.last().cloned());
             return Ok(Some(RawChunk {
                 shard: self.shard.clone(),
                 resume_from,
-                data,
-                spans,
-                seqs,
+                data: chunk.data,
+                spans: chunk.spans,
+                seqs: chunk.seqs,
+                rejected: chunk.rejected,
                 arrival_us: now_us,
             }));
         }
+    }
+}
+
+/// The user records of one GetRecords answer, KPL aggregates unpacked.
+struct Chunk {
+    data: Vec<u8>,
+    spans: Vec<std::ops::Range<usize>>,
+    seqs: Vec<SeqNo>,
+    rejected: Vec<(usize, String)>,
+}
+
+impl Chunk {
+    fn with_capacity(bytes: usize, records: usize) -> Self {
+        Self {
+            data: Vec::with_capacity(bytes),
+            spans: Vec::with_capacity(records),
+            seqs: Vec::with_capacity(records),
+            rejected: Vec::new(),
+        }
+    }
+
+    /// Adds a record unless it is at or before `after` (an aggregate read again from its
+    /// start after a restart part-way through it).
+    fn push(&mut self, b: &[u8], seq: SeqNo, after: &Position) {
+        if after.as_ref().is_some_and(|after| seq <= *after) {
+            if let Some(last) = self.rejected.last()
+                && last.0 == self.spans.len()
+            {
+                self.rejected.pop();
+            }
+            return;
+        }
+        self.spans.push(self.data.len()..self.data.len() + b.len());
+        self.data.extend_from_slice(b);
+        self.seqs.push(seq);
     }
 }
 

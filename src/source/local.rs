@@ -135,6 +135,7 @@ impl LocalShardReader {
                 data: head,
                 seqs: vec![SeqNo::from_u64(end)],
                 arrival_us: now_us,
+                rejected: Vec::new(),
             }));
         }
         if spans.is_empty() {
@@ -149,6 +150,7 @@ impl LocalShardReader {
             spans,
             seqs,
             arrival_us: now_us,
+            rejected: Vec::new(),
         }))
     }
 }

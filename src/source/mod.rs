@@ -3,6 +3,7 @@
 //! bounded channel, so a slow sink slows reading instead of filling memory.
 
 pub mod kinesis;
+pub mod kpl;
 pub mod local;
 
 use std::sync::Arc;
