@@ -14,23 +14,54 @@ use datafusion::error::Result;
 use datafusion::prelude::SessionContext;
 
 use crate::config::{ConfigError, Lake, Pipeline};
+use crate::engine::merge::Mergeable;
 use crate::engine::sql;
 
 pub const PARTITION_COLUMNS: [&str; 4] = ["year", "month", "day", "hour"];
 
-/// Every output's name and schema, as the pipeline writes them.
-pub async fn output_schemas(
-    p: &Pipeline,
-) -> std::result::Result<Vec<(String, SchemaRef)>, ConfigError> {
-    let compiled = sql::compile(p, &sql::session()).await?;
-    Ok(sql::output_schemas(p, &compiled))
+/// An output as the lake holds it.
+#[derive(Debug, Clone)]
+pub struct Table {
+    pub name: String,
+    /// The schema of its files.
+    pub schema: SchemaRef,
+    /// For an aggregation stored as parts: how they are merged (readers see the merge under
+    /// the output's name, the files as `<name>_parts`).
+    pub merge: Option<Mergeable>,
 }
 
-/// A session with every output of the pipeline registered as a table.
-pub async fn lake_session(p: &Pipeline, schemas: &[(String, SchemaRef)]) -> Result<SessionContext> {
+impl Table {
+    /// The name its files are registered under.
+    pub fn files_name(&self) -> String {
+        match self.merge {
+            Some(_) => format!("{}{PARTS_SUFFIX}", self.name),
+            None => self.name.clone(),
+        }
+    }
+}
+
+pub const PARTS_SUFFIX: &str = "_parts";
+
+/// Every output, as the pipeline writes them.
+pub async fn output_schemas(p: &Pipeline) -> std::result::Result<Vec<Table>, ConfigError> {
+    let compiled = sql::compile(p, &sql::session()).await?;
+    Ok(sql::output_tables(p, &compiled)
+        .into_iter()
+        .map(|(name, schema, merge)| Table {
+            name,
+            schema,
+            merge,
+        })
+        .collect())
+}
+
+/// A session with every output of the pipeline registered as a table (an aggregation stored
+/// as parts: its files as `<name>_parts` and the merged rows as `<name>`).
+pub async fn lake_session(p: &Pipeline, tables: &[Table]) -> Result<SessionContext> {
     let ctx = SessionContext::new();
     let mut buckets = Vec::new();
-    for (name, schema) in schemas {
+    for t in tables {
+        let (name, schema) = (&t.name, &t.schema);
         let lake = &p.outputs.sinks[name];
         let url = lake.table_url(name);
         match lake {
@@ -56,7 +87,14 @@ pub async fn lake_session(p: &Pipeline, schemas: &[(String, SchemaRef)]) -> Resu
         let config = ListingTableConfig::new(ListingTableUrl::parse(&url)?)
             .with_listing_options(opts)
             .with_schema(schema.clone());
-        ctx.register_table(name.as_str(), Arc::new(ListingTable::try_new(config)?))?;
+        ctx.register_table(t.files_name(), Arc::new(ListingTable::try_new(config)?))?;
+        if let Some(m) = &t.merge {
+            let view = ctx
+                .sql(&m.merge_sql(&t.files_name(), &PARTITION_COLUMNS))
+                .await?
+                .into_view();
+            ctx.register_table(name.as_str(), view)?;
+        }
     }
     Ok(ctx)
 }
@@ -134,22 +172,28 @@ pub fn athena_type(t: &DataType) -> Option<String> {
         DataType::Date32 => "date".into(),
         DataType::Timestamp(TimeUnit::Microsecond | TimeUnit::Millisecond, _) => "timestamp".into(),
         DataType::Decimal128(p, s) => format!("decimal({p},{s})"),
+        DataType::List(f) | DataType::LargeList(f) => {
+            format!("array<{}>", athena_type(f.data_type())?)
+        }
         _ => return None,
     })
 }
 
-/// `CREATE EXTERNAL TABLE` statements for every output, with partition projection.
+/// `CREATE EXTERNAL TABLE` statements for every output, with partition projection, and for
+/// an aggregation stored as parts a `CREATE VIEW` that merges them under the output's name.
 /// `location` is the lake's S3 URL (`s3://bucket/prefix`).
 pub fn athena_ddl(
     pipeline: &str,
     database: &str,
     location: &str,
-    schemas: &[(String, SchemaRef)],
+    tables: &[Table],
 ) -> std::result::Result<String, String> {
     let base = location.trim_end_matches('/');
     let mut out = String::new();
-    for (name, schema) in schemas {
-        let table = format!("{}_{}", pipeline.replace('-', "_"), name);
+    let prefix = pipeline.replace('-', "_");
+    for t in tables {
+        let (name, schema) = (&t.name, &t.schema);
+        let table = format!("{prefix}_{}", t.files_name());
         let mut cols = Vec::new();
         for f in schema.fields() {
             let ty = athena_type(f.data_type()).ok_or_else(|| {
@@ -175,6 +219,15 @@ pub fn athena_ddl(
              'storage.location.template'='{loc}year=${{year}}/month=${{month}}/day=${{day}}/hour=${{hour}}/'\n);\n\n",
             cols.join(",\n")
         ));
+        if let Some(m) = &t.merge {
+            // Athena views use Trino SQL; the merge is written in the subset DataFusion and
+            // Trino share.
+            let parts = format!("\"{database}\".\"{table}\"");
+            out.push_str(&format!(
+                "CREATE OR REPLACE VIEW \"{database}\".\"{prefix}_{name}\" AS\n{};\n\n",
+                m.merge_sql(&parts, &PARTITION_COLUMNS)
+            ));
+        }
     }
     Ok(out)
 }

@@ -8,6 +8,7 @@
 //! record outputs by sequence number; an aggregation by `emitted_through`), so reading the
 //! same records again never writes them twice.
 
+pub mod merge;
 pub mod sql;
 
 use std::collections::{BTreeMap, VecDeque};
@@ -386,29 +387,34 @@ impl Engine {
             );
             if !rows.is_empty() {
                 let name = agg.name.clone();
-                let sql_text = agg.sql.clone();
                 let query = |source| EngineError::Query {
                     name: name.clone(),
                     source,
                 };
                 sql::register_records(&self.ctx, self.compiled.agg_input.clone(), rows)
                     .map_err(query)?;
-                let out = self
-                    .ctx
-                    .sql(&sql_text)
-                    .await
-                    .map_err(query)?
-                    .collect()
-                    .await
-                    .map_err(query)?;
-                let epoch = self.committed.commit_id + 1;
+                let merge = self.compiled.agg_merge[i].as_ref();
                 let rules = self.compiled.window_rules[i].clone();
-                for batch in &out {
+                // The lake gets this worker's part of each window (or the SELECT's rows when
+                // they cannot be merged); alerts read the SELECT's rows over what it read.
+                let stored_sql = merge.map_or(agg.sql.as_str(), |m| m.state_sql.as_str());
+                let stored = self.run_sql(stored_sql).await.map_err(query)?;
+                let finals = match merge {
+                    Some(_) if !rules.is_empty() => {
+                        self.run_sql(&self.aggs[i].sql).await.map_err(query)?
+                    }
+                    Some(_) => Vec::new(),
+                    None => stored.clone(),
+                };
+                let epoch = self.committed.commit_id + 1;
+                for batch in &stored {
                     Metrics::add(&self.metrics.windows_emitted, batch.num_rows() as u64);
                     self.aggs[i]
                         .writer
                         .write(batch, epoch, &self.worker, now)
                         .await?;
+                }
+                for batch in &finals {
                     let ws = batch.schema().index_of(WINDOW_START).expect("validated");
                     self.run_rules(&rules, "window", batch, ws, now).await?;
                 }
@@ -419,6 +425,10 @@ impl Engine {
             agg.buffer.retain(|b| b.max_last_end > through);
         }
         Ok(())
+    }
+
+    async fn run_sql(&self, sql: &str) -> datafusion::error::Result<Vec<RecordBatch>> {
+        self.ctx.sql(sql).await?.collect().await
     }
 
     async fn run_rules(

@@ -14,6 +14,7 @@ use datafusion::prelude::SessionContext;
 
 use crate::config::{ConfigError, Pipeline, Problem};
 use crate::decode::{SEQ_COL, SHARD_COL, record_schema};
+use crate::engine::merge::{self, Mergeable};
 
 pub const WINDOW_START: &str = "window_start";
 pub const WINDOW_END: &str = "window_end";
@@ -37,7 +38,13 @@ pub struct Compiled {
     pub records: SchemaRef,
     /// `records` plus `window_start` and `window_end`: what aggregation SQL reads.
     pub agg_input: SchemaRef,
+    /// What each aggregation stores: its parts (see [`merge`](super::merge)) when its SELECT
+    /// can be merged, else the SELECT's rows.
     pub agg_outputs: Vec<SchemaRef>,
+    /// The SELECT's own result, which window alerts read.
+    pub agg_finals: Vec<SchemaRef>,
+    /// Per aggregation: how its parts are computed and merged, if they can be.
+    pub agg_merge: Vec<Option<Mergeable>>,
     pub record_rules: Vec<Rule>,
     /// Per aggregation.
     pub window_rules: Vec<Vec<Rule>>,
@@ -108,10 +115,33 @@ pub async fn compile(p: &Pipeline, ctx: &SessionContext) -> Result<Compiled, Con
     };
 
     let mut agg_outputs = Vec::new();
+    let mut agg_finals = Vec::new();
+    let mut agg_merge = Vec::new();
+    let leases = matches!(p.checkpoints, crate::config::Checkpoints::Dynamodb(_));
     for (i, a) in p.outputs.aggregations.iter().enumerate() {
         let at = format!("outputs.aggregations[{i}].sql");
         match plan_output(ctx, &agg_input, &a.sql).await {
             Ok(schema) => {
+                match mergeable(ctx, &agg_input, &a.sql, &schema).await {
+                    Ok((m, parts)) => {
+                        agg_outputs.push(parts);
+                        agg_merge.push(Some(m));
+                    }
+                    Err(why) => {
+                        if leases {
+                            problems.push(p.problem(
+                                &at,
+                                format!(
+                                    "with DynamoDB leases several workers each compute part of a window, and this SELECT cannot be merged: {why}"
+                                ),
+                                "select GROUP BY columns and count, sum, min, max, avg, count(DISTINCT …), stddev or variance of an expression, each with an alias; compute other expressions when querying the table",
+                            ));
+                        }
+                        agg_outputs.push(schema.clone());
+                        agg_merge.push(None);
+                    }
+                }
+                agg_finals.push(schema.clone());
                 match schema.field_with_name(WINDOW_START) {
                     Ok(f) if f.data_type() == &ts_type() => {}
                     Ok(f) => problems.push(p.problem(
@@ -135,7 +165,6 @@ pub async fn compile(p: &Pipeline, ctx: &SessionContext) -> Result<Compiled, Con
                         ));
                     }
                 }
-                agg_outputs.push(schema);
             }
             Err(e) => {
                 problems.push(p.problem(
@@ -147,6 +176,8 @@ pub async fn compile(p: &Pipeline, ctx: &SessionContext) -> Result<Compiled, Con
                     ),
                 ));
                 agg_outputs.push(Arc::new(Schema::empty()));
+                agg_finals.push(Arc::new(Schema::empty()));
+                agg_merge.push(None);
             }
         }
     }
@@ -155,7 +186,7 @@ pub async fn compile(p: &Pipeline, ctx: &SessionContext) -> Result<Compiled, Con
     let mut window_rules = vec![Vec::new(); p.outputs.aggregations.len()];
     for r in &p.alerts {
         let schema = match r.aggregation {
-            Some(a) => agg_outputs[a].clone(),
+            Some(a) => agg_finals[a].clone(),
             None => records.clone(),
         };
         match predicate(ctx, &schema, &r.when) {
@@ -184,6 +215,8 @@ pub async fn compile(p: &Pipeline, ctx: &SessionContext) -> Result<Compiled, Con
             records,
             agg_input,
             agg_outputs,
+            agg_finals,
+            agg_merge,
             record_rules,
             window_rules,
         })
@@ -201,6 +234,46 @@ async fn plan_output(
     let df = ctx.sql(sql).await?;
     Ok(Arc::new(df.schema().as_arrow().clone()))
 }
+
+/// The aggregation's mergeable form and the schema of its parts, when its SELECT can be
+/// rewritten and the merge of the parts gives the SELECT's columns with their types.
+async fn mergeable(
+    ctx: &SessionContext,
+    input: &SchemaRef,
+    sql: &str,
+    result: &SchemaRef,
+) -> Result<(Mergeable, SchemaRef), String> {
+    let m = merge::analyze(sql)?;
+    let parts = plan_output(ctx, input, &m.state_sql)
+        .await
+        .map_err(|e| format!("its parts do not plan: {}", first_line(&e)))?;
+    let table = MemTable::try_new(parts.clone(), vec![vec![]]).map_err(|e| e.to_string())?;
+    let scratch = session();
+    scratch
+        .register_table(PARTS_SCRATCH, Arc::new(table))
+        .map_err(|e| e.to_string())?;
+    let merged = scratch
+        .sql(&m.merge_sql(PARTS_SCRATCH, &[]))
+        .await
+        .map_err(|e| format!("its merge does not plan: {}", first_line(&e)))?;
+    let merged = merged.schema().as_arrow();
+    let shape = |s: &Schema| {
+        s.fields()
+            .iter()
+            .map(|f| (f.name().clone(), f.data_type().clone()))
+            .collect::<Vec<_>>()
+    };
+    if shape(merged) != shape(result) {
+        return Err(format!(
+            "merging its parts gives {:?}, not {:?}",
+            shape(merged),
+            shape(result)
+        ));
+    }
+    Ok((m, parts))
+}
+
+const PARTS_SCRATCH: &str = "parts_scratch";
 
 /// Makes `records` the given batches.
 pub fn register_records(
@@ -235,6 +308,20 @@ fn predicate(
 
 fn first_line(e: &impl std::fmt::Display) -> String {
     e.to_string().lines().next().unwrap_or_default().to_string()
+}
+
+/// Every output's name, the schema of its files and, for aggregations stored as parts, how
+/// to merge them; in `Pipeline::table_names` order.
+pub fn output_tables(p: &Pipeline, c: &Compiled) -> Vec<(String, SchemaRef, Option<Mergeable>)> {
+    let aggs = p.outputs.aggregations.len();
+    let mut merges = vec![None; 4];
+    merges.extend(c.agg_merge.iter().cloned());
+    debug_assert_eq!(merges.len(), 4 + aggs);
+    output_schemas(p, c)
+        .into_iter()
+        .zip(merges)
+        .map(|((name, schema), m)| (name, schema, m))
+        .collect()
 }
 
 /// Every output's name and schema, in `Pipeline::table_names` order.

@@ -353,6 +353,43 @@ def lake_source(lake, output: str) -> str | None:
     return f"read_parquet('{pattern}', hive_partitioning=true)"
 
 
+# The aggregations are stored as parts (one per window, group and worker that read some of
+# it: the aggregates' states) and read through a view that merges them. These merges are
+# written here by hand for DuckDB, from the meaning of each state, as a reader would.
+MERGED = {
+    "well_1m": """
+        SELECT window_start, window_end, tenant, device_id,
+               sum(readings)::BIGINT AS readings,
+               sum(barrels_per_s_avg__sum) / sum(barrels_per_s_avg__n) AS barrels_per_s_avg,
+               min(pressure_min) AS pressure_min,
+               max(pressure_max) AS pressure_max,
+               sum(pressure_avg__sum) / sum(pressure_avg__n) AS pressure_avg,
+               CASE WHEN sum(pressure_stddev__n) > 1 THEN sqrt(
+                   (sum(pressure_stddev__m2) + sum(pressure_stddev__n
+                       * (pressure_stddev__mean - g) * (pressure_stddev__mean - g)))
+                   / (sum(pressure_stddev__n) - 1)) END AS pressure_stddev,
+               sum(temp_avg__sum) / sum(temp_avg__n) AS temp_avg,
+               max(temp_max) AS temp_max
+        FROM (SELECT *, sum(pressure_stddev__n * pressure_stddev__mean) OVER w
+                        / sum(pressure_stddev__n) OVER w AS g
+              FROM {src} WINDOW w AS (PARTITION BY window_start, tenant, device_id))
+        GROUP BY window_start, window_end, tenant, device_id""",
+    "well_5m_hop": """
+        SELECT window_start, window_end, tenant,
+               sum(readings)::BIGINT AS readings,
+               len(list_distinct(flatten(list(devices__set))))::BIGINT AS devices,
+               sum(pressure_avg__sum) / sum(pressure_avg__n) AS pressure_avg,
+               max(pressure_max) AS pressure_max
+        FROM {src} GROUP BY window_start, window_end, tenant""",
+}
+
+
+def lake_merged(lake, output: str) -> str | None:
+    """A DuckDB table expression for an aggregation's rows: its parts, merged."""
+    src = lake_source(lake, output)
+    return None if src is None else f"({MERGED[output].format(src=src)})"
+
+
 def lake_count(con, lake: Path, output: str, where: str = "") -> int:
     src = lake_source(lake, output)
     if src is None:
@@ -439,7 +476,7 @@ def compare_aggregates(name: str, expected: dict, actual: dict, columns: list[st
 
 def check_well_1m(con, lake: Path) -> int:
     """Compares the lake's well_1m with DuckDB's over table `src`; returns the window count."""
-    src = lake_source(lake, "well_1m")
+    src = lake_merged(lake, "well_1m")
     assert src is not None, "well_1m has no files"
     expected = keyed(con, WELL_1M_EXPECTED, 3)
     actual = keyed(con, f"""
@@ -453,7 +490,7 @@ def check_well_1m(con, lake: Path) -> int:
 
 
 def check_well_5m_hop(con, lake: Path) -> int:
-    src = lake_source(lake, "well_5m_hop")
+    src = lake_merged(lake, "well_5m_hop")
     assert src is not None, "well_5m_hop has no files"
     expected = keyed(con, WELL_5M_HOP_EXPECTED, 2)
     actual = keyed(con, f"""
@@ -520,34 +557,9 @@ def no_late(con, lake) -> None:
     assert n == 0, f"late has {n} rows; every reading is within the allowed lateness"
 
 
-def check_well_5m_hop_parts(con, lake: Path) -> int:
-    """Several workers each emit their part of a window whose group spans shards (a tenant's
-    devices are spread over the stream): one row per (window, tenant) per worker that read
-    some of it. Until partial states are stored and merged by a view, what holds is: the
-    parts' `readings` add up to DuckDB's count, their `readings`-weighted averages to its
-    average, their maxima to its maximum, and no part counts more devices than the whole."""
-    src = lake_source(lake, "well_5m_hop")
-    assert src is not None, "well_5m_hop has no files"
-    expected = keyed(con, WELL_5M_HOP_EXPECTED, 2)
-    actual = keyed(con, f"""
-        SELECT epoch_us(window_start), tenant, sum(readings)::BIGINT, max(devices),
-               sum(readings * pressure_avg) / sum(readings), max(pressure_max)
-        FROM {src} GROUP BY ALL""", 2)
-    expected_parts = {k: (v[0], v[1], v[2], v[3]) for k, v in expected.items()}
-    # `devices` of the parts: the largest part has at most the window's distinct devices.
-    too_many = [(k, a[1], expected[k][1]) for k, a in actual.items()
-                if k in expected and a[1] > expected[k][1]]
-    assert not too_many, f"a part counts more devices than the window has: {too_many[:5]}"
-    compare_aggregates("well_5m_hop (parts merged)", expected_parts,
-                       {k: (a[0], expected.get(k, a)[1], a[2], a[3]) for k, a in actual.items()},
-                       WELL_5M_HOP_VALUES)
-    return len(expected)
-
-
-def check_whole_lake(con, lake, stream: StreamData, *, hop_in_parts: bool = False) -> None:
+def check_whole_lake(con, lake, stream: StreamData) -> None:
     """Every output of pipelines/well-telemetry.yaml against the input (registered as `src`
-    in `con` by the caller), for an input without late readings. `hop_in_parts`: several
-    workers wrote the lake (see `check_well_5m_hop_parts`)."""
+    in `con` by the caller), for an input without late readings."""
     check_readings_exactly_once(con, lake, len(stream.valid))
     check_dead_letter(con, lake, stream.invalid)
     no_late(con, lake)
@@ -557,10 +569,19 @@ def check_whole_lake(con, lake, stream: StreamData, *, hop_in_parts: bool = Fals
                                   FROM {src_alerts}""").fetchall()[0]
     assert n == distinct, f"alerts has {n - distinct} duplicates"
     check_well_1m(con, lake)
-    if hop_in_parts:
-        check_well_5m_hop_parts(con, lake)
-    else:
-        check_well_5m_hop(con, lake)
+    check_well_5m_hop(con, lake)
+
+
+def check_lake_against_put(put, summary: dict, lake):
+    """The records put on a stream were the simulator's (valid and malformed counts), and
+    the lake holds every output right for them; returns the DuckDB connection (`src` is the
+    input)."""
+    data = stream_data(put)
+    assert (len(data.valid), len(data.invalid)) == (summary["readings"], summary["malformed"])
+    con = duck()
+    con.register("src", data.table())
+    check_whole_lake(con, lake, data)
+    return con
 
 
 # --------------------------------------------------------------------------------------------
@@ -860,19 +881,24 @@ def _port_open(host: str, port: int) -> bool:
         return False
 
 
-def _serve_kinesalite(tmp_path_factory, server: Kinesalite, **kw):
-    proc, log, log_path = _node_server("kinesalite.js", tmp_path_factory, [str(server.port)], **kw)
+def _serve_until_done(name: str, server, proc, log, log_path: Path):
+    """Waits for a server's port, yields `server`, and stops the process afterwards."""
     try:
         deadline = time.monotonic() + 60
         while not _port_open(server.host, server.port):
             if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"kinesalite did not start:\n{log_path.read_text()[-3000:]}")
+                pytest.fail(f"{name} did not start:\n{log_path.read_text()[-3000:]}")
             time.sleep(0.1)
         yield server
     finally:
         proc.terminate()
         proc.wait(timeout=10)
         log.close()
+
+
+def _serve_kinesalite(tmp_path_factory, server: Kinesalite, **kw):
+    proc, log, log_path = _node_server("kinesalite.js", tmp_path_factory, [str(server.port)], **kw)
+    yield from _serve_until_done("kinesalite", server, proc, log, log_path)
 
 
 @pytest.fixture(scope="session")
@@ -924,17 +950,7 @@ def kinesis_local(tmp_path_factory):
     log = open(log_path, "wb")
     proc = subprocess.Popen(["node", "main.js"], cwd=home, env=env, stdout=log,
                             stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        while not _port_open(server.host, server.port):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"kinesis-local did not start:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.1)
-        yield server
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        log.close()
+    yield from _serve_until_done("kinesis-local", server, proc, log, log_path)
 
 
 def create_stream(kinesis, name: str, shards: int) -> None:

@@ -15,6 +15,7 @@ import time
 import uuid
 
 from conftest import (
+    check_lake_against_put,
     run_until_read_then_sigterm,
     check_readings_exactly_once,
     check_run,
@@ -67,11 +68,7 @@ def test_kinesis_source_exactly_once_and_resumes(tmp_path, kinesalite, agent_bin
 
     put += put_lines(kinesis, name, lines[half:])
     check_run([str(shardlake_bin), "run", str(pipeline), "--drain"], env=env, timeout=300)
-    data = stream_data(put)
-    assert (len(data.valid), len(data.invalid)) == (summary["readings"], summary["malformed"])
-    con = duck()
-    con.register("src", data.table())
-    check_whole_lake(con, lake, data)
+    check_lake_against_put(put, summary, lake)
 
 
 def test_kinesis_sigkill_crash_exactly_once(tmp_path, kinesalite, agent_bin, shardlake_bin,
@@ -211,11 +208,7 @@ def test_an_expired_iterator_resumes_where_the_shard_stopped(tmp_path, shifted_k
               f"{sorted(expired)}; {len(lines)} records read once each")
 
     check_run([str(shardlake_bin), "run", str(pipeline), "--drain"], env=env, timeout=300)
-    data = stream_data(put)
-    assert (len(data.valid), len(data.invalid)) == (summary["readings"], summary["malformed"])
-    con = duck()
-    con.register("src", data.table())
-    check_whole_lake(con, tmp_path / "lake", data)
+    check_lake_against_put(put, summary, tmp_path / "lake")
 
 
 def test_split_and_merge_while_producing_keep_each_device_in_order(tmp_path, kinesis_local,
@@ -282,12 +275,8 @@ def test_split_and_merge_while_producing_keep_each_device_in_order(tmp_path, kin
 
     # A second run reads what the first did not reach (the children it had not listed yet).
     check_run([str(shardlake_bin), "run", str(pipeline), "--drain"], env=env, timeout=300)
-    data = stream_data(put)
-    assert (len(data.valid), len(data.invalid)) == (summary["readings"], summary["malformed"])
-    con = duck()
-    con.register("src", data.table())
     lake = tmp_path / "lake"
-    check_whole_lake(con, lake, data)
+    con = check_lake_against_put(put, summary, lake)
 
     # Each device's records in the order they reached the lake: by commit (the number in the
     # file name), then by hour partition and row within the file.

@@ -22,6 +22,8 @@ from conftest import (
     run_until_read_then_sigterm,
     OUTPUT_TIME_COLUMN,
     PIPELINE,
+    WELL_1M_VALUES,
+    WELL_5M_HOP_VALUES,
     check_dead_letter,
     check_readings_exactly_once,
     check_record_alerts,
@@ -29,10 +31,14 @@ from conftest import (
     check_well_1m,
     check_well_5m_hop,
     check_whole_lake,
+    compare_aggregates,
     crash_runs,
     duck,
     inprogress_files,
+    keyed,
     lake_count,
+    lake_merged,
+    lake_source,
     no_late,
     parquet_files,
     pipeline_env,
@@ -152,13 +158,15 @@ ARROW_TO_ATHENA = [
     (pa.types.is_float32, "float"),
     (pa.types.is_boolean, "boolean"),
     (lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t), "binary"),
+    (lambda t: pa.types.is_list(t) or pa.types.is_large_list(t),
+     lambda t: f"array<{athena_type(t.value_type)}>"),
 ]
 
 
 def athena_type(t: pa.DataType) -> str:
     for pred, name in ARROW_TO_ATHENA:
         if pred(t):
-            return name
+            return name(t) if callable(name) else name
     pytest.fail(f"no Athena type known for Arrow type {t}")
 
 
@@ -167,14 +175,27 @@ def test_athena_ddl_matches_parquet(tmp_path, agent_bin, shardlake_bin):
     location = "s3://bucket/lake"
     ddl = check_run([str(shardlake_bin), "athena-ddl", str(PIPELINE), "--location", location],
                     env=pipeline_env(tmp_path)).stdout
-    # The athena dialect parses Hive DDL with TBLPROPERTIES (sqlglot 30); "hive" is the fallback.
-    try:
-        statements = sqlglot.parse(ddl, read="athena")
-    except sqlglot.errors.ParseError:
-        statements = sqlglot.parse(ddl, read="hive")
-    creates = [s for s in statements if s is not None]
-    assert all(isinstance(s, exp.Create) and s.kind == "TABLE" for s in creates), ddl
+    # The athena dialect parses Hive DDL with TBLPROPERTIES (sqlglot 30); "hive" is the fallback
+    # for tables. Views are Trino SQL, which the athena dialect must parse as is.
+    statements = []
+    for text in (t.strip() for t in ddl.split(";\n")):
+        if not text:
+            continue
+        if text.startswith("CREATE OR REPLACE VIEW"):
+            statements.append(sqlglot.parse_one(text, read="athena"))
+            continue
+        try:
+            statements.append(sqlglot.parse_one(text, read="athena"))
+        except sqlglot.errors.ParseError:
+            statements.append(sqlglot.parse_one(text, read="hive"))
+    assert all(isinstance(s, exp.Create) for s in statements), ddl
+    creates = [s for s in statements if s.kind == "TABLE"]
+    views = {s.this.name: s for s in statements if s.kind == "VIEW"}
 
+    # An aggregation's files are its parts (`<table>_parts`); its view merges them.
+    aggregations = {"well_1m", "well_5m_hop"}
+    table_of = {o: f"well_telemetry_{o}" + ("_parts" if o in aggregations else "")
+                for o in OUTPUT_TIME_COLUMN}
     tables = {}
     for create in creates:
         table = create.this.this
@@ -182,11 +203,33 @@ def test_athena_ddl_matches_parquet(tmp_path, agent_bin, shardlake_bin):
         props = create.args["properties"].expressions
         assert any(isinstance(p, exp.ExternalProperty) for p in props), "not EXTERNAL"
         tables[table.name] = (create, props)
-    assert sorted(tables) == sorted(f"well_telemetry_{o}" for o in OUTPUT_TIME_COLUMN), (
-        sorted(tables))
+    assert sorted(tables) == sorted(table_of.values()), sorted(tables)
+    assert sorted(views) == sorted(f"well_telemetry_{o}" for o in aggregations), sorted(views)
+
+    # Each view, translated by sqlglot from Athena's SQL to DuckDB's and run over the parts
+    # files, gives the rows of the merge written by hand in conftest (itself checked against
+    # the input by the other tests).
+    con = duck()
+    con.execute("CREATE SCHEMA shardlake")
+    for output in aggregations:
+        con.execute(f"CREATE VIEW shardlake.{table_of[output]} AS "
+                    f"SELECT * FROM {lake_source(lake, output)}")
+    for output, keys, values in (("well_1m", "tenant, device_id", WELL_1M_VALUES),
+                                 ("well_5m_hop", "tenant", WELL_5M_HOP_VALUES)):
+        view = views[f"well_telemetry_{output}"]
+        assert view.this.db == "shardlake", view.sql()
+        select = view.expression.sql(dialect="duckdb")
+        nkeys = 1 + len(keys.split(","))
+        cols = ", ".join(values)
+        from_view = keyed(con, f"SELECT epoch_us(window_start), {keys}, {cols} FROM ({select})",
+                          nkeys)
+        by_hand = keyed(con, f"""SELECT epoch_us(window_start), {keys}, {cols}
+                                 FROM {lake_merged(lake, output)}""", nkeys)
+        assert from_view, f"{output}: the view returned no rows"
+        compare_aggregates(f"{output} (Athena view in DuckDB)", by_hand, from_view, values)
 
     for output in OUTPUT_TIME_COLUMN:
-        create, props = tables[f"well_telemetry_{output}"]
+        create, props = tables[table_of[output]]
         columns = [(c.name, c.args["kind"].sql(dialect="hive").lower())
                    for c in create.this.expressions]
         for f in files[output]:
