@@ -421,15 +421,7 @@ impl LeaseManager {
         let owned: Vec<(String, u64)> = held.iter().map(|(k, h)| (k.clone(), h.counter)).collect();
         let renewals = owned.into_iter().map(|(key, counter)| async move {
             let r = self
-                .client
-                .update_item()
-                .table_name(&self.cfg.table)
-                .key("leaseKey", AttributeValue::S(key.clone()))
-                .update_expression("SET leaseCounter = :next")
-                .condition_expression("leaseOwner = :me AND leaseCounter = :held")
-                .expression_attribute_values(":me", AttributeValue::S(self.owner.clone()))
-                .expression_attribute_values(":held", n(counter))
-                .expression_attribute_values(":next", n(counter + 1))
+                .fenced_update(&key, counter, "SET leaseCounter = :next")
                 .send()
                 .await;
             (key, counter, r)
@@ -616,17 +608,27 @@ impl LeaseManager {
         }
     }
 
-    async fn release(&self, key: &str, counter: u64) {
-        let r = self
-            .client
+    /// An UpdateItem of a lease this worker holds at `counter`; `update` sets `:next`.
+    fn fenced_update(
+        &self,
+        key: &str,
+        counter: u64,
+        update: &str,
+    ) -> aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder {
+        self.client
             .update_item()
             .table_name(&self.cfg.table)
             .key("leaseKey", AttributeValue::S(key.into()))
-            .update_expression("REMOVE leaseOwner SET leaseCounter = :next")
+            .update_expression(update)
             .condition_expression("leaseOwner = :me AND leaseCounter = :held")
             .expression_attribute_values(":me", AttributeValue::S(self.owner.clone()))
             .expression_attribute_values(":held", n(counter))
             .expression_attribute_values(":next", n(counter + 1))
+    }
+
+    async fn release(&self, key: &str, counter: u64) {
+        let r = self
+            .fenced_update(key, counter, "REMOVE leaseOwner SET leaseCounter = :next")
             .send()
             .await;
         match r {
