@@ -57,6 +57,16 @@ impl Metrics {
         counter.load(Relaxed)
     }
 
+    /// The largest `MillisBehindLatest` over the shards read (None before any Kinesis read).
+    pub fn max_lag_ms(&self) -> Option<i64> {
+        self.lag_ms
+            .lock()
+            .expect("not poisoned")
+            .values()
+            .copied()
+            .max()
+    }
+
     pub fn set_lag(&self, shard: &str, ms: i64) {
         let mut lag = self.lag_ms.lock().expect("not poisoned");
         match lag.get_mut(shard) {

@@ -483,8 +483,13 @@ async fn report_progress(m: Arc<Metrics>) {
 fn progress_line(m: &Metrics, rate: Option<u64>) -> String {
     let g = Metrics::get;
     let rate = rate.map(|r| format!(" ({r}/s)")).unwrap_or_default();
+    // Kinesis' MillisBehindLatest, the largest over the shards (Prometheus export: issue 6).
+    let lag = m
+        .max_lag_ms()
+        .map(|ms| format!(" · behind {ms} ms"))
+        .unwrap_or_default();
     format!(
-        "records {}{rate} · dead-letter {} · late {} · windows {} · alerts {} · files {} · commits {}",
+        "records {}{rate} · dead-letter {} · late {} · windows {} · alerts {} · files {} · commits {}{lag}",
         g(&m.records_read),
         g(&m.dead_letters),
         g(&m.late_records),

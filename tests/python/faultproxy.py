@@ -52,6 +52,10 @@ RESPONSES: dict[str, tuple[int, dict[str, str], bytes]] = {
                           b'"message":"Rate exceeded for shard (faultproxy)"}'),
     "kinesis_internal": (500, KINESIS_JSON,
                          b'{"__type":"InternalFailure","message":"faultproxy"}'),
+    "dynamodb_denied": (400, {"Content-Type": "application/x-amz-json-1.0"},
+                        b'{"__type":"com.amazon.coral.service#AccessDeniedException",'
+                        b'"Message":"User: arn:aws:sts::123456789012:assumed-role/shardlake-task '
+                        b'is not authorized to perform: dynamodb:CreateTable (faultproxy)"}'),
 }
 RESETS = ("reset_before", "reset_after")
 
@@ -62,13 +66,16 @@ HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer",
 
 class FaultProxy:
     def __init__(self, upstream_host: str, upstream_port: int, *, rate: float,
-                 kinds: list[str], seed: int = 0):
+                 kinds: list[str], seed: int = 0, target: str | None = None):
+        """`target`: spoil only requests with this `X-Amz-Target` header (one operation of a
+        JSON-protocol service, e.g. `DynamoDB_20120810.CreateTable`)."""
         for k in kinds:
             if k not in RESPONSES and k not in RESETS:
                 raise ValueError(f"unknown fault kind {k!r}")
         self.upstream = (upstream_host, upstream_port)
         self.rate = rate
         self.kinds = list(kinds)
+        self.target = target
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self.injected: Counter[str] = Counter()
@@ -116,9 +123,9 @@ class FaultProxy:
 
     # ----------------------------------------------------------------------------------------
 
-    def _pick(self) -> str | None:
+    def _pick(self, target: str | None = None) -> str | None:
         with self._lock:
-            if self._rng.random() < self.rate:
+            if (self.target is None or target == self.target) and self._rng.random() < self.rate:
                 kind = self._rng.choice(self.kinds)
                 self.injected[kind] += 1
                 return kind
@@ -175,7 +182,7 @@ class FaultProxy:
 
     def _handle(self, h: BaseHTTPRequestHandler) -> None:
         body = self._read_body(h)
-        kind = self._pick()
+        kind = self._pick(h.headers.get("X-Amz-Target"))
         if kind == "reset_before":
             self._reset(h)
             return

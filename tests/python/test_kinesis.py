@@ -202,6 +202,8 @@ def test_an_expired_iterator_resumes_where_the_shard_stopped(tmp_path, shifted_k
     finished = [e for e in entries if e.get("message") == "run finished"]
     assert len(finished) == 1 and finished[0]["kinesis_expired_iterators"] >= 2, finished
     assert len(expired) == 2, f"both idle shards' iterators should have expired: {expired}"
+    # Progress lines carry the shards' MillisBehindLatest once they are read.
+    assert any(re.search(r" · behind \d+ ms$", line.rstrip()) for line in logs), logs[-5:]
     with capsys.disabled():
         print(f"\n[expired iterator] kinesalite's clock moved 310 s; "
               f"{finished[0]['kinesis_expired_iterators']} iterators re-acquired on "

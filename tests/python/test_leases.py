@@ -29,6 +29,7 @@ from conftest import (
     wait_until,
     write_test_pipeline,
 )
+from faultproxy import FaultProxy
 
 FAILOVER_S = 4
 
@@ -202,3 +203,28 @@ def test_three_workers_share_a_stream_and_survive_a_sigkill(tmp_path, kinesalite
     # the killed worker has none, so its leftovers stay hidden (dot-files readers skip).
     left = inprogress_files(lake)
     assert all(f"-{victim_owner}-" in f for f in left), left
+
+
+def test_a_denied_create_table_names_the_missing_permission(tmp_path, kinesalite, moto,
+                                                            shardlake_bin):
+    """The lease table is missing and the worker's role may not create it: moto's DynamoDB
+    answers every other call, and a proxy answers CreateTable with AWS's AccessDenied."""
+    kinesis = kinesalite.client()
+    name = f"wells-{uuid.uuid4().hex[:8]}"
+    table = f"shardlake-leases-{uuid.uuid4().hex[:8]}"
+    create_stream(kinesis, name, 1)
+    pipeline = write_test_pipeline(
+        tmp_path / "denied.yaml", max_bytes="1MiB", max_age="1s",
+        source=f"{{kinesis: {{stream: {name}}}}}",
+        checkpoints=f"{{dynamodb: {{table: {table}}}}}")
+    with FaultProxy(moto.host, moto.port, rate=1.0, kinds=["dynamodb_denied"],
+                    target="DynamoDB_20120810.CreateTable") as proxy:
+        env = pipeline_env(tmp_path, {**AWS_TEST_ENV, "AWS_ENDPOINT_URL_KINESIS": kinesalite.url,
+                                      "AWS_ENDPOINT_URL_DYNAMODB": proxy.url})
+        proc = subprocess.run([str(shardlake_bin), "run", str(pipeline), "--drain"], env=env,
+                              capture_output=True, text=True, timeout=120)
+        denied = proxy.injected["dynamodb_denied"]
+    assert proc.returncode != 0, "the run went on without a lease table"
+    assert denied == 1, f"CreateTable was called {denied} times"
+    assert "dynamodb:CreateTable" in proc.stderr and table in proc.stderr, proc.stderr[-2000:]
+    assert table not in moto.client("dynamodb").list_tables()["TableNames"]
