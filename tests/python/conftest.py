@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -980,6 +981,52 @@ def put_lines(kinesis, stream: str, lines: list[bytes]) -> list[tuple[bytes, str
         assert resp["FailedRecordCount"] == 0, resp
         out += [(line, r["ShardId"], r["SequenceNumber"]) for line, r in zip(batch, resp["Records"])]
     return out
+
+
+def put_while_resharding(kinesis, stream: str, lines: list[bytes]) -> tuple[list, list[str]]:
+    """Puts `lines` (100 a call, from a thread) on a 3-shard stream, splitting the first shard
+    once a third is put and merging the other two once two thirds are; returns what
+    `put_lines` returns for all of them and the ids of the three first shards (closed by
+    then). Needs a server that reshards as AWS does (kinesis-local)."""
+    put: list = []
+    errors: list = []
+
+    def produce():
+        try:
+            for i in range(0, len(lines), 100):
+                put.extend(put_lines(kinesis, stream, lines[i:i + 100]))
+        except Exception as e:  # noqa: BLE001 - reported by the caller's thread
+            errors.append(e)
+
+    def active():
+        return kinesis.describe_stream_summary(
+            StreamName=stream)["StreamDescriptionSummary"]["StreamStatus"] == "ACTIVE"
+
+    shards = {s["ShardId"]: s for s in kinesis.list_shards(StreamName=stream)["Shards"]}
+    ids = sorted(shards)
+    assert len(ids) == 3, ids
+    producer = threading.Thread(target=produce)
+    producer.start()
+    try:
+        wait_until("a third of the records to be put",
+                   lambda: len(put) >= len(lines) // 3 or errors, timeout=120)
+        lo = int(shards[ids[0]]["HashKeyRange"]["StartingHashKey"])
+        hi = int(shards[ids[0]]["HashKeyRange"]["EndingHashKey"])
+        kinesis.split_shard(StreamName=stream, ShardToSplit=ids[0],
+                            NewStartingHashKey=str((lo + hi) // 2))
+        wait_until("the split to finish", active, timeout=60)
+        wait_until("two thirds of the records to be put",
+                   lambda: len(put) >= 2 * len(lines) // 3 or errors, timeout=120)
+        kinesis.merge_shards(StreamName=stream, ShardToMerge=ids[1], AdjacentShardToMerge=ids[2])
+        wait_until("the merge to finish", active, timeout=60)
+    finally:
+        producer.join(timeout=300)
+    assert not producer.is_alive() and not errors, errors
+    after = kinesis.list_shards(StreamName=stream)["Shards"]
+    closed = [s["ShardId"] for s in after if "EndingSequenceNumber" in s["SequenceNumberRange"]]
+    assert sorted(closed) == ids, f"the split and merge should close the 3 first shards: {after}"
+    assert len(after) == 6, after
+    return put, ids
 
 
 def interleave(stream_dir: Path) -> list[bytes]:

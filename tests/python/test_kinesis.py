@@ -10,7 +10,6 @@ import random
 import re
 import signal
 import subprocess
-import threading
 import time
 import uuid
 
@@ -27,9 +26,9 @@ from conftest import (
     interleave,
     pipeline_env,
     put_lines,
+    put_while_resharding,
     simulate,
     stream_data,
-    wait_until,
     write_test_pipeline,
 )
 from faultproxy import FaultProxy
@@ -229,51 +228,15 @@ def test_split_and_merge_while_producing_keep_each_device_in_order(tmp_path, kin
     env = pipeline_env(tmp_path, kinesis_local.env())
     run = subprocess.Popen([str(shardlake_bin), "run", str(pipeline)], env=env,
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    put: list = []
-    errors: list = []
-
-    def produce():
-        try:
-            for i in range(0, len(lines), 100):
-                put.extend(put_lines(kinesis, name, lines[i:i + 100]))
-        except Exception as e:  # noqa: BLE001 - reported by the main thread
-            errors.append(e)
-
-    def active():
-        return kinesis.describe_stream_summary(
-            StreamName=name)["StreamDescriptionSummary"]["StreamStatus"] == "ACTIVE"
-
-    producer = threading.Thread(target=produce)
     try:
-        producer.start()
-        shards = {s["ShardId"]: s for s in kinesis.list_shards(StreamName=name)["Shards"]}
-        ids = sorted(shards)
-        wait_until("a third of the records to be put", lambda: len(put) >= len(lines) // 3 or errors,
-                   timeout=120)
-        lo = int(shards[ids[0]]["HashKeyRange"]["StartingHashKey"])
-        hi = int(shards[ids[0]]["HashKeyRange"]["EndingHashKey"])
-        kinesis.split_shard(StreamName=name, ShardToSplit=ids[0],
-                            NewStartingHashKey=str((lo + hi) // 2))
-        wait_until("the split to finish", active, timeout=60)
-        wait_until("two thirds of the records to be put",
-                   lambda: len(put) >= 2 * len(lines) // 3 or errors, timeout=120)
-        kinesis.merge_shards(StreamName=name, ShardToMerge=ids[1], AdjacentShardToMerge=ids[2])
-        wait_until("the merge to finish", active, timeout=60)
-        producer.join(timeout=300)
-        assert not producer.is_alive() and not errors, errors
+        put, ids = put_while_resharding(kinesis, name, lines)
         run.send_signal(signal.SIGTERM)
         stderr = run.communicate(timeout=60)[1]
         assert run.returncode == 0, f"the run did not stop cleanly:\n{stderr[-3000:]}"
     finally:
-        if producer.is_alive():
-            producer.join(timeout=300)
         if run.poll() is None:
             run.kill()
             run.wait()
-    after = kinesis.list_shards(StreamName=name)["Shards"]
-    closed = [s["ShardId"] for s in after if "EndingSequenceNumber" in s["SequenceNumberRange"]]
-    assert sorted(closed) == ids, f"the split and merge should close the 3 first shards: {after}"
-    assert len(after) == 6, after
 
     # A second run reads what the first did not reach (the children it had not listed yet).
     check_run([str(shardlake_bin), "run", str(pipeline), "--drain"], env=env, timeout=300)

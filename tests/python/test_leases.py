@@ -13,6 +13,7 @@ import subprocess
 import threading
 import time
 import uuid
+from pathlib import Path
 
 from conftest import (
     check_lake_against_put,
@@ -25,6 +26,7 @@ from conftest import (
     lake_source,
     pipeline_env,
     put_lines,
+    put_while_resharding,
     simulate,
     wait_until,
     write_test_pipeline,
@@ -228,3 +230,96 @@ def test_a_denied_create_table_names_the_missing_permission(tmp_path, kinesalite
     assert denied == 1, f"CreateTable was called {denied} times"
     assert "dynamodb:CreateTable" in proc.stderr and table in proc.stderr, proc.stderr[-2000:]
     assert table not in moto.client("dynamodb").list_tables()["TableNames"]
+
+
+def test_leases_follow_a_split_and_merge(tmp_path, kinesis_local, moto, agent_bin,
+                                         shardlake_bin, capsys):
+    """Two workers on kinesis-local (it reshards as AWS does) while one shard is split and two
+    others merged under a producer. The child shards get leases naming their parents
+    (`parentShardIds`), and no worker reads a child before its parents' leases say
+    SHARD_END, so a device's records written to a child reach the lake after those of its
+    parent, whichever worker reads which."""
+    kinesis = kinesis_local.client()
+    ddb = moto.client("dynamodb")
+    name = f"wells-{uuid.uuid4().hex[:8]}"
+    table = f"shardlake-leases-{uuid.uuid4().hex[:8]}"
+    create_stream(kinesis, name, 3)
+    summary = simulate(agent_bin, tmp_path / "sim", shards=3, devices=60, readings=50,
+                       seed=41, spikes=2, malformed=6)
+    lines = interleave(tmp_path / "sim" / "stream")
+    pipeline = write_test_pipeline(
+        tmp_path / "reshard.yaml", max_bytes="1MiB", max_age="1s",
+        source=f"{{kinesis: {{stream: {name}}}}}",
+        checkpoints=f"{{dynamodb: {{table: {table}, failover_time: {FAILOVER_S}s, "
+                    "shard_sync_interval: 2s}}")
+    env = pipeline_env(tmp_path, {**AWS_TEST_ENV, "AWS_ENDPOINT_URL_KINESIS": kinesis_local.url,
+                                  "AWS_ENDPOINT_URL_DYNAMODB": moto.url})
+    logs = [open(tmp_path / f"w{i}.log", "w") for i in range(2)]
+    workers = [subprocess.Popen([str(shardlake_bin), "run", str(pipeline), "--worker-id", f"w{i}"],
+                                env=env, stdout=subprocess.DEVNULL, stderr=logs[i])
+               for i in range(2)]
+    try:
+        put, ids = put_while_resharding(kinesis, name, lines)
+        last: dict[str, int] = {}
+        for _, shard, seq in put:
+            last[shard] = max(last.get(shard, 0), int(seq))
+        shards = kinesis.list_shards(StreamName=name)["Shards"]
+        parents = {s["ShardId"]: {p for p in (s.get("ParentShardId"), s.get("AdjacentParentShardId")) if p}
+                   for s in shards if s["ShardId"] not in ids}
+
+        def done():
+            leases = lease_table(ddb, table)
+            return (len(leases) == 6
+                    and all(leases[p]["checkpoint"] == "SHARD_END" for p in ids)
+                    and all(leases[c]["checkpoint"] == (str(last[c]) if c in last else "TRIM_HORIZON")
+                            for c in parents))
+        wait_until("every parent lease to say SHARD_END and every child to reach its last record",
+                   done, timeout=180, every=0.5)
+        leases = lease_table(ddb, table)
+        for child, ps in parents.items():
+            assert set(leases[child].get("parentShardIds", [])) == ps, (child, leases[child])
+        readers = {worker_of(o) for o in owners(leases)}
+        for w in workers:
+            w.terminate()
+        for i, w in enumerate(workers):
+            assert w.wait(timeout=60) == 0, f"w{i} did not stop cleanly"
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+                w.wait()
+        for f in logs:
+            f.close()
+    check_run([str(shardlake_bin), "run", str(pipeline), "--drain", "--worker-id", "last"],
+              env=env, timeout=300)
+    lake = tmp_path / "lake"
+    con = check_lake_against_put(put, summary, lake)
+
+    # Files are written when their records are read: every file holding a device's records
+    # from a parent shard was written before any file holding its records from a child.
+    rows = con.execute(f"""
+        SELECT device_id, _shard_id, filename, min(seq), max(seq)
+        FROM read_parquet('{lake}/readings/**/*.parquet', filename = true)
+        GROUP BY ALL""").fetchall()
+    mtime = {f: Path(f).stat().st_mtime_ns for f in {r[2] for r in rows}}
+    by_device: dict[str, dict[str, list]] = {}
+    for device, shard, f, lo, hi in rows:
+        by_device.setdefault(device, {}).setdefault(shard, []).append((mtime[f], lo, hi))
+    moved = bad = 0
+    for device, per_shard in by_device.items():
+        for child, ps in parents.items():
+            for p in ps & set(per_shard):
+                if child not in per_shard:
+                    continue
+                moved += 1
+                parent_last = max(per_shard[p], key=lambda x: x[0])
+                child_first = min(per_shard[child], key=lambda x: x[0])
+                if not (parent_last[0] <= child_first[0]
+                        and max(x[2] for x in per_shard[p]) < min(x[1] for x in per_shard[child])):
+                    bad += 1
+    assert moved >= 10, f"only {moved} device moves from a parent to a child shard"
+    assert bad == 0, f"{bad} of {moved} device moves reached the lake out of order"
+    with capsys.disabled():
+        print(f"\n[leases, reshard] {len(put)} records; split and merge under 2 workers; "
+              f"{moved} device moves from parent to child in order; lease owners at the end: "
+              f"{sorted(readers)}")
