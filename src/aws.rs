@@ -48,3 +48,73 @@ pub fn custom_endpoint(service: &str) -> Option<String> {
 pub fn describe<E: std::error::Error>(e: &E) -> String {
     aws_sdk_s3::error::DisplayErrorContext(e).to_string()
 }
+
+/// Counts the faults the SDK retries on its own (throttling, 5xx, lost connections), so
+/// that they show in the metrics like the Kinesis reader's own retries. Installed on the S3
+/// and DynamoDB clients; the interceptor types are the runtime's, shared by every SDK crate.
+#[derive(Debug)]
+pub struct FaultCounter {
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+    throttled: fn(&crate::metrics::Metrics) -> &std::sync::atomic::AtomicU64,
+    errors: fn(&crate::metrics::Metrics) -> &std::sync::atomic::AtomicU64,
+}
+
+impl FaultCounter {
+    pub fn new(
+        metrics: std::sync::Arc<crate::metrics::Metrics>,
+        throttled: fn(&crate::metrics::Metrics) -> &std::sync::atomic::AtomicU64,
+        errors: fn(&crate::metrics::Metrics) -> &std::sync::atomic::AtomicU64,
+    ) -> Self {
+        Self {
+            metrics,
+            throttled,
+            errors,
+        }
+    }
+}
+
+/// Error codes that mean "slow down" in the services shardlake calls.
+const THROTTLING_CODES: [&str; 6] = [
+    "ThrottlingException",
+    "ProvisionedThroughputExceededException",
+    "RequestLimitExceeded",
+    "LimitExceededException",
+    "SlowDown",
+    "TooManyRequestsException",
+];
+
+impl aws_sdk_s3::config::Intercept for FaultCounter {
+    fn name(&self) -> &'static str {
+        "shardlake::FaultCounter"
+    }
+
+    fn read_after_attempt(
+        &self,
+        ctx: &aws_sdk_s3::config::interceptors::FinalizerInterceptorContextRef<'_>,
+        _: &aws_sdk_s3::config::RuntimeComponents,
+        _: &mut aws_sdk_s3::config::ConfigBag,
+    ) -> Result<(), aws_sdk_s3::error::BoxError> {
+        let m = &self.metrics;
+        match ctx.response() {
+            Some(r) => {
+                let status = r.status().as_u16();
+                let body = r.body().bytes().unwrap_or_default();
+                let throttling = status == 429
+                    || THROTTLING_CODES
+                        .iter()
+                        .any(|c| body.windows(c.len()).any(|w| w == c.as_bytes()));
+                if (400..600).contains(&status) && throttling {
+                    crate::metrics::Metrics::add((self.throttled)(m), 1);
+                } else if status >= 500 {
+                    crate::metrics::Metrics::add((self.errors)(m), 1);
+                }
+            }
+            // No answer: the connection failed or timed out.
+            None if matches!(ctx.output_or_error(), Some(Err(_))) => {
+                crate::metrics::Metrics::add((self.errors)(m), 1);
+            }
+            None => {}
+        }
+        Ok(())
+    }
+}

@@ -194,7 +194,15 @@ impl LeaseManager {
     ) -> Result<Arc<Self>, StoreError> {
         let conf = aws::sdk_config(cfg.region.as_deref()).await;
         let m = Arc::new(Self {
-            client: Client::new(&conf),
+            client: Client::from_conf(
+                aws_sdk_dynamodb::config::Builder::from(&conf)
+                    .interceptor(aws::FaultCounter::new(
+                        metrics.clone(),
+                        |m| &m.dynamodb_throttled,
+                        |m| &m.dynamodb_errors_retried,
+                    ))
+                    .build(),
+            ),
             cfg: cfg.clone(),
             owner,
             start: match start {

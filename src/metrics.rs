@@ -30,6 +30,12 @@ pub struct Metrics {
     /// Shard iterators that expired and were acquired again.
     pub kinesis_expired_iterators: AtomicU64,
     pub kinesis_bytes_read: AtomicU64,
+    /// DynamoDB and S3 answers that said to slow down, and 5xx or lost connections: retried
+    /// by the SDK (standard mode, jittered backoff), counted by `aws::FaultCounter`.
+    pub dynamodb_throttled: AtomicU64,
+    pub dynamodb_errors_retried: AtomicU64,
+    pub s3_throttled: AtomicU64,
+    pub s3_errors_retried: AtomicU64,
     /// KPL aggregated records unpacked into their user records.
     pub kpl_aggregates: AtomicU64,
     /// Leases (shards) this worker holds now.

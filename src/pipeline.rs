@@ -73,7 +73,7 @@ impl Default for RunOptions {
 
 /// Every output's lake, connected (an S3 lake checks its bucket). Outputs with the same
 /// sink share one.
-pub async fn lakes_for(p: &Pipeline) -> std::io::Result<Lakes> {
+pub async fn lakes_for(p: &Pipeline, metrics: &Arc<Metrics>) -> std::io::Result<Lakes> {
     let mut opened: Vec<(&LakeConfig, Arc<dyn Lake>)> = Vec::new();
     let mut by_output = std::collections::BTreeMap::new();
     for (output, cfg) in &p.outputs.sinks {
@@ -82,7 +82,7 @@ pub async fn lakes_for(p: &Pipeline) -> std::io::Result<Lakes> {
             None => {
                 let l: Arc<dyn Lake> = match cfg {
                     LakeConfig::Local { path } => Arc::new(LocalLake::new(path)),
-                    LakeConfig::S3(loc) => Arc::new(S3Lake::connect(loc).await?),
+                    LakeConfig::S3(loc) => Arc::new(S3Lake::connect(loc, metrics.clone()).await?),
                 };
                 opened.push((cfg, l.clone()));
                 l
@@ -150,7 +150,7 @@ pub async fn run(
         }
         _ => None,
     };
-    let lakes = lakes_for(&p).await.map_err(RunError::Lake)?;
+    let lakes = lakes_for(&p, &metrics).await.map_err(RunError::Lake)?;
     let notifications = Notifications::start(&p, metrics.clone())
         .await
         .map_err(RunError::Notify)?;
@@ -267,6 +267,10 @@ pub async fn run(
         kinesis_errors_retried = g(&metrics.kinesis_errors_retried),
         kinesis_expired_iterators = g(&metrics.kinesis_expired_iterators),
         kpl_aggregates = g(&metrics.kpl_aggregates),
+        dynamodb_throttled = g(&metrics.dynamodb_throttled),
+        dynamodb_errors_retried = g(&metrics.dynamodb_errors_retried),
+        s3_throttled = g(&metrics.s3_throttled),
+        s3_errors_retried = g(&metrics.s3_errors_retried),
         leases_taken = g(&metrics.leases_taken),
         leases_lost = g(&metrics.leases_lost),
         lease_sessions = g(&metrics.lease_sessions),

@@ -314,7 +314,7 @@ async fn engine_for(file: &str, data: &Path, clock: Arc<ManualClock>) -> (Engine
     let store = Box::new(LocalStore::open(&data.join("state"), &p.name).unwrap());
     let engine = Engine::open(
         Arc::new(p.clone()),
-        lakes_for(&p).await.unwrap(),
+        lakes_for(&p, &Default::default()).await.unwrap(),
         store,
         clock.clone(),
         "w0",

@@ -43,7 +43,10 @@ fn io_err(context: String, e: impl std::error::Error) -> io::Error {
 impl S3Lake {
     /// A client for `loc`, checked by a `HeadBucket`, so that a missing bucket or permission
     /// shows at start-up and not at the first commit.
-    pub async fn connect(loc: &S3Location) -> io::Result<Self> {
+    pub async fn connect(
+        loc: &S3Location,
+        metrics: std::sync::Arc<crate::metrics::Metrics>,
+    ) -> io::Result<Self> {
         let conf = aws::sdk_config(loc.region.as_deref()).await;
         let client = Client::from_conf(
             aws_sdk_s3::config::Builder::from(&conf)
@@ -59,6 +62,11 @@ impl S3Lake {
                         .token_bucket(TokenBucket::unlimited())
                         .build(),
                 )
+                .interceptor(aws::FaultCounter::new(
+                    metrics,
+                    |m| &m.s3_throttled,
+                    |m| &m.s3_errors_retried,
+                ))
                 .build(),
         );
         let lake = Self {

@@ -573,6 +573,16 @@ def check_whole_lake(con, lake, stream: StreamData) -> None:
     check_well_5m_hop(con, lake)
 
 
+def run_log(proc) -> list[dict]:
+    """The JSON log lines of a finished run, each with its fields at the top level."""
+    out = []
+    for line in (proc.stdout + proc.stderr).splitlines():
+        if line.startswith("{"):
+            entry = json.loads(line)
+            out.append({**entry, **entry.get("fields", {})})
+    return out
+
+
 def check_lake_against_put(put, summary: dict, lake):
     """The records put on a stream were the simulator's (valid and malformed counts), and
     the lake holds every output right for them; returns the DuckDB connection (`src` is the

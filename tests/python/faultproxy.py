@@ -52,6 +52,14 @@ RESPONSES: dict[str, tuple[int, dict[str, str], bytes]] = {
                           b'"message":"Rate exceeded for shard (faultproxy)"}'),
     "kinesis_internal": (500, KINESIS_JSON,
                          b'{"__type":"InternalFailure","message":"faultproxy"}'),
+    "dynamodb_throttled": (400, {"Content-Type": "application/x-amz-json-1.0"},
+                           b'{"__type":"com.amazonaws.dynamodb.v20120810#'
+                           b'ProvisionedThroughputExceededException","message":"The level of '
+                           b'configured provisioned throughput for the table was exceeded '
+                           b'(faultproxy)"}'),
+    "dynamodb_internal": (500, {"Content-Type": "application/x-amz-json-1.0"},
+                          b'{"__type":"com.amazonaws.dynamodb.v20120810#InternalServerError",'
+                          b'"message":"Internal server error (faultproxy)"}'),
     "dynamodb_denied": (400, {"Content-Type": "application/x-amz-json-1.0"},
                         b'{"__type":"com.amazon.coral.service#AccessDeniedException",'
                         b'"Message":"User: arn:aws:sts::123456789012:assumed-role/shardlake-task '

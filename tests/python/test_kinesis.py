@@ -27,6 +27,7 @@ from conftest import (
     pipeline_env,
     put_lines,
     put_while_resharding,
+    run_log,
     simulate,
     stream_data,
     write_test_pipeline,
@@ -99,16 +100,6 @@ def test_kinesis_sigkill_crash_exactly_once(tmp_path, kinesalite, agent_bin, sha
     assert inprogress_files(lake) == []
     con.register("src", data.table())
     check_whole_lake(con, lake, data)
-
-
-def run_log(proc) -> list[dict]:
-    """The JSON log lines of a finished run, each with its fields at the top level."""
-    out = []
-    for line in (proc.stdout + proc.stderr).splitlines():
-        if line.startswith("{"):
-            entry = json.loads(line)
-            out.append({**entry, **entry.get("fields", {})})
-    return out
 
 
 def test_kinesis_throttling_and_5xx_lose_and_duplicate_nothing(tmp_path, kinesalite, agent_bin,

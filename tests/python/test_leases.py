@@ -27,6 +27,7 @@ from conftest import (
     pipeline_env,
     put_lines,
     put_while_resharding,
+    run_log,
     simulate,
     wait_until,
     write_test_pipeline,
@@ -323,3 +324,41 @@ def test_leases_follow_a_split_and_merge(tmp_path, kinesis_local, moto, agent_bi
         print(f"\n[leases, reshard] {len(put)} records; split and merge under 2 workers; "
               f"{moved} device moves from parent to child in order; lease owners at the end: "
               f"{sorted(readers)}")
+
+
+def test_dynamodb_faults_lose_and_duplicate_nothing(tmp_path, kinesalite, moto, agent_bin,
+                                                    shardlake_bin, capsys):
+    """Every lease-table call goes through the fault proxy: 20% are answered
+    ProvisionedThroughputExceededException and 5% InternalServerError. The SDK retries them
+    with jittered backoff, each is counted, and the lake is exactly once."""
+    kinesis = kinesalite.client()
+    name = f"wells-{uuid.uuid4().hex[:8]}"
+    table = f"shardlake-leases-{uuid.uuid4().hex[:8]}"
+    create_stream(kinesis, name, 4)
+    summary = simulate(agent_bin, tmp_path / "sim", shards=4, devices=200, readings=300,
+                       seed=61, spikes=3, malformed=8)
+    put = put_lines(kinesis, name, interleave(tmp_path / "sim" / "stream"))
+    pipeline = write_test_pipeline(
+        tmp_path / "faults.yaml", max_bytes="1MiB", max_age="1s",
+        source=f"{{kinesis: {{stream: {name}, max_records: 500}}}}",
+        # Short leases: renewals every 2/3 s and scans every second make many calls.
+        checkpoints=f"{{dynamodb: {{table: {table}, failover_time: 2s}}}}")
+    kinds = ["dynamodb_throttled"] * 4 + ["dynamodb_internal"]
+    with FaultProxy(moto.host, moto.port, rate=0.25, kinds=kinds, seed=11) as proxy:
+        env = pipeline_env(tmp_path, {**AWS_TEST_ENV, "AWS_ENDPOINT_URL_KINESIS": kinesalite.url,
+                                      "AWS_ENDPOINT_URL_DYNAMODB": proxy.url})
+        proc = check_run([str(shardlake_bin), "run", str(pipeline), "--drain"], env=env,
+                         timeout=600)
+        injected = dict(proxy.injected)
+        summary_line = proxy.summary()
+    assert injected.get("dynamodb_throttled", 0) >= 20 and injected.get("dynamodb_internal", 0) >= 3, (
+        f"too few faults to mean anything: {summary_line}")
+    finished = [e for e in run_log(proc) if e.get("message") == "run finished"]
+    assert len(finished) == 1, finished
+    assert (finished[0]["dynamodb_throttled"], finished[0]["dynamodb_errors_retried"]) == (
+        injected["dynamodb_throttled"], injected["dynamodb_internal"]), (injected, finished[0])
+    check_lake_against_put(put, summary, tmp_path / "lake")
+    with capsys.disabled():
+        print(f"\n[DynamoDB fault proxy] {summary_line}; counted by the run: "
+              f"{finished[0]['dynamodb_throttled']} throttled, "
+              f"{finished[0]['dynamodb_errors_retried']} 5xx")

@@ -10,6 +10,7 @@ import subprocess
 import time
 
 from conftest import (
+    run_log,
     S3LakeView,
     check_run,
     check_whole_lake,
@@ -175,6 +176,11 @@ def test_s3_faults_lose_and_duplicate_nothing(tmp_path, moto, agent_bin, shardla
     assert sum(faults.values()) >= 30, f"too few faults to mean anything: {faults}"
     assert uploads(s3, BUCKET) == [], "multipart uploads left behind"
     assert "ERROR" not in proc.stdout + proc.stderr
+    # The SDK retried every fault; the run counted each one.
+    finished = [e for e in run_log(proc) if e.get("message") == "run finished"]
+    assert len(finished) == 1, finished
+    assert (finished[0]["s3_throttled"], finished[0]["s3_errors_retried"]) == (
+        faults["slowdown"], faults["reset_before"] + faults["reset_after"]), (faults, finished[0])
 
     con = duck()
     con.register("src", stream.table())
