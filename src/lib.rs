@@ -47,6 +47,8 @@ pub mod lease;
 #[cfg(feature = "pipeline")]
 pub mod notify;
 #[cfg(feature = "pipeline")]
+pub mod ops;
+#[cfg(feature = "pipeline")]
 pub mod pipeline;
 #[cfg(feature = "pipeline")]
 pub mod query;

@@ -160,6 +160,11 @@ pub async fn run(
     let (stop_leases, stop_rx) = watch::channel(false);
     let lease_task = leases.clone().map(|m| tokio::spawn(m.run(stop_rx)));
 
+    let ready = &metrics.ready;
+    let shutdown = async {
+        shutdown.await;
+        ready.store(false, std::sync::atomic::Ordering::Relaxed);
+    };
     tokio::pin!(shutdown);
     let result = async {
         if let Some(m) = &leases {
@@ -168,6 +173,8 @@ pub async fn run(
                 _ = &mut shutdown => return Ok(()),
             }
         }
+        // The sinks answered (an S3 lake checked its bucket) and the leases were scanned.
+        ready.store(true, std::sync::atomic::Ordering::Relaxed);
         let mut generation = leases.as_ref().map(|m| m.generation());
         loop {
             let session = match &leases {

@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -41,6 +42,14 @@ enum Command {
         /// Print a progress line every second.
         #[arg(long)]
         progress: bool,
+        /// Serve GET /metrics (Prometheus) and /healthz on this address, e.g. 0.0.0.0:9090.
+        #[arg(long, env = "SHARDLAKE_LISTEN")]
+        listen: Option<std::net::SocketAddr>,
+        /// Seconds from SIGTERM/SIGINT to exit: reading stops, what was read is committed
+        /// and leases are released; past the budget the process exits anyway (the next start
+        /// completes or drops what was left). Fargate kills 30 s after SIGTERM by default.
+        #[arg(long, env = "SHARDLAKE_SHUTDOWN_BUDGET", default_value_t = 25.0)]
+        shutdown_budget: f64,
     },
     /// Simulate an oil-well fleet, run pipelines/well-telemetry.yaml over it on a local
     /// stream and lake, and show the aggregates and alerts it found.
@@ -118,6 +127,8 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             drain,
             worker_id,
             progress,
+            listen,
+            shutdown_budget,
         } => {
             let p = load(&pipeline, &process_env).await?;
             let opts = RunOptions {
@@ -125,14 +136,36 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 worker: worker_id,
                 progress,
             };
-            run(
-                Arc::new(p),
-                opts,
-                Arc::new(SystemClock),
-                Arc::new(Metrics::default()),
-                shutdown_signal(),
-            )
-            .await?;
+            let metrics = Arc::new(Metrics::default());
+            if let Some(addr) = listen {
+                shardlake::ops::serve(addr, metrics.clone())
+                    .await
+                    .with_context(|| format!("serving /metrics on {addr}"))?;
+            }
+            let budget = Duration::try_from_secs_f64(shutdown_budget)
+                .context("--shutdown-budget must be a number of seconds")?;
+            // The signal is watched by its own task, so the budget starts when it arrives,
+            // whatever the run is doing then.
+            let (stop_tx, mut stop) = tokio::sync::watch::channel(false);
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                let _ = stop_tx.send(true);
+            });
+            let mut stopping = stop.clone();
+            let shutdown = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            let deadline = async move {
+                let _ = stopping.wait_for(|s| *s).await;
+                tokio::time::sleep(budget).await;
+            };
+            tokio::select! {
+                r = run(Arc::new(p), opts, Arc::new(SystemClock), metrics, shutdown) => r?,
+                _ = deadline => {
+                    tracing::error!(budget_s = shutdown_budget, "shutdown budget spent: exiting before the commit finished (the next start completes or drops it)");
+                    return Ok(ExitCode::from(3));
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo {

@@ -510,6 +510,7 @@ impl Engine {
         if self.uncommitted_since.is_none() && self.writers().all(|w| w.is_empty()) {
             return Ok(Vec::new());
         }
+        let started = std::time::Instant::now();
         let mut files = Vec::new();
         for w in self.writers() {
             files.extend(w.stage().await?);
@@ -530,6 +531,17 @@ impl Engine {
             &self.metrics.bytes_written,
             intent.files.iter().map(|f| f.bytes).sum(),
         );
+        self.metrics.committed(
+            intent
+                .files
+                .iter()
+                .map(|f| (f.output.as_str(), f.rows, f.bytes)),
+        );
+        self.metrics
+            .commit_seconds
+            .lock()
+            .expect("not poisoned")
+            .observe(started.elapsed().as_secs_f64());
         tracing::info!(
             commit = intent.next.commit_id,
             files = intent.files.len(),

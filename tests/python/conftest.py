@@ -161,12 +161,12 @@ def write_test_pipeline(dest: Path, *, max_bytes: str, max_age: str, lake: str |
 
 def run_until_read_then_sigterm(shardlake_bin: Path, pipeline: Path, env: dict[str, str],
                                 records: int, timeout: float = 120,
-                                at_least: bool = False) -> None:
+                                at_least: bool = False, args: tuple[str, ...] = ()) -> float:
     """Runs `shardlake run --progress` until it has read `records` records (its progress
     line, every second, says how many; `at_least`: or more, when reads come in bigger steps
     than the stream's tail), then stops it with SIGTERM: it must commit what it read and
-    exit 0."""
-    proc = subprocess.Popen([str(shardlake_bin), "run", str(pipeline), "--progress"], env=env,
+    exit 0. Returns the seconds from SIGTERM to its exit."""
+    proc = subprocess.Popen([str(shardlake_bin), "run", str(pipeline), "--progress", *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + timeout
@@ -181,8 +181,10 @@ def run_until_read_then_sigterm(shardlake_bin: Path, pipeline: Path, env: dict[s
         assert read == records or (at_least and read > records), (
             f"the run read {read} records, not {records}")
         proc.send_signal(signal.SIGTERM)
+        stopped = time.monotonic()
         proc.stderr.read()
         assert proc.wait(timeout=60) == 0, "the run did not shut down cleanly on SIGTERM"
+        return time.monotonic() - stopped
     finally:
         if proc.poll() is None:
             proc.kill()
