@@ -32,6 +32,7 @@ struct Cli {
 enum Command {
     /// Run a pipeline until stopped (SIGINT/SIGTERM), or until caught up with --drain.
     Run {
+        #[arg(env = "SHARDLAKE_PIPELINE")]
         pipeline: PathBuf,
         /// Stop once every shard is read to its end, emitting every open window.
         #[arg(long)]
@@ -74,6 +75,13 @@ enum Command {
     },
     /// Run SQL over a pipeline's lake; every output is a table.
     Query { pipeline: PathBuf, sql: String },
+    /// Exit 0 if the worker serving `--listen` on this machine says it is ready (GET
+    /// /healthz), 1 otherwise: the container health check, without curl in the image.
+    Health {
+        /// The worker's --listen address (0.0.0.0 is asked on 127.0.0.1).
+        #[arg(long, env = "SHARDLAKE_LISTEN", default_value = "127.0.0.1:9090")]
+        listen: std::net::SocketAddr,
+    },
     /// Print Athena CREATE EXTERNAL TABLE statements (partition projection) for every output.
     AthenaDdl {
         pipeline: PathBuf,
@@ -184,6 +192,11 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             println!("{}", arrow::util::pretty::pretty_format_batches(&batches)?);
             Ok(ExitCode::SUCCESS)
         }
+        Command::Health { listen } => Ok(if healthy(listen) {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        }),
         Command::AthenaDdl {
             pipeline,
             database,
@@ -238,6 +251,24 @@ async fn validate(files: &[PathBuf]) -> Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// GET /healthz on the worker's port answers 200.
+fn healthy(mut addr: std::net::SocketAddr) -> bool {
+    use std::io::{Read, Write};
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let timeout = Duration::from_secs(3);
+    let Ok(mut conn) = std::net::TcpStream::connect_timeout(&addr, timeout) else {
+        return false;
+    };
+    let _ = conn.set_read_timeout(Some(timeout));
+    let request = format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let mut answer = String::new();
+    conn.write_all(request.as_bytes()).is_ok()
+        && conn.read_to_string(&mut answer).is_ok()
+        && answer.starts_with("HTTP/1.1 200 ")
 }
 
 async fn shutdown_signal() {

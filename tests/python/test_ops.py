@@ -59,6 +59,9 @@ def test_metrics_and_healthz_match_the_run(tmp_path, agent_bin, shardlake_bin):
     try:
         wait_until("/healthz to say ready", lambda: get(f"{base}/healthz")[0] == 200, timeout=60)
         assert get(f"{base}/nothing-here")[0] == 404
+        # The container health check (no curl in the image) asks the same question.
+        health = [str(shardlake_bin), "health", "--listen", base[7:]]
+        assert subprocess.run(health, timeout=30).returncode == 0
 
         def rows(m: dict, output: str) -> float:
             return m.get(("shardlake_output_rows_total", (("output", output),)), 0)
@@ -84,6 +87,7 @@ def test_metrics_and_healthz_match_the_run(tmp_path, agent_bin, shardlake_bin):
         rc = proc.wait(timeout=60)
         log.close()
     assert rc == 0, (tmp_path / "run.log").read_text()[-3000:]
+    assert subprocess.run(health, timeout=30).returncode == 1, "healthy with no worker running"
     con = duck()
     con.register("src", stream.table())
     check_readings_exactly_once(con, tmp_path / "lake", valid)

@@ -1,0 +1,42 @@
+# shardlake worker image: a release build on Debian 12, run from distroless (glibc, CA
+# certificates, no shell, user 65532). The pipeline YAML and its schemas are baked in under
+# /etc/shardlake; set SHARDLAKE_PIPELINE (or pass `run PATH`) to use another one, e.g. from a
+# mounted volume.
+#
+#   docker build -t shardlake .
+#   docker run --rm -e AWS_REGION=eu-west-1 -e SHARDLAKE_STREAM=... shardlake
+#
+# tests/python/test_deploy.py checks that the files this copies exist, that Cargo.lock is
+# current (`--locked`), and that the command and health check parse as the binary expects.
+
+FROM rust:1.95-slim-bookworm AS build
+WORKDIR /src
+# Dependencies first, so that a source change does not rebuild them: a stub crate with the
+# real manifest and lock file.
+COPY Cargo.toml Cargo.lock ./
+RUN mkdir -p src/bin benches \
+    && echo 'fn main() {}' > src/bin/shardlake.rs \
+    && echo 'fn main() {}' > src/bin/shardlake-agent.rs \
+    && echo 'fn main() {}' > benches/throughput.rs \
+    && touch src/lib.rs \
+    && cargo build --release --locked --bin shardlake \
+    && rm -rf src benches
+COPY src src
+COPY benches benches
+RUN touch src/lib.rs src/bin/shardlake.rs \
+    && cargo build --release --locked --bin shardlake \
+    && cp target/release/shardlake /shardlake
+
+FROM gcr.io/distroless/cc-debian12:nonroot
+COPY --from=build /shardlake /usr/local/bin/shardlake
+COPY pipelines /etc/shardlake/pipelines
+COPY schemas /etc/shardlake/schemas
+ENV SHARDLAKE_LOG_FORMAT=json \
+    SHARDLAKE_LISTEN=0.0.0.0:9090 \
+    SHARDLAKE_SHUTDOWN_BUDGET=25 \
+    SHARDLAKE_PIPELINE=/etc/shardlake/pipelines/well-telemetry-aws.yaml
+EXPOSE 9090
+USER 65532:65532
+HEALTHCHECK --interval=15s --timeout=5s --start-period=60s CMD ["/usr/local/bin/shardlake", "health"]
+ENTRYPOINT ["/usr/local/bin/shardlake"]
+CMD ["run"]
