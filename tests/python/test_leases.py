@@ -65,6 +65,47 @@ def worker_of(owner: str) -> str:
     return owner.rsplit("-", 1)[0]
 
 
+def lease_run(tmp_path, file: str, stream: str, table: str, kinesis_url: str, dynamodb_url: str,
+              *, sync_s: int = 60, failover_s: int = FAILOVER_S, source_opts: str = "",
+              max_bytes: str = "1MiB", max_age: str = "1s"):
+    """A test pipeline over `stream` with leases in `table`, and the environment pointing
+    Kinesis and DynamoDB at the local servers (or a fault proxy)."""
+    pipeline = write_test_pipeline(
+        tmp_path / file, max_bytes=max_bytes, max_age=max_age,
+        source=f"{{kinesis: {{stream: {stream}{source_opts}}}}}",
+        checkpoints=f"{{dynamodb: {{table: {table}, failover_time: {failover_s}s, "
+                    f"shard_sync_interval: {sync_s}s}}}}")
+    env = pipeline_env(tmp_path, {**AWS_TEST_ENV, "AWS_ENDPOINT_URL_KINESIS": kinesis_url,
+                                  "AWS_ENDPOINT_URL_DYNAMODB": dynamodb_url})
+    return pipeline, env
+
+
+def start_workers(shardlake_bin, pipeline, env, tmp_path, n: int):
+    """`n` workers `w0`… with their logs in `w<i>.log`."""
+    logs = [open(tmp_path / f"w{i}.log", "w") for i in range(n)]
+    workers = [subprocess.Popen([str(shardlake_bin), "run", str(pipeline), "--worker-id", f"w{i}"],
+                                env=env, stdout=subprocess.DEVNULL, stderr=logs[i])
+               for i in range(n)]
+    return workers, logs
+
+
+def kill_all(workers, logs) -> None:
+    for w in workers:
+        if w.poll() is None:
+            w.kill()
+            w.wait()
+    for f in logs:
+        f.close()
+
+
+def last_sequence(put) -> dict[str, int]:
+    """Each shard's last sequence number among the records put."""
+    last: dict[str, int] = {}
+    for _, shard, seq in put:
+        last[shard] = max(last.get(shard, 0), int(seq))
+    return last
+
+
 def test_three_workers_share_a_stream_and_survive_a_sigkill(tmp_path, kinesalite, moto,
                                                            agent_bin, shardlake_bin, capsys):
     kinesis = kinesalite.client()
@@ -80,17 +121,9 @@ def test_three_workers_share_a_stream_and_survive_a_sigkill(tmp_path, kinesalite
     third = len(lines) // 3
     put = put_lines(kinesis, name, lines[:third])
 
-    pipeline = write_test_pipeline(
-        tmp_path / "leases.yaml", max_bytes="4MiB", max_age="2s",
-        source=f"{{kinesis: {{stream: {name}}}}}",
-        checkpoints=f"{{dynamodb: {{table: {table}, failover_time: {FAILOVER_S}s, "
-                    "shard_sync_interval: 5s}}")
-    env = pipeline_env(tmp_path, {**AWS_TEST_ENV, "AWS_ENDPOINT_URL_KINESIS": kinesalite.url,
-                                  "AWS_ENDPOINT_URL_DYNAMODB": moto.url})
-    logs = [open(tmp_path / f"w{i}.log", "w") for i in range(3)]
-    workers = [subprocess.Popen([str(shardlake_bin), "run", str(pipeline), "--worker-id", f"w{i}"],
-                                env=env, stdout=subprocess.DEVNULL, stderr=logs[i])
-               for i in range(3)]
+    pipeline, env = lease_run(tmp_path, "leases.yaml", name, table, kinesalite.url, moto.url,
+                              sync_s=5, max_bytes="4MiB", max_age="2s")
+    workers, logs = start_workers(shardlake_bin, pipeline, env, tmp_path, 3)
 
     def log_tail(i: int) -> str:
         return (tmp_path / f"w{i}.log").read_text()[-4000:]
@@ -156,9 +189,7 @@ def test_three_workers_share_a_stream_and_survive_a_sigkill(tmp_path, kinesalite
         put += rest
 
         # Every record committed: each shard's KCL checkpoint is its last sequence number.
-        last: dict[str, int] = {}
-        for _, shard, seq in put:
-            last[shard] = max(last.get(shard, 0), int(seq))
+        last = last_sequence(put)
         wait_until("every shard's checkpoint to reach its last record",
                    lambda: all(it["checkpoint"].isdigit() and int(it["checkpoint"]) == last[k]
                                for k, it in lease_table(ddb, table).items()),
@@ -169,12 +200,7 @@ def test_three_workers_share_a_stream_and_survive_a_sigkill(tmp_path, kinesalite
             assert w.wait(timeout=60) == 0, f"w{i} did not stop cleanly:\n{log_tail(i)}"
         assert owners(lease_table(ddb, table)) == {}, "a stopping worker releases its leases"
     finally:
-        for w in workers:
-            if w.poll() is None:
-                w.kill()
-                w.wait()
-        for f in logs:
-            f.close()
+        kill_all(workers, logs)
 
     # The windows still open are emitted by one bounded run (it takes every lease).
     check_run([str(shardlake_bin), "run", str(pipeline), "--drain", "--worker-id", "last"],
@@ -216,14 +242,10 @@ def test_a_denied_create_table_names_the_missing_permission(tmp_path, kinesalite
     name = f"wells-{uuid.uuid4().hex[:8]}"
     table = f"shardlake-leases-{uuid.uuid4().hex[:8]}"
     create_stream(kinesis, name, 1)
-    pipeline = write_test_pipeline(
-        tmp_path / "denied.yaml", max_bytes="1MiB", max_age="1s",
-        source=f"{{kinesis: {{stream: {name}}}}}",
-        checkpoints=f"{{dynamodb: {{table: {table}}}}}")
     with FaultProxy(moto.host, moto.port, rate=1.0, kinds=["dynamodb_denied"],
                     target="DynamoDB_20120810.CreateTable") as proxy:
-        env = pipeline_env(tmp_path, {**AWS_TEST_ENV, "AWS_ENDPOINT_URL_KINESIS": kinesalite.url,
-                                      "AWS_ENDPOINT_URL_DYNAMODB": proxy.url})
+        pipeline, env = lease_run(tmp_path, "denied.yaml", name, table, kinesalite.url,
+                                  proxy.url)
         proc = subprocess.run([str(shardlake_bin), "run", str(pipeline), "--drain"], env=env,
                               capture_output=True, text=True, timeout=120)
         denied = proxy.injected["dynamodb_denied"]
@@ -248,22 +270,12 @@ def test_leases_follow_a_split_and_merge(tmp_path, kinesis_local, moto, agent_bi
     summary = simulate(agent_bin, tmp_path / "sim", shards=3, devices=60, readings=50,
                        seed=41, spikes=2, malformed=6)
     lines = interleave(tmp_path / "sim" / "stream")
-    pipeline = write_test_pipeline(
-        tmp_path / "reshard.yaml", max_bytes="1MiB", max_age="1s",
-        source=f"{{kinesis: {{stream: {name}}}}}",
-        checkpoints=f"{{dynamodb: {{table: {table}, failover_time: {FAILOVER_S}s, "
-                    "shard_sync_interval: 2s}}")
-    env = pipeline_env(tmp_path, {**AWS_TEST_ENV, "AWS_ENDPOINT_URL_KINESIS": kinesis_local.url,
-                                  "AWS_ENDPOINT_URL_DYNAMODB": moto.url})
-    logs = [open(tmp_path / f"w{i}.log", "w") for i in range(2)]
-    workers = [subprocess.Popen([str(shardlake_bin), "run", str(pipeline), "--worker-id", f"w{i}"],
-                                env=env, stdout=subprocess.DEVNULL, stderr=logs[i])
-               for i in range(2)]
+    pipeline, env = lease_run(tmp_path, "reshard.yaml", name, table, kinesis_local.url,
+                              moto.url, sync_s=2)
+    workers, logs = start_workers(shardlake_bin, pipeline, env, tmp_path, 2)
     try:
         put, ids = put_while_resharding(kinesis, name, lines)
-        last: dict[str, int] = {}
-        for _, shard, seq in put:
-            last[shard] = max(last.get(shard, 0), int(seq))
+        last = last_sequence(put)
         shards = kinesis.list_shards(StreamName=name)["Shards"]
         parents = {s["ShardId"]: {p for p in (s.get("ParentShardId"), s.get("AdjacentParentShardId")) if p}
                    for s in shards if s["ShardId"] not in ids}
@@ -285,12 +297,7 @@ def test_leases_follow_a_split_and_merge(tmp_path, kinesis_local, moto, agent_bi
         for i, w in enumerate(workers):
             assert w.wait(timeout=60) == 0, f"w{i} did not stop cleanly"
     finally:
-        for w in workers:
-            if w.poll() is None:
-                w.kill()
-                w.wait()
-        for f in logs:
-            f.close()
+        kill_all(workers, logs)
     check_run([str(shardlake_bin), "run", str(pipeline), "--drain", "--worker-id", "last"],
               env=env, timeout=300)
     lake = tmp_path / "lake"
@@ -338,15 +345,11 @@ def test_dynamodb_faults_lose_and_duplicate_nothing(tmp_path, kinesalite, moto, 
     summary = simulate(agent_bin, tmp_path / "sim", shards=4, devices=200, readings=300,
                        seed=61, spikes=3, malformed=8)
     put = put_lines(kinesis, name, interleave(tmp_path / "sim" / "stream"))
-    pipeline = write_test_pipeline(
-        tmp_path / "faults.yaml", max_bytes="1MiB", max_age="1s",
-        source=f"{{kinesis: {{stream: {name}, max_records: 500}}}}",
-        # Short leases: renewals every 2/3 s and scans every second make many calls.
-        checkpoints=f"{{dynamodb: {{table: {table}, failover_time: 2s}}}}")
     kinds = ["dynamodb_throttled"] * 4 + ["dynamodb_internal"]
     with FaultProxy(moto.host, moto.port, rate=0.25, kinds=kinds, seed=11) as proxy:
-        env = pipeline_env(tmp_path, {**AWS_TEST_ENV, "AWS_ENDPOINT_URL_KINESIS": kinesalite.url,
-                                      "AWS_ENDPOINT_URL_DYNAMODB": proxy.url})
+        # Short leases: renewals every 2/3 s and scans every second make many calls.
+        pipeline, env = lease_run(tmp_path, "faults.yaml", name, table, kinesalite.url,
+                                  proxy.url, failover_s=2, source_opts=", max_records: 500")
         proc = check_run([str(shardlake_bin), "run", str(pipeline), "--drain"], env=env,
                          timeout=600)
         injected = dict(proxy.injected)
