@@ -358,8 +358,12 @@ def test_dynamodb_faults_lose_and_duplicate_nothing(tmp_path, kinesalite, moto, 
         f"too few faults to mean anything: {summary_line}")
     finished = [e for e in run_log(proc) if e.get("message") == "run finished"]
     assert len(finished) == 1, finished
-    assert (finished[0]["dynamodb_throttled"], finished[0]["dynamodb_errors_retried"]) == (
-        injected["dynamodb_throttled"], injected["dynamodb_internal"]), (injected, finished[0])
+    # Only the proxy throttles, so that count is exact. Every injected 5xx is counted too; the
+    # counter also takes attempts that got no answer at all (a connection lost or timed out,
+    # which the proxy does not see as a fault), seen once in CI under load: 15 for 14 injected.
+    assert finished[0]["dynamodb_throttled"] == injected["dynamodb_throttled"], (injected, finished[0])
+    assert 0 <= finished[0]["dynamodb_errors_retried"] - injected["dynamodb_internal"] <= 3, (
+        injected, finished[0])
     check_lake_against_put(put, summary, tmp_path / "lake")
     with capsys.disabled():
         print(f"\n[DynamoDB fault proxy] {summary_line}; counted by the run: "
