@@ -228,6 +228,8 @@ pub struct KinesisSource {
     pub poll_interval: Duration,
     /// Records per GetRecords call.
     pub max_records: usize,
+    /// Each line of a record is a record of its own.
+    pub split_lines: bool,
 }
 
 /// Where a shard without a checkpoint starts.
@@ -426,8 +428,54 @@ impl Pipeline {
 
 // ---------------------------------------------------------------- loading
 
-/// Reads `path` as YAML into a value tree with `${VAR}` replaced, plus its line index.
-fn read_yaml(path: &Path, env: Env) -> Result<(Value, LineIndex), ConfigError> {
+/// A string value that came from `${VAR}`s: where it is, what the file says, what it became,
+/// and the variables' own values. Problems never show what a variable held (it may be a
+/// secret); they show what the file says instead.
+#[derive(Debug, Clone)]
+struct Substituted {
+    path: String,
+    written: String,
+    value: String,
+    vars: Vec<(String, String)>,
+}
+
+/// Variable values shorter than this are not replaced in messages about other fields (a
+/// value like `8` or `info` would replace ordinary words); a problem about the field itself
+/// always hides its value.
+const REDACT_ANYWHERE_MIN: usize = 6;
+
+/// Replaces, in every problem, the values that came from the environment by the text the file
+/// wrote (`Bearer ${TOKEN}`), or by `${NAME}` for a variable's value found elsewhere.
+fn redact(problems: &mut [Problem], subs: &[Substituted]) {
+    let related = |field: &str, path: &str| {
+        field == path
+            || path
+                .strip_prefix(field)
+                .is_some_and(|r| r.starts_with(['.', '[']))
+            || field
+                .strip_prefix(path)
+                .is_some_and(|r| r.starts_with(['.', '[']))
+    };
+    for problem in problems {
+        for text in [&mut problem.message, &mut problem.fix] {
+            for s in subs {
+                let own = related(&problem.field, &s.path);
+                if !s.value.is_empty() && (own || s.value.len() >= REDACT_ANYWHERE_MIN) {
+                    *text = text.replace(&s.value, &s.written);
+                }
+                for (name, value) in &s.vars {
+                    if !value.is_empty() && (own || value.len() >= REDACT_ANYWHERE_MIN) {
+                        *text = text.replace(value, &format!("${{{name}}}"));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Reads `path` as YAML into a value tree with `${VAR}` replaced, plus its line index and
+/// what was replaced where.
+fn read_yaml(path: &Path, env: Env) -> Result<(Value, LineIndex, Vec<Substituted>), ConfigError> {
     let one = |line, field: &str, message: String, fix: &str| ConfigError {
         problems: vec![Problem {
             file: path.to_path_buf(),
@@ -465,9 +513,10 @@ fn read_yaml(path: &Path, env: Env) -> Result<(Value, LineIndex), ConfigError> {
         )
     })?;
     let mut problems = Problems::new(path, &lines);
-    substitute_env(&mut value, "", env, &mut problems);
+    let mut subs = Vec::new();
+    substitute_env(&mut value, "", env, &mut problems, &mut subs);
     if problems.list.is_empty() {
-        Ok((value, lines))
+        Ok((value, lines, subs))
     } else {
         Err(ConfigError {
             problems: problems.list,
@@ -476,10 +525,26 @@ fn read_yaml(path: &Path, env: Env) -> Result<(Value, LineIndex), ConfigError> {
 }
 
 /// Replaces `${VAR}` and `${VAR:-default}` in every string value.
-fn substitute_env(value: &mut Value, path: &str, env: Env, problems: &mut Problems) {
+fn substitute_env(
+    value: &mut Value,
+    path: &str,
+    env: Env,
+    problems: &mut Problems,
+    subs: &mut Vec<Substituted>,
+) {
     match value {
         Value::String(s) if s.contains("${") => match expand(s, env) {
-            Ok(out) => *s = out,
+            Ok(out) => {
+                let vars = variables(s)
+                    .filter_map(|name| env(name).map(|v| (name.to_string(), v)))
+                    .collect();
+                subs.push(Substituted {
+                    path: path.to_string(),
+                    written: std::mem::replace(s, out.clone()),
+                    value: out,
+                    vars,
+                });
+            }
             Err(var) => problems.add(
                 path,
                 format!("environment variable `{var}` is not set"),
@@ -488,7 +553,7 @@ fn substitute_env(value: &mut Value, path: &str, env: Env, problems: &mut Proble
         },
         Value::Array(items) => {
             for (i, item) in items.iter_mut().enumerate() {
-                substitute_env(item, &format!("{path}[{i}]"), env, problems);
+                substitute_env(item, &format!("{path}[{i}]"), env, problems, subs);
             }
         }
         Value::Object(map) => {
@@ -498,11 +563,19 @@ fn substitute_env(value: &mut Value, path: &str, env: Env, problems: &mut Proble
                 } else {
                     format!("{path}.{k}")
                 };
-                substitute_env(v, &child, env, problems);
+                substitute_env(v, &child, env, problems, subs);
             }
         }
         _ => {}
     }
+}
+
+/// The names of the `${VAR}`s in `s`.
+fn variables(s: &str) -> impl Iterator<Item = &str> {
+    s.split("${").skip(1).filter_map(|part| {
+        let inner = &part[..part.find('}')?];
+        Some(inner.split_once(":-").map_or(inner, |(name, _)| name))
+    })
 }
 
 /// Expands `${VAR}` / `${VAR:-default}`; the error is the first unset variable's name.
@@ -568,7 +641,7 @@ fn typed<T: DeserializeOwned>(mut value: Value, problems: &mut Problems) -> Opti
                     continue;
                 }
                 let fix = if msg.starts_with("missing field") {
-                    "add it (see the commented example pipelines in pipelines/)"
+                    "add it (the commented examples in pipelines/ and deploy/pi/agent.yaml show every field)"
                 } else if msg.starts_with("unknown variant") {
                     "use one of the values listed"
                 } else {
@@ -802,18 +875,29 @@ fn split_path(path: &str) -> Vec<Seg<'_>> {
     out
 }
 
-/// Loads a schema file on its own (`shardlake validate schemas/x.yaml`).
-pub fn load_schema(path: &Path, env: Env) -> Result<RecordSchema, ConfigError> {
-    let (value, lines) = read_yaml(path, env)?;
+/// Loads any YAML configuration file into the serde type `F` and resolves it with `resolve`,
+/// with the same `${VAR}` substitution, unknown-key reports, lines and redaction as a pipeline
+/// (the agent's `agent.yaml` uses it).
+pub fn load_file<F: DeserializeOwned, T>(
+    path: &Path,
+    env: Env,
+    resolve: impl FnOnce(F, &mut Problems) -> T,
+) -> Result<T, ConfigError> {
+    let (value, lines, subs) = read_yaml(path, env)?;
     let mut problems = Problems::new(path, &lines);
-    let schema =
-        typed::<SchemaFile>(value, &mut problems).map(|f| resolve_schema(path, f, &mut problems));
-    match schema {
-        Some(s) if problems.list.is_empty() => Ok(s),
+    let out = typed::<F>(value, &mut problems).map(|f| resolve(f, &mut problems));
+    redact(&mut problems.list, &subs);
+    match out {
+        Some(t) if problems.list.is_empty() => Ok(t),
         _ => Err(ConfigError {
             problems: problems.list,
         }),
     }
+}
+
+/// Loads a schema file on its own (`shardlake validate schemas/x.yaml`).
+pub fn load_schema(path: &Path, env: Env) -> Result<RecordSchema, ConfigError> {
+    load_file(path, env, |f: SchemaFile, p| resolve_schema(path, f, p))
 }
 
 fn resolve_schema(path: &Path, f: SchemaFile, p: &mut Problems) -> RecordSchema {
@@ -877,12 +961,13 @@ pub fn load_pipeline(path: &Path, env: Env) -> Result<Pipeline, ConfigError> {
 /// found, so later checks (SQL) can still run and every problem is reported at once. A rule
 /// naming a missing aggregation is left out of the returned pipeline.
 pub fn load_pipeline_partial(path: &Path, env: Env) -> (Option<Pipeline>, Vec<Problem>) {
-    let (value, lines) = match read_yaml(path, env) {
+    let (value, lines, subs) = match read_yaml(path, env) {
         Ok(v) => v,
         Err(e) => return (None, e.problems),
     };
     let mut p = Problems::new(path, &lines);
     let Some(f) = typed::<PipelineFile>(value, &mut p) else {
+        redact(&mut p.list, &subs);
         return (None, p.list);
     };
     let mut extra = Vec::new();
@@ -904,6 +989,7 @@ pub fn load_pipeline_partial(path: &Path, env: Env) -> (Option<Pipeline>, Vec<Pr
     };
     let pipeline = resolve_pipeline(path, f, schema, lines.clone(), &mut p);
     p.list.extend(extra);
+    redact(&mut p.list, &subs);
     (pipeline, p.list)
 }
 
@@ -944,6 +1030,7 @@ fn resolve_pipeline(
             timestamp,
             poll_interval,
             max_records,
+            split_lines,
         } => {
             let at = |k: &str| format!("source.kinesis.{k}");
             if !(1..=10_000).contains(&max_records) {
@@ -1013,6 +1100,7 @@ fn resolve_pipeline(
                 start,
                 poll_interval: p.duration(&at("poll_interval"), &poll_interval),
                 max_records: max_records.clamp(1, 10_000) as usize,
+                split_lines,
             })
         }
     };
@@ -1357,6 +1445,41 @@ mod tests {
         assert_eq!(expand("${A}/b/${B:-c}", &env).unwrap(), "x/b/c");
         assert_eq!(expand("${MISSING}", &env).unwrap_err(), "MISSING");
         assert_eq!(expand("no vars", &env).unwrap(), "no vars");
+    }
+
+    #[test]
+    fn problems_never_show_what_a_variable_held() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("s.yaml"),
+            "name: s\nfields:\n  - {name: ts, type: timestamp}\n",
+        )
+        .unwrap();
+        let pipe = dir.path().join("p.yaml");
+        // A token pasted into the wrong fields: a stream name and a duration.
+        std::fs::write(
+            &pipe,
+            "name: p\nschema: s.yaml\nsource: {kinesis: {stream: 'x/${TOKEN}', poll_interval: '${SHORT}'}}\nlake: {local: {path: l}}\ncheckpoints: {local: {path: z}}\nevent_time: {field: ts}\n",
+        )
+        .unwrap();
+        let env = |k: &str| match k {
+            "TOKEN" => Some("tok-9f8e7d6c5b".to_string()),
+            "SHORT" => Some("abc".to_string()),
+            _ => None,
+        };
+        let err = load_pipeline(&pipe, &env).unwrap_err();
+        let text = err.to_string();
+        assert_eq!(err.problems.len(), 2, "{text}");
+        assert!(!text.contains("9f8e7d6c5b"), "{text}");
+        assert!(!text.contains("`abc`"), "{text}");
+        assert!(
+            text.contains("`x/${TOKEN}` is not a Kinesis stream name"),
+            "{text}"
+        );
+        assert!(
+            text.contains("source.kinesis.poll_interval: `${SHORT}`"),
+            "{text}"
+        );
     }
 
     #[test]

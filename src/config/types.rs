@@ -74,6 +74,11 @@ pub enum SourceFile {
         /// Records per GetRecords call, 1 to 10000 (default 10000).
         #[serde(default = "default_max_records")]
         max_records: u32,
+        /// A record may hold several newline-separated JSON objects (shardlake-agent's MQTT
+        /// messages, put on the stream whole by the IoT rule): each line becomes a record of
+        /// its own, checkpointed by its index like a KPL user record (default false).
+        #[serde(default)]
+        split_lines: bool,
     },
 }
 

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from conftest import (
+    Receiver,
     check_record_alerts,
     check_run,
     duck,
@@ -27,43 +26,6 @@ from conftest import (
 T0 = dt.datetime(2026, 1, 5, 10, 0, tzinfo=dt.timezone.utc)
 MINUTES = 17
 TOKEN = "s3cr3t-t0ken-9f8e7d"
-
-
-class Receiver:
-    """A webhook endpoint: records every POST, answers `status`."""
-
-    def __init__(self, status: int):
-        self.requests: list[tuple[dict[str, str], bytes]] = []
-        lock = threading.Lock()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                with lock:
-                    receiver.requests.append(
-                        ({k.lower(): v for k, v in self.headers.items()}, body))
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/alerts"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._server.shutdown()
-        self._server.server_close()
 
 
 def reading(device: str, seq: int, t: dt.datetime, pressure: float) -> str:
