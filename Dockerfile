@@ -6,8 +6,10 @@
 #   docker build -t shardlake .
 #   docker run --rm -e AWS_REGION=eu-west-1 -e SHARDLAKE_STREAM=... shardlake
 #
-# tests/python/test_deploy.py checks that the files this copies exist, that Cargo.lock is
-# current (`--locked`), and that the command and health check parse as the binary expects.
+# The build stage writes nothing outside its WORKDIR, so that scripts/dockerfile-build-stage
+# can run its COPY and RUN steps by hand in a scratch directory (scripts/test does, with a
+# cheaper optimisation level); tests/python/test_deploy.py checks the runtime stage: the files
+# it copies, and that its command and health check parse as the binary expects.
 
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
@@ -23,12 +25,15 @@ RUN mkdir -p src/bin benches \
     && rm -rf src benches
 COPY src src
 COPY benches benches
+# `shardlake demo` embeds the example pipeline and schema (include_str!).
+COPY pipelines pipelines
+COPY schemas schemas
 RUN touch src/lib.rs src/bin/shardlake.rs \
     && cargo build --release --locked --bin shardlake \
-    && cp target/release/shardlake /shardlake
+    && target/release/shardlake --version
 
 FROM gcr.io/distroless/cc-debian12:nonroot
-COPY --from=build /shardlake /usr/local/bin/shardlake
+COPY --from=build /src/target/release/shardlake /usr/local/bin/shardlake
 COPY pipelines /etc/shardlake/pipelines
 COPY schemas /etc/shardlake/schemas
 ENV SHARDLAKE_LOG_FORMAT=json \
