@@ -1,11 +1,15 @@
-//! The Raspberry Pi sensor agent. For now it simulates oil wells into a local stream.
+//! The Raspberry Pi sensor agent: `run` samples the sensors of an `agent.yaml` into the
+//! durable queue and sends it; `validate` checks the file; `simulate` writes a simulated
+//! fleet into a local stream in one go.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use shardlake::agent::config as agent_config;
 use shardlake::agent::sim::{SimConfig, simulate};
+use shardlake::config::process_env;
 use shardlake::localstream::{self, LocalStreamWriter};
 
 #[derive(Parser)]
@@ -17,6 +21,25 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Sample the configured sensors and send the readings until SIGTERM or Ctrl-C.
+    Run {
+        /// The agent configuration.
+        #[arg(long, default_value = "/etc/shardlake-agent/agent.yaml")]
+        config: PathBuf,
+        /// After the stop signal, how long to keep sending what is queued.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        drain: std::time::Duration,
+    },
+    /// What the queue holds (pending readings, their seqs), without changing it.
+    Status {
+        #[arg(long, default_value = "/etc/shardlake-agent/agent.yaml")]
+        config: PathBuf,
+    },
+    /// Check an agent configuration and report every problem.
+    Validate {
+        #[arg(long, default_value = "/etc/shardlake-agent/agent.yaml")]
+        config: PathBuf,
+    },
     /// Simulate an oil-well fleet into a local stream (created if missing).
     Simulate {
         /// The local stream directory.
@@ -47,6 +70,91 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::Run { config, drain } => run(&config, drain),
+        Command::Validate { config } => match agent_config::load(&config, &process_env) {
+            Ok(cfg) => {
+                println!("{}: ok ({} sensors)", config.display(), cfg.sensors.len());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprint!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Status { config } => {
+            let status = agent_config::load(&config, &process_env)
+                .map_err(|e| e.to_string())
+                .and_then(|cfg| {
+                    shardlake::agent::queue::inspect(&cfg.queue.path)
+                        .map_err(|e| format!("{}: {e}", cfg.queue.path.display()))
+                });
+            match status {
+                Ok(s) => {
+                    println!("{}", serde_json::to_string(&s).expect("serializes"));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        command @ Command::Simulate { .. } => simulate_command(command),
+    }
+}
+
+fn run(config: &std::path::Path, drain: std::time::Duration) -> ExitCode {
+    shardlake::logs::init();
+    let cfg = match agent_config::load(config, &process_env) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprint!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(shardlake::agent::run::run(cfg, stop_signal(), drain)) {
+        Ok(summary) => {
+            println!(
+                "{}",
+                serde_json::to_string(&summary).expect("a summary serializes")
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn stop_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+fn simulate_command(command: Command) -> ExitCode {
     let Command::Simulate {
         stream,
         shards,
@@ -58,7 +166,10 @@ fn main() -> ExitCode {
         spikes,
         malformed,
         seed,
-    } = Cli::parse().command;
+    } = command
+    else {
+        unreachable!("only called for simulate")
+    };
     let start = match start {
         Some(s) => match chrono::DateTime::parse_from_rfc3339(&s) {
             Ok(t) => t.to_utc(),

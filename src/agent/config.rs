@@ -1,0 +1,646 @@
+//! `agent.yaml`: the device, its sensors, the on-disk queue and the transport. Loaded like a
+//! pipeline (`${VAR}` substitution, every problem at once with its line and fix, secrets never
+//! echoed); the commented example is `deploy/pi/agent.yaml`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::config::{ConfigError, Env, Problems, load_file};
+
+/// A loaded, checked agent configuration.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub file: PathBuf,
+    pub device_id: String,
+    pub tenant: String,
+    /// Prefixed to every sysfs path (`/` on a Pi; a fake tree in tests); relative paths
+    /// are relative to the file, like every other path in it.
+    pub sysfs_root: PathBuf,
+    pub queue: QueueConfig,
+    pub batch: BatchConfig,
+    pub transport: Transport,
+    pub sensors: Vec<SensorConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct QueueConfig {
+    pub path: PathBuf,
+    pub max_bytes: u64,
+    pub fsync: Fsync,
+}
+
+/// When appended readings and the send cursor reach the SD card.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fsync {
+    /// After every append and every acknowledgement: nothing is lost on a power cut.
+    Always,
+    /// At most this often: a power cut loses at most this much of the newest readings.
+    Every(Duration),
+    /// Left to the kernel (a SIGKILL loses nothing; a power cut may lose ~30 s).
+    Never,
+}
+
+#[derive(Debug, Clone)]
+pub struct BatchConfig {
+    pub max_readings: usize,
+    pub max_bytes: usize,
+    pub max_age: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub enum Transport {
+    /// The embedded default: a local stream directory (see [`crate::localstream`]).
+    Local { stream: PathBuf, shards: usize },
+    /// MQTT over TLS with the device certificate (AWS IoT Core, Mosquitto).
+    Mqtt(MqttConfig),
+    /// Kinesis PutRecords straight from the device, keyed by device_id (builds with the
+    /// `agent-kinesis` feature).
+    Kinesis {
+        stream: String,
+        region: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct MqttConfig {
+    pub host: String,
+    pub port: u16,
+    pub client_id: String,
+    /// With `{tenant}` and `{device_id}` replaced.
+    pub topic: String,
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub keep_alive: Duration,
+    pub ack_timeout: Duration,
+    pub max_publishes_per_s: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct SensorConfig {
+    pub name: String,
+    pub interval: Duration,
+    /// Overrides the kind's field name (single-value sensors).
+    pub field: Option<String>,
+    /// Overrides the kind's unit (single-value sensors).
+    pub unit: Option<String>,
+    /// Multiplies the value after the kind's own conversion.
+    pub factor: f64,
+    pub kind: SensorKind,
+}
+
+#[derive(Debug, Clone)]
+pub enum SensorKind {
+    /// A 1-wire DS18B20 under `/sys/bus/w1/devices/<device>/w1_slave`.
+    Ds18b20 { device: String },
+    /// An IIO channel: `<device>/in_<channel>_input`, or `_raw` with `_offset`/`_scale`.
+    Iio { device: String, channel: String },
+    /// A hwmon input file, the chip found by its `name` (hwmonN numbers change across boots).
+    Hwmon { chip: String, input: String },
+    /// A thermal zone, by its `type` (e.g. `cpu-thermal`) or number.
+    Thermal { zone: String },
+    /// A command whose output is parsed: the `word`-th whitespace-separated number.
+    Command {
+        run: Vec<String>,
+        word: usize,
+        timeout: Duration,
+    },
+    /// The oil-well simulator: barrels/s, reservoir pressure, temperature, with anomalies.
+    WellSim { seed: u64, spike_every: u64 },
+}
+
+// ---------------------------------------------------------------- the file's shape
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AgentFile {
+    /// The device's id: the partition key and the `device_id` of every reading.
+    device_id: String,
+    tenant: String,
+    #[serde(default = "default_root")]
+    sysfs_root: String,
+    #[serde(default)]
+    queue: QueueFile,
+    #[serde(default)]
+    batch: BatchFile,
+    transport: TransportFile,
+    sensors: Vec<SensorFile>,
+}
+
+fn default_root() -> String {
+    "/".into()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QueueFile {
+    #[serde(default = "default_queue_path")]
+    path: String,
+    #[serde(default = "default_queue_bytes")]
+    max_bytes: String,
+    /// `always`, `never`, or a duration (`1s`): how often to fsync at most.
+    #[serde(default = "default_fsync")]
+    fsync: String,
+}
+
+impl Default for QueueFile {
+    fn default() -> Self {
+        Self {
+            path: default_queue_path(),
+            max_bytes: default_queue_bytes(),
+            fsync: default_fsync(),
+        }
+    }
+}
+
+fn default_queue_path() -> String {
+    "/var/lib/shardlake-agent/queue".into()
+}
+fn default_queue_bytes() -> String {
+    "64MiB".into()
+}
+fn default_fsync() -> String {
+    "1s".into()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchFile {
+    #[serde(default = "default_batch_readings")]
+    max_readings: usize,
+    #[serde(default = "default_batch_bytes")]
+    max_bytes: String,
+    #[serde(default = "default_batch_age")]
+    max_age: String,
+}
+
+impl Default for BatchFile {
+    fn default() -> Self {
+        Self {
+            max_readings: default_batch_readings(),
+            max_bytes: default_batch_bytes(),
+            max_age: default_batch_age(),
+        }
+    }
+}
+
+fn default_batch_readings() -> usize {
+    500
+}
+fn default_batch_bytes() -> String {
+    "96KiB".into()
+}
+fn default_batch_age() -> String {
+    "1s".into()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+enum TransportFile {
+    /// Created with `shards` shards if it does not exist yet.
+    Local {
+        stream: String,
+        #[serde(default = "default_shards")]
+        shards: usize,
+    },
+    Mqtt(MqttFile),
+    /// Credentials from the default chain; endpoint from AWS_ENDPOINT_URL(_KINESIS).
+    Kinesis {
+        stream: String,
+        region: Option<String>,
+    },
+}
+
+fn default_shards() -> usize {
+    4
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MqttFile {
+    /// The broker; for IoT Core `aws iot describe-endpoint --endpoint-type iot:Data-ATS`.
+    host: String,
+    #[serde(default = "default_mqtt_port")]
+    port: u16,
+    /// Defaults to device_id (IoT Core policies usually require the thing name).
+    client_id: Option<String>,
+    #[serde(default = "default_topic")]
+    topic: String,
+    ca: String,
+    cert: String,
+    key: String,
+    #[serde(default = "default_keep_alive")]
+    keep_alive: String,
+    #[serde(default = "default_ack_timeout")]
+    ack_timeout: String,
+    #[serde(default = "default_publishes")]
+    max_publishes_per_s: u32,
+}
+
+fn default_mqtt_port() -> u16 {
+    8883
+}
+fn default_topic() -> String {
+    "sensors/{tenant}/{device_id}/telemetry".into()
+}
+fn default_keep_alive() -> String {
+    "30s".into()
+}
+fn default_ack_timeout() -> String {
+    "20s".into()
+}
+fn default_publishes() -> u32 {
+    100
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SensorFile {
+    name: String,
+    interval: String,
+    field: Option<String>,
+    unit: Option<String>,
+    factor: Option<f64>,
+    ds18b20: Option<Ds18b20File>,
+    iio: Option<IioFile>,
+    hwmon: Option<HwmonFile>,
+    thermal: Option<ThermalFile>,
+    command: Option<CommandFile>,
+    well_sim: Option<WellSimFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Ds18b20File {
+    device: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IioFile {
+    device: String,
+    channel: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HwmonFile {
+    chip: String,
+    input: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ThermalFile {
+    zone: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CommandFile {
+    run: Vec<String>,
+    #[serde(default)]
+    word: usize,
+    #[serde(default = "default_command_timeout")]
+    timeout: String,
+}
+
+fn default_command_timeout() -> String {
+    "5s".into()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WellSimFile {
+    #[serde(default)]
+    seed: u64,
+    /// One pressure spike every this many samples (0: none).
+    #[serde(default = "default_spike_every")]
+    spike_every: u64,
+}
+
+fn default_spike_every() -> u64 {
+    600
+}
+
+const KINDS: &str = "ds18b20, iio, hwmon, thermal, command or well_sim";
+
+/// Loads and checks `agent.yaml`; relative paths are relative to the file's directory.
+pub fn load(path: &Path, env: Env) -> Result<AgentConfig, ConfigError> {
+    load_file(path, env, |f: AgentFile, p| resolve(path, f, p))
+}
+
+/// Characters that would break the MQTT topic or the partition key.
+fn bad_id(s: &str) -> bool {
+    s.is_empty()
+        || s.len() > 128
+        || !s
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
+}
+
+fn resolve(path: &Path, f: AgentFile, p: &mut Problems) -> AgentConfig {
+    let base = path.parent().unwrap_or(Path::new("."));
+    let rel = |s: &str| base.join(s);
+    for (field, value) in [("device_id", &f.device_id), ("tenant", &f.tenant)] {
+        if bad_id(value) {
+            p.add(
+                field,
+                format!("`{value}` cannot be used in an MQTT topic and a partition key"),
+                "use 1 to 128 letters, digits and `-_.:` (for IoT Core, the thing name)",
+            );
+        }
+    }
+    let max_bytes = p.bytes("queue.max_bytes", &f.queue.max_bytes);
+    if max_bytes > 0 && max_bytes < 1 << 20 {
+        p.add(
+            "queue.max_bytes",
+            format!("{} is too small for a queue", f.queue.max_bytes),
+            "give at least 1MiB (e.g. 64MiB: about 400,000 readings)",
+        );
+    }
+    let fsync = match f.queue.fsync.trim() {
+        "always" => Fsync::Always,
+        "never" => Fsync::Never,
+        other => match humantime::parse_duration(other) {
+            Ok(d) if !d.is_zero() => Fsync::Every(d),
+            _ => {
+                p.add(
+                    "queue.fsync",
+                    format!("`{other}` is not a fsync policy"),
+                    "write `always`, `never`, or the longest time between fsyncs, e.g. 1s",
+                );
+                Fsync::Never
+            }
+        },
+    };
+    let batch_bytes = p.bytes("batch.max_bytes", &f.batch.max_bytes) as usize;
+    // IoT Core refuses messages over 128 KB; leave room for the MQTT header and topic.
+    if !(1024..=120 * 1024).contains(&batch_bytes) {
+        p.add(
+            "batch.max_bytes",
+            format!("{} is outside 1KiB..120KiB", f.batch.max_bytes),
+            "IoT Core takes messages up to 128 KB; 96KiB leaves room for the topic and header",
+        );
+    }
+    if f.batch.max_readings == 0 {
+        p.add("batch.max_readings", "must be at least 1", "e.g. 500");
+    }
+    let max_age = p.duration("batch.max_age", &f.batch.max_age);
+    let transport = match f.transport {
+        TransportFile::Local { stream, shards } => {
+            if shards == 0 {
+                p.add(
+                    "transport.local.shards",
+                    "a stream needs at least one shard",
+                    "e.g. 4",
+                );
+            }
+            Transport::Local {
+                stream: rel(&stream),
+                shards,
+            }
+        }
+        TransportFile::Kinesis { stream, region } => Transport::Kinesis { stream, region },
+        TransportFile::Mqtt(m) => {
+            let at = |f: &str| format!("transport.mqtt.{f}");
+            if !m.topic.contains("{device_id}") || m.topic.contains(['+', '#']) {
+                p.add(
+                    &at("topic"),
+                    format!("`{}` is not a publish topic for one device", m.topic),
+                    "include {device_id} and no wildcards, e.g. sensors/{tenant}/{device_id}/telemetry (the IoT rule keys the stream by that level)",
+                );
+            }
+            if !(1..=1000).contains(&m.max_publishes_per_s) {
+                p.add(
+                    &at("max_publishes_per_s"),
+                    format!("{} is outside 1..1000", m.max_publishes_per_s),
+                    "IoT Core allows 100 publishes per second per connection",
+                );
+            }
+            let keep_alive = p.duration(&at("keep_alive"), &m.keep_alive);
+            if keep_alive < Duration::from_secs(5) {
+                p.add(
+                    &at("keep_alive"),
+                    "shorter than 5s",
+                    "IoT Core accepts 30s to 1200s; e.g. 30s",
+                );
+            }
+            let ack_timeout = p.duration(&at("ack_timeout"), &m.ack_timeout);
+            Transport::Mqtt(MqttConfig {
+                host: m.host,
+                port: m.port,
+                client_id: m.client_id.unwrap_or_else(|| f.device_id.clone()),
+                topic: m.topic,
+                ca: rel(&m.ca),
+                cert: rel(&m.cert),
+                key: rel(&m.key),
+                keep_alive,
+                ack_timeout,
+                max_publishes_per_s: m.max_publishes_per_s,
+            })
+        }
+    };
+    if f.sensors.is_empty() {
+        p.add(
+            "sensors",
+            "no sensors are configured",
+            "list at least one sensor (see deploy/pi/agent.yaml)",
+        );
+    }
+    let mut names = std::collections::HashSet::new();
+    let sensors = f
+        .sensors
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, s)| {
+            let at = format!("sensors[{i}]");
+            if bad_id(&s.name) {
+                p.add(
+                    &format!("{at}.name"),
+                    format!("`{}` is not a sensor name", s.name),
+                    "use letters, digits and `-_.:`",
+                );
+            }
+            if !names.insert(s.name.clone()) {
+                p.add(
+                    &format!("{at}.name"),
+                    format!("sensor `{}` is listed twice", s.name),
+                    "give every sensor its own name",
+                );
+            }
+            let interval = p.duration(&format!("{at}.interval"), &s.interval);
+            if interval < Duration::from_millis(10) && !interval.is_zero() {
+                p.add(
+                    &format!("{at}.interval"),
+                    format!("{} is shorter than 10ms", s.interval),
+                    "sample at most 100 times a second",
+                );
+            }
+            if let Some(f) = &s.field
+                && !crate::config::is_ident(f)
+            {
+                p.add(
+                    &format!("{at}.field"),
+                    format!("`{f}` is not a valid field name"),
+                    "use lowercase letters, digits and `_` (Athena needs that)",
+                );
+            }
+            let kind = sensor_kind(
+                &at, s.ds18b20, s.iio, s.hwmon, s.thermal, s.command, s.well_sim, p,
+            )?;
+            if matches!(kind, SensorKind::WellSim { .. }) && (s.field.is_some() || s.unit.is_some())
+            {
+                p.add(
+                    &at,
+                    "well_sim reports three fields; `field` and `unit` do not apply",
+                    "remove `field` and `unit`",
+                );
+            }
+            Some(SensorConfig {
+                name: s.name,
+                interval,
+                field: s.field,
+                unit: s.unit,
+                factor: s.factor.unwrap_or(1.0),
+                kind,
+            })
+        })
+        .collect();
+    AgentConfig {
+        file: path.to_path_buf(),
+        device_id: f.device_id,
+        tenant: f.tenant,
+        sysfs_root: rel(&f.sysfs_root),
+        queue: QueueConfig {
+            path: rel(&f.queue.path),
+            max_bytes,
+            fsync,
+        },
+        batch: BatchConfig {
+            max_readings: f.batch.max_readings,
+            max_bytes: batch_bytes,
+            max_age,
+        },
+        transport,
+        sensors,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn sensor_kind(
+    at: &str,
+    ds18b20: Option<Ds18b20File>,
+    iio: Option<IioFile>,
+    hwmon: Option<HwmonFile>,
+    thermal: Option<ThermalFile>,
+    command: Option<CommandFile>,
+    well_sim: Option<WellSimFile>,
+    p: &mut Problems,
+) -> Option<SensorKind> {
+    let mut kinds = Vec::new();
+    if let Some(d) = ds18b20 {
+        if !d.device.starts_with("28-") {
+            p.add(
+                &format!("{at}.ds18b20.device"),
+                format!("`{}` is not a DS18B20 id", d.device),
+                "DS18B20 ids start with 28- (ls /sys/bus/w1/devices)",
+            );
+        }
+        kinds.push(SensorKind::Ds18b20 { device: d.device });
+    }
+    if let Some(d) = iio {
+        kinds.push(SensorKind::Iio {
+            device: d.device,
+            channel: d.channel,
+        });
+    }
+    if let Some(h) = hwmon {
+        kinds.push(SensorKind::Hwmon {
+            chip: h.chip,
+            input: h.input,
+        });
+    }
+    if let Some(t) = thermal {
+        kinds.push(SensorKind::Thermal { zone: t.zone });
+    }
+    if let Some(c) = command {
+        if c.run.is_empty() {
+            p.add(
+                &format!("{at}.command.run"),
+                "the command is empty",
+                "give the program and its arguments, e.g. [cat, /proc/loadavg]",
+            );
+        }
+        let timeout = p.duration(&format!("{at}.command.timeout"), &c.timeout);
+        kinds.push(SensorKind::Command {
+            run: c.run,
+            word: c.word,
+            timeout,
+        });
+    }
+    if let Some(w) = well_sim {
+        kinds.push(SensorKind::WellSim {
+            seed: w.seed,
+            spike_every: w.spike_every,
+        });
+    }
+    match kinds.len() {
+        1 => kinds.pop(),
+        0 => {
+            p.add(at, "the sensor has no kind", format!("add one of {KINDS}"));
+            None
+        }
+        _ => {
+            p.add(
+                at,
+                "the sensor has more than one kind",
+                format!("keep exactly one of {KINDS}"),
+            );
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.yaml");
+        std::fs::write(&path, text).unwrap();
+        (dir, path)
+    }
+
+    #[test]
+    fn every_problem_is_named_with_its_field_and_line() {
+        let (_d, path) = write(
+            "device_id: pi/1\ntenant: acme\ntransport: {local: {stream: s}}\nqueue: {fsync: sometimes}\nsensors:\n  - {name: a, interval: 1s}\n  - {name: a, interval: 1s, thermal: {zone: '0'}, hwmon: {chip: x, input: temp1_input}}\n  - {name: b, interval: 2 weeks, ds18b20: {device: 10-abc}, colour: red}\n",
+        );
+        let err = load(&path, &|_| None).unwrap_err();
+        let text = err.to_string();
+        for want in [
+            "agent.yaml:1: device_id: `pi/1` cannot be used",
+            "agent.yaml:4: queue.fsync: `sometimes` is not a fsync policy",
+            "agent.yaml:6: sensors[0]: the sensor has no kind",
+            "agent.yaml:7: sensors[1].name: sensor `a` is listed twice",
+            "agent.yaml:7: sensors[1]: the sensor has more than one kind",
+            "sensors[2].ds18b20.device: `10-abc` is not a DS18B20 id",
+            "sensors[2].colour: unknown key `colour`",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in:\n{text}");
+        }
+    }
+
+    #[test]
+    fn loads_the_example_with_relative_paths() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/pi/agent.yaml");
+        let cfg = load(&path, &|v| (v == "DEVICE_ID").then(|| "pi-0042".into())).unwrap();
+        assert_eq!(cfg.device_id, "pi-0042");
+        assert!(cfg.sensors.len() >= 6, "{:?}", cfg.sensors);
+        assert!(matches!(cfg.queue.fsync, Fsync::Every(d) if d == Duration::from_secs(1)));
+    }
+}

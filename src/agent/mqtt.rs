@@ -1,0 +1,325 @@
+//! MQTT to AWS IoT Core (or any broker) over TLS with the device's X.509 certificate, QoS 1.
+//!
+//! A batch from the queue becomes one or more messages, each at most `batch.max_bytes` of
+//! newline-separated readings (IoT Core takes 128 KB), published at most
+//! `max_publishes_per_s` (IoT Core allows 100 per connection). The batch is acknowledged to
+//! the queue once every message got its PUBACK. A connection error or a missing PUBACK drops
+//! the connection and fails the batch; the queue sends it again on a new connection, so a
+//! message may arrive twice (QoS 1's contract), never zero times. rumqttc's own resending of
+//! pending publishes is not used: the queue is the one place that decides what is resent.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS,
+    TlsConfiguration, Transport,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::sync::mpsc;
+use tracing::info;
+
+use super::config::MqttConfig;
+use super::queue::Entry;
+
+/// What the event-loop task reports.
+enum Report {
+    Connected,
+    Published(u16),
+    Acked(u16),
+    Failed(String),
+}
+
+struct Connection {
+    client: AsyncClient,
+    reports: mpsc::UnboundedReceiver<Report>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub struct Mqtt {
+    cfg: MqttConfig,
+    topic: String,
+    tls: Arc<rustls::ClientConfig>,
+    max_message: usize,
+    conn: Option<Connection>,
+    last_publish: Option<Instant>,
+    /// Readings of batches that failed and will be published again: the most a receiver can
+    /// see twice (QoS 1 duplicates this agent caused).
+    pub resent_readings: u64,
+    failed_before: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MqttError {
+    #[error("{field}: cannot read {path}: {why}")]
+    File {
+        field: &'static str,
+        path: String,
+        why: String,
+    },
+    #[error("MQTT TLS: {0}")]
+    Tls(String),
+}
+
+struct TlsFiles<'a> {
+    ca: &'a std::path::Path,
+    cert: &'a std::path::Path,
+    key: &'a std::path::Path,
+    port: u16,
+}
+
+fn pem_file<T>(
+    field: &'static str,
+    path: &std::path::Path,
+    parse: impl FnOnce(&std::path::Path) -> Result<T, rustls::pki_types::pem::Error>,
+) -> Result<T, MqttError> {
+    parse(path).map_err(|e| MqttError::File {
+        field,
+        path: path.display().to_string(),
+        why: e.to_string(),
+    })
+}
+
+/// rustls on ring with the broker's CA as the only root and the device's certificate.
+fn tls_config(cfg: &MqttConfig) -> Result<rustls::ClientConfig, MqttError> {
+    client_tls(
+        &cfg.ca,
+        &cfg.cert,
+        &cfg.key,
+        cfg.port,
+        [
+            "transport.mqtt.ca",
+            "transport.mqtt.cert",
+            "transport.mqtt.key",
+        ],
+    )
+}
+
+/// A TLS client configuration trusting only `ca`, authenticating with `cert` and `key` (PEM);
+/// shared with `shardlake bridge`. `fields` name the three where errors are reported.
+pub fn client_tls(
+    ca: &std::path::Path,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    port: u16,
+    fields: [&'static str; 3],
+) -> Result<rustls::ClientConfig, MqttError> {
+    let cfg = TlsFiles {
+        ca,
+        cert,
+        key,
+        port,
+    };
+    let [ca_field, cert_field, key_field] = fields;
+    let mut roots = rustls::RootCertStore::empty();
+    let cas: Vec<CertificateDer> = pem_file(ca_field, cfg.ca, |p| {
+        CertificateDer::pem_file_iter(p)?.collect()
+    })?;
+    if cas.is_empty() {
+        return Err(MqttError::File {
+            field: ca_field,
+            path: cfg.ca.display().to_string(),
+            why: "no certificate in it (expected PEM, e.g. AmazonRootCA1.pem)".into(),
+        });
+    }
+    for ca in cas {
+        roots
+            .add(ca)
+            .map_err(|e| MqttError::Tls(format!("the CA in {}: {e}", cfg.ca.display())))?;
+    }
+    let chain: Vec<CertificateDer<'static>> = pem_file(cert_field, cfg.cert, |p| {
+        CertificateDer::pem_file_iter(p)?.collect()
+    })?;
+    let key = pem_file(key_field, cfg.key, |p| PrivateKeyDer::from_pem_file(p))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| MqttError::Tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .map_err(|e| {
+            MqttError::Tls(format!(
+                "the certificate {} and key {} do not go together: {e}",
+                cfg.cert.display(),
+                cfg.key.display()
+            ))
+        })?;
+    // IoT Core serves MQTT on 443 only to clients that ask for it by ALPN.
+    if cfg.port == 443 {
+        config.alpn_protocols = vec![b"x-amzn-mqtt-ca".to_vec()];
+    }
+    Ok(config)
+}
+
+impl Mqtt {
+    pub fn new(
+        cfg: MqttConfig,
+        device_id: &str,
+        tenant: &str,
+        max_message: usize,
+    ) -> Result<Self, MqttError> {
+        let tls = Arc::new(tls_config(&cfg)?);
+        let topic = cfg
+            .topic
+            .replace("{device_id}", device_id)
+            .replace("{tenant}", tenant);
+        Ok(Self {
+            cfg,
+            topic,
+            tls,
+            max_message,
+            conn: None,
+            last_publish: None,
+            resent_readings: 0,
+            failed_before: false,
+        })
+    }
+
+    fn connect(&self) -> Connection {
+        let mut opts = MqttOptions::new(&self.cfg.client_id, &self.cfg.host, self.cfg.port);
+        opts.set_keep_alive(self.cfg.keep_alive)
+            .set_clean_session(true)
+            // IoT Core's limit is 128 KB; rumqttc's default is 10 KiB.
+            .set_max_packet_size(128 * 1024, 128 * 1024)
+            .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+                self.tls.clone(),
+            )));
+        let (client, eventloop) = AsyncClient::new(opts, 64);
+        let (tx, reports) = mpsc::unbounded_channel();
+        let task = tokio::spawn(poll(eventloop, tx));
+        Connection {
+            client,
+            reports,
+            task,
+        }
+    }
+
+    /// Publishes the batch as newline-separated messages and waits for every PUBACK.
+    pub async fn send(&mut self, batch: &[Entry]) -> anyhow::Result<()> {
+        let messages: Vec<Vec<u8>> = super::run::messages(batch, self.max_message)
+            .into_iter()
+            .map(|m| m.bytes)
+            .collect();
+        let result = self.publish_all(&messages).await;
+        match &result {
+            Ok(()) => {
+                if self.failed_before {
+                    info!(broker = %self.cfg.host, "MQTT delivery works again");
+                    self.failed_before = false;
+                }
+            }
+            Err(_) => {
+                // A fresh connection next time; what was not acknowledged is sent again.
+                self.conn = None;
+                self.failed_before = true;
+                self.resent_readings += batch.len() as u64;
+            }
+        }
+        result
+    }
+
+    async fn publish_all(&mut self, messages: &[Vec<u8>]) -> anyhow::Result<()> {
+        if self.conn.is_none() {
+            self.conn = Some(self.connect());
+        }
+        let pace = Duration::from_secs_f64(1.0 / self.cfg.max_publishes_per_s as f64);
+        let conn = self.conn.as_mut().expect("connected above");
+        let deadline = tokio::time::Instant::now() + self.cfg.ack_timeout;
+        let mut published = Vec::new();
+        let mut acked = std::collections::HashSet::new();
+        for m in messages {
+            if let Some(last) = self.last_publish {
+                let next = last + pace;
+                if next > Instant::now() {
+                    tokio::time::sleep(next - Instant::now()).await;
+                }
+            }
+            self.last_publish = Some(Instant::now());
+            conn.client
+                .publish(&self.topic, QoS::AtLeastOnce, false, m.clone())
+                .await
+                .map_err(|e| anyhow::anyhow!("MQTT publish to {}: {e}", self.cfg.host))?;
+        }
+        while published.len() < messages.len() || !published.iter().all(|p| acked.contains(p)) {
+            let report = tokio::time::timeout_at(deadline, conn.reports.recv())
+                .await
+                .map_err(|_| {
+                    anyhow::anyhow!(
+                        "MQTT: no PUBACK from {}:{} within {:?} (transport.mqtt.ack_timeout)",
+                        self.cfg.host,
+                        self.cfg.port,
+                        self.cfg.ack_timeout
+                    )
+                })?;
+            match report {
+                Some(Report::Connected) => {
+                    info!(broker = %self.cfg.host, port = self.cfg.port, client_id = %self.cfg.client_id, "MQTT connected")
+                }
+                Some(Report::Published(pkid)) => published.push(pkid),
+                Some(Report::Acked(pkid)) => {
+                    acked.insert(pkid);
+                }
+                Some(Report::Failed(why)) => anyhow::bail!(
+                    "MQTT connection to {}:{} failed: {why}",
+                    self.cfg.host,
+                    self.cfg.port
+                ),
+                None => anyhow::bail!("MQTT: the connection task ended"),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Drives rumqttc's event loop and reports what the sender waits for; stops at the first
+/// error (the sender reconnects).
+async fn poll(mut eventloop: EventLoop, tx: mpsc::UnboundedSender<Report>) {
+    loop {
+        let report = match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => Report::Connected,
+            Ok(Event::Incoming(Packet::PubAck(ack))) => Report::Acked(ack.pkid),
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => Report::Published(pkid),
+            Ok(_) => continue,
+            Err(e) => {
+                let _ = tx.send(Report::Failed(explain(&e)));
+                return;
+            }
+        };
+        if tx.send(report).is_err() {
+            return;
+        }
+    }
+}
+
+/// rumqttc's error with what to check: most failures at this point are certificates.
+fn explain(e: &ConnectionError) -> String {
+    let text = e.to_string();
+    let lower = format!("{e:?}").to_lowercase();
+    let hint = if lower.contains("unknownissuer") || lower.contains("invalid peer certificate") {
+        "the broker's certificate is not signed by transport.mqtt.ca (for IoT Core: AmazonRootCA1.pem), or the host name does not match it"
+    } else if lower.contains("certificaterequired")
+        || lower.contains("unknownca")
+        || lower.contains("badcertificate")
+        || lower.contains("handshakefailure")
+        || lower.contains("certificate")
+    {
+        "the broker refused the device certificate: check transport.mqtt.cert and key are the ones registered and active for this thing, and that its policy allows iot:Connect and iot:Publish"
+    } else if lower.contains("connection reset")
+        || lower.contains("unexpected eof")
+        || lower.contains("broken pipe")
+    {
+        "the broker closed the connection (for IoT Core: an inactive certificate, a policy that denies this client id or topic, or another connection with the same client id)"
+    } else if lower.contains("refused") {
+        "nothing listens there; check transport.mqtt.host and port"
+    } else {
+        "the readings stay queued and are sent when the broker is reachable"
+    };
+    format!("{text} ({hint})")
+}
