@@ -21,8 +21,9 @@
 //!
 //! Around it: [`config`] (pipeline and schema YAML, validation), [`pipeline`] (the run loop
 //! shared by `main`, the demo and the tests), [`notify`] (alerts to SNS and webhooks),
-//! [`aws`] (SDK set-up), [`query`] (SQL over the lake, Athena DDL),
-//! [`clock`], [`failpoint`], [`metrics`]. The Pi agent is [`agent`]; it and the modules it
+//! [`aws`] (SDK set-up), [`query`] (SQL over the lake, Athena DDL), [`bridge`] (MQTT → Kinesis
+//! for local runs, as the IoT rule does),
+//! [`clock`], [`failpoint`], [`metrics`], [`logs`]. The Pi agent is [`agent`]; it and the modules it
 //! uses ([`localstream`], [`config`]) build without the `pipeline` feature.
 
 pub mod agent;
@@ -30,12 +31,15 @@ pub mod clock;
 pub mod config;
 pub mod failpoint;
 pub mod localstream;
+pub mod logs;
 pub mod metrics;
 pub mod record;
 pub mod window;
 
-#[cfg(feature = "pipeline")]
+#[cfg(any(feature = "pipeline", feature = "agent-kinesis"))]
 pub mod aws;
+#[cfg(feature = "pipeline")]
+pub mod bridge;
 #[cfg(feature = "pipeline")]
 pub mod checkpoint;
 #[cfg(feature = "pipeline")]

@@ -30,6 +30,32 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Subscribe to an MQTT broker and put each message on a Kinesis stream, keyed like the
+    /// IoT rule in deploy/ (local runs: agent → Mosquitto → bridge → Kinesis → pipeline).
+    Bridge {
+        /// The Kinesis stream (endpoint from AWS_ENDPOINT_URL_KINESIS / AWS_ENDPOINT_URL).
+        #[arg(long)]
+        stream: String,
+        #[arg(long, default_value = "localhost")]
+        host: String,
+        #[arg(long, default_value_t = 8883)]
+        port: u16,
+        /// TLS: the broker's CA, and this client's certificate and key (PEM). Plain TCP
+        /// without them.
+        #[arg(long, requires_all = ["cert", "key"])]
+        ca: Option<PathBuf>,
+        #[arg(long, requires = "ca")]
+        cert: Option<PathBuf>,
+        #[arg(long, requires = "ca")]
+        key: Option<PathBuf>,
+        #[arg(long, default_value = "sensors/+/+/telemetry")]
+        topic: String,
+        /// IoT SQL substitution template, as the topic rule's Kinesis action has it.
+        #[arg(long, default_value = "${topic(3)}")]
+        partition_key: String,
+        #[arg(long, default_value = "shardlake-bridge")]
+        client_id: String,
+    },
     /// Run a pipeline until stopped (SIGINT/SIGTERM), or until caught up with --drain.
     Run {
         #[arg(env = "SHARDLAKE_PIPELINE")]
@@ -94,7 +120,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    init_logging();
+    shardlake::logs::init();
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -106,25 +132,6 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
-    }
-}
-
-fn init_logging() {
-    use std::io::IsTerminal;
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let json = match std::env::var("SHARDLAKE_LOG_FORMAT").as_deref() {
-        Ok("json") => true,
-        Ok("text") => false,
-        _ => !std::io::stderr().is_terminal(),
-    };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().flatten_event(true).init();
-    } else {
-        builder.compact().init();
     }
 }
 
@@ -184,6 +191,34 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             seed,
         } => demo(&dir, devices, minutes, shards, seed).await,
         Command::Validate { files } => validate(&files).await,
+        Command::Bridge {
+            stream,
+            host,
+            port,
+            ca,
+            cert,
+            key,
+            topic,
+            partition_key,
+            client_id,
+        } => {
+            let tls = match (ca, cert, key) {
+                (Some(ca), Some(cert), Some(key)) => Some((ca, cert, key)),
+                _ => None,
+            };
+            let opts = shardlake::bridge::BridgeOptions {
+                host,
+                port,
+                tls,
+                client_id,
+                topic,
+                stream,
+                partition_key,
+            };
+            let summary = shardlake::bridge::run(opts, shutdown_signal()).await?;
+            println!("{}", serde_json::to_string(&summary)?);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Query { pipeline, sql } => {
             let p = load(&pipeline, &process_env).await?;
             let schemas = query::output_schemas(&p).await?;

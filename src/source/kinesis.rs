@@ -63,6 +63,7 @@ pub struct KinesisStream {
     start: StartAt,
     poll_interval: Duration,
     max_records: usize,
+    split_lines: bool,
     metrics: Arc<Metrics>,
 }
 
@@ -82,6 +83,7 @@ impl KinesisStream {
             start: src.start,
             poll_interval: src.poll_interval,
             max_records: src.max_records,
+            split_lines: src.split_lines,
             metrics,
         }
     }
@@ -300,6 +302,13 @@ impl ShardReader for KinesisShardReader {
             for r in out.records() {
                 let (b, seq) = (r.data().as_ref(), r.sequence_number());
                 match kpl::unpack(b) {
+                    kpl::Unpacked::Plain
+                        if self.stream.split_lines && lines(b).nth(1).is_some() =>
+                    {
+                        for (k, line) in lines(b).enumerate() {
+                            chunk.push(line, SeqNo::sub_record(seq, k as u64), &self.position);
+                        }
+                    }
                     kpl::Unpacked::Plain => chunk.push(b, SeqNo(seq.to_string()), &self.position),
                     kpl::Unpacked::Records(users) => {
                         Metrics::add(&metrics.kpl_aggregates, 1);
@@ -330,6 +339,13 @@ impl ShardReader for KinesisShardReader {
             }));
         }
     }
+}
+
+/// The non-blank lines of a record (`\r\n` endings too), for `split_lines`.
+fn lines(b: &[u8]) -> impl Iterator<Item = &[u8]> {
+    b.split(|&c| c == b'\n')
+        .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
+        .filter(|l| l.iter().any(|c| !c.is_ascii_whitespace()))
 }
 
 /// The user records of one GetRecords answer, KPL aggregates unpacked.
