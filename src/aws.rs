@@ -46,12 +46,13 @@ pub fn custom_endpoint(service: &str) -> Option<String> {
 
 /// An SDK error with its causes (the SDK's own `Display` shows only "service error").
 pub fn describe<E: std::error::Error>(e: &E) -> String {
-    aws_sdk_s3::error::DisplayErrorContext(e).to_string()
+    aws_sdk_kinesis::error::DisplayErrorContext(e).to_string()
 }
 
 /// Counts the faults the SDK retries on its own (throttling, 5xx, lost connections), so
 /// that they show in the metrics like the Kinesis reader's own retries. Installed on the S3
 /// and DynamoDB clients; the interceptor types are the runtime's, shared by every SDK crate.
+#[cfg(feature = "pipeline")]
 #[derive(Debug)]
 pub struct FaultCounter {
     metrics: std::sync::Arc<crate::metrics::Metrics>,
@@ -59,6 +60,7 @@ pub struct FaultCounter {
     errors: fn(&crate::metrics::Metrics) -> &std::sync::atomic::AtomicU64,
 }
 
+#[cfg(feature = "pipeline")]
 impl FaultCounter {
     pub fn new(
         metrics: std::sync::Arc<crate::metrics::Metrics>,
@@ -74,6 +76,7 @@ impl FaultCounter {
 }
 
 /// Error codes that mean "slow down" in the services shardlake calls.
+#[cfg(feature = "pipeline")]
 const THROTTLING_CODES: [&str; 6] = [
     "ThrottlingException",
     "ProvisionedThroughputExceededException",
@@ -83,6 +86,7 @@ const THROTTLING_CODES: [&str; 6] = [
     "TooManyRequestsException",
 ];
 
+#[cfg(feature = "pipeline")]
 impl aws_sdk_s3::config::Intercept for FaultCounter {
     fn name(&self) -> &'static str {
         "shardlake::FaultCounter"

@@ -9,6 +9,10 @@ requests. Each request, with probability `rate`, gets one of the `kinds`:
 - `reset_before`: the connection is reset (RST) before the request reaches the server;
 - `reset_after`: the request is forwarded and takes effect, then the connection is reset
   instead of the answer: the client cannot know whether it happened, the hardest case;
+- `putrecords_partial`: a Kinesis PutRecords whose request is cut after a random record: the
+  records before the cut are forwarded and take effect, the rest are answered as failed
+  (`ProvisionedThroughputExceededException`) in a 200 answer, as Kinesis does when part of a
+  batch is throttled;
 - any other kind registered in `RESPONSES` (status, headers, body), e.g. Kinesis throttling.
 
 A kind listed several times in `kinds` is picked that much more often. Everything else is
@@ -19,6 +23,7 @@ signatures). Counters say what was injected, so a test can show every kind happe
 from __future__ import annotations
 
 import http.client
+import json
 import random
 import socket
 import struct
@@ -66,6 +71,7 @@ RESPONSES: dict[str, tuple[int, dict[str, str], bytes]] = {
                         b'is not authorized to perform: dynamodb:CreateTable (faultproxy)"}'),
 }
 RESETS = ("reset_before", "reset_after")
+PARTIAL = "putrecords_partial"
 
 # Hop-by-hop headers (RFC 9110 section 7.6.1) are the proxy's own, not forwarded.
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer",
@@ -78,7 +84,7 @@ class FaultProxy:
         """`target`: spoil only requests with this `X-Amz-Target` header (one operation of a
         JSON-protocol service, e.g. `DynamoDB_20120810.CreateTable`)."""
         for k in kinds:
-            if k not in RESPONSES and k not in RESETS:
+            if k not in RESPONSES and k not in RESETS and k != PARTIAL:
                 raise ValueError(f"unknown fault kind {k!r}")
         self.upstream = (upstream_host, upstream_port)
         self.rate = rate
@@ -194,6 +200,24 @@ class FaultProxy:
         if kind == "reset_before":
             self._reset(h)
             return
+        cut = None
+        if kind == PARTIAL:
+            if h.headers.get("X-Amz-Target", "").endswith(".PutRecords"):
+                request = json.loads(body)
+                records = request["Records"]
+                cut = self._rng.randrange(len(records)) if records else 0
+                body = json.dumps({**request, "Records": records[:cut]}).encode()
+                failed = len(records) - cut
+                if cut == 0:
+                    # Nothing to forward (Kinesis refuses an empty PutRecords): all failed.
+                    answer = {"FailedRecordCount": failed, "Records": [
+                        {"ErrorCode": "ProvisionedThroughputExceededException",
+                         "ErrorMessage": "Rate exceeded for shard (faultproxy)"}] * failed}
+                    self._answer(h, 200, list(KINESIS_JSON.items()),
+                                 json.dumps(answer).encode())
+                    return
+            else:
+                kind = None
         if kind in RESPONSES:
             status, headers, payload = RESPONSES[kind]
             self._answer(h, status, list(headers.items()), payload,
@@ -214,4 +238,11 @@ class FaultProxy:
         if kind == "reset_after":
             self._reset(h)
             return
+        if cut is not None and status == 200:
+            answer = json.loads(payload)
+            answer["Records"] = answer.get("Records", [])[:cut] + [
+                {"ErrorCode": "ProvisionedThroughputExceededException",
+                 "ErrorMessage": "Rate exceeded for shard (faultproxy)"}] * failed
+            answer["FailedRecordCount"] = answer.get("FailedRecordCount", 0) + failed
+            payload = json.dumps(answer).encode()
         self._answer(h, status, resp_headers, payload, head=h.command == "HEAD")
