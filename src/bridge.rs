@@ -123,6 +123,20 @@ pub async fn run(
                     client.subscribe(&opts.topic, QoS::AtLeastOnce).await?;
                 }
             }
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                if ack
+                    .return_codes
+                    .iter()
+                    .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
+                {
+                    anyhow::bail!(
+                        "the broker refused the subscription to {:?}: check the client's \
+                         authorization (IoT policy or ACL) for that topic filter",
+                        opts.topic
+                    );
+                }
+                info!(topic = %opts.topic, "bridge subscribed");
+            }
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 let key = partition_key(&opts.partition_key, &p.topic)
                     .map_err(|e| anyhow::anyhow!("--partition-key: {e}"))?;

@@ -370,8 +370,9 @@ def test_end_to_end_agent_mosquitto_bridge_kinesalite_pipeline(
          "--ca", str(pki / "ca.pem"), "--cert", str(pki / "subscriber.pem"),
          "--key", str(pki / "subscriber.key"), "--client-id", f"bridge-{stream}"],
         env=env, stdout=subprocess.PIPE, stderr=open(bridge_log, "wb"), text=True)
-    wait_until("the bridge to connect",
-               lambda: "bridge connected to the broker" in bridge_log.read_text(), timeout=30)
+    # Subscribed, not only connected: a message published before the SUBACK would reach nobody.
+    wait_until("the bridge to subscribe",
+               lambda: "bridge subscribed" in bridge_log.read_text(), timeout=30)
 
     devices = ["pi-e2e-1", "pi-e2e-2"]
     agents = {d: (start(agent_bin, mqtt_yaml(tmp_path, broker, d, wells=5), tmp_path / f"{d}.log"),
