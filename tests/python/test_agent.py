@@ -282,6 +282,21 @@ def test_mqtt_the_device_certificate_delivers_and_others_are_refused(agent_bin, 
     assert proc.returncode != 0
     assert "transport.mqtt.cert: cannot read" in proc.stderr, proc.stderr
 
+    # No certificate at all: the agent will not try without one (IoT Core requires it) ...
+    cfg = mqtt_yaml(tmp_path, broker, "pi-nocert-field")
+    cfg.write_text("".join(line for line in cfg.read_text().splitlines(keepends=True)
+                           if not line.strip().startswith("cert:")))
+    proc = subprocess.run([str(agent_bin), "run", "--config", str(cfg)], capture_output=True,
+                          text=True, timeout=30)
+    assert proc.returncode != 0
+    assert "transport.mqtt: missing field `cert`" in proc.stderr, proc.stderr
+    # ... and the broker refuses a client that offers none, so the refusals above are its own.
+    pub = subprocess.run(
+        ["mosquitto_pub", "-h", "localhost", "-p", str(broker.port), "--cafile",
+         str(broker.pki / "ca.pem"), "-t", "sensors/acme/pi-anon/telemetry", "-q", "1",
+         "-m", "{}"], capture_output=True, text=True, timeout=30)
+    assert pub.returncode != 0, (pub.stdout, pub.stderr)
+
 
 def test_mqtt_broker_outage_and_sigkill_lose_nothing(agent_bin, tmp_path, broker):
     sub = Subscriber(broker, "sensors/+/+/telemetry", tmp_path / "sub.out")
