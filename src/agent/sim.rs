@@ -16,6 +16,10 @@ pub struct SimConfig {
     /// Event time of the first reading.
     pub start: DateTime<Utc>,
     pub readings_per_device: usize,
+    /// The first step simulated (0: from `start`). A later run with the same `start`,
+    /// `devices` and `seed` continues the same wells: step `n` is at `start + n × interval`
+    /// with `seq` n + 1, so a stream can be extended without repeating a `(device_id, seq)`.
+    pub first_step: usize,
     pub interval_ms: i64,
     /// Readings arrive up to this much out of order (event time jitter).
     pub jitter_ms: i64,
@@ -31,6 +35,7 @@ impl Default for SimConfig {
             tenants: vec!["acme".into(), "borealis".into(), "cascade".into()],
             start: Utc::now() - chrono::Duration::minutes(30),
             readings_per_device: 1_800,
+            first_step: 0,
             interval_ms: 1_000,
             jitter_ms: 2_000,
             spikes: 8,
@@ -74,9 +79,10 @@ pub fn simulate(cfg: &SimConfig, out: &mut LocalStreamWriter) -> io::Result<SimS
     let mut summary = SimSummary::default();
     let mut line = String::with_capacity(256);
     let start_ms = cfg.start.timestamp_millis();
-    for step in 0..cfg.readings_per_device {
+    for i in 0..cfg.readings_per_device {
+        let step = cfg.first_step + i;
         for (d, well) in wells.iter().enumerate() {
-            let n = step * cfg.devices + d;
+            let n = i * cfg.devices + d;
             let jitter = if cfg.jitter_ms > 0 {
                 rng.i64(0..cfg.jitter_ms)
             } else {
@@ -201,5 +207,50 @@ mod tests {
         assert_eq!(a1, a2);
         assert_eq!(s1.readings, 100);
         assert_eq!((s1.spikes, s1.malformed), (2, 3));
+    }
+
+    #[test]
+    fn a_continuation_goes_on_where_the_first_run_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::localstream::create(dir.path(), 1).unwrap();
+        let mut w = LocalStreamWriter::open(dir.path()).unwrap();
+        let start = DateTime::from_timestamp(1_767_225_600, 0).unwrap();
+        let base = SimConfig {
+            devices: 2,
+            readings_per_device: 3,
+            start,
+            jitter_ms: 0,
+            spikes: 0,
+            malformed: 0,
+            ..Default::default()
+        };
+        simulate(&base, &mut w).unwrap();
+        let more = SimConfig {
+            first_step: 10,
+            ..base
+        };
+        simulate(&more, &mut w).unwrap();
+        drop(w);
+        let text = std::fs::read_to_string(crate::localstream::shard_path(
+            dir.path(),
+            &crate::localstream::shard_id(0),
+        ))
+        .unwrap();
+        let seen: Vec<(String, u64, String)> = text
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                let ts = v["ts"].as_str().unwrap().to_string();
+                (
+                    v["device_id"].as_str().unwrap().into(),
+                    v["seq"].as_u64().unwrap(),
+                    ts,
+                )
+            })
+            .filter(|(d, _, _)| d == "well-0000")
+            .collect();
+        let seqs: Vec<u64> = seen.iter().map(|(_, s, _)| *s).collect();
+        assert_eq!(seqs, [1, 2, 3, 11, 12, 13]);
+        assert_eq!(seen[3].2, "2026-01-01T00:00:10.000Z");
     }
 }

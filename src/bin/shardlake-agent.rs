@@ -52,6 +52,10 @@ enum Command {
         /// Readings per device, one every --interval-ms.
         #[arg(long, default_value_t = 1800)]
         readings: usize,
+        /// Continue a fleet simulated before (same --start, --devices and --seed): the first
+        /// reading is step N, at --start + N × --interval-ms with seq N + 1.
+        #[arg(long, default_value_t = 0)]
+        from_step: usize,
         #[arg(long, default_value_t = 1000)]
         interval_ms: i64,
         /// Event-time jitter (readings arrive up to this much out of order).
@@ -160,6 +164,7 @@ fn simulate_command(command: Command) -> ExitCode {
         shards,
         devices,
         readings,
+        from_step,
         interval_ms,
         jitter_ms,
         start,
@@ -185,6 +190,7 @@ fn simulate_command(command: Command) -> ExitCode {
     let cfg = SimConfig {
         devices,
         readings_per_device: readings,
+        first_step: from_step,
         interval_ms,
         jitter_ms,
         start,

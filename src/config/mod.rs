@@ -1447,15 +1447,21 @@ mod tests {
         assert_eq!(expand("no vars", &env).unwrap(), "no vars");
     }
 
-    #[test]
-    fn problems_never_show_what_a_variable_held() {
-        let dir = tempfile::tempdir().unwrap();
+    /// Writes `s.yaml` (one timestamp field `ts`) into `dir`; returns the path for a pipeline
+    /// named `pipeline` next to it.
+    fn with_ts_schema(dir: &tempfile::TempDir, pipeline: &str) -> std::path::PathBuf {
         std::fs::write(
             dir.path().join("s.yaml"),
             "name: s\nfields:\n  - {name: ts, type: timestamp}\n",
         )
         .unwrap();
-        let pipe = dir.path().join("p.yaml");
+        dir.path().join(pipeline)
+    }
+
+    #[test]
+    fn problems_never_show_what_a_variable_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let pipe = with_ts_schema(&dir, "p.yaml");
         // A token pasted into the wrong fields: a stream name and a duration.
         std::fs::write(
             &pipe,
@@ -1501,12 +1507,7 @@ mod tests {
     #[test]
     fn a_table_rollover_falls_back_to_the_pipeline_default() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(
-            dir.path().join("s.yaml"),
-            "name: s\nfields:\n  - {name: ts, type: timestamp}\n",
-        )
-        .unwrap();
-        let pipe = dir.path().join("p.yaml");
+        let pipe = with_ts_schema(&dir, "p.yaml");
         std::fs::write(
             &pipe,
             "name: p\nschema: s.yaml\nsource: {local: {path: x}}\nlake: {local: {path: l}}\ncheckpoints: {local: {path: z}}\nevent_time: {field: ts}\nrollover: {max_bytes: 1MiB, max_age: 2m}\noutputs:\n  raw: {name: raw, rollover: {max_bytes: 8MiB}}\n  alerts: {name: alerts, rollover: {max_age: 10s}}\n",

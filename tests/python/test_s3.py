@@ -15,6 +15,7 @@ from conftest import (
     check_run,
     check_whole_lake,
     crash_runs,
+    simulator_extension,
     duck,
     pipeline_env,
     read_stream,
@@ -134,7 +135,10 @@ def test_s3_sigkill_crash_exactly_once(tmp_path, moto, agent_bin, shardlake_bin,
 
     crashes = crash_runs(shardlake_bin, pipeline, tmp_path, con, view,
                          valid=len(stream.valid), seed=20260106, staged=staged,
-                         env=moto.env(), kill_window=(0.3, 4.0))
+                         env=moto.env(), kill_window=(0.3, 4.0),
+                         extend=simulator_extension(agent_bin, tmp_path, shards=4, devices=300,
+                                                    after=1000, readings=1000, seed=29))
+    stream = read_stream(tmp_path / "stream")
     left = uploads(s3, BUCKET)
     started = time.monotonic()
     check_run([str(shardlake_bin), "run", str(pipeline), "--drain"],
