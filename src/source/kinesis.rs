@@ -266,7 +266,8 @@ impl ShardReader for KinesisShardReader {
                     fault => {
                         count(&metrics, fault);
                         failures += 1;
-                        self.next_call = Instant::now() + backoff(failures);
+                        // Never sooner than the 5 calls/s the shard allows.
+                        self.next_call = self.next_call.max(Instant::now() + backoff(failures));
                         tracing::debug!(shard_id = %self.shard, error = %aws::describe(&e), "GetRecords failed; retrying");
                         continue;
                     }

@@ -114,25 +114,30 @@ def test_kinesis_throttling_and_5xx_lose_and_duplicate_nothing(tmp_path, kinesal
     pipeline = kinesis_pipeline(tmp_path, name, max_bytes="1MiB", max_age="2s")
     pipeline.write_text(pipeline.read_text().replace(
         "kinesis: {stream: ", "kinesis: {max_records: 100, stream: "))
-    # 20% throttled, 5% server errors: each fault comes back once to shardlake, whose own
-    # retry counts it (the SDK's retries are off for Kinesis).
-    kinds = ["kinesis_throttled"] * 4 + ["kinesis_internal"]
-    with FaultProxy(kinesalite.host, kinesalite.port, rate=0.25, kinds=kinds, seed=3) as proxy:
+    # 20% throttled (ProvisionedThroughputExceeded or LimitExceeded), 5% server errors and 5%
+    # connections reset (before the request reached kinesalite, or after it answered): each
+    # fault comes back once to shardlake, whose own retry counts it (the SDK's retries are off
+    # for Kinesis).
+    kinds = (["kinesis_throttled"] * 6 + ["kinesis_limit"] * 2 + ["kinesis_internal"] * 2
+             + ["reset_before", "reset_after"])
+    with FaultProxy(kinesalite.host, kinesalite.port, rate=0.3, kinds=kinds, seed=3) as proxy:
         env = pipeline_env(tmp_path, {**kinesalite.env(), "AWS_ENDPOINT_URL": proxy.url})
         proc = check_run([str(shardlake_bin), "run", str(pipeline), "--drain"], env=env,
                          timeout=600)
         injected = dict(proxy.injected)
         with capsys.disabled():
             print(f"\n[Kinesis fault proxy] {proxy.summary()}")
-    assert injected.get("kinesis_throttled", 0) >= 20 and injected.get("kinesis_internal", 0) >= 3, (
-        f"too few faults to mean anything: {injected}")
+    assert injected.get("kinesis_throttled", 0) >= 20 and all(
+        injected.get(k, 0) >= 3 for k in ("kinesis_limit", "kinesis_internal", "reset_before",
+                                          "reset_after")), f"too few faults to mean anything: {injected}"
     finished = [e for e in run_log(proc) if e.get("message") == "run finished"]
     assert len(finished) == 1, finished
     # A call cut short when the run stops (at most one per shard) is not counted.
-    for kind, counter in (("kinesis_throttled", "kinesis_throttled"),
-                          ("kinesis_internal", "kinesis_errors_retried")):
-        assert injected[kind] - 4 <= finished[0][counter] <= injected[kind], (
-            kind, injected, finished[0])
+    for kinds_, counter in ((("kinesis_throttled", "kinesis_limit"), "kinesis_throttled"),
+                            (("kinesis_internal", "reset_before", "reset_after"),
+                             "kinesis_errors_retried")):
+        n = sum(injected.get(k, 0) for k in kinds_)
+        assert n - 4 <= finished[0][counter] <= n, (kinds_, injected, finished[0])
 
     con = duck()
     con.register("src", data.table())
