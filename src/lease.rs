@@ -386,6 +386,7 @@ impl LeaseManager {
                     let sync = last_sync.is_none_or(|t| t.elapsed() >= self.cfg.shard_sync_interval);
                     match self.scan_and_take(sync).await {
                         Ok(()) => {
+                            self.metrics.lease_table_answered(self.cfg.failover_time);
                             if sync { last_sync = Some(Instant::now()); }
                             self.scans.send_modify(|n| *n += 1);
                         }
@@ -439,6 +440,7 @@ impl LeaseManager {
             .collect()
             .await;
         let mut lost = Vec::new();
+        let mut answered = true;
         for (key, counter, r) in results {
             match r {
                 Ok(_) => {
@@ -453,9 +455,13 @@ impl LeaseManager {
                 // Unreachable for now: the next renewal tries again; if the lease expires
                 // meanwhile, the next prepare fails and the session starts over.
                 Err(e) => {
+                    answered = false;
                     tracing::warn!(shard_id = %key, error = %aws::describe(&e), "lease renewal failed")
                 }
             }
+        }
+        if answered && !held.is_empty() {
+            self.metrics.lease_table_answered(self.cfg.failover_time);
         }
         Metrics::set(&self.metrics.leases_held, held.len() as u64);
         drop(held);
@@ -547,14 +553,7 @@ impl LeaseManager {
                 }
             }
             if gained == 0 {
-                // Steal one from the most loaded worker, if it is above the target.
-                let victim = load
-                    .iter()
-                    .filter(|(o, _)| **o != self.owner)
-                    .max_by_key(|(_, n)| **n)
-                    .filter(|(_, n)| **n > target)
-                    .map(|(o, _)| o.to_string());
-                if let Some(v) = victim {
+                if let Some(v) = steal_from(&load, &self.owner, mine, target) {
                     let theirs: Vec<&&Lease> = open
                         .iter()
                         .filter(|l| l.owner.as_deref() == Some(&v) && !expired.contains(&l.key))
@@ -836,13 +835,33 @@ impl CheckpointStore for LeaseStore {
         if writes.is_empty() {
             return Ok(());
         }
-        let r = self
-            .m
-            .client
-            .transact_write_items()
-            .set_transact_items(Some(writes))
-            .send()
-            .await;
+        // A transaction cancelled for throttling or a conflicting transaction applied nothing:
+        // it is sent again (counted as throttled). The SDK does not retry these itself.
+        let mut attempt = 0u32;
+        let r = loop {
+            let r = self
+                .m
+                .client
+                .transact_write_items()
+                .set_transact_items(Some(writes.clone()))
+                .send()
+                .await;
+            if let Err(e) = &r
+                && attempt < 20
+                && transient_cancellation(e)
+            {
+                attempt += 1;
+                self.m
+                    .metrics
+                    .dynamodb_throttled
+                    .fetch_add(1, Ordering::Relaxed);
+                let ceiling = 50u64 << attempt.min(7);
+                tokio::time::sleep(Duration::from_millis(fastrand::u64(ceiling / 2..=ceiling)))
+                    .await;
+                continue;
+            }
+            break r;
+        };
         match r {
             Ok(_) => {
                 for k in &keys {
@@ -951,5 +970,119 @@ impl CheckpointStore for LeaseStore {
             .last_commit
             .fetch_max(intent.next.commit_id, Ordering::SeqCst);
         Ok(())
+    }
+}
+
+/// A `TransactionCanceledException` that only throttling or a conflicting transaction caused
+/// (no condition failed): nothing was written, and the same transaction may be sent again.
+fn transient_cancellation(
+    e: &aws_sdk_dynamodb::error::SdkError<
+        aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError,
+    >,
+) -> bool {
+    use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
+    let Some(TransactWriteItemsError::TransactionCanceledException(c)) = e.as_service_error()
+    else {
+        return false;
+    };
+    let codes: Vec<&str> = c
+        .cancellation_reasons()
+        .iter()
+        .map(|r| r.code().unwrap_or("None"))
+        .collect();
+    codes.iter().any(|c| {
+        matches!(
+            *c,
+            "ThrottlingError" | "TransactionConflict" | "ProvisionedThroughputExceeded"
+        )
+    }) && codes.iter().all(|c| {
+        matches!(
+            *c,
+            "None" | "ThrottlingError" | "TransactionConflict" | "ProvisionedThroughputExceeded"
+        )
+    })
+}
+
+/// The worker to steal one lease from, if any: the most loaded other worker, when it holds
+/// more than `target`, or exactly `target` while this worker is short by more than one (the
+/// KCL's rule: without it, 4 shards on 3 workers would stay 2/2/0). Ties go to the
+/// lexically first owner, so concurrent thieves tend to pick the same victim.
+fn steal_from(
+    load: &BTreeMap<&str, usize>,
+    me: &str,
+    mine: usize,
+    target: usize,
+) -> Option<String> {
+    let (owner, n) = load.iter().filter(|(o, _)| **o != me).fold(
+        None,
+        |best: Option<(&str, usize)>, (o, n)| match best {
+            Some((_, m)) if m >= *n => best,
+            _ => Some((o, *n)),
+        },
+    )?;
+    let short = target.saturating_sub(mine);
+    (n > target || (n == target && short > 1)).then(|| owner.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs every worker's balancing step in turn (each steals at most one lease per scan, as
+    /// the worker does) until nothing moves; returns the final counts.
+    fn settle(mut counts: Vec<usize>) -> Vec<usize> {
+        let names: Vec<String> = (0..counts.len()).map(|i| format!("w{i}")).collect();
+        let total: usize = counts.iter().sum();
+        for _ in 0..100 {
+            let mut moved = false;
+            for me in 0..counts.len() {
+                let target = total.div_ceil(counts.len());
+                let load: BTreeMap<&str, usize> = names
+                    .iter()
+                    .map(|n| n.as_str())
+                    .zip(counts.iter().copied())
+                    .collect();
+                if counts[me] < target
+                    && let Some(v) = steal_from(&load, &names[me], counts[me], target)
+                {
+                    let v = names.iter().position(|n| *n == v).unwrap();
+                    counts[v] -= 1;
+                    counts[me] += 1;
+                    moved = true;
+                }
+            }
+            if !moved {
+                return counts;
+            }
+        }
+        panic!("balancing did not settle: {counts:?}");
+    }
+
+    #[test]
+    fn a_new_worker_gets_about_its_share() {
+        for (start, total) in [
+            (vec![2, 2, 0], 4),
+            (vec![3, 3, 3, 0], 9),
+            (vec![8, 0, 0], 8),
+            (vec![4, 4, 0], 8),
+            (vec![1, 0], 1),
+            (vec![64, 0, 0, 0, 0], 64),
+        ] {
+            let end = settle(start.clone());
+            assert_eq!(end.iter().sum::<usize>(), total);
+            let (lo, hi) = (end.iter().min().unwrap(), end.iter().max().unwrap());
+            assert!(
+                hi - lo <= 1 || (total < end.len() && *hi == 1),
+                "{start:?} -> {end:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn no_stealing_at_the_target_for_a_one_lease_gap() {
+        let load: BTreeMap<&str, usize> = [("a", 2), ("b", 2), ("me", 1)].into();
+        assert_eq!(steal_from(&load, "me", 1, 2), None);
+        let load: BTreeMap<&str, usize> = [("a", 3), ("b", 2), ("me", 1)].into();
+        assert_eq!(steal_from(&load, "me", 1, 2).as_deref(), Some("a"));
     }
 }

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
 
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -57,6 +58,29 @@ pub struct Metrics {
     /// Reading and committing: the sinks answered and, with leases, the first lease scan is
     /// done; false again once shutting down.
     pub ready: AtomicBool,
+    /// What `/healthz` checks beyond `ready`.
+    pub health: Mutex<Health>,
+}
+
+/// A commit running longer than this means the lake is not answering: the worker is stuck.
+pub const COMMIT_STALL: Duration = Duration::from_secs(120);
+
+#[derive(Debug, Default)]
+pub struct Health {
+    /// With leases: when the lease table last answered every call of a renewal or a scan,
+    /// and how long it may stay silent (the lease timeout: by then the leases are gone).
+    pub leases: Option<(Instant, Duration)>,
+    /// When the commit in progress, if any, started.
+    pub commit_started: Option<Instant>,
+}
+
+/// See [`Metrics::commit_running`].
+pub struct CommitRunning<'a>(&'a Metrics);
+
+impl Drop for CommitRunning<'_> {
+    fn drop(&mut self) {
+        self.0.health.lock().expect("not poisoned").commit_started = None;
+    }
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -105,6 +129,44 @@ fn label(v: &str) -> String {
 }
 
 impl Metrics {
+    /// Why the worker is not healthy (`/healthz` answers 503 with it), or None.
+    pub fn unhealthy(&self) -> Option<String> {
+        if !self.ready.load(Relaxed) {
+            return Some("starting or stopping".into());
+        }
+        let h = self.health.lock().expect("not poisoned");
+        if let Some((at, allowed)) = h.leases
+            && at.elapsed() > allowed
+        {
+            return Some(format!(
+                "the lease table has not answered for {}s (leases expire after {}s)",
+                at.elapsed().as_secs(),
+                allowed.as_secs()
+            ));
+        }
+        if let Some(at) = h.commit_started
+            && at.elapsed() > COMMIT_STALL
+        {
+            return Some(format!(
+                "a commit has been running for {}s: the lake is not answering",
+                at.elapsed().as_secs()
+            ));
+        }
+        None
+    }
+
+    /// The lease table answered a whole renewal or scan; silence longer than `allowed` makes
+    /// the worker unhealthy.
+    pub fn lease_table_answered(&self, allowed: Duration) {
+        self.health.lock().expect("not poisoned").leases = Some((Instant::now(), allowed));
+    }
+
+    /// Marks a commit running until the returned guard is dropped.
+    pub fn commit_running(&self) -> CommitRunning<'_> {
+        self.health.lock().expect("not poisoned").commit_started = Some(Instant::now());
+        CommitRunning(self)
+    }
+
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Relaxed);
     }
@@ -287,10 +349,10 @@ impl Metrics {
         family(
             "ready",
             "gauge",
-            "1 while the worker reads and commits (what /healthz reports).",
+            "1 while the worker reads and commits and its lease table and lake answer (what /healthz reports).",
             &[(
                 String::new(),
-                u8::from(self.ready.load(Relaxed)).to_string(),
+                u8::from(self.unhealthy().is_none()).to_string(),
             )],
         );
         let lag: Vec<_> = self
@@ -382,5 +444,25 @@ mod tests {
         assert!(text.contains("shardlake_commit_duration_seconds_bucket{le=\"+Inf\"} 4\n"));
         assert!(text.contains("shardlake_commit_duration_seconds_count 4\n"));
         assert!(text.contains("shardlake_output_rows_total{output=\"a\\\"b\\\\c\\nd\"} 10\n"));
+    }
+
+    #[test]
+    fn health_follows_readiness_the_lease_table_and_commits() {
+        let m = Metrics::default();
+        assert_eq!(m.unhealthy().as_deref(), Some("starting or stopping"));
+        m.ready.store(true, Relaxed);
+        assert_eq!(m.unhealthy(), None);
+        m.lease_table_answered(Duration::from_secs(60));
+        assert_eq!(m.unhealthy(), None);
+        {
+            let _running = m.commit_running();
+            assert!(m.health.lock().unwrap().commit_started.is_some());
+        }
+        assert!(m.health.lock().unwrap().commit_started.is_none());
+        m.lease_table_answered(Duration::ZERO);
+        std::thread::sleep(Duration::from_millis(2));
+        let why = m.unhealthy().unwrap();
+        assert!(why.starts_with("the lease table has not answered"), "{why}");
+        assert!(m.render().contains("shardlake_ready 0\n"));
     }
 }

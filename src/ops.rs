@@ -7,7 +7,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -62,14 +61,14 @@ async fn answer(mut conn: TcpStream, metrics: &Metrics) -> std::io::Result<()> {
             "text/plain; version=0.0.4; charset=utf-8",
             metrics.render(),
         ),
-        ("GET", "/healthz") if metrics.ready.load(Relaxed) => {
-            ("200 OK", "text/plain; charset=utf-8", "ready\n".into())
-        }
-        ("GET", "/healthz") => (
-            "503 Service Unavailable",
-            "text/plain; charset=utf-8",
-            "not ready\n".into(),
-        ),
+        ("GET", "/healthz") => match metrics.unhealthy() {
+            None => ("200 OK", "text/plain; charset=utf-8", "ready\n".into()),
+            Some(why) => (
+                "503 Service Unavailable",
+                "text/plain; charset=utf-8",
+                format!("not ready: {why}\n"),
+            ),
+        },
         ("GET", _) => (
             "404 Not Found",
             "text/plain; charset=utf-8",

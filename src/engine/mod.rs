@@ -511,6 +511,8 @@ impl Engine {
             return Ok(Vec::new());
         }
         let started = std::time::Instant::now();
+        let metrics = self.metrics.clone();
+        let _running = metrics.commit_running();
         let mut files = Vec::new();
         for w in self.writers() {
             files.extend(w.stage().await?);

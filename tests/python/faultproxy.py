@@ -55,6 +55,9 @@ RESPONSES: dict[str, tuple[int, dict[str, str], bytes]] = {
     "kinesis_throttled": (400, KINESIS_JSON,
                           b'{"__type":"ProvisionedThroughputExceededException",'
                           b'"message":"Rate exceeded for shard (faultproxy)"}'),
+    "kinesis_limit": (400, KINESIS_JSON,
+                      b'{"__type":"LimitExceededException",'
+                      b'"message":"Rate exceeded for stream (faultproxy)"}'),
     "kinesis_internal": (500, KINESIS_JSON,
                          b'{"__type":"InternalFailure","message":"faultproxy"}'),
     "dynamodb_throttled": (400, {"Content-Type": "application/x-amz-json-1.0"},
@@ -72,6 +75,12 @@ RESPONSES: dict[str, tuple[int, dict[str, str], bytes]] = {
 }
 RESETS = ("reset_before", "reset_after")
 PARTIAL = "putrecords_partial"
+# A cancelled DynamoDB transaction (nothing written) whose first item was throttled, as real
+# DynamoDB answers and moto never does; its CancellationReasons has one entry per item.
+TXN_CANCELLED = "dynamodb_txn_cancelled"
+# Kinds that only make sense for one operation: other requests never get them, and that
+# operation's requests get no other kind.
+KIND_TARGETS = {TXN_CANCELLED: "DynamoDB_20120810.TransactWriteItems"}
 
 # Hop-by-hop headers (RFC 9110 section 7.6.1) are the proxy's own, not forwarded.
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer",
@@ -80,19 +89,24 @@ HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer",
 
 class FaultProxy:
     def __init__(self, upstream_host: str, upstream_port: int, *, rate: float,
-                 kinds: list[str], seed: int = 0, target: str | None = None):
+                 kinds: list[str], seed: int = 0, target: str | None = None,
+                 target_rates: dict[str, float] | None = None):
         """`target`: spoil only requests with this `X-Amz-Target` header (one operation of a
-        JSON-protocol service, e.g. `DynamoDB_20120810.CreateTable`)."""
+        JSON-protocol service, e.g. `DynamoDB_20120810.CreateTable`). `target_rates`: another
+        rate for the requests of some operations."""
         for k in kinds:
-            if k not in RESPONSES and k not in RESETS and k != PARTIAL:
+            if k not in RESPONSES and k not in RESETS and k not in (PARTIAL, TXN_CANCELLED):
                 raise ValueError(f"unknown fault kind {k!r}")
         self.upstream = (upstream_host, upstream_port)
         self.rate = rate
+        self.target_rates = dict(target_rates or {})
         self.kinds = list(kinds)
         self.target = target
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self.injected: Counter[str] = Counter()
+        # Requests seen per X-Amz-Target (JSON-protocol operations).
+        self.targets: Counter[str] = Counter()
         self.forwarded = 0
         proxy = self
 
@@ -139,10 +153,17 @@ class FaultProxy:
 
     def _pick(self, target: str | None = None) -> str | None:
         with self._lock:
-            if (self.target is None or target == self.target) and self._rng.random() < self.rate:
-                kind = self._rng.choice(self.kinds)
-                self.injected[kind] += 1
-                return kind
+            if target:
+                self.targets[target] += 1
+            rate = self.target_rates.get(target or "", self.rate)
+            if (self.target is None or target == self.target) and self._rng.random() < rate:
+                # An operation with kinds of its own gets only those.
+                kinds = ([k for k in self.kinds if KIND_TARGETS.get(k) == target]
+                         or [k for k in self.kinds if k not in KIND_TARGETS])
+                if kinds:
+                    kind = self._rng.choice(kinds)
+                    self.injected[kind] += 1
+                    return kind
             self.forwarded += 1
             return None
 
@@ -218,6 +239,19 @@ class FaultProxy:
                     return
             else:
                 kind = None
+        if kind == TXN_CANCELLED:
+            items = len(json.loads(body).get("TransactItems", [])) or 1
+            reasons = [{"Code": "ThrottlingError", "Message": "Throughput exceeds the current "
+                        "capacity of your table or index (faultproxy)"}]
+            reasons += [{"Code": "None"}] * (items - 1)
+            answer = {"__type": "com.amazonaws.dynamodb.v20120810#TransactionCanceledException",
+                      "Message": "Transaction cancelled, please refer cancellation reasons for "
+                                 "specific reasons [" + ", ".join(r["Code"] for r in reasons)
+                                 + "]",
+                      "CancellationReasons": reasons}
+            self._answer(h, 400, [("Content-Type", "application/x-amz-json-1.0")],
+                         json.dumps(answer).encode())
+            return
         if kind in RESPONSES:
             status, headers, payload = RESPONSES[kind]
             self._answer(h, status, list(headers.items()), payload,

@@ -20,6 +20,8 @@ from conftest import (
     AWS_TEST_ENV,
     check_run,
     create_stream,
+    free_port,
+    get,
     inprogress_files,
     interleave,
     lake_merged,
@@ -336,7 +338,8 @@ def test_leases_follow_a_split_and_merge(tmp_path, kinesis_local, moto, agent_bi
 def test_dynamodb_faults_lose_and_duplicate_nothing(tmp_path, kinesalite, moto, agent_bin,
                                                     shardlake_bin, capsys):
     """Every lease-table call goes through the fault proxy: 20% are answered
-    ProvisionedThroughputExceededException and 5% InternalServerError. The SDK retries them
+    ProvisionedThroughputExceededException and 5% InternalServerError, and 60% of the commit
+    transactions are cancelled for throttling. The SDK retries them
     with jittered backoff, each is counted, and the lake is exactly once."""
     kinesis = kinesalite.client()
     name = f"wells-{uuid.uuid4().hex[:8]}"
@@ -345,8 +348,12 @@ def test_dynamodb_faults_lose_and_duplicate_nothing(tmp_path, kinesalite, moto, 
     summary = simulate(agent_bin, tmp_path / "sim", shards=4, devices=200, readings=300,
                        seed=61, spikes=3, malformed=8)
     put = put_lines(kinesis, name, interleave(tmp_path / "sim" / "stream"))
-    kinds = ["dynamodb_throttled"] * 4 + ["dynamodb_internal"]
-    with FaultProxy(moto.host, moto.port, rate=0.25, kinds=kinds, seed=11) as proxy:
+    # 60% of the commit transactions (TransactWriteItems) come back cancelled for throttling,
+    # as real DynamoDB's may: nothing written, sent again by shardlake (the SDK does not
+    # retry them), counted as throttled.
+    kinds = ["dynamodb_throttled"] * 4 + ["dynamodb_internal", "dynamodb_txn_cancelled"]
+    with FaultProxy(moto.host, moto.port, rate=0.25, kinds=kinds, seed=11,
+                    target_rates={"DynamoDB_20120810.TransactWriteItems": 0.6}) as proxy:
         # Short leases: renewals every 2/3 s and scans every second make many calls.
         pipeline, env = lease_run(tmp_path, "faults.yaml", name, table, kinesalite.url,
                                   proxy.url, failover_s=2, source_opts=", max_records: 500")
@@ -356,12 +363,14 @@ def test_dynamodb_faults_lose_and_duplicate_nothing(tmp_path, kinesalite, moto, 
         summary_line = proxy.summary()
     assert injected.get("dynamodb_throttled", 0) >= 20 and injected.get("dynamodb_internal", 0) >= 3, (
         f"too few faults to mean anything: {summary_line}")
+    assert injected.get("dynamodb_txn_cancelled", 0) >= 1, (summary_line, proxy.targets)
     finished = [e for e in run_log(proc) if e.get("message") == "run finished"]
     assert len(finished) == 1, finished
     # Only the proxy throttles, so that count is exact. Every injected 5xx is counted too; the
     # counter also takes attempts that got no answer at all (a connection lost or timed out,
     # which the proxy does not see as a fault), seen once in CI under load: 15 for 14 injected.
-    assert finished[0]["dynamodb_throttled"] == injected["dynamodb_throttled"], (injected, finished[0])
+    assert finished[0]["dynamodb_throttled"] == (
+        injected["dynamodb_throttled"] + injected["dynamodb_txn_cancelled"]), (injected, finished[0])
     assert 0 <= finished[0]["dynamodb_errors_retried"] - injected["dynamodb_internal"] <= 3, (
         injected, finished[0])
     check_lake_against_put(put, summary, tmp_path / "lake")
@@ -369,3 +378,38 @@ def test_dynamodb_faults_lose_and_duplicate_nothing(tmp_path, kinesalite, moto, 
         print(f"\n[DynamoDB fault proxy] {summary_line}; counted by the run: "
               f"{finished[0]['dynamodb_throttled']} throttled, "
               f"{finished[0]['dynamodb_errors_retried']} 5xx")
+
+
+def test_healthz_follows_the_lease_table(tmp_path, kinesalite, moto, shardlake_bin):
+    """/healthz says ready while the lease table answers, 503 with the reason once it has been
+    silent for the lease timeout (every DynamoDB call answered 500 by the fault proxy), and
+    ready again when it answers again."""
+    kinesis = kinesalite.client()
+    name = f"wells-{uuid.uuid4().hex[:8]}"
+    table = f"shardlake-leases-{uuid.uuid4().hex[:8]}"
+    create_stream(kinesis, name, 2)
+    with FaultProxy(moto.host, moto.port, rate=0.0, kinds=["dynamodb_internal"]) as proxy:
+        pipeline, env = lease_run(tmp_path, "health.yaml", name, table, kinesalite.url,
+                                  proxy.url, failover_s=2)
+        listen = f"127.0.0.1:{free_port()}"
+        log = open(tmp_path / "worker.log", "w")
+        proc = subprocess.Popen([str(shardlake_bin), "run", str(pipeline), "--listen", listen],
+                                env=env, stdout=subprocess.DEVNULL, stderr=log)
+        health = lambda: get(f"http://{listen}/healthz")  # noqa: E731
+        try:
+            wait_until("ready", lambda: health()[0] == 200, timeout=60)
+            proxy.set_rate(1.0)
+            status, _, body = wait_until("503 once the table is silent",
+                                         lambda: (h := health())[0] == 503 and h, timeout=60)
+            assert "the lease table has not answered" in body, body
+            assert proc.poll() is None, "an unreachable lease table is not fatal by itself"
+            proxy.set_rate(0.0)
+            wait_until("ready again", lambda: health()[0] == 200, timeout=60)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=60) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log.close()
+    print(f"\n[healthz] {body.strip()}")

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 import subprocess
-import urllib.error
 import uuid
-import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -25,6 +23,7 @@ from conftest import (
     check_whole_lake,
     duck,
     free_port,
+    get,
     parquet_files,
     pipeline_env,
     read_stream,
@@ -34,16 +33,6 @@ from conftest import (
     wait_until,
     write_test_pipeline,
 )
-
-
-def get(url: str) -> tuple[int, str, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as r:
-            return r.status, r.headers.get("Content-Type", ""), r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.headers.get("Content-Type", ""), e.read().decode()
-    except OSError:
-        return 0, "", ""
 
 
 def scrape(base: str) -> dict[tuple, float]:
