@@ -13,7 +13,10 @@ import subprocess
 import time
 import uuid
 
+import pytest
+
 from conftest import (
+    AWS_TEST_ENV,
     check_lake_against_put,
     run_until_read_then_sigterm,
     check_readings_exactly_once,
@@ -318,11 +321,13 @@ def _key(line: bytes) -> str:
     return key if isinstance(key, str) and key else "unparseable"
 
 
+@pytest.mark.parametrize("store", ["local", "dynamodb"])
 def test_kpl_aggregated_records_come_out_one_by_one(tmp_path, kinesalite, agent_bin,
-                                                    shardlake_bin, capsys):
+                                                    shardlake_bin, capsys, request, store):
     """Aggregated records (magic, protobuf, MD5) are unpacked into their user records; a run
-    stopped part-way resumes inside an aggregate by its sub-sequence number; corrupt
-    aggregates go to dead-letter whole."""
+    stopped part-way resumes inside an aggregate by its sub-sequence number, kept in the local
+    checkpoint store or in the lease table (`checkpointSubSequenceNumber` and our state);
+    corrupt aggregates go to dead-letter whole."""
     kinesis = kinesalite.client()
     name = f"wells-{uuid.uuid4().hex[:8]}"
     create_stream(kinesis, name, 2)
@@ -332,13 +337,29 @@ def test_kpl_aggregated_records_come_out_one_by_one(tmp_path, kinesalite, agent_
     lines = sorted(interleave(tmp_path / "sim" / "stream"), key=_key)
     put, aggregates, corrupt = put_aggregated(kinesis, name, lines, random.Random(5))
     assert aggregates >= 100
-    pipeline = kinesis_pipeline(tmp_path, name, max_bytes="1MiB", max_age="1s")
-    env = pipeline_env(tmp_path, kinesalite.env())
+    if store == "local":
+        pipeline = kinesis_pipeline(tmp_path, name, max_bytes="1MiB", max_age="1s")
+        env = pipeline_env(tmp_path, kinesalite.env())
+    else:
+        moto = request.getfixturevalue("moto")
+        table = f"shardlake-leases-{uuid.uuid4().hex[:8]}"
+        pipeline = kinesis_pipeline(tmp_path, name, max_bytes="1MiB", max_age="1s",
+                                    checkpoints=f"{{dynamodb: {{table: {table}}}}}")
+        env = pipeline_env(tmp_path, {**kinesalite.env(), **AWS_TEST_ENV,
+                                      "AWS_ENDPOINT_URL_DYNAMODB": moto.url})
     # Stopped after about half: the windowed outputs' checkpoints stop at the first record of
     # their oldest open window, which is mostly inside an aggregate.
     run_until_read_then_sigterm(shardlake_bin, pipeline, env, len(put) // 2, at_least=True)
-    state = "".join(p.read_text() for p in (tmp_path / "state").rglob("*") if p.is_file())
-    inside = re.findall(r'"\d+:\d+"', state)
+    if store == "local":
+        state = "".join(p.read_text() for p in (tmp_path / "state").rglob("*") if p.is_file())
+        sub_sequences = "n/a"
+    else:
+        items = moto.client("dynamodb").scan(TableName=table, ConsistentRead=True)["Items"]
+        state = json.dumps(items)
+        # The KCL's own attribute: the records output's position inside an aggregate.
+        sub_sequences = sorted(int(i["checkpointSubSequenceNumber"]["N"]) for i in items)
+        assert any(sub_sequences), f"no KCL checkpoint inside an aggregate: {items}"
+    inside = re.findall(r'\\?"\d+:\d+\\?"', state)
     assert inside, "no checkpoint stopped inside an aggregate: the resume path is not tested"
     proc = check_run([str(shardlake_bin), "run", str(pipeline), "--drain"], env=env,
                      timeout=300)
@@ -359,5 +380,6 @@ def test_kpl_aggregated_records_come_out_one_by_one(tmp_path, kinesalite, agent_
     assert len(reasons) == 2, reasons
     with capsys.disabled():
         print(f"\n[KPL] {len(lines)} user records put as {aggregates} aggregates (+2 corrupt) "
-              f"and single records; checkpoints inside aggregates after the first run: "
-              f"{len(inside)}; reasons: {sorted(r[0][:60] for r in reasons)}")
+              f"and single records; {store} store: checkpoints inside aggregates after the "
+              f"first run: {len(inside)} (checkpointSubSequenceNumber: {sub_sequences}); "
+              f"reasons: {sorted(r[0][:60] for r in reasons)}")
