@@ -855,9 +855,12 @@ impl CheckpointStore for LeaseStore {
                     .metrics
                     .dynamodb_throttled
                     .fetch_add(1, Ordering::Relaxed);
-                let ceiling = 50u64 << attempt.min(7);
-                tokio::time::sleep(Duration::from_millis(fastrand::u64(ceiling / 2..=ceiling)))
-                    .await;
+                tokio::time::sleep(crate::backoff::jittered(
+                    Duration::from_millis(100),
+                    attempt - 1,
+                    Duration::from_millis(6_400),
+                ))
+                .await;
                 continue;
             }
             break r;
@@ -985,22 +988,18 @@ fn transient_cancellation(
     else {
         return false;
     };
+    let transient = |c: &str| {
+        matches!(
+            c,
+            "ThrottlingError" | "TransactionConflict" | "ProvisionedThroughputExceeded"
+        )
+    };
     let codes: Vec<&str> = c
         .cancellation_reasons()
         .iter()
         .map(|r| r.code().unwrap_or("None"))
         .collect();
-    codes.iter().any(|c| {
-        matches!(
-            *c,
-            "ThrottlingError" | "TransactionConflict" | "ProvisionedThroughputExceeded"
-        )
-    }) && codes.iter().all(|c| {
-        matches!(
-            *c,
-            "None" | "ThrottlingError" | "TransactionConflict" | "ProvisionedThroughputExceeded"
-        )
-    })
+    codes.iter().any(|c| transient(c)) && codes.iter().all(|c| *c == "None" || transient(c))
 }
 
 /// The worker to steal one lease from, if any: the most loaded other worker, when it holds

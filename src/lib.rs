@@ -27,6 +27,7 @@
 //! uses ([`localstream`], [`config`]) build without the `pipeline` feature.
 
 pub mod agent;
+pub mod backoff;
 pub mod clock;
 pub mod config;
 pub mod failpoint;

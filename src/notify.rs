@@ -275,10 +275,9 @@ async fn deliver(
     }
 }
 
-/// Exponential from 200 ms, capped at 10 s, with full jitter.
+/// Exponential from 200 ms, capped at 10 s, with jitter.
 fn backoff(attempt: u32) -> Duration {
-    let cap = (200u64 << attempt.min(6)).min(10_000);
-    Duration::from_millis(fastrand::u64(cap / 2..=cap))
+    crate::backoff::jittered(Duration::from_millis(200), attempt, Duration::from_secs(10))
 }
 
 struct SendError {

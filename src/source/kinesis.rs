@@ -419,12 +419,9 @@ fn count(metrics: &Metrics, fault: Fault) {
     }
 }
 
-/// Exponential from 100 ms, capped at 10 s, with full jitter.
+/// Exponential from 100 ms, capped at 10 s, with jitter.
 fn backoff(failures: u32) -> Duration {
-    let cap = (BACKOFF_START * 2u32.saturating_pow(failures.saturating_sub(1).min(8)))
-        .min(BACKOFF_MAX)
-        .as_millis() as u64;
-    Duration::from_millis(fastrand::u64(cap / 2..=cap.max(1)))
+    crate::backoff::jittered(BACKOFF_START, failures.saturating_sub(1), BACKOFF_MAX)
 }
 
 /// Sends a request until it succeeds or fails for a reason retrying cannot fix.
@@ -463,18 +460,4 @@ fn permanent<E: std::error::Error>(what: &str, e: &E) -> String {
         ""
     };
     format!("{what}: {text}{hint}")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_to_its_cap_with_jitter() {
-        for f in 1..20 {
-            let b = backoff(f);
-            let cap = (BACKOFF_START * 2u32.pow((f - 1).min(8))).min(BACKOFF_MAX);
-            assert!(b <= cap && b >= cap / 2, "{f}: {b:?} vs {cap:?}");
-        }
-    }
 }
