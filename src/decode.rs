@@ -1,19 +1,22 @@
-//! JSON records → Arrow, with arrow-json's `Decoder` straight into a `RecordBatch`. A record
+//! JSON records → Arrow in one strict pass per record, straight into column builders. A record
 //! that does not fit goes to the dead-letter output with its bytes, shard, sequence number and
 //! a reason that says what is wrong; the good records of the same chunk still go through.
 //!
-//! The common case (every record good) is one decode of the whole chunk. When that fails, the
-//! chunk is bisected so only the halves holding bad records are decoded again.
+//! This replaced arrow-json's decoder behind a serde_json strictness pass: arrow-json accepts
+//! trailing commas and truncates `1.5` into an int64, so it needed that second pass, and a bad
+//! record made it fail the whole chunk. benches/README.md has the measured difference.
 
 use std::fmt;
 use std::sync::Arc;
 
+use std::borrow::Cow;
+
 use arrow::array::{
-    Array, ArrayRef, BooleanArray, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray,
+    Array, ArrayRef, BooleanBuilder, Float32Builder, Float64Builder, Int32Builder, Int64Builder,
+    RecordBatch, StringArray, StringBuilder, TimestampMicrosecondBuilder,
 };
-use arrow::compute::{CastOptions, cast_with_options, concat_batches, filter_record_batch};
 use arrow::datatypes::{DataType, Field as ArrowField, Schema, SchemaRef, TimeUnit};
-use arrow::json::ReaderBuilder;
+use serde::de::DeserializeSeed;
 
 use crate::config::{FieldType, Pipeline, TimeFormat};
 use crate::record::{Position, RawChunk, SeqNo};
@@ -124,84 +127,94 @@ impl Decoded {
     }
 }
 
+/// How a schema field's JSON value is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Str,
+    I32,
+    I64,
+    F32,
+    F64,
+    Bool,
+    /// RFC 3339 text (and the variants arrow's cast accepts), to microseconds.
+    Rfc3339,
+    /// The event time as milliseconds since the epoch (`event_time.format: epoch_millis`).
+    EpochMillis,
+}
+
+impl Kind {
+    fn expected(self) -> &'static str {
+        match self {
+            Kind::Str => "a string",
+            Kind::I32 | Kind::I64 => "an integer",
+            Kind::F32 | Kind::F64 => "a number",
+            Kind::Bool => "true or false",
+            Kind::Rfc3339 => "an RFC 3339 timestamp string",
+            Kind::EpochMillis => "an integer of milliseconds since the epoch",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct FieldSpec {
+    name: String,
+    kind: Kind,
+    required: bool,
+}
+
 /// Decodes chunks for one pipeline. Cheap to clone into each shard task.
+///
+/// One pass per record: serde_json checks the syntax strictly and hands each value of a
+/// schema field straight to a typed slot; a record whose every check holds is then appended
+/// to the column builders, so a bad record leaves no trace in the batch.
 #[derive(Debug, Clone)]
 pub struct RecordDecoder {
-    /// What arrow-json decodes into (timestamps as text or integers).
-    json_schema: SchemaRef,
+    fields: Arc<[FieldSpec]>,
     /// The record schema the pipeline sees, with `_shard_id` and `_sequence_number`.
     schema: SchemaRef,
     event_field: usize,
-    format: TimeFormat,
-    required: Vec<usize>,
-    timestamps: Vec<usize>,
     max_record_bytes: usize,
     max_future_skew: i64,
-    /// Integer fields and their bounds, checked exactly before arrow-json (which would
-    /// truncate `1.5` to 1).
-    ints: Arc<Vec<(String, i64, i64)>>,
 }
 
 impl RecordDecoder {
     pub fn new(p: &Pipeline) -> Self {
-        let fields = &p.schema.fields;
-        let event_field = fields
+        let event_field = p
+            .schema
+            .fields
             .iter()
             .position(|f| f.name == p.event_time.field)
             .expect("validated");
-        let json_fields: Vec<ArrowField> = fields
+        let fields = p
+            .schema
+            .fields
             .iter()
             .enumerate()
-            .map(|(i, f)| {
-                let ty = match f.ty {
+            .map(|(i, f)| FieldSpec {
+                name: f.name.clone(),
+                kind: match f.ty {
+                    FieldType::String => Kind::Str,
+                    FieldType::Int32 => Kind::I32,
+                    FieldType::Int64 => Kind::I64,
+                    FieldType::Float32 => Kind::F32,
+                    FieldType::Float64 => Kind::F64,
+                    FieldType::Bool => Kind::Bool,
                     FieldType::Timestamp
                         if i == event_field && p.event_time.format == TimeFormat::EpochMillis =>
                     {
-                        DataType::Int64
+                        Kind::EpochMillis
                     }
-                    FieldType::Timestamp => DataType::Utf8,
-                    other => arrow_type(other),
-                };
-                ArrowField::new(&f.name, ty, true)
+                    FieldType::Timestamp => Kind::Rfc3339,
+                },
+                required: f.required || i == event_field,
             })
             .collect();
         Self {
-            json_schema: Arc::new(Schema::new(json_fields)),
+            fields,
             schema: record_schema(p),
             event_field,
-            format: p.event_time.format,
-            required: fields
-                .iter()
-                .enumerate()
-                .filter(|(i, f)| f.required || *i == event_field)
-                .map(|(i, _)| i)
-                .collect(),
-            timestamps: fields
-                .iter()
-                .enumerate()
-                .filter(|(_, f)| f.ty == FieldType::Timestamp)
-                .map(|(i, _)| i)
-                .collect(),
             max_record_bytes: p.max_record_bytes,
             max_future_skew: p.max_future_skew,
-            ints: Arc::new(
-                fields
-                    .iter()
-                    .filter_map(|f| match f.ty {
-                        FieldType::Int32 => {
-                            Some((f.name.clone(), i32::MIN as i64, i32::MAX as i64))
-                        }
-                        FieldType::Int64 => Some((f.name.clone(), i64::MIN, i64::MAX)),
-                        FieldType::Timestamp
-                            if f.name == p.event_time.field
-                                && p.event_time.format == TimeFormat::EpochMillis =>
-                        {
-                            Some((f.name.clone(), i64::MIN, i64::MAX))
-                        }
-                        _ => None,
-                    })
-                    .collect(),
-            ),
         }
     }
 
@@ -211,51 +224,43 @@ impl RecordDecoder {
 
     /// Decodes a chunk. `now_us` is the wall clock, for the future-skew check.
     pub fn decode(&self, chunk: &RawChunk, now_us: i64) -> Decoded {
+        let n = chunk.len();
+        let mut columns: Vec<Column> = self.fields.iter().map(|f| Column::new(f.kind, n)).collect();
+        let mut seqs =
+            StringBuilder::with_capacity(n, chunk.seqs.first().map_or(0, |s| s.0.len()) * n);
         let mut dead = Vec::new();
-        let mut candidates = Vec::with_capacity(chunk.len());
-        for i in 0..chunk.len() {
+        let mut slots = Vec::with_capacity(self.fields.len());
+        let limit = now_us.saturating_add(self.max_future_skew);
+        let mut rejected = chunk.rejected.iter().peekable();
+        let mut good = 0;
+        for i in 0..n {
             let rec = chunk.record(i);
-            let rejected = chunk
-                .rejected
-                .iter()
-                .find(|(r, _)| *r == i)
-                .map(|(_, why)| Reason::CorruptAggregate(why.clone()));
-            let reason = if rejected.is_some() {
-                rejected
-            } else if rec.len() > self.max_record_bytes {
-                Some(Reason::TooLarge {
-                    size: rec.len(),
-                    limit: self.max_record_bytes,
-                })
-            } else {
-                match std::str::from_utf8(rec) {
-                    Err(e) => Some(Reason::InvalidUtf8 {
-                        valid_up_to: e.valid_up_to(),
-                    }),
-                    Ok(text) if text.trim_ascii().is_empty() => Some(Reason::Empty),
-                    // Checked as text: serde_json does not validate UTF-8 a second time.
-                    Ok(text) => strict::check(text, &self.ints).err(),
-                }
+            let result = match rejected.next_if(|(r, _)| *r == i) {
+                Some((_, why)) => Err(Reason::CorruptAggregate(why.clone())),
+                None => self.read(rec, &mut slots, limit),
             };
-            match reason {
-                Some(reason) => dead.push(DeadLetter {
+            match result {
+                Ok(()) => {
+                    for (column, slot) in columns.iter_mut().zip(slots.drain(..)) {
+                        column.push(slot);
+                    }
+                    seqs.append_value(&chunk.seqs[i].0);
+                    good += 1;
+                }
+                Err(reason) => dead.push(DeadLetter {
                     seq: chunk.seqs[i].clone(),
                     reason,
                     raw: rec.to_vec(),
                 }),
-                None => candidates.push(i),
             }
         }
-        let mut good_rows = Vec::with_capacity(candidates.len());
-        let mut batches = Vec::new();
-        self.decode_range(chunk, &candidates, &mut batches, &mut good_rows, &mut dead);
-        let json_batch = if batches.is_empty() {
-            RecordBatch::new_empty(self.json_schema.clone())
-        } else {
-            concat_batches(&self.json_schema, &batches).expect("same schema")
-        };
-        let batch = self.finish(chunk, json_batch, &good_rows, now_us, &mut dead);
-        dead.sort_by(|a, b| a.seq.cmp(&b.seq));
+        let mut arrays: Vec<ArrayRef> = columns.into_iter().map(Column::finish).collect();
+        arrays.push(Arc::new(StringArray::from_iter_values(
+            std::iter::repeat_n(&*chunk.shard, good),
+        )));
+        arrays.push(Arc::new(seqs.finish()));
+        let batch = RecordBatch::try_new(self.schema.clone(), arrays)
+            .expect("decoded columns match the record schema");
         Decoded {
             shard: chunk.shard.clone(),
             resume_from: chunk.resume_from.clone(),
@@ -266,250 +271,227 @@ impl RecordDecoder {
         }
     }
 
-    /// Decodes `rows` of the chunk; on failure bisects until each bad record is alone.
-    fn decode_range(
-        &self,
-        chunk: &RawChunk,
-        rows: &[usize],
-        out: &mut Vec<RecordBatch>,
-        good: &mut Vec<usize>,
-        dead: &mut Vec<DeadLetter>,
-    ) {
-        if rows.is_empty() {
-            return;
+    /// Reads one record into `slots` (one per schema field), or says why it cannot go in.
+    /// Syntax comes first, then the fields' types, timestamps, required fields, future skew.
+    fn read<'a>(&self, rec: &'a [u8], slots: &mut Vec<Slot<'a>>, limit: i64) -> Result<(), Reason> {
+        if rec.len() > self.max_record_bytes {
+            return Err(Reason::TooLarge {
+                size: rec.len(),
+                limit: self.max_record_bytes,
+            });
         }
-        match self.try_decode(chunk, rows) {
-            Ok(batch) if batch.num_rows() == rows.len() => {
-                out.push(batch);
-                good.extend_from_slice(rows);
-            }
-            result if rows.len() == 1 => {
-                let reason = match result {
-                    Ok(batch) if batch.num_rows() == 0 => Reason::Empty,
-                    Ok(batch) => Reason::MultipleValues(batch.num_rows()),
-                    Err(reason) => reason,
-                };
-                let i = rows[0];
-                dead.push(DeadLetter {
-                    seq: chunk.seqs[i].clone(),
-                    reason,
-                    raw: chunk.record(i).to_vec(),
-                });
-            }
-            _ => {
-                let (a, b) = rows.split_at(rows.len() / 2);
-                self.decode_range(chunk, a, out, good, dead);
-                self.decode_range(chunk, b, out, good, dead);
-            }
+        let text = std::str::from_utf8(rec).map_err(|e| Reason::InvalidUtf8 {
+            valid_up_to: e.valid_up_to(),
+        })?;
+        if text.trim_ascii().is_empty() {
+            return Err(Reason::Empty);
         }
-    }
-
-    fn try_decode(&self, chunk: &RawChunk, rows: &[usize]) -> Result<RecordBatch, Reason> {
-        let mut buf = Vec::with_capacity(rows.iter().map(|&i| chunk.spans[i].len() + 1).sum());
-        for &i in rows {
-            buf.extend_from_slice(chunk.record(i));
-            buf.push(b'\n');
+        slots.clear();
+        slots.resize_with(self.fields.len(), || Slot::Absent);
+        let mut wrong = None;
+        let mut de = serde_json::Deserializer::from_str(text);
+        json::Record {
+            fields: &self.fields,
+            slots,
+            wrong: &mut wrong,
         }
-        // One row more than expected lets a record holding two values show up as a mismatch.
-        let mut decoder = ReaderBuilder::new(self.json_schema.clone())
-            .with_batch_size(rows.len() + 1)
-            .build_decoder()
-            .map_err(|e| Reason::InvalidJson(clean(e)))?;
-        let consumed = decoder
-            .decode(&buf)
-            .map_err(|e| Reason::InvalidJson(clean(e)))?;
-        if consumed < buf.len() {
-            // The batch filled up before the input ended: more values than records.
-            let batch = decoder.flush().ok().flatten();
-            return Ok(batch.unwrap_or_else(|| RecordBatch::new_empty(self.json_schema.clone())));
+        .deserialize(&mut de)
+        .and_then(|()| de.end())
+        .map_err(|e| json::reason(text, e))?;
+        if let Some(m) = wrong {
+            return Err(Reason::WrongType(m));
         }
-        match decoder.flush() {
-            Ok(Some(batch)) => Ok(batch),
-            Ok(None) => Ok(RecordBatch::new_empty(self.json_schema.clone())),
-            Err(e) if decoder.has_partial_record() => Err(Reason::InvalidJson(clean(e))),
-            Err(e) => {
-                let msg = clean(e);
-                if msg.starts_with("expected { got") {
-                    Err(Reason::NotAnObject(msg))
-                } else {
-                    Err(Reason::WrongType(msg))
-                }
-            }
-        }
-    }
-
-    /// Checks required fields and timestamps, and builds the pipeline's record batch.
-    fn finish(
-        &self,
-        chunk: &RawChunk,
-        json: RecordBatch,
-        rows: &[usize],
-        now_us: i64,
-        dead: &mut Vec<DeadLetter>,
-    ) -> RecordBatch {
-        let n = json.num_rows();
-        let mut ok = vec![true; n];
-        let mut reasons: Vec<Option<Reason>> = vec![None; n];
-        let mut columns: Vec<ArrayRef> = json.columns().to_vec();
-        for &c in &self.timestamps {
-            let raw = json.column(c);
-            let converted: ArrayRef =
-                if c == self.event_field && self.format == TimeFormat::EpochMillis {
-                    let ms = raw.as_any().downcast_ref::<Int64Array>().expect("int64");
-                    Arc::new(
-                        ms.iter()
-                            .map(|v| v.and_then(|v| v.checked_mul(1000)))
-                            .collect::<TimestampMicrosecondArray>()
-                            .with_timezone("UTC"),
-                    )
-                } else {
-                    let opts = CastOptions {
-                        safe: true,
-                        ..Default::default()
-                    };
-                    cast_with_options(
-                        raw,
-                        &DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
-                        &opts,
-                    )
-                    .expect("utf8 casts to timestamp")
-                };
-            for r in 0..n {
-                if raw.is_valid(r) && converted.is_null(r) && reasons[r].is_none() {
-                    let text = raw
-                        .as_any()
-                        .downcast_ref::<StringArray>()
-                        .map(|s| s.value(r).to_string())
-                        .unwrap_or_default();
-                    let name = self.json_schema.field(c).name().clone();
-                    reasons[r] = Some(if c == self.event_field {
-                        Reason::BadEventTime(format!(
-                            "field `{name}` value {text:?} is not an RFC 3339 timestamp"
-                        ))
-                    } else {
-                        Reason::BadTimestamp {
-                            field: name,
-                            value: text,
-                        }
-                    });
-                }
-            }
-            columns[c] = converted;
-        }
-        for &c in &self.required {
-            let col = &columns[c];
-            if col.null_count() == 0 {
-                continue;
-            }
-            for r in 0..n {
-                if col.is_null(r) && reasons[r].is_none() {
-                    reasons[r] = Some(Reason::MissingField(
-                        self.json_schema.field(c).name().clone(),
-                    ));
-                }
-            }
-        }
-        let limit = now_us.saturating_add(self.max_future_skew);
-        let ts = columns[self.event_field]
-            .as_any()
-            .downcast_ref::<TimestampMicrosecondArray>()
-            .expect("ts");
-        for r in 0..n {
-            if reasons[r].is_none() && ts.is_valid(r) && ts.value(r) > limit {
-                reasons[r] = Some(Reason::FutureEventTime {
-                    event_time: fmt_us(ts.value(r)),
-                    limit: humantime::format_duration(std::time::Duration::from_micros(
-                        self.max_future_skew as u64,
+        for (i, (f, slot)) in self.fields.iter().zip(slots.iter()).enumerate() {
+            if let Slot::BadTime(value) = slot {
+                return Err(if i == self.event_field {
+                    Reason::BadEventTime(format!(
+                        "field `{}` value {value:?} is not an RFC 3339 timestamp",
+                        f.name
                     ))
-                    .to_string(),
+                } else {
+                    Reason::BadTimestamp {
+                        field: f.name.clone(),
+                        value: value.to_string(),
+                    }
                 });
             }
         }
-        for (r, reason) in reasons.into_iter().enumerate() {
-            if let Some(reason) = reason {
-                ok[r] = false;
-                let i = rows[r];
-                dead.push(DeadLetter {
-                    seq: chunk.seqs[i].clone(),
-                    reason,
-                    raw: chunk.record(i).to_vec(),
-                });
-            }
-        }
-        let shard: StringArray = std::iter::repeat_n(Some(&*chunk.shard), n).collect();
-        let seqs: StringArray = rows
+        if let Some(f) = self
+            .fields
             .iter()
-            .map(|&i| Some(chunk.seqs[i].0.as_str()))
-            .collect();
-        columns.push(Arc::new(shard));
-        columns.push(Arc::new(seqs));
-        let all = RecordBatch::try_new(self.schema.clone(), columns)
-            .expect("decoded columns match the record schema");
-        if ok.iter().all(|&b| b) {
-            all
-        } else {
-            filter_record_batch(&all, &BooleanArray::from(ok)).expect("filter")
+            .zip(slots.iter())
+            .find_map(|(f, s)| (f.required && matches!(s, Slot::Absent)).then_some(f))
+        {
+            return Err(Reason::MissingField(f.name.clone()));
+        }
+        if let Slot::Time(us) = slots[self.event_field]
+            && us > limit
+        {
+            return Err(Reason::FutureEventTime {
+                event_time: fmt_us(us),
+                limit: humantime::format_duration(std::time::Duration::from_micros(
+                    self.max_future_skew as u64,
+                ))
+                .to_string(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// One field's value in the record being read, borrowed from the record where it can be.
+#[derive(Debug)]
+enum Slot<'a> {
+    /// Absent, or JSON `null`.
+    Absent,
+    Str(Cow<'a, str>),
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+    /// Microseconds since the epoch.
+    Time(i64),
+    /// Text that is not a timestamp: a reason of its own, after type errors.
+    BadTime(Cow<'a, str>),
+}
+
+/// A column being built; it only ever gets the slots its kind produces.
+enum Column {
+    Str(StringBuilder),
+    I32(Int32Builder),
+    I64(Int64Builder),
+    F32(Float32Builder),
+    F64(Float64Builder),
+    Bool(BooleanBuilder),
+    Time(TimestampMicrosecondBuilder),
+}
+
+impl Column {
+    fn new(kind: Kind, n: usize) -> Self {
+        match kind {
+            Kind::Str => Column::Str(StringBuilder::with_capacity(n, n * 16)),
+            Kind::I32 => Column::I32(Int32Builder::with_capacity(n)),
+            Kind::I64 => Column::I64(Int64Builder::with_capacity(n)),
+            Kind::F32 => Column::F32(Float32Builder::with_capacity(n)),
+            Kind::F64 => Column::F64(Float64Builder::with_capacity(n)),
+            Kind::Bool => Column::Bool(BooleanBuilder::with_capacity(n)),
+            Kind::Rfc3339 | Kind::EpochMillis => {
+                Column::Time(TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC"))
+            }
+        }
+    }
+
+    fn push(&mut self, slot: Slot<'_>) {
+        match (self, slot) {
+            (Column::Str(b), Slot::Str(v)) => b.append_value(v),
+            (Column::I32(b), Slot::Int(v)) => b.append_value(v as i32),
+            (Column::I64(b), Slot::Int(v)) => b.append_value(v),
+            (Column::F32(b), Slot::Float(v)) => b.append_value(v as f32),
+            (Column::F64(b), Slot::Float(v)) => b.append_value(v),
+            (Column::Bool(b), Slot::Bool(v)) => b.append_value(v),
+            (Column::Time(b), Slot::Time(v)) => b.append_value(v),
+            (column, slot) => {
+                debug_assert!(
+                    matches!(slot, Slot::Absent),
+                    "{slot:?} in a column of another type"
+                );
+                match column {
+                    Column::Str(b) => b.append_null(),
+                    Column::I32(b) => b.append_null(),
+                    Column::I64(b) => b.append_null(),
+                    Column::F32(b) => b.append_null(),
+                    Column::F64(b) => b.append_null(),
+                    Column::Bool(b) => b.append_null(),
+                    Column::Time(b) => b.append_null(),
+                }
+            }
+        }
+    }
+
+    fn finish(self) -> ArrayRef {
+        match self {
+            Column::Str(mut b) => Arc::new(b.finish()),
+            Column::I32(mut b) => Arc::new(b.finish()),
+            Column::I64(mut b) => Arc::new(b.finish()),
+            Column::F32(mut b) => Arc::new(b.finish()),
+            Column::F64(mut b) => Arc::new(b.finish()),
+            Column::Bool(mut b) => Arc::new(b.finish()),
+            Column::Time(mut b) => Arc::new(b.finish()),
         }
     }
 }
 
-/// A strict JSON pass before arrow-json: syntax (arrow-json accepts trailing commas), one
-/// value per record, an object at the top, and integers that are integers in range. It
-/// allocates nothing per value.
-mod strict {
+/// serde_json's strict parser driven by the schema: syntax errors are serde_json's (with line
+/// and column), values of schema fields land in typed slots, other keys are skipped (their
+/// nesting bounded by serde_json's recursion limit). Nothing is allocated per key or per
+/// value unless a string holds escapes.
+mod json {
     use std::borrow::Cow;
     use std::fmt;
 
-    use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, Visitor};
+    use arrow::compute::kernels::cast_utils::string_to_datetime;
+    use chrono::Utc;
+    use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
-    use super::Reason;
+    use super::{FieldSpec, Kind, Reason, Slot};
 
     const NOT_OBJECT: &str = "\u{0}not an object";
 
-    pub fn check(rec: &str, ints: &[(String, i64, i64)]) -> Result<(), Reason> {
-        let mut de = serde_json::Deserializer::from_str(rec);
-        let result = Object(ints).deserialize(&mut de).and_then(|_| de.end());
-        result.map_err(|e| {
-            let msg = e.to_string();
-            if let Some(rest) = msg.strip_prefix(NOT_OBJECT) {
-                Reason::NotAnObject(rest.trim().to_string())
-            } else if e.is_data() {
-                Reason::WrongType(msg)
-            } else if msg.starts_with("trailing characters") {
-                let values = serde_json::Deserializer::from_str(rec).into_iter::<IgnoredAny>();
-                let counted: Result<Vec<_>, _> = values.collect();
-                match counted {
-                    Ok(v) if v.len() > 1 => Reason::MultipleValues(v.len()),
-                    _ => Reason::InvalidJson(msg),
-                }
-            } else {
-                Reason::InvalidJson(msg)
+    /// The reason for a record serde_json refused.
+    pub(super) fn reason(text: &str, e: serde_json::Error) -> Reason {
+        let msg = e.to_string();
+        if let Some(rest) = msg.strip_prefix(NOT_OBJECT) {
+            Reason::NotAnObject(rest.trim().to_string())
+        } else if e.is_data() {
+            Reason::WrongType(msg)
+        } else if msg.starts_with("trailing characters") {
+            let values = serde_json::Deserializer::from_str(text).into_iter::<IgnoredAny>();
+            match values.collect::<Result<Vec<_>, _>>() {
+                Ok(v) if v.len() > 1 => Reason::MultipleValues(v.len()),
+                _ => Reason::InvalidJson(msg),
             }
-        })
+        } else {
+            Reason::InvalidJson(msg)
+        }
     }
 
-    struct Object<'a>(&'a [(String, i64, i64)]);
+    /// The top-level object.
+    pub(super) struct Record<'s, 'a> {
+        pub fields: &'s [FieldSpec],
+        pub slots: &'s mut [Slot<'a>],
+        /// The first field whose value has the wrong type; reading goes on, so a syntax
+        /// error later in the record still wins.
+        pub wrong: &'s mut Option<String>,
+    }
 
-    impl<'de> DeserializeSeed<'de> for Object<'_> {
+    impl<'de> DeserializeSeed<'de> for Record<'_, 'de> {
         type Value = ();
         fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
             d.deserialize_any(self)
         }
     }
 
-    impl<'de> Visitor<'de> for Object<'_> {
+    impl<'de> Visitor<'de> for Record<'_, 'de> {
         type Value = ();
         fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
             f.write_str("a JSON object")
         }
         fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-            while let Some(key) = map.next_key::<Cow<'de, str>>()? {
-                match self.0.iter().find(|(name, ..)| *name == key) {
-                    Some((name, lo, hi)) => map.next_value_seed(Int {
-                        name,
-                        lo: *lo,
-                        hi: *hi,
-                    })?,
+            let Record {
+                fields,
+                slots,
+                wrong,
+            } = self;
+            // Records usually list their fields in one order: try the one after the last.
+            let mut guess = 0;
+            while let Some(key) = map.next_key_seed(Key { fields, guess })? {
+                match key {
+                    Some(i) => {
+                        guess = i + 1;
+                        slots[i] = map.next_value_seed(Value {
+                            field: &fields[i],
+                            wrong: &mut *wrong,
+                        })?;
+                    }
                     None => {
                         map.next_value::<IgnoredAny>()?;
                     }
@@ -517,7 +499,7 @@ mod strict {
             }
             Ok(())
         }
-        fn visit_seq<A: de::SeqAccess<'de>>(self, _: A) -> Result<(), A::Error> {
+        fn visit_seq<A: SeqAccess<'de>>(self, _: A) -> Result<(), A::Error> {
             Err(de::Error::custom(format!("{NOT_OBJECT} got an array")))
         }
         fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
@@ -540,67 +522,174 @@ mod strict {
         }
     }
 
-    struct Int<'a> {
-        name: &'a str,
-        lo: i64,
-        hi: i64,
+    /// A key: the index of its schema field, if it has one.
+    struct Key<'s> {
+        fields: &'s [FieldSpec],
+        guess: usize,
     }
 
-    impl<'de> DeserializeSeed<'de> for Int<'_> {
-        type Value = ();
-        fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+    impl<'de> DeserializeSeed<'de> for Key<'_> {
+        type Value = Option<usize>;
+        fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Option<usize>, D::Error> {
+            d.deserialize_str(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for Key<'_> {
+        type Value = Option<usize>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a field name")
+        }
+        fn visit_str<E: de::Error>(self, key: &str) -> Result<Option<usize>, E> {
+            if self.fields.get(self.guess).is_some_and(|f| f.name == key) {
+                return Ok(Some(self.guess));
+            }
+            Ok(self.fields.iter().position(|f| f.name == key))
+        }
+    }
+
+    /// A schema field's value.
+    struct Value<'s> {
+        field: &'s FieldSpec,
+        wrong: &'s mut Option<String>,
+    }
+
+    impl<'a> Value<'_> {
+        fn mismatch(self, got: &str) -> Slot<'a> {
+            let f = self.field;
+            self.fail(format!(
+                "field `{}`: expected {}, got {got}",
+                f.name,
+                f.kind.expected()
+            ))
+        }
+
+        fn fail(self, message: String) -> Slot<'a> {
+            if self.wrong.is_none() {
+                *self.wrong = Some(message);
+            }
+            Slot::Absent
+        }
+
+        fn out_of_range(self, v: impl fmt::Display) -> Slot<'a> {
+            let name = &self.field.name;
+            let m = format!("field `{name}`: {v} is out of range");
+            self.fail(m)
+        }
+
+        fn int(self, v: i64) -> Slot<'a> {
+            match self.field.kind {
+                Kind::I32 if i32::try_from(v).is_err() => self.out_of_range(v),
+                Kind::I32 | Kind::I64 => Slot::Int(v),
+                Kind::F32 | Kind::F64 => Slot::Float(v as f64),
+                Kind::EpochMillis => match v.checked_mul(1000) {
+                    Some(us) => Slot::Time(us),
+                    None => self.out_of_range(v),
+                },
+                Kind::Str | Kind::Bool | Kind::Rfc3339 => self.mismatch("a number"),
+            }
+        }
+
+        fn text(self, v: Cow<'a, str>) -> Slot<'a> {
+            match self.field.kind {
+                Kind::Str => Slot::Str(v),
+                Kind::Rfc3339 => match string_to_datetime(&Utc, &v) {
+                    Ok(t) => Slot::Time(t.timestamp_micros()),
+                    Err(_) => Slot::BadTime(v),
+                },
+                Kind::Bool => self.mismatch("a string"),
+                // Numbers written as strings are read, as arrow-json reads them.
+                Kind::I32 | Kind::I64 | Kind::EpochMillis => match v.parse::<i64>() {
+                    Ok(n) => self.int(n),
+                    Err(_) => self.unparsable(&v),
+                },
+                Kind::F32 | Kind::F64 => match v.parse::<f64>() {
+                    Ok(x) => Slot::Float(x),
+                    Err(_) => self.unparsable(&v),
+                },
+            }
+        }
+
+        fn unparsable(self, v: &str) -> Slot<'a> {
+            let ty = match self.field.kind {
+                Kind::I32 => "Int32",
+                Kind::F32 => "Float32",
+                Kind::F64 => "Float64",
+                _ => "Int64",
+            };
+            let name = &self.field.name;
+            let m = format!("field `{name}`: failed to parse {v:?} as {ty}");
+            self.fail(m)
+        }
+    }
+
+    impl<'de> DeserializeSeed<'de> for Value<'_> {
+        type Value = Slot<'de>;
+        fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Slot<'de>, D::Error> {
             d.deserialize_any(self)
         }
     }
 
-    impl<'de> Visitor<'de> for Int<'_> {
-        type Value = ();
+    impl<'de> Visitor<'de> for Value<'_> {
+        type Value = Slot<'de>;
         fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-            write!(f, "an integer for field `{}`", self.name)
+            f.write_str(self.field.kind.expected())
         }
-        fn visit_i64<E: de::Error>(self, v: i64) -> Result<(), E> {
-            if v < self.lo || v > self.hi {
-                return Err(E::custom(format!(
-                    "field `{}`: {v} is out of range",
-                    self.name
-                )));
-            }
-            Ok(())
+        fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Slot<'de>, E> {
+            Ok(self.text(Cow::Borrowed(v)))
         }
-        fn visit_u64<E: de::Error>(self, v: u64) -> Result<(), E> {
-            match i64::try_from(v) {
-                Ok(v) => self.visit_i64(v),
-                Err(_) => Err(E::custom(format!(
-                    "field `{}`: {v} is out of range",
-                    self.name
-                ))),
-            }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Slot<'de>, E> {
+            Ok(self.text(Cow::Owned(v.to_owned())))
         }
-        fn visit_f64<E: de::Error>(self, v: f64) -> Result<(), E> {
-            let what = if v.fract() == 0.0 {
-                "is out of range"
-            } else {
-                "is not an integer"
-            };
-            Err(E::custom(format!("field `{}`: {v} {what}", self.name)))
+        fn visit_string<E: de::Error>(self, v: String) -> Result<Slot<'de>, E> {
+            Ok(self.text(Cow::Owned(v)))
         }
-        fn visit_unit<E: de::Error>(self) -> Result<(), E> {
-            Ok(())
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<Slot<'de>, E> {
+            Ok(self.int(v))
         }
-        // Text and other values are left to arrow-json, which parses numeric strings.
-        fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
-            Ok(())
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<Slot<'de>, E> {
+            Ok(match i64::try_from(v) {
+                Ok(v) => self.int(v),
+                Err(_) if matches!(self.field.kind, Kind::F32 | Kind::F64) => Slot::Float(v as f64),
+                Err(_) if matches!(self.field.kind, Kind::Str | Kind::Bool | Kind::Rfc3339) => {
+                    self.mismatch("a number")
+                }
+                Err(_) => self.out_of_range(v),
+            })
         }
-        fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
-            Ok(())
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<Slot<'de>, E> {
+            Ok(match self.field.kind {
+                Kind::F32 | Kind::F64 => Slot::Float(v),
+                Kind::I32 | Kind::I64 | Kind::EpochMillis => {
+                    // serde_json gives a float for `1.5`, `1e3` and integers beyond u64.
+                    let within = v.fract() == 0.0 && v.abs() < 9.2e18;
+                    if v.fract() != 0.0 || within {
+                        let name = &self.field.name;
+                        let m = format!("field `{name}`: {v} is not an integer");
+                        self.fail(m)
+                    } else {
+                        self.out_of_range(v)
+                    }
+                }
+                Kind::Str | Kind::Bool | Kind::Rfc3339 => self.mismatch("a number"),
+            })
         }
-        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        fn visit_bool<E: de::Error>(self, v: bool) -> Result<Slot<'de>, E> {
+            Ok(match self.field.kind {
+                Kind::Bool => Slot::Bool(v),
+                _ => self.mismatch("a boolean"),
+            })
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Slot<'de>, E> {
+            Ok(Slot::Absent)
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Slot<'de>, A::Error> {
             while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-            Ok(())
+            Ok(self.mismatch("an object"))
         }
-        fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Slot<'de>, A::Error> {
             while seq.next_element::<IgnoredAny>()?.is_some() {}
-            Ok(())
+            Ok(self.mismatch("an array"))
         }
     }
 }
@@ -637,9 +726,239 @@ pub fn fmt_us(us: i64) -> String {
         .unwrap_or_else(|| us.to_string())
 }
 
-fn clean(e: arrow::error::ArrowError) -> String {
-    e.to_string()
-        .trim_start_matches("Json error: ")
-        .trim_start_matches("Parser error: ")
-        .to_string()
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::util::display::array_value_to_string;
+
+    /// A decoder for a schema with every field type; `ts` is the event time.
+    fn decoder() -> RecordDecoder {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("s.yaml"),
+            "name: s\nfields:\n  - {name: ts, type: timestamp}\n  - {name: id, type: string, required: true}\n  - {name: n32, type: int32}\n  - {name: n64, type: int64}\n  - {name: f32, type: float32}\n  - {name: f64, type: float64}\n  - {name: ok, type: bool}\n  - {name: seen, type: timestamp}\n",
+        )
+        .unwrap();
+        let pipe = dir.path().join("p.yaml");
+        std::fs::write(
+            &pipe,
+            "name: p\nschema: s.yaml\nsource: {local: {path: s}}\nlake: {local: {path: l}}\ncheckpoints: {local: {path: c}}\nevent_time: {field: ts}\nlimits: {max_future_skew: 1h}\n",
+        )
+        .unwrap();
+        RecordDecoder::new(&crate::config::load_pipeline(&pipe, &|_| None).unwrap())
+    }
+
+    const NOW: i64 = 1_767_607_200_000_000; // 2026-01-05T10:00:00Z
+
+    fn chunk(records: &[&str]) -> RawChunk {
+        let mut data = Vec::new();
+        let mut spans = Vec::new();
+        for r in records {
+            spans.push(data.len()..data.len() + r.len());
+            data.extend_from_slice(r.as_bytes());
+        }
+        RawChunk {
+            shard: "shard-0".into(),
+            resume_from: None,
+            data,
+            spans,
+            seqs: (0..records.len() as u64).map(SeqNo::from_u64).collect(),
+            rejected: Vec::new(),
+            arrival_us: NOW,
+        }
+    }
+
+    /// Each good record's columns as text, and each dead letter's reason.
+    fn decode(records: &[&str]) -> (Vec<Vec<String>>, Vec<(u64, String)>) {
+        let d = decoder().decode(&chunk(records), NOW);
+        let rows = (0..d.batch.num_rows())
+            .map(|r| {
+                d.batch
+                    .columns()
+                    .iter()
+                    .map(|c| {
+                        if c.is_null(r) {
+                            "null".to_string()
+                        } else {
+                            array_value_to_string(c, r).unwrap()
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        let dead = d
+            .dead
+            .iter()
+            .map(|x| (x.seq.as_u64().unwrap(), x.reason.to_string()))
+            .collect();
+        (rows, dead)
+    }
+
+    fn reason_of(record: &str) -> String {
+        let (rows, dead) = decode(&[record]);
+        assert!(rows.is_empty(), "{record} was accepted: {rows:?}");
+        dead[0].1.clone()
+    }
+
+    #[test]
+    fn every_type_lands_in_its_column() {
+        let (rows, dead) = decode(&[
+            r#"{"ts":"2026-01-05T11:00:00+01:00","id":"a\"b\u00e9","n32":-7,"n64":9007199254740993,"f32":1.5,"f64":2,"ok":true,"seen":"2026-01-05 09:00:00"}"#,
+            r#"{"id":"x","ts":"2026-01-05T10:00:00.123456Z","extra":{"deep":[1,{"a":null}]},"n64":"42","f64":"-0.5","ok":null}"#,
+        ]);
+        assert!(dead.is_empty(), "{dead:?}");
+        assert_eq!(
+            rows[0],
+            [
+                "2026-01-05T10:00:00Z",
+                "a\"bé",
+                "-7",
+                "9007199254740993",
+                "1.5",
+                "2.0",
+                "true",
+                "2026-01-05T09:00:00Z",
+                "shard-0",
+                "0"
+            ]
+        );
+        assert_eq!(
+            rows[1],
+            [
+                "2026-01-05T10:00:00.123456Z",
+                "x",
+                "null",
+                "42",
+                "null",
+                "-0.5",
+                "null",
+                "null",
+                "shard-0",
+                "1"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_repeated_key_keeps_its_last_value_and_an_escaped_key_still_matches() {
+        let (rows, dead) =
+            decode(&[r#"{"ts":"2026-01-05T10:00:00Z","\u0069d":"first","id":"second"}"#]);
+        assert!(dead.is_empty(), "{dead:?}");
+        assert_eq!(rows[0][1], "second");
+    }
+
+    #[test]
+    fn bad_records_get_reasons_and_leave_no_trace_among_the_good() {
+        let good = r#"{"ts":"2026-01-05T10:00:00Z","id":"g"}"#;
+        let (rows, dead) = decode(&[
+            good,
+            r#"{"ts":"2026-01-05T10:00:00Z","id":"b","n32":1.5}"#,
+            good,
+        ]);
+        assert_eq!(rows.len(), 2);
+        assert!(rows.iter().all(|r| r[1] == "g"), "{rows:?}");
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].0, 1);
+        assert!(
+            dead[0].1.contains("`n32`: 1.5 is not an integer"),
+            "{dead:?}"
+        );
+    }
+
+    #[test]
+    fn reasons_say_what_is_wrong() {
+        let r = |fields: &str| format!(r#"{{"ts":"2026-01-05T10:00:00Z","id":"a",{fields}}}"#);
+        let cases = [
+            (
+                r(r#""n32":2147483648"#),
+                "wrong_type: field `n32`: 2147483648 is out of range",
+            ),
+            (
+                r(r#""n64":1e3"#),
+                "wrong_type: field `n64`: 1000 is not an integer",
+            ),
+            (
+                r(r#""n64":-99999999999999999999"#),
+                "wrong_type: field `n64`: -100000000000000000000 is out of range",
+            ),
+            (
+                r(r#""n64":18446744073709551615"#),
+                "wrong_type: field `n64`: 18446744073709551615 is out of range",
+            ),
+            (
+                r(r#""n32":"3000000000""#),
+                "wrong_type: field `n32`: 3000000000 is out of range",
+            ),
+            (
+                r(r#""f64":"high""#),
+                r#"wrong_type: field `f64`: failed to parse "high" as Float64"#,
+            ),
+            (
+                r(r#""ok":"yes""#),
+                "wrong_type: field `ok`: expected true or false, got a string",
+            ),
+            (
+                r(r#""ok":1"#),
+                "wrong_type: field `ok`: expected true or false, got a number",
+            ),
+            (
+                r(r#""id":true"#),
+                "wrong_type: field `id`: expected a string, got a boolean",
+            ),
+            (
+                r(r#""f32":[1]"#),
+                "wrong_type: field `f32`: expected a number, got an array",
+            ),
+            (
+                r(r#""seen":"soon""#),
+                r#"bad_timestamp: field `seen` value "soon""#,
+            ),
+            (
+                r#"{"ts":"2026-01-05T10:00:00Z"}"#.to_string(),
+                "missing_field: required field `id`",
+            ),
+            (
+                r#"{"ts":"2026-01-05T12:00:01Z","id":"a"}"#.to_string(),
+                "future_event_time",
+            ),
+            // A type error does not hide a syntax error after it.
+            (
+                r(r#""n32":"x","f64":}"#),
+                "invalid_json: expected value at line 1 column",
+            ),
+            // Nor a missing field a bad timestamp.
+            (
+                r#"{"ts":"late"}"#.to_string(),
+                r#"bad_event_time: field `ts` value "late""#,
+            ),
+            // serde_json skips a value outside the schema without recursing, however deep.
+            (
+                format!(r#"{{"a":{}{}}}"#, "[".repeat(10_000), "]".repeat(10_000)),
+                "missing_field: required field `ts`",
+            ),
+            (
+                "[1,".to_string(),
+                "not_an_object: a record must be a JSON object (got an array at line 1 column 1)",
+            ),
+            (
+                "{} {}".to_string(),
+                "multiple_values: the record holds 2 JSON values",
+            ),
+        ];
+        for (record, expected) in cases {
+            let got = reason_of(&record);
+            assert!(
+                got.starts_with(expected),
+                "{record}\n  got      {got}\n  expected {expected}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_chunk_of_only_bad_records_gives_an_empty_batch_of_the_schema() {
+        let d = decoder().decode(&chunk(&["", "nope"]), NOW);
+        assert_eq!(d.batch.num_rows(), 0);
+        assert_eq!(d.batch.schema(), *decoder().schema());
+        assert_eq!(d.dead.len(), 2);
+    }
 }
