@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use arrow::array::{Array, BooleanArray, RecordBatch, TimestampMicrosecondArray};
 use arrow::compute::filter_record_batch;
-use arrow::datatypes::SchemaRef;
+use arrow::datatypes::{DataType, SchemaRef};
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use parquet::arrow::AsyncArrowWriter;
@@ -15,10 +15,12 @@ use parquet::arrow::async_writer::AsyncFileWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::errors::ParquetError;
 use parquet::file::properties::WriterProperties;
+use parquet::schema::types::ColumnPath;
 
 use super::partition::{file_key, hour_of};
 use super::{Lake, StagedFile, Staging};
 use crate::config::Rollover;
+use crate::decode::SEQ_COL;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
@@ -82,11 +84,20 @@ impl OutputWriter {
         let time_column = schema
             .index_of(time_column)
             .expect("partition column exists");
-        let props = WriterProperties::builder()
+        let mut props = WriterProperties::builder()
             .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).expect("level 1")))
             .set_max_row_group_row_count(Some(256 * 1024))
-            .set_created_by(format!("shardlake {}", env!("CARGO_PKG_VERSION")))
-            .build();
+            .set_created_by(format!("shardlake {}", env!("CARGO_PKG_VERSION")));
+        // A dictionary only costs where nearly every value differs: each value is hashed and
+        // interned until the dictionary page overflows. Sequence numbers are unique and
+        // timestamps nearly so (benches/README.md: the interner was 13% of a run).
+        for field in schema.fields() {
+            if field.name() == SEQ_COL || matches!(field.data_type(), DataType::Timestamp(..)) {
+                props = props
+                    .set_column_dictionary_enabled(ColumnPath::from(field.name().as_str()), false);
+            }
+        }
+        let props = props.build();
         Self {
             name: name.to_string(),
             schema,
