@@ -3,7 +3,8 @@
 
 The job: NDJSON well readings -> 1-minute per-device aggregates (count, avg/min/max pressure,
 avg flow, avg temperature) + a pressure threshold alert -> zstd Parquet partitioned by hour.
-shardlake additionally writes every raw record and the dead-letter table.
+shardlake additionally writes every raw record and the dead-letter table; one more shardlake run
+takes the same readings with 1 in 1,000 records malformed, so the dead-letter path is timed too.
 
     python3 benches/compare.py [--records 1000000] [--shardlake target/release/shardlake]
 
@@ -123,17 +124,25 @@ def main() -> None:
     ap.add_argument("--skip-python", action="store_true", help="the Python consumer takes ~10 s per 1M records")
     args = ap.parse_args()
     data = Path(tempfile.mkdtemp(prefix="shardlake-compare-"))
+    bad = data / "with-bad-records"
     readings = args.records // args.devices
-    subprocess.run([str(args.agent), "simulate", "--stream", str(data / "stream"), "--shards", "4",
-                    "--devices", str(args.devices), "--readings", str(readings),
-                    "--interval-ms", str(7_200_000 // readings), "--start", "2026-01-05T10:00:00Z",
-                    "--malformed", "0", "--spikes", "20"], check=True, stdout=subprocess.DEVNULL)
+
+    def simulate(where: Path, malformed: int) -> None:
+        subprocess.run([str(args.agent), "simulate", "--stream", str(where / "stream"), "--shards", "4",
+                        "--devices", str(args.devices), "--readings", str(readings),
+                        "--interval-ms", str(7_200_000 // readings), "--start", "2026-01-05T10:00:00Z",
+                        "--malformed", str(malformed), "--spikes", "20"], check=True, stdout=subprocess.DEVNULL)
+
+    simulate(data, 0)
+    # The same readings with 1 in 1,000 records malformed (six kinds, each its own reason).
+    simulate(bad, args.records // 1000)
     n = args.devices * readings
     size = sum(f.stat().st_size for f in (data / "stream").glob("*.ndjson"))
     print(f"input: {n} records, {size / n:.0f} bytes each, 2 hours, {args.devices} devices, 4 shards")
     results = {}
     results["shardlake, 1 core"] = timed(lambda: run_shardlake(args.shardlake, data, "0"))
     results["shardlake, 2 cores"] = timed(lambda: run_shardlake(args.shardlake, data, None))
+    results["shardlake, 1 core, 0.1% bad"] = timed(lambda: run_shardlake(args.shardlake, bad, "0"))
     results["DuckDB, 1 thread"] = timed(lambda: run_duckdb(data))
     if not args.skip_python:
         results["Python json + pyarrow"] = timed(lambda: run_python(data))

@@ -5,16 +5,23 @@
 //! decode, raw table, 1-minute and 5-minute-hop aggregations, alerts, zstd Parquet, commit),
 //! and the process's peak RSS. Figures and what bounds them: benches/README.md.
 
-use std::sync::Arc;
-use std::time::Instant;
+mod canned_kinesis;
 
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::datatypes::{DataType, Field, Schema};
+use arrow::json::ReaderBuilder;
 use shardlake::agent::sim::{SimConfig, simulate};
 use shardlake::clock::SystemClock;
-use shardlake::decode::RecordDecoder;
+use shardlake::config::{FieldType, KinesisSource, StartAt};
+use shardlake::decode::{RecordDecoder, arrow_type};
 use shardlake::engine::sql;
 use shardlake::localstream::{self, LocalStreamWriter};
 use shardlake::metrics::Metrics;
 use shardlake::pipeline::{RunOptions, run};
+use shardlake::source::ShardReader;
+use shardlake::source::kinesis::KinesisStream;
 use shardlake::source::local::{LocalShardReader, list_shards};
 
 fn peak_rss_mib() -> f64 {
@@ -26,9 +33,17 @@ fn peak_rss_mib() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
+fn stage(name: &str, records: usize, seconds: f64) {
+    println!("{name}: {:.0} records/s", records as f64 / seconds);
+}
+
 fn main() {
-    let records: usize = std::env::args()
-        .skip(1)
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "kinesis") {
+        return kinesis(&args);
+    }
+    let records: usize = args
+        .iter()
         .find_map(|a| a.parse().ok())
         .unwrap_or(1_000_000);
     let devices = 2_000;
@@ -40,6 +55,8 @@ fn main() {
         readings_per_device: records / devices,
         start: chrono::Utc::now() - chrono::Duration::hours(2),
         interval_ms: 7_200_000 / (records / devices) as i64,
+        // arrow-json, timed below for comparison, cannot step over a malformed record.
+        malformed: 0,
         ..Default::default()
     };
     let t = Instant::now();
@@ -69,24 +86,7 @@ fn main() {
         .block_on(sql::load(&pipeline_file, &env))
         .unwrap_or_else(|e| panic!("{e}"));
 
-    // Decode alone, one core.
-    let decoder = RecordDecoder::new(&p);
-    let now = chrono::Utc::now().timestamp_micros();
-    let t = Instant::now();
-    let mut decoded = 0;
-    for shard in list_shards(&stream).unwrap() {
-        let mut r = LocalShardReader::open(&stream, shard, &None);
-        while let Some(chunk) = r.read_now(10_000, now).unwrap() {
-            decoded += decoder.decode(&chunk, now).batch.num_rows();
-        }
-    }
-    let s = t.elapsed().as_secs_f64();
-    println!(
-        "decode (read + strict JSON check + arrow-json, 1 core): {:.0} records/s",
-        decoded as f64 / s
-    );
-
-    // The whole pipeline.
+    // The whole pipeline first, so the peak RSS is its own.
     let metrics = Arc::new(Metrics::default());
     let t = Instant::now();
     let opts = RunOptions {
@@ -94,7 +94,7 @@ fn main() {
         ..Default::default()
     };
     rt.block_on(run(
-        Arc::new(p),
+        Arc::new(p.clone()),
         opts,
         Arc::new(SystemClock),
         metrics.clone(),
@@ -109,4 +109,183 @@ fn main() {
         Metrics::get(&metrics.files_written)
     );
     println!("peak RSS: {:.0} MiB", peak_rss_mib());
+
+    // The stages, one core. The chunks are read first, so decoding is timed on its own.
+    let now = chrono::Utc::now().timestamp_micros();
+    let t = Instant::now();
+    let mut chunks = Vec::new();
+    for shard in list_shards(&stream).unwrap() {
+        let mut r = LocalShardReader::open(&stream, shard, &None);
+        while let Some(chunk) = r.read_now(10_000, now).unwrap() {
+            chunks.push(chunk);
+        }
+    }
+    let n: usize = chunks.iter().map(|c| c.len()).sum();
+    stage(
+        "read the shard files into chunks",
+        n,
+        t.elapsed().as_secs_f64(),
+    );
+
+    let t = Instant::now();
+    let mut copy = Vec::new();
+    for c in &chunks {
+        copy.clear();
+        copy.extend_from_slice(std::hint::black_box(&c.data));
+    }
+    stage("memcpy of the same bytes", n, t.elapsed().as_secs_f64());
+
+    // arrow-json on its own, as the decoder before this one used it: each chunk copied into
+    // one newline-separated buffer and decoded with timestamps left as text. No strict
+    // syntax, no integer checks, no timestamp parsing, no dead-letter bisection.
+    let json_schema = Arc::new(Schema::new(
+        p.schema
+            .fields
+            .iter()
+            .map(|f| match f.ty {
+                FieldType::Timestamp => Field::new(&f.name, DataType::Utf8, true),
+                ty => Field::new(&f.name, arrow_type(ty), true),
+            })
+            .collect::<Vec<_>>(),
+    ));
+    let arrow_json = || {
+        let mut rows = 0;
+        for c in &chunks {
+            let mut buf = Vec::with_capacity(c.data.len() + c.len());
+            for i in 0..c.len() {
+                buf.extend_from_slice(c.record(i));
+                buf.push(b'\n');
+            }
+            let mut d = ReaderBuilder::new(json_schema.clone())
+                .with_batch_size(c.len())
+                .build_decoder()
+                .unwrap();
+            d.decode(&buf).unwrap();
+            rows += d.flush().unwrap().map_or(0, |b| b.num_rows());
+        }
+        rows
+    };
+    let decoder = RecordDecoder::new(&p);
+    let ours = || {
+        chunks
+            .iter()
+            .map(|c| decoder.decode(c, now).batch.num_rows())
+            .sum::<usize>()
+    };
+    // Taken in turns, best of three each: the first pass over fresh memory pays page faults.
+    let (mut best_arrow, mut best_ours) = (f64::MAX, f64::MAX);
+    for _ in 0..3 {
+        let t = Instant::now();
+        assert_eq!(arrow_json(), n);
+        best_arrow = best_arrow.min(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        assert_eq!(ours(), n);
+        best_ours = best_ours.min(t.elapsed().as_secs_f64());
+    }
+    stage(
+        "arrow-json alone (timestamps as text, not strict)",
+        n,
+        best_arrow,
+    );
+    stage(
+        "shardlake decode (strict serde_json into builders, timestamps, dead-letter checks)",
+        n,
+        best_ours,
+    );
+    drop(chunks);
+}
+
+/// The Kinesis path on its own: `shards` readers (default 64) poll an in-process endpoint
+/// (`canned_kinesis`) that answers GetRecords with up to 10,000 well readings, each reader
+/// at the pace a real shard allows (5 calls/s, 2 MB/s). Prints the records and bytes the
+/// readers turned into chunks and the CPU time the consumer's threads spent doing it, apart
+/// from the endpoint's own threads: hence the records per consumer CPU-second and the shards
+/// one core can read at full rate.
+///
+/// `cargo bench --bench throughput -- kinesis [--shards 64] [--seconds 20]`
+fn kinesis(args: &[String]) {
+    let opt = |name: &str, default: u64| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let (shards, seconds) = (opt("--shards", 64) as usize, opt("--seconds", 20));
+    let start = chrono::Utc::now().timestamp_micros() - 3_600_000_000;
+    let canned = Arc::new(canned_kinesis::Canned::new(
+        shards,
+        u64::MAX / 2,
+        10_000,
+        start,
+        1_000,
+    ));
+    let url = canned.start(1);
+    // SAFETY: no other thread of this process reads the environment yet.
+    unsafe {
+        std::env::set_var("AWS_ENDPOINT_URL", &url);
+        std::env::set_var("AWS_ACCESS_KEY_ID", "bench");
+        std::env::set_var("AWS_SECRET_ACCESS_KEY", "bench");
+        std::env::set_var("AWS_REGION", "us-east-1");
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("consumer")
+        .enable_all()
+        .build()
+        .unwrap();
+    let (records, bytes, wall, cpu) = rt.block_on(async move {
+        let src = KinesisSource {
+            stream: "canned".into(),
+            region: Some("us-east-1".into()),
+            start: StartAt::TrimHorizon,
+            poll_interval: Duration::from_millis(200),
+            max_records: 10_000,
+            split_lines: false,
+        };
+        let stream = KinesisStream::connect(&src, Arc::new(Metrics::default())).await;
+        let before = canned_kinesis::cpu_seconds("consumer").0;
+        let t = Instant::now();
+        let deadline = t + Duration::from_secs(seconds);
+        let tasks: Vec<_> = (0..shards)
+            .map(|s| {
+                let mut reader = stream.reader(canned_kinesis::shard_id(s).into(), &None);
+                tokio::spawn(async move {
+                    let (mut records, mut bytes) = (0u64, 0u64);
+                    while Instant::now() < deadline {
+                        let now = chrono::Utc::now().timestamp_micros();
+                        if let Some(chunk) = reader.read(10_000, now).await.unwrap() {
+                            records += chunk.len() as u64;
+                            bytes += chunk.data.len() as u64;
+                        }
+                    }
+                    (records, bytes)
+                })
+            })
+            .collect();
+        let (mut records, mut bytes) = (0, 0);
+        for task in tasks {
+            let (r, b) = task.await.unwrap();
+            records += r;
+            bytes += b;
+        }
+        let wall = t.elapsed().as_secs_f64();
+        let cpu = canned_kinesis::cpu_seconds("consumer").0 - before;
+        (records, bytes, wall, cpu)
+    });
+    let (endpoint_cpu, _) = canned_kinesis::cpu_seconds("canned-kinesis");
+    let per_core = records as f64 / cpu;
+    let shard_rate = 2_000_000.0 * records as f64 / bytes as f64;
+    println!(
+        "kinesis: {shards} shards, {records} records ({:.0} bytes each) in {wall:.1}s: {:.0} records/s",
+        bytes as f64 / records as f64,
+        records as f64 / wall
+    );
+    println!(
+        "kinesis: consumer CPU {cpu:.2}s (endpoint {endpoint_cpu:.2}s): {per_core:.0} records per consumer CPU-second"
+    );
+    println!(
+        "kinesis: a shard at 2 MB/s is {shard_rate:.0} records/s of these, so one core reads {:.0} shards at full rate (before decoding)",
+        per_core / shard_rate
+    );
 }
