@@ -244,7 +244,7 @@ fn kinesis(args: &[String]) {
             split_lines: false,
         };
         let stream = KinesisStream::connect(&src, Arc::new(Metrics::default())).await;
-        let before = canned_kinesis::cpu_seconds("consumer").0;
+        let before = canned_kinesis::cpu_seconds("consumer");
         let t = Instant::now();
         let deadline = t + Duration::from_secs(seconds);
         let tasks: Vec<_> = (0..shards)
@@ -270,10 +270,10 @@ fn kinesis(args: &[String]) {
             bytes += b;
         }
         let wall = t.elapsed().as_secs_f64();
-        let cpu = canned_kinesis::cpu_seconds("consumer").0 - before;
+        let cpu = canned_kinesis::cpu_seconds("consumer") - before;
         (records, bytes, wall, cpu)
     });
-    let (endpoint_cpu, _) = canned_kinesis::cpu_seconds("canned-kinesis");
+    let endpoint_cpu = canned_kinesis::cpu_seconds("canned-kinesis");
     let per_core = records as f64 / cpu;
     let shard_rate = 2_000_000.0 * records as f64 / bytes as f64;
     println!(

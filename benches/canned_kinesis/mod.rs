@@ -233,10 +233,10 @@ fn base64(data: &[u8], out: &mut Vec<u8>) {
 }
 
 /// CPU seconds (user + system) used so far by this process's threads whose name starts
-/// with `prefix` (`/proc/self/task/*/comm`), and by all its threads.
-pub fn cpu_seconds(prefix: &str) -> (f64, f64) {
+/// with `prefix` (`/proc/self/task/*/comm`).
+pub fn cpu_seconds(prefix: &str) -> f64 {
     let tick = 100.0; // USER_HZ on Linux
-    let (mut named, mut all) = (0.0, 0.0);
+    let mut named = 0.0;
     for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
         let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
         let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
@@ -246,10 +246,9 @@ pub fn cpu_seconds(prefix: &str) -> (f64, f64) {
         };
         let f: Vec<&str> = rest.split(' ').collect();
         let t = (f[11].parse::<f64>().unwrap_or(0.0) + f[12].parse::<f64>().unwrap_or(0.0)) / tick;
-        all += t;
         if comm.trim().starts_with(prefix) {
             named += t;
         }
     }
-    (named, all)
+    named
 }
