@@ -51,6 +51,9 @@ pub enum RunError {
 /// How long a run waits at its end for notifiers to send what they have queued.
 const NOTIFY_DRAIN: Duration = Duration::from_secs(10);
 
+/// Decoded chunks queued for the engine, at most.
+const MAX_QUEUED_CHUNKS: usize = 8;
+
 #[derive(Debug, Clone)]
 pub struct RunOptions {
     /// Stop once every shard is caught up, emitting every open window (a bounded run).
@@ -347,9 +350,11 @@ async fn run_session(
     }
 
     let decoder = RecordDecoder::new(p);
-    // Two chunks in flight per shard: enough to overlap reading with processing, and a
-    // bound on memory whatever the backlog.
-    let (tx, mut rx) = mpsc::channel(2 * shards.len().max(1));
+    // Decoded chunks waiting for the engine: enough to overlap reading and decoding with
+    // processing. Not more per shard: with many shards, each reader also holds the chunk it
+    // is decoding or waiting to send, so what is in memory is about (8 + shards) chunks of at
+    // most `max_records`, whatever the backlog.
+    let (tx, mut rx) = mpsc::channel((2 * shards.len()).clamp(2, MAX_QUEUED_CHUNKS));
     let (stop_tx, stop_rx) = watch::channel(false);
     let gate = Arc::new(ShardGate::default());
     let mut tasks = JoinSet::new();
