@@ -28,6 +28,9 @@ pub struct LocalShardReader {
     file: Option<File>,
     offset: u64,
     buf: Vec<u8>,
+    /// Mean line length of the last chunk (newline included), to read about what
+    /// `max_records` lines take instead of the whole read buffer each time.
+    line_bytes: Option<usize>,
 }
 
 impl LocalShardReader {
@@ -39,6 +42,7 @@ impl LocalShardReader {
             file: None,
             offset,
             buf: Vec::new(),
+            line_bytes: None,
         }
     }
 
@@ -78,23 +82,34 @@ impl LocalShardReader {
                 shard: self.shard.to_string(),
                 source: e,
             })?;
-        self.buf.clear();
-        self.buf.resize(READ_BYTES, 0);
-        let mut filled = 0;
-        while filled < self.buf.len() {
-            match file.read(&mut self.buf[filled..]) {
-                Ok(0) => break,
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    return Err(SourceError::Io {
+        // About `max_records` lines (an eighth more), not the whole read buffer: what is read
+        // beyond the last whole line is read again next time. `read_to_end` fills the buffer
+        // without zeroing it first.
+        let mut want = self.line_bytes.map_or(READ_BYTES, |l| {
+            (l.saturating_mul(max_records) / 8 * 9).clamp(64 << 10, READ_BYTES)
+        });
+        let filled = loop {
+            self.buf.clear();
+            self.buf.reserve(want);
+            let n = (&mut *file)
+                .take(want as u64)
+                .read_to_end(&mut self.buf)
+                .map_err(|e| SourceError::Io {
+                    shard: self.shard.to_string(),
+                    source: e,
+                })?;
+            // A line longer than this read, but within the read buffer: read it whole.
+            if n == want && want < READ_BYTES && !self.buf.contains(&b'\n') {
+                want = READ_BYTES;
+                file.seek(SeekFrom::Start(self.offset))
+                    .map_err(|e| SourceError::Io {
                         shard: self.shard.to_string(),
                         source: e,
-                    });
-                }
+                    })?;
+                continue;
             }
-        }
-        self.buf.truncate(filled);
+            break n;
+        };
         let resume_from = (self.offset > 0).then(|| SeqNo::from_u64(self.offset));
         let mut spans = Vec::new();
         let mut seqs = Vec::new();
@@ -143,6 +158,7 @@ impl LocalShardReader {
         }
         self.buf.truncate(start);
         self.offset += start as u64;
+        self.line_bytes = Some(start.div_ceil(spans.len()));
         Ok(Some(RawChunk {
             shard: self.shard.clone(),
             resume_from,
@@ -193,5 +209,19 @@ mod tests {
         );
         let mut again = LocalShardReader::open(dir.path(), shard, &Some(SeqNo::from_u64(2)));
         assert_eq!(again.read_now(1, 0).unwrap().unwrap().record(0), b"bb");
+        // Reads are sized by the lines seen so far (3 bytes here): a far longer line, and
+        // the lines after it, still come whole.
+        let long = vec![b'x'; 300 << 10];
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        f.write_all(&long).unwrap();
+        f.write_all(b"\nd\n").unwrap();
+        let c = r.read_now(10, 0).unwrap().unwrap();
+        assert_eq!(c.len(), 2);
+        assert_eq!((c.record(0), c.record(1)), (&long[..], &b"d"[..]));
+        let c = again.read_now(1, 0).unwrap().unwrap();
+        assert_eq!(c.record(0), b"ccc");
     }
 }
