@@ -220,7 +220,7 @@ impl Metrics {
             ),
             (
                 "records_written_total",
-                "Records decoded into the raw output, before commit.",
+                "Records decoded into the raw output, before commit (none with `raw: false`).",
                 &self.records_written,
             ),
             (

@@ -188,6 +188,8 @@ pub struct Pipeline {
     pub max_record_bytes: usize,
     /// Microseconds.
     pub max_future_skew: i64,
+    /// Records an aggregation buffers before folding them into per-window states.
+    pub window_buffer_records: usize,
     pub rollover: Rollover,
     pub outputs: Outputs,
     pub alerts: Vec<AlertRule>,
@@ -368,7 +370,8 @@ pub struct Rollover {
 
 #[derive(Debug, Clone)]
 pub struct Outputs {
-    pub raw: String,
+    /// None: `raw: false`, no raw table.
+    pub raw: Option<String>,
     pub dead_letter: String,
     pub late: String,
     pub alerts: String,
@@ -403,12 +406,8 @@ impl Pipeline {
     /// Every table name, in a fixed order.
     pub fn table_names(&self) -> Vec<&str> {
         let o = &self.outputs;
-        let mut v = vec![
-            o.raw.as_str(),
-            o.dead_letter.as_str(),
-            o.late.as_str(),
-            o.alerts.as_str(),
-        ];
+        let mut v: Vec<&str> = o.raw.iter().map(String::as_str).collect();
+        v.extend([o.dead_letter.as_str(), o.late.as_str(), o.alerts.as_str()]);
         v.extend(o.aggregations.iter().map(|a| a.name.as_str()));
         v
     }
@@ -1203,6 +1202,13 @@ fn resolve_pipeline(
         );
     }
     let max_future_skew = p.duration("limits.max_future_skew", &f.limits.max_future_skew);
+    if f.limits.window_buffer_records == 0 {
+        p.add(
+            "limits.window_buffer_records",
+            "must be more than zero",
+            "leave it out for the default (100000), or write a smaller count to use less memory",
+        );
+    }
     let rollover = check_rollover(
         p,
         "rollover",
@@ -1212,20 +1218,23 @@ fn resolve_pipeline(
     );
     let o = &f.outputs;
     let mut names = std::collections::HashMap::new();
-    for (field, name) in [
-        ("outputs.raw.name", &o.raw.name),
-        ("outputs.dead_letter.name", &o.dead_letter.name),
-        ("outputs.late.name", &o.late.name),
-        ("outputs.alerts.name", &o.alerts.name),
-    ]
-    .into_iter()
-    .map(|(a, b)| (a.to_string(), b))
-    .chain(
-        o.aggregations
-            .iter()
-            .enumerate()
-            .map(|(i, a)| (format!("outputs.aggregations[{i}].name"), &a.name)),
-    ) {
+    for (field, name) in o
+        .raw
+        .iter()
+        .map(|r| ("outputs.raw.name", &r.name))
+        .chain([
+            ("outputs.dead_letter.name", &o.dead_letter.name),
+            ("outputs.late.name", &o.late.name),
+            ("outputs.alerts.name", &o.alerts.name),
+        ])
+        .map(|(a, b)| (a.to_string(), b))
+        .chain(
+            o.aggregations
+                .iter()
+                .enumerate()
+                .map(|(i, a)| (format!("outputs.aggregations[{i}].name"), &a.name)),
+        )
+    {
         p.ident(&field, name);
         if let Some(first) = names.insert(name.clone(), field.clone()) {
             p.add(
@@ -1312,41 +1321,38 @@ fn resolve_pipeline(
     }
 
     let notifiers = resolve_notifiers(p, &f.notifiers, &rule_names);
-    let tables = [
-        (
-            "outputs.raw".to_string(),
-            &o.raw.name,
-            &o.raw.rollover,
-            &o.raw.sink,
-        ),
-        (
-            "outputs.dead_letter".to_string(),
-            &o.dead_letter.name,
-            &o.dead_letter.rollover,
-            &o.dead_letter.sink,
-        ),
-        (
-            "outputs.late".to_string(),
-            &o.late.name,
-            &o.late.rollover,
-            &o.late.sink,
-        ),
-        (
-            "outputs.alerts".to_string(),
-            &o.alerts.name,
-            &o.alerts.rollover,
-            &o.alerts.sink,
-        ),
-    ]
-    .into_iter()
-    .chain(o.aggregations.iter().enumerate().map(|(i, a)| {
-        (
-            format!("outputs.aggregations[{i}]"),
-            &a.name,
-            &a.rollover,
-            &a.sink,
-        )
-    }));
+    let tables = o
+        .raw
+        .iter()
+        .map(|r| ("outputs.raw".to_string(), &r.name, &r.rollover, &r.sink))
+        .chain([
+            (
+                "outputs.dead_letter".to_string(),
+                &o.dead_letter.name,
+                &o.dead_letter.rollover,
+                &o.dead_letter.sink,
+            ),
+            (
+                "outputs.late".to_string(),
+                &o.late.name,
+                &o.late.rollover,
+                &o.late.sink,
+            ),
+            (
+                "outputs.alerts".to_string(),
+                &o.alerts.name,
+                &o.alerts.rollover,
+                &o.alerts.sink,
+            ),
+        ])
+        .chain(o.aggregations.iter().enumerate().map(|(i, a)| {
+            (
+                format!("outputs.aggregations[{i}]"),
+                &a.name,
+                &a.rollover,
+                &a.sink,
+            )
+        }));
     let mut per_table = std::collections::BTreeMap::new();
     let mut sinks = std::collections::BTreeMap::new();
     for (field, name, own, sink) in tables {
@@ -1380,10 +1386,11 @@ fn resolve_pipeline(
             idle_shard_timeout,
         },
         max_record_bytes: max_record_bytes as usize,
+        window_buffer_records: f.limits.window_buffer_records as usize,
         max_future_skew: max_future_skew.as_micros() as i64,
         rollover: rollover.clone(),
         outputs: Outputs {
-            raw: o.raw.name.clone(),
+            raw: o.raw.as_ref().map(|r| r.name.clone()),
             dead_letter: o.dead_letter.name.clone(),
             late: o.late.name.clone(),
             alerts: o.alerts.name.clone(),
@@ -1526,6 +1533,36 @@ mod tests {
         assert_eq!(
             (r["late"].max_bytes, r["late"].max_age),
             (1 << 20, Duration::from_secs(120))
+        );
+    }
+
+    #[test]
+    fn the_raw_table_can_be_switched_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let pipe = with_ts_schema(&dir, "p.yaml");
+        let head = "name: p\nschema: s.yaml\nsource: {local: {path: x}}\nlake: {local: {path: l}}\ncheckpoints: {local: {path: z}}\nevent_time: {field: ts}\noutputs:\n";
+        let load = |raw: &str| {
+            std::fs::write(&pipe, format!("{head}  raw: {raw}\n")).unwrap();
+            load_pipeline(&pipe, &|_| None)
+        };
+        let off = load("false").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(off.outputs.raw, None);
+        assert_eq!(off.table_names(), ["dead_letter", "late", "alerts"]);
+        assert!(!off.outputs.rollover.contains_key("records"));
+        let on = load("true").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(on.outputs.raw.as_deref(), Some("records"));
+        let named = load("{name: readings}").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(named.table_names()[0], "readings");
+
+        let err = load("{name: readings, colour: red}").unwrap_err();
+        assert_eq!(err.problems.len(), 1, "{err}");
+        assert_eq!(err.problems[0].field, "outputs.raw.colour", "{err}");
+        assert_eq!(err.problems[0].line, Some(8), "{err}");
+        let err = load("7").unwrap_err();
+        assert_eq!(err.problems[0].field, "outputs.raw", "{err}");
+        assert!(
+            err.to_string().contains("`false` for no raw table"),
+            "{err}"
         );
     }
 

@@ -260,6 +260,11 @@ pub struct LimitsFile {
     /// bad clock cannot close every window (default `1h`).
     #[serde(default = "default_future")]
     pub max_future_skew: String,
+    /// Records of open windows an aggregation holds before folding them into one aggregate
+    /// state per window and group (default 100000): with the states, what bounds its memory,
+    /// whatever the read rate. A SELECT that cannot be merged keeps its open windows' records.
+    #[serde(default = "default_window_buffer")]
+    pub window_buffer_records: u64,
 }
 
 impl Default for LimitsFile {
@@ -267,6 +272,7 @@ impl Default for LimitsFile {
         Self {
             max_record_bytes: default_max_record(),
             max_future_skew: default_future(),
+            window_buffer_records: default_window_buffer(),
         }
     }
 }
@@ -296,9 +302,10 @@ impl Default for RolloverFile {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutputsFile {
-    /// Every valid record, with `_shard_id` and `_sequence_number`.
-    #[serde(default = "default_raw")]
-    pub raw: TableFile,
+    /// Every valid record, with `_shard_id` and `_sequence_number`; `raw: false` writes no
+    /// raw table (aggregates, alerts, late and dead-letter records only).
+    #[serde(default = "default_raw_on", deserialize_with = "raw_table")]
+    pub raw: Option<TableFile>,
     /// Records that could not be decoded: raw bytes, shard, sequence number, reason.
     #[serde(default = "default_dead_letter")]
     pub dead_letter: TableFile,
@@ -316,7 +323,7 @@ pub struct OutputsFile {
 impl Default for OutputsFile {
     fn default() -> Self {
         Self {
-            raw: default_raw(),
+            raw: default_raw_on(),
             dead_letter: default_dead_letter(),
             late: default_late(),
             alerts: default_alerts(),
@@ -454,18 +461,39 @@ fn default_max_record() -> String {
 fn default_future() -> String {
     "1h".into()
 }
+fn default_window_buffer() -> u64 {
+    100_000
+}
 fn default_roll_bytes() -> String {
     "128MiB".into()
 }
 fn default_roll_age() -> String {
     "5m".into()
 }
-fn default_raw() -> TableFile {
-    TableFile {
+fn default_raw_on() -> Option<TableFile> {
+    Some(TableFile {
         name: "records".into(),
         rollover: None,
         sink: None,
+    })
+}
+
+/// `raw:` is a table, or `false` for none (`true` is the default table).
+fn raw_table<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<TableFile>, D::Error> {
+    struct Raw;
+    impl<'de> serde::de::Visitor<'de> for Raw {
+        type Value = Option<TableFile>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a table (`{name: records}`) or `false` for no raw table")
+        }
+        fn visit_bool<E: serde::de::Error>(self, on: bool) -> Result<Self::Value, E> {
+            Ok(if on { default_raw_on() } else { None })
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+            TableFile::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(Some)
+        }
     }
+    d.deserialize_any(Raw)
 }
 fn default_dead_letter() -> TableFile {
     TableFile {

@@ -30,6 +30,9 @@ pub struct Mergeable {
     pub state_sql: String,
     /// The merged columns, in the SELECT's order.
     merged: Vec<String>,
+    /// The state columns again, each over the parts: several parts of one window and group
+    /// become one (how the engine folds a window's records in steps).
+    combined: Vec<String>,
     /// The GROUP BY columns, quoted.
     groups: Vec<String>,
     /// Per variance: the mean of its group over all parts, a window over the parts.
@@ -41,9 +44,19 @@ impl Mergeable {
     /// by `partition_columns` (the lake's `year`, `month`, … which a window's parts share:
     /// they are grouped by too, so a filter on them still prunes directories).
     pub fn merge_sql(&self, parts: &str, partition_columns: &[&str]) -> String {
+        self.over_parts(&self.merged, parts, partition_columns)
+    }
+
+    /// The SELECT over the parts table `parts` that gives one part per window and group,
+    /// with the columns and the meaning of the parts ([`Mergeable::state_sql`]'s result).
+    pub fn combine_sql(&self, parts: &str) -> String {
+        self.over_parts(&self.combined, parts, &[])
+    }
+
+    fn over_parts(&self, items: &[String], parts: &str, partition_columns: &[&str]) -> String {
         let extra: Vec<String> = partition_columns.iter().map(|c| q(c)).collect();
         let groups = [self.groups.clone(), extra.clone()].concat().join(", ");
-        let select = [self.merged.clone(), extra].concat().join(", ");
+        let select = [items.to_vec(), extra].concat().join(", ");
         let from = if self.means.is_empty() {
             parts.to_string()
         } else {
@@ -131,6 +144,7 @@ pub fn analyze(sql: &str) -> Result<Mergeable, String> {
     let mut groups: Vec<String> = Vec::new();
     let mut states: Vec<String> = Vec::new();
     let mut merged: Vec<String> = Vec::new();
+    let mut combined: Vec<String> = Vec::new();
     let mut means: Vec<String> = Vec::new();
     for item in &select.projection {
         let (expr, name) = match item {
@@ -144,6 +158,7 @@ pub fn analyze(sql: &str) -> Result<Mergeable, String> {
         if grouped.contains(&expr.to_string()) {
             states.push(format!("{expr} AS {}", q(&name)));
             merged.push(q(&name));
+            combined.push(q(&name));
             groups.push(q(&name));
             continue;
         }
@@ -161,6 +176,7 @@ pub fn analyze(sql: &str) -> Result<Mergeable, String> {
                 states.push(format!("{f}({arg}) AS {}", q(&name)));
                 let m = if k == Kind::Count { "sum" } else { f };
                 merged.push(format!("{m}({}) AS {}", q(&name), q(&name)));
+                combined.push(format!("{m}({}) AS {}", q(&name), q(&name)));
             }
             Kind::Avg => {
                 states.push(format!("sum({}) AS {}", d(&arg), n("sum")));
@@ -171,6 +187,8 @@ pub fn analyze(sql: &str) -> Result<Mergeable, String> {
                     n("n"),
                     q(&name)
                 ));
+                combined.push(format!("sum({s}) AS {s}", s = n("sum")));
+                combined.push(format!("sum({c}) AS {c}", c = n("n")));
             }
             Kind::CountDistinct => {
                 states.push(format!(
@@ -181,6 +199,10 @@ pub fn analyze(sql: &str) -> Result<Mergeable, String> {
                     "COALESCE(CAST(cardinality(array_distinct(flatten(array_agg({})))) AS BIGINT), 0) AS {}",
                     n("set"),
                     q(&name)
+                ));
+                combined.push(format!(
+                    "array_distinct(flatten(array_agg({set}) FILTER (WHERE {set} IS NOT NULL))) AS {set}",
+                    set = n("set")
                 ));
             }
             Kind::Var { pop, sqrt } => {
@@ -220,6 +242,9 @@ pub fn analyze(sql: &str) -> Result<Mergeable, String> {
                 };
                 let value = if sqrt { format!("sqrt({var})") } else { var };
                 merged.push(format!("{value} AS {}", q(&name)));
+                combined.push(format!("sum({c}) AS {c}", c = n("n")));
+                combined.push(format!("max({g}) AS {}", n("mean"), g = n("gmean")));
+                combined.push(format!("{m2} AS {}", n("m2")));
             }
         }
     }
@@ -248,6 +273,7 @@ pub fn analyze(sql: &str) -> Result<Mergeable, String> {
     Ok(Mergeable {
         state_sql,
         merged,
+        combined,
         groups,
         means,
     })

@@ -1,12 +1,14 @@
 //! The pipeline's core, driven one decoded chunk at a time: raw and dead-letter rows are
-//! written, each aggregation buffers the records of its open windows and emits a window
-//! through its SQL once the watermark passes the window's end, alert rules run, and
+//! written, each aggregation buffers the records of its open windows and, once it holds
+//! `limits.window_buffer_records` of them, folds them into one aggregate state per window and
+//! group (the parts of [`merge`]); a window is emitted through its SQL, over its buffered
+//! records and its folded parts, once the watermark passes its end. Alert rules run, and
 //! [`Engine::commit`] makes everything durable with the two-phase commit of DESIGN.md.
 //!
-//! Replay is how open windows survive a restart: each aggregation's checkpoint is where its
-//! oldest open window's records start. Every output skips what it already committed (the
-//! record outputs by sequence number; an aggregation by `emitted_through`), so reading the
-//! same records again never writes them twice.
+//! Replay is how open windows survive a restart: each aggregation's checkpoint is where the
+//! records of its oldest open window start, buffered or folded. Every output skips what it
+//! already committed (the record outputs by sequence number; an aggregation by
+//! `emitted_through`), so reading the same records again never writes them twice.
 
 pub mod merge;
 pub mod sql;
@@ -68,12 +70,28 @@ struct Buffered {
     max_last_end: i64,
 }
 
+/// This worker's aggregate states of one window, folded from records no longer buffered.
+#[derive(Default)]
+struct Folded {
+    /// State rows (the aggregation's stored schema), one or more per group.
+    parts: Vec<RecordBatch>,
+    /// Per shard: where replay must start to read this window's folded records again.
+    resume: BTreeMap<Arc<str>, Position>,
+}
+
+/// Parts a window may gather before they are combined into one per group.
+const MAX_PARTS: usize = 8;
+
 struct AggState {
     name: String,
     spec: WindowSpec,
     sql: String,
     emitted_through: Option<i64>,
     buffer: VecDeque<Buffered>,
+    /// Rows in `buffer`.
+    buffered: usize,
+    /// Open windows folded into states, by window end (only for a mergeable SELECT).
+    folded: BTreeMap<i64, Folded>,
     writer: OutputWriter,
 }
 
@@ -98,7 +116,8 @@ pub struct Engine {
     shards: BTreeMap<Arc<str>, ShardRun>,
     watermark: Watermark,
     aggs: Vec<AggState>,
-    raw: OutputWriter,
+    /// None: the pipeline writes no raw table.
+    raw: Option<OutputWriter>,
     dead: OutputWriter,
     late: OutputWriter,
     alerts: OutputWriter,
@@ -154,24 +173,21 @@ impl Engine {
             .expect("validated");
         let event_name = p.event_time.field.clone();
         let outputs = sql::output_schemas(&p, &compiled);
-        let writer = |i: usize, col: &str| -> Result<OutputWriter, EngineError> {
-            let name = &outputs[i].0;
+        let writer = |name: &str, col: &str| -> Result<OutputWriter, EngineError> {
+            let schema = outputs
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, s)| s.clone())
+                .expect("every table has a schema");
             let rollover = p.outputs.rollover[name].clone();
             let lake = lakes.get(name).map_err(EngineError::Lake)?.clone();
-            Ok(OutputWriter::new(
-                name,
-                outputs[i].1.clone(),
-                col,
-                rollover,
-                lake,
-            ))
+            Ok(OutputWriter::new(name, schema, col, rollover, lake))
         };
         let aggs = p
             .outputs
             .aggregations
             .iter()
-            .enumerate()
-            .map(|(i, a)| {
+            .map(|a| {
                 Ok(AggState {
                     name: a.name.clone(),
                     spec: WindowSpec {
@@ -181,15 +197,28 @@ impl Engine {
                     sql: a.sql.clone(),
                     emitted_through: committed.emitted_through.get(&a.name).copied(),
                     buffer: VecDeque::new(),
-                    writer: writer(4 + i, WINDOW_START)?,
+                    buffered: 0,
+                    folded: BTreeMap::new(),
+                    writer: writer(&a.name, WINDOW_START)?,
                 })
             })
             .collect::<Result<_, EngineError>>()?;
+        for (a, m) in p.outputs.aggregations.iter().zip(&compiled.agg_merge) {
+            if m.is_none() {
+                tracing::warn!(
+                    aggregation = %a.name,
+                    "this SELECT cannot be merged, so its open windows' records stay in memory until each window closes (limits.window_buffer_records does not bound it)"
+                );
+            }
+        }
         Ok(Self {
-            raw: writer(0, &event_name)?,
-            dead: writer(1, "arrival_time")?,
-            late: writer(2, &event_name)?,
-            alerts: writer(3, "event_time")?,
+            raw: match &p.outputs.raw {
+                Some(name) => Some(writer(name, &event_name)?),
+                None => None,
+            },
+            dead: writer(&p.outputs.dead_letter, "arrival_time")?,
+            late: writer(&p.outputs.late, &event_name)?,
+            alerts: writer(&p.outputs.alerts, "event_time")?,
             key_field: p.schema.key.clone(),
             p,
             clock,
@@ -276,8 +305,10 @@ impl Engine {
         };
         let fresh = d.batch.slice(cut, n - cut);
         let epoch = self.committed.commit_id + 1;
-        self.raw.write(&fresh, epoch, &self.worker, now).await?;
-        Metrics::add(&self.metrics.records_written, fresh.num_rows() as u64);
+        if let Some(raw) = &mut self.raw {
+            raw.write(&fresh, epoch, &self.worker, now).await?;
+            Metrics::add(&self.metrics.records_written, fresh.num_rows() as u64);
+        }
 
         let dead: Vec<&DeadLetter> = d
             .dead
@@ -329,6 +360,7 @@ impl Engine {
             if kept.num_rows() > 0 {
                 let kts = event_times(&kept, self.event_field);
                 let (lo, hi) = min_max(kts);
+                agg.buffered += kept.num_rows();
                 agg.buffer.push_back(Buffered {
                     shard: d.shard.clone(),
                     resume_from,
@@ -336,6 +368,13 @@ impl Engine {
                     min_first_end: agg.spec.first_end(lo),
                     max_last_end: agg.spec.last_end(hi),
                 });
+            }
+        }
+        for i in 0..self.aggs.len() {
+            if self.aggs[i].buffered >= self.p.window_buffer_records
+                && self.compiled.agg_merge[i].is_some()
+            {
+                self.fold(i).await?;
             }
         }
         let max_ts = (ts.len() > ts.null_count()).then(|| min_max(ts).1);
@@ -368,7 +407,8 @@ impl Engine {
         for i in 0..self.aggs.len() {
             let agg = &self.aggs[i];
             let hi = if all {
-                agg.buffer.iter().map(|b| b.max_last_end).max()
+                let buffered = agg.buffer.iter().map(|b| b.max_last_end).max();
+                buffered.max(agg.folded.last_key_value().map(|(end, _)| *end))
             } else {
                 wm
             };
@@ -385,27 +425,50 @@ impl Engine {
                 &self.compiled.agg_input,
                 self.event_field,
             );
-            if !rows.is_empty() {
+            // Windows up to `hi` that were folded already: their parts are combined with the
+            // parts of the rows still buffered.
+            let agg = &mut self.aggs[i];
+            let open = agg.folded.split_off(&(hi + 1));
+            let due = std::mem::replace(&mut agg.folded, open);
+            let folded: Vec<RecordBatch> = due.into_values().flat_map(|f| f.parts).collect();
+            if !rows.is_empty() || !folded.is_empty() {
                 let name = agg.name.clone();
                 let query = |source| EngineError::Query {
                     name: name.clone(),
                     source,
                 };
-                sql::register_records(&self.ctx, self.compiled.agg_input.clone(), rows)
-                    .map_err(query)?;
-                let merge = self.compiled.agg_merge[i].as_ref();
+                let merge = self.compiled.agg_merge[i].clone();
                 let rules = self.compiled.window_rules[i].clone();
                 // The lake gets this worker's part of each window (or the SELECT's rows when
                 // they cannot be merged); alerts read the SELECT's rows over what it read.
-                let stored_sql = merge.map_or(agg.sql.as_str(), |m| m.state_sql.as_str());
-                let stored = self.run_sql(stored_sql).await.map_err(query)?;
-                let finals = match merge {
-                    Some(_) if !rules.is_empty() => {
-                        self.run_sql(&self.aggs[i].sql).await.map_err(query)?
+                let mut stored = Vec::new();
+                let mut finals = Vec::new();
+                if !rows.is_empty() {
+                    sql::register_records(&self.ctx, self.compiled.agg_input.clone(), rows)
+                        .map_err(query)?;
+                    let stored_sql = merge
+                        .as_ref()
+                        .map_or(self.aggs[i].sql.as_str(), |m| m.state_sql.as_str());
+                    stored = self.run_sql(stored_sql).await.map_err(query)?;
+                    finals = match &merge {
+                        Some(_) if !rules.is_empty() && folded.is_empty() => {
+                            self.run_sql(&self.aggs[i].sql).await.map_err(query)?
+                        }
+                        Some(_) => Vec::new(),
+                        None => stored.clone(),
+                    };
+                }
+                if let Some(m) = merge.as_ref().filter(|_| !folded.is_empty()) {
+                    stored.extend(folded);
+                    stored = self.combine(i, m, stored).await.map_err(query)?;
+                    if !rules.is_empty() {
+                        self.register_parts(i, stored.clone()).map_err(query)?;
+                        finals = self
+                            .run_sql(&m.merge_sql(sql::PARTS_TABLE, &[]))
+                            .await
+                            .map_err(query)?;
                     }
-                    Some(_) => Vec::new(),
-                    None => stored.clone(),
-                };
+                }
                 let epoch = self.committed.commit_id + 1;
                 for batch in &stored {
                     Metrics::add(&self.metrics.windows_emitted, batch.num_rows() as u64);
@@ -423,8 +486,121 @@ impl Engine {
             let through = lo.map_or(hi, |lo| lo.max(hi));
             agg.emitted_through = Some(through);
             agg.buffer.retain(|b| b.max_last_end > through);
+            agg.buffered = agg.buffer.iter().map(|b| b.batch.num_rows()).sum();
         }
         Ok(())
+    }
+
+    /// Folds every buffered record of aggregation `i` into its open windows' states, so the
+    /// records can go: what keeps memory bounded by `limits.window_buffer_records` and the
+    /// number of open windows and groups, not by the read rate.
+    async fn fold(&mut self, i: usize) -> Result<(), EngineError> {
+        let m = self.compiled.agg_merge[i]
+            .clone()
+            .expect("only mergeable SELECTs fold");
+        let agg = &self.aggs[i];
+        let (spec, lo) = (agg.spec, agg.emitted_through);
+        let rows = window_rows(
+            agg,
+            lo,
+            i64::MAX,
+            &self.committed,
+            &self.compiled.agg_input,
+            self.event_field,
+        );
+        let name = agg.name.clone();
+        let query = |source| EngineError::Query {
+            name: name.clone(),
+            source,
+        };
+        let mut states = Vec::new();
+        if !rows.is_empty() {
+            sql::register_records(&self.ctx, self.compiled.agg_input.clone(), rows)
+                .map_err(query)?;
+            states = self.run_sql(&m.state_sql).await.map_err(query)?;
+        }
+        let agg = &mut self.aggs[i];
+        // Every window a buffered entry's records fall in keeps the entry's replay position,
+        // so a restart reads them again while the window is open.
+        for b in std::mem::take(&mut agg.buffer) {
+            let mut ends = std::collections::BTreeSet::new();
+            let mut previous = None;
+            for t in event_times(&b.batch, self.event_field).iter().flatten() {
+                let first = spec.first_end(t);
+                if previous.replace(first) != Some(first) {
+                    ends.extend((0..spec.per_record() as i64).map(|k| first + k * spec.slide));
+                }
+            }
+            for end in ends.into_iter().filter(|&e| lo.is_none_or(|lo| e > lo)) {
+                let resume = agg
+                    .folded
+                    .entry(end)
+                    .or_default()
+                    .resume
+                    .entry(b.shard.clone());
+                match resume {
+                    std::collections::btree_map::Entry::Vacant(v) => {
+                        v.insert(b.resume_from.clone());
+                    }
+                    std::collections::btree_map::Entry::Occupied(mut o) => {
+                        if b.resume_from < *o.get() {
+                            o.insert(b.resume_from.clone());
+                        }
+                    }
+                }
+            }
+        }
+        agg.buffered = 0;
+        let mut touched = std::collections::BTreeSet::new();
+        for batch in states {
+            for (end, part) in by_window_end(&batch, spec.size) {
+                agg.folded.entry(end).or_default().parts.push(part);
+                touched.insert(end);
+            }
+        }
+        for end in touched {
+            if self.aggs[i].folded[&end].parts.len() > MAX_PARTS {
+                let parts = std::mem::take(
+                    &mut self.aggs[i]
+                        .folded
+                        .get_mut(&end)
+                        .expect("just touched")
+                        .parts,
+                );
+                let one = self.combine(i, &m, parts).await.map_err(query)?;
+                self.aggs[i]
+                    .folded
+                    .get_mut(&end)
+                    .expect("just touched")
+                    .parts = one;
+            }
+        }
+        Ok(())
+    }
+
+    /// One part per window and group from several, in the aggregation's stored schema.
+    async fn combine(
+        &self,
+        i: usize,
+        m: &merge::Mergeable,
+        parts: Vec<RecordBatch>,
+    ) -> datafusion::error::Result<Vec<RecordBatch>> {
+        self.register_parts(i, parts)?;
+        let schema = self.aggs[i].writer.schema().clone();
+        self.run_sql(&m.combine_sql(sql::PARTS_TABLE))
+            .await?
+            .iter()
+            .map(|b| conform(b, &schema))
+            .collect()
+    }
+
+    fn register_parts(&self, i: usize, parts: Vec<RecordBatch>) -> datafusion::error::Result<()> {
+        sql::register_table(
+            &self.ctx,
+            sql::PARTS_TABLE,
+            self.aggs[i].writer.schema().clone(),
+            parts,
+        )
     }
 
     async fn run_sql(&self, sql: &str) -> datafusion::error::Result<Vec<RecordBatch>> {
@@ -482,14 +658,11 @@ impl Engine {
     }
 
     fn writers(&mut self) -> impl Iterator<Item = &mut OutputWriter> {
-        [
-            &mut self.raw,
-            &mut self.dead,
-            &mut self.late,
-            &mut self.alerts,
-        ]
-        .into_iter()
-        .chain(self.aggs.iter_mut().map(|a| &mut a.writer))
+        self.raw
+            .as_mut()
+            .into_iter()
+            .chain([&mut self.dead, &mut self.late, &mut self.alerts])
+            .chain(self.aggs.iter_mut().map(|a| &mut a.writer))
     }
 
     /// True when a table's open file is big enough, or its data old enough, to commit (each
@@ -581,12 +754,13 @@ impl Engine {
                 if let Some(t) = agg.emitted_through.max(floor) {
                     emitted_through.insert(agg.name.clone(), t);
                 }
-                let oldest = agg
+                let buffered = agg
                     .buffer
                     .iter()
                     .filter(|b| b.shard == *shard)
-                    .map(|b| b.resume_from.clone())
-                    .min();
+                    .map(|b| &b.resume_from);
+                let folded = agg.folded.values().filter_map(|f| f.resume.get(shard));
+                let oldest = buffered.chain(folded).min().cloned();
                 aggregations.insert(
                     agg.name.clone(),
                     oldest.unwrap_or_else(|| run.read_to.clone()),
@@ -751,6 +925,39 @@ fn window_rows(
         }
     }
     out
+}
+
+/// A batch of state rows split by window end (`window_start` + `size`).
+fn by_window_end(batch: &RecordBatch, size: i64) -> Vec<(i64, RecordBatch)> {
+    let ws = batch.schema().index_of(WINDOW_START).expect("validated");
+    let starts = event_times(batch, ws);
+    let mut rows: BTreeMap<i64, Vec<u32>> = BTreeMap::new();
+    for (r, s) in starts.iter().enumerate() {
+        let s = s.expect("window_start is never null");
+        rows.entry(s + size).or_default().push(r as u32);
+    }
+    if rows.len() == 1 {
+        let end = *rows.keys().next().expect("one");
+        return vec![(end, batch.clone())];
+    }
+    rows.into_iter()
+        .map(|(end, idx)| {
+            let idx = arrow::array::UInt32Array::from(idx);
+            let part = arrow::compute::take_record_batch(batch, &idx).expect("indices in range");
+            (end, part)
+        })
+        .collect()
+}
+
+/// The batch with `schema`'s types (a sum over parts can widen a column's type).
+fn conform(batch: &RecordBatch, schema: &SchemaRef) -> datafusion::error::Result<RecordBatch> {
+    let cols = batch
+        .columns()
+        .iter()
+        .zip(schema.fields())
+        .map(|(c, f)| cast(c, f.data_type()))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(RecordBatch::try_new(schema.clone(), cols)?)
 }
 
 fn with_aggregation(schema: &SchemaRef, name: &str, batch: &RecordBatch) -> RecordBatch {

@@ -275,15 +275,28 @@ async fn mergeable(
 
 const PARTS_SCRATCH: &str = "parts_scratch";
 
+/// The table an aggregation's parts are combined and merged from, in the engine's session.
+pub const PARTS_TABLE: &str = "shardlake_parts";
+
 /// Makes `records` the given batches.
 pub fn register_records(
     ctx: &SessionContext,
     schema: SchemaRef,
     batches: Vec<RecordBatch>,
 ) -> datafusion::error::Result<()> {
+    register_table(ctx, RECORDS_TABLE, schema, batches)
+}
+
+/// Makes table `name` the given batches.
+pub fn register_table(
+    ctx: &SessionContext,
+    name: &str,
+    schema: SchemaRef,
+    batches: Vec<RecordBatch>,
+) -> datafusion::error::Result<()> {
     let table = MemTable::try_new(schema, vec![batches])?;
-    ctx.deregister_table(RECORDS_TABLE)?;
-    ctx.register_table(RECORDS_TABLE, Arc::new(table))?;
+    ctx.deregister_table(name)?;
+    ctx.register_table(name, Arc::new(table))?;
     Ok(())
 }
 
@@ -313,10 +326,9 @@ fn first_line(e: &impl std::fmt::Display) -> String {
 /// Every output's name, the schema of its files and, for aggregations stored as parts, how
 /// to merge them; in `Pipeline::table_names` order.
 pub fn output_tables(p: &Pipeline, c: &Compiled) -> Vec<(String, SchemaRef, Option<Mergeable>)> {
-    let aggs = p.outputs.aggregations.len();
-    let mut merges = vec![None; 4];
+    let plain = p.table_names().len() - p.outputs.aggregations.len();
+    let mut merges = vec![None; plain];
     merges.extend(c.agg_merge.iter().cloned());
-    debug_assert_eq!(merges.len(), 4 + aggs);
     output_schemas(p, c)
         .into_iter()
         .zip(merges)
@@ -327,12 +339,16 @@ pub fn output_tables(p: &Pipeline, c: &Compiled) -> Vec<(String, SchemaRef, Opti
 /// Every output's name and schema, in `Pipeline::table_names` order.
 pub fn output_schemas(p: &Pipeline, c: &Compiled) -> Vec<(String, SchemaRef)> {
     let o = &p.outputs;
-    let mut v = vec![
-        (o.raw.clone(), c.records.clone()),
+    let mut v: Vec<(String, SchemaRef)> = o
+        .raw
+        .iter()
+        .map(|r| (r.clone(), c.records.clone()))
+        .collect();
+    v.extend([
         (o.dead_letter.clone(), dead_letter_schema()),
         (o.late.clone(), late_schema(&c.records)),
         (o.alerts.clone(), alerts_schema()),
-    ];
+    ]);
     v.extend(
         o.aggregations
             .iter()
