@@ -24,15 +24,6 @@ use shardlake::source::ShardReader;
 use shardlake::source::kinesis::KinesisStream;
 use shardlake::source::local::{LocalShardReader, list_shards};
 
-fn peak_rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
-}
-
 fn stage(name: &str, records: usize, seconds: f64) {
     println!("{name}: {:.0} records/s", records as f64 / seconds);
 }
@@ -41,6 +32,9 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.iter().any(|a| a == "kinesis") {
         return kinesis(&args);
+    }
+    if args.iter().any(|a| a == "pipeline") {
+        return pipeline(&args);
     }
     let records: usize = args
         .iter()
@@ -108,7 +102,7 @@ fn main() {
         n as f64 / s,
         Metrics::get(&metrics.files_written)
     );
-    println!("peak RSS: {:.0} MiB", peak_rss_mib());
+    println!("peak RSS: {:.0} MiB", rss_mib("VmHWM:"));
 
     // The stages, one core. The chunks are read first, so decoding is timed on its own.
     let now = chrono::Utc::now().timestamp_micros();
@@ -204,14 +198,10 @@ fn main() {
 ///
 /// `cargo bench --bench throughput -- kinesis [--shards 64] [--seconds 20]`
 fn kinesis(args: &[String]) {
-    let opt = |name: &str, default: u64| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
-    let (shards, seconds) = (opt("--shards", 64) as usize, opt("--seconds", 20));
+    let (shards, seconds) = (
+        opt(args, "--shards", 64) as usize,
+        opt(args, "--seconds", 20),
+    );
     let start = chrono::Utc::now().timestamp_micros() - 3_600_000_000;
     let canned = Arc::new(canned_kinesis::Canned::new(
         shards,
@@ -220,14 +210,7 @@ fn kinesis(args: &[String]) {
         start,
         1_000,
     ));
-    let url = canned.start(1);
-    // SAFETY: no other thread of this process reads the environment yet.
-    unsafe {
-        std::env::set_var("AWS_ENDPOINT_URL", &url);
-        std::env::set_var("AWS_ACCESS_KEY_ID", "bench");
-        std::env::set_var("AWS_SECRET_ACCESS_KEY", "bench");
-        std::env::set_var("AWS_REGION", "us-east-1");
-    }
+    aws_env(&canned.start(1));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("consumer")
@@ -288,4 +271,155 @@ fn kinesis(args: &[String]) {
         "kinesis: a shard at 2 MB/s is {shard_rate:.0} records/s of these, so one core reads {:.0} shards at full rate (before decoding)",
         per_core / shard_rate
     );
+}
+
+fn opt(args: &[String], name: &str, default: u64) -> u64 {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Points the AWS SDK at the canned endpoint.
+fn aws_env(url: &str) {
+    // SAFETY: called before any other thread of this process reads the environment.
+    unsafe {
+        std::env::set_var("AWS_ENDPOINT_URL", url);
+        std::env::set_var("AWS_ACCESS_KEY_ID", "bench");
+        std::env::set_var("AWS_SECRET_ACCESS_KEY", "bench");
+        std::env::set_var("AWS_REGION", "us-east-1");
+    }
+}
+
+fn rss_mib(field: &str) -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// The whole pipeline (`benches/pipelines/kinesis.yaml`: raw table, two aggregations, alerts
+/// with a webhook) on the canned Kinesis endpoint, for `--seconds` (default 60):
+/// - memory: `--shards 64` unpaced, every shard read as fast as Kinesis allows (5 calls/s,
+///   2 MB/s), more than the consumer can process; prints the RSS every 5 s and the peak.
+/// - latency: `--rate 100000` serves that many records/s in all, live (a record is served
+///   once its event time has come); prints event-to-alert latency percentiles, measured
+///   where the webhook receives the alert.
+///
+/// `--window-buffer N` overrides `limits.window_buffer_records`.
+///
+/// `cargo bench --bench throughput -- pipeline [--shards 64] [--seconds 60] [--rate R]`
+fn pipeline(args: &[String]) {
+    let shards = opt(args, "--shards", 64) as usize;
+    let seconds = opt(args, "--seconds", 60);
+    let rate = opt(args, "--rate", 0);
+    let now = chrono::Utc::now().timestamp_micros();
+    let mut canned = if rate > 0 {
+        // Live: event time is the time a record is served.
+        let step = (1e6 * shards as f64 / rate as f64) as i64;
+        canned_kinesis::Canned::new(shards, u64::MAX / 2, 10_000, now, step.max(1))
+    } else {
+        canned_kinesis::Canned::new(shards, u64::MAX / 2, 10_000, now - 3_600_000_000, 1_000)
+    };
+    canned.paced = rate > 0;
+    aws_env(&Arc::new(canned).start(1));
+    let latencies = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let webhook = canned_kinesis::receive_webhooks(latencies.clone());
+
+    let dir = tempfile::tempdir().unwrap();
+    let env = {
+        let d = dir.path().display().to_string();
+        move |k: &str| match k {
+            "SHARDLAKE_DATA" => Some(d.clone()),
+            "BENCH_WEBHOOK" => Some(webhook.clone()),
+            _ => None,
+        }
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let file =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/pipelines/kinesis.yaml");
+    let mut p = rt
+        .block_on(sql::load(&file, &env))
+        .unwrap_or_else(|e| panic!("{e}"));
+    if let Some(b) = args.iter().position(|a| a == "--window-buffer") {
+        p.window_buffer_records = opt(args, "--window-buffer", 0) as usize;
+        assert!(
+            p.window_buffer_records > 0,
+            "--window-buffer {:?}",
+            args.get(b + 1)
+        );
+    }
+    println!(
+        "pipeline: {shards} shards, {}, {seconds}s, window buffer {} records",
+        if rate > 0 {
+            format!("live at {rate} records/s")
+        } else {
+            "unpaced (each shard at Kinesis' read limits)".into()
+        },
+        p.window_buffer_records
+    );
+
+    let metrics = Arc::new(Metrics::default());
+    let sampler = {
+        let metrics = metrics.clone();
+        std::thread::spawn(move || {
+            let t = Instant::now();
+            let mut last = 0;
+            while t.elapsed() < Duration::from_secs(seconds) {
+                std::thread::sleep(Duration::from_secs(5));
+                let n = Metrics::get(&metrics.records_read);
+                println!(
+                    "  {:>3.0}s: RSS {:>4.0} MiB, {:>7.0} records/s, {} window rows emitted",
+                    t.elapsed().as_secs_f64(),
+                    rss_mib("VmRSS:"),
+                    (n - last) as f64 / 5.0,
+                    Metrics::get(&metrics.windows_emitted)
+                );
+                last = n;
+            }
+        })
+    };
+    let t = Instant::now();
+    rt.block_on(async {
+        let stop = tokio::time::sleep(Duration::from_secs(seconds));
+        run(
+            Arc::new(p),
+            RunOptions::default(),
+            Arc::new(SystemClock),
+            metrics.clone(),
+            stop,
+        )
+        .await
+    })
+    .unwrap();
+    let wall = t.elapsed().as_secs_f64();
+    sampler.join().unwrap();
+    let n = Metrics::get(&metrics.records_read);
+    println!(
+        "pipeline: {n} records in {wall:.1}s ({:.0}/s), {} window rows, {} alerts, {} files",
+        n as f64 / wall,
+        Metrics::get(&metrics.windows_emitted),
+        Metrics::get(&metrics.alerts),
+        Metrics::get(&metrics.files_written)
+    );
+    println!("pipeline: peak RSS {:.0} MiB", rss_mib("VmHWM:"));
+    let mut l = latencies.lock().unwrap().clone();
+    // Unpaced, event times start an hour back: only a live run's latency means anything.
+    if rate > 0 && !l.is_empty() {
+        l.sort_by(f64::total_cmp);
+        let q = |p: f64| l[((l.len() - 1) as f64 * p).round() as usize];
+        println!(
+            "pipeline: event-to-alert latency over {} webhook alerts: p50 {:.3}s, p99 {:.3}s, max {:.3}s",
+            l.len(),
+            q(0.5),
+            q(0.99),
+            l[l.len() - 1]
+        );
+    }
 }

@@ -6,6 +6,8 @@
 //! `records_per_shard` well readings; each GetRecords answer holds up to `per_call` of them,
 //! made for that call (sequence numbers, event times advancing `step_us` per record), so a
 //! reader never sees a record twice. A shard ends (no next iterator) after its last record.
+//! When `paced`, a record is served only once the wall clock has reached its event time, so a
+//! shard produces `1 / step_us` records per microsecond, live, as a device fleet would.
 //! It runs on its own threads, named `canned-kinesis`, so a caller can tell its CPU time
 //! apart from the consumer's.
 
@@ -23,6 +25,8 @@ pub struct Canned {
     /// Event time of a shard's first record, microseconds since the epoch.
     pub start_us: i64,
     pub step_us: i64,
+    /// Serve a record only once its event time has come.
+    pub paced: bool,
     /// Records handed out per shard so far.
     served: Vec<AtomicU64>,
 }
@@ -42,6 +46,7 @@ impl Canned {
             devices_per_shard: 32,
             start_us,
             step_us,
+            paced: false,
             served: (0..shards).map(|_| AtomicU64::new(0)).collect(),
         }
     }
@@ -76,37 +81,8 @@ impl Canned {
     async fn connection(self: Arc<Self>, mut conn: TcpStream) {
         let mut buf = Vec::with_capacity(8192);
         let mut out = Vec::new();
-        loop {
-            // Headers.
-            let head_end = loop {
-                if let Some(i) = find(&buf, b"\r\n\r\n") {
-                    break i + 4;
-                }
-                let mut tmp = [0u8; 8192];
-                match conn.read(&mut tmp).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => buf.extend_from_slice(&tmp[..n]),
-                }
-            };
-            let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
-            let header = |name: &str| {
-                head.lines()
-                    .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
-            };
-            let len: usize = header("content-length:")
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
-            let target = header("x-amz-target:").unwrap_or_default();
-            while buf.len() < head_end + len {
-                let mut tmp = [0u8; 8192];
-                match conn.read(&mut tmp).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => buf.extend_from_slice(&tmp[..n]),
-                }
-            }
-            let body: serde_json::Value =
-                serde_json::from_slice(&buf[head_end..head_end + len]).unwrap_or_default();
-            buf.drain(..head_end + len);
+        while let Some((target, body)) = read_request(&mut conn, &mut buf).await {
+            let body: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
             out.clear();
             if target.ends_with(".listshards") {
                 self.list_shards(&mut out);
@@ -123,12 +99,7 @@ impl Canned {
             } else {
                 out.extend_from_slice(b"{}");
             }
-            let head = format!(
-                "HTTP/1.1 200 OK\r\ncontent-type: application/x-amz-json-1.1\r\nx-amzn-requestid: canned\r\ncontent-length: {}\r\n\r\n",
-                out.len()
-            );
-            if conn.write_all(head.as_bytes()).await.is_err() || conn.write_all(&out).await.is_err()
-            {
+            if !respond(&mut conn, &out).await {
                 return;
             }
         }
@@ -158,8 +129,15 @@ impl Canned {
             .and_then(|n| n.parse().ok())
             .unwrap_or(0);
         let want = limit.min(self.per_call) as u64;
-        let first = self.served[s].fetch_add(want, Ordering::Relaxed);
-        let end = (first + want).min(self.records_per_shard);
+        let mut avail = self.records_per_shard;
+        if self.paced {
+            let now = chrono::Utc::now().timestamp_micros();
+            avail = avail.min(((now - self.start_us) / self.step_us).max(0) as u64 + 1);
+        }
+        // One reader per shard: its calls never overlap.
+        let first = self.served[s].load(Ordering::Relaxed).min(avail);
+        let end = (first + want).min(avail);
+        self.served[s].store(end, Ordering::Relaxed);
         out.extend_from_slice(b"{\"Records\":[");
         let mut record = Vec::with_capacity(256);
         for k in first..end {
@@ -189,6 +167,7 @@ impl Canned {
             );
         }
         let left = self.records_per_shard.saturating_sub(end);
+        let left = if self.paced { avail - end } else { left };
         if end >= self.records_per_shard {
             out.extend_from_slice(b"],\"MillisBehindLatest\":0}");
         } else {
@@ -201,6 +180,91 @@ impl Canned {
             );
         }
     }
+}
+
+/// The next request on a keep-alive connection: its `x-amz-target` header (lower case) and
+/// body. None when the peer closed it.
+async fn read_request(conn: &mut TcpStream, buf: &mut Vec<u8>) -> Option<(String, Vec<u8>)> {
+    let head_end = loop {
+        if let Some(i) = find(buf, b"\r\n\r\n") {
+            break i + 4;
+        }
+        let mut tmp = [0u8; 8192];
+        match conn.read(&mut tmp).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&tmp[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+    let header = |name: &str| {
+        head.lines()
+            .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
+    };
+    let len: usize = header("content-length:")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let target = header("x-amz-target:").unwrap_or_default();
+    while buf.len() < head_end + len {
+        let mut tmp = [0u8; 8192];
+        match conn.read(&mut tmp).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&tmp[..n]),
+        }
+    }
+    let body = buf[head_end..head_end + len].to_vec();
+    buf.drain(..head_end + len);
+    Some((target, body))
+}
+
+async fn respond(conn: &mut TcpStream, body: &[u8]) -> bool {
+    let head = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/x-amz-json-1.1\r\nx-amzn-requestid: canned\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).await.is_ok() && conn.write_all(body).await.is_ok()
+}
+
+/// Receives webhook POSTs on 127.0.0.1 (threads named `webhook`) and records, per alert,
+/// how long after its `event_time` it arrived, in seconds. Returns the URL.
+pub fn receive_webhooks(latencies: Arc<std::sync::Mutex<Vec<f64>>>) -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let url = format!("http://{}/alerts", listener.local_addr().unwrap());
+    std::thread::Builder::new()
+        .name("webhook".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = TcpListener::from_std(listener).unwrap();
+                loop {
+                    let (mut conn, _) = listener.accept().await.unwrap();
+                    let latencies = latencies.clone();
+                    tokio::spawn(async move {
+                        let mut buf = Vec::new();
+                        while let Some((_, body)) = read_request(&mut conn, &mut buf).await {
+                            let now = chrono::Utc::now();
+                            let alert: serde_json::Value =
+                                serde_json::from_slice(&body).unwrap_or_default();
+                            if let Some(t) = alert["event_time"]
+                                .as_str()
+                                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                            {
+                                let late = (now - t.to_utc()).num_microseconds().unwrap_or(0);
+                                latencies.lock().unwrap().push(late as f64 / 1e6);
+                            }
+                            if !respond(&mut conn, b"").await {
+                                return;
+                            }
+                        }
+                    });
+                }
+            });
+        })
+        .unwrap();
+    url
 }
 
 pub fn shard_id(s: usize) -> String {
