@@ -532,21 +532,12 @@ impl Engine {
                 }
             }
             for end in ends.into_iter().filter(|&e| lo.is_none_or(|lo| e > lo)) {
-                let resume = agg
-                    .folded
-                    .entry(end)
-                    .or_default()
-                    .resume
-                    .entry(b.shard.clone());
-                match resume {
-                    std::collections::btree_map::Entry::Vacant(v) => {
-                        v.insert(b.resume_from.clone());
-                    }
-                    std::collections::btree_map::Entry::Occupied(mut o) => {
-                        if b.resume_from < *o.get() {
-                            o.insert(b.resume_from.clone());
-                        }
-                    }
+                let resume = &mut agg.folded.entry(end).or_default().resume;
+                let oldest = resume
+                    .entry(b.shard.clone())
+                    .or_insert_with(|| b.resume_from.clone());
+                if b.resume_from < *oldest {
+                    *oldest = b.resume_from.clone();
                 }
             }
         }

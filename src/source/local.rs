@@ -46,9 +46,11 @@ impl LocalShardReader {
         }
     }
 
-    fn io(&self, source: std::io::Error) -> SourceError {
-        SourceError::Io {
-            shard: self.shard.to_string(),
+    /// An I/O error of this shard's file (a function of the field, so it can be used while
+    /// the file is borrowed).
+    fn io(shard: &str) -> impl Fn(std::io::Error) -> SourceError + '_ {
+        move |source| SourceError::Io {
+            shard: shard.to_string(),
             source,
         }
     }
@@ -74,14 +76,11 @@ impl LocalShardReader {
         now_us: i64,
     ) -> Result<Option<RawChunk>, SourceError> {
         if self.file.is_none() {
-            self.file = Some(File::open(&self.path).map_err(|e| self.io(e))?);
+            self.file = Some(File::open(&self.path).map_err(Self::io(&self.shard))?);
         }
         let file = self.file.as_mut().expect("opened");
         file.seek(SeekFrom::Start(self.offset))
-            .map_err(|e| SourceError::Io {
-                shard: self.shard.to_string(),
-                source: e,
-            })?;
+            .map_err(Self::io(&self.shard))?;
         // About `max_records` lines (an eighth more), not the whole read buffer: what is read
         // beyond the last whole line is read again next time. `read_to_end` fills the buffer
         // without zeroing it first.
@@ -94,18 +93,12 @@ impl LocalShardReader {
             let n = (&mut *file)
                 .take(want as u64)
                 .read_to_end(&mut self.buf)
-                .map_err(|e| SourceError::Io {
-                    shard: self.shard.to_string(),
-                    source: e,
-                })?;
+                .map_err(Self::io(&self.shard))?;
             // A line longer than this read, but within the read buffer: read it whole.
             if n == want && want < READ_BYTES && !self.buf.contains(&b'\n') {
                 want = READ_BYTES;
                 file.seek(SeekFrom::Start(self.offset))
-                    .map_err(|e| SourceError::Io {
-                        shard: self.shard.to_string(),
-                        source: e,
-                    })?;
+                    .map_err(Self::io(&self.shard))?;
                 continue;
             }
             break n;
@@ -129,10 +122,7 @@ impl LocalShardReader {
             let mut end = self.offset + READ_BYTES as u64;
             let mut byte = [0u8; 1 << 16];
             loop {
-                let n = file.read(&mut byte).map_err(|e| SourceError::Io {
-                    shard: self.shard.to_string(),
-                    source: e,
-                })?;
+                let n = file.read(&mut byte).map_err(Self::io(&self.shard))?;
                 if n == 0 {
                     return Ok(None); // not finished being written
                 }
