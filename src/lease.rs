@@ -552,17 +552,17 @@ impl LeaseManager {
                     gained += 1;
                 }
             }
-            if gained == 0 {
-                if let Some(v) = steal_from(&load, &self.owner, mine, target) {
-                    let theirs: Vec<&&Lease> = open
-                        .iter()
-                        .filter(|l| l.owner.as_deref() == Some(&v) && !expired.contains(&l.key))
-                        .collect();
-                    if let Some(l) = theirs.get(fastrand::usize(..theirs.len().max(1))) {
-                        tracing::info!(shard_id = %l.key, from = %v, target, "stealing a lease to balance");
-                        if self.take(&mut held, l).await {
-                            gained += 1;
-                        }
+            if gained == 0
+                && let Some(v) = steal_from(&load, &self.owner, mine, target)
+            {
+                let theirs: Vec<&&Lease> = open
+                    .iter()
+                    .filter(|l| l.owner.as_deref() == Some(&v) && !expired.contains(&l.key))
+                    .collect();
+                if let Some(l) = theirs.get(fastrand::usize(..theirs.len().max(1))) {
+                    tracing::info!(shard_id = %l.key, from = %v, target, "stealing a lease to balance");
+                    if self.take(&mut held, l).await {
+                        gained += 1;
                     }
                 }
             }
