@@ -21,6 +21,8 @@ use serde::de::DeserializeSeed;
 use crate::config::{FieldType, Pipeline, TimeFormat};
 use crate::record::{Position, RawChunk, SeqNo};
 
+mod flat;
+
 pub const SHARD_COL: &str = "_shard_id";
 pub const SEQ_COL: &str = "_sequence_number";
 
@@ -175,6 +177,8 @@ pub struct RecordDecoder {
     event_field: usize,
     max_record_bytes: usize,
     max_future_skew: i64,
+    /// Whether the flat reader goes first (always, but for measuring the strict one alone).
+    fast: bool,
 }
 
 impl RecordDecoder {
@@ -215,7 +219,15 @@ impl RecordDecoder {
             event_field,
             max_record_bytes: p.max_record_bytes,
             max_future_skew: p.max_future_skew,
+            fast: true,
         }
+    }
+
+    /// The same decoder reading every record with the strict serde_json reader alone, as it
+    /// did before the flat reader: for `benches/throughput.rs` to measure the difference.
+    pub fn strict_only(mut self) -> Self {
+        self.fast = false;
+        self
     }
 
     pub fn schema(&self) -> &SchemaRef {
@@ -226,8 +238,7 @@ impl RecordDecoder {
     pub fn decode(&self, chunk: &RawChunk, now_us: i64) -> Decoded {
         let n = chunk.len();
         let mut columns: Vec<Column> = self.fields.iter().map(|f| Column::new(f.kind, n)).collect();
-        let mut seqs =
-            StringBuilder::with_capacity(n, chunk.seqs.first().map_or(0, |s| s.0.len()) * n);
+        let mut seqs = StringBuilder::with_capacity(n, chunk.seqs.text_len());
         let mut dead = Vec::new();
         let mut slots = Vec::with_capacity(self.fields.len());
         let limit = now_us.saturating_add(self.max_future_skew);
@@ -244,11 +255,11 @@ impl RecordDecoder {
                     for (column, slot) in columns.iter_mut().zip(slots.drain(..)) {
                         column.push(slot);
                     }
-                    seqs.append_value(&chunk.seqs[i].0);
+                    seqs.append_value(chunk.seqs.get(i));
                     good += 1;
                 }
                 Err(reason) => dead.push(DeadLetter {
-                    seq: chunk.seqs[i].clone(),
+                    seq: SeqNo(chunk.seqs.get(i).to_string()),
                     reason,
                     raw: rec.to_vec(),
                 }),
@@ -286,21 +297,7 @@ impl RecordDecoder {
         if text.trim_ascii().is_empty() {
             return Err(Reason::Empty);
         }
-        slots.clear();
-        slots.resize_with(self.fields.len(), || Slot::Absent);
-        let mut wrong = None;
-        let mut de = serde_json::Deserializer::from_str(text);
-        json::Record {
-            fields: &self.fields,
-            slots,
-            wrong: &mut wrong,
-        }
-        .deserialize(&mut de)
-        .and_then(|()| de.end())
-        .map_err(|e| json::reason(text, e))?;
-        if let Some(m) = wrong {
-            return Err(Reason::WrongType(m));
-        }
+        self.parse(text, slots, self.fast)?;
         for (i, (f, slot)) in self.fields.iter().zip(slots.iter()).enumerate() {
             if let Slot::BadTime(value) = slot {
                 return Err(if i == self.event_field {
@@ -336,6 +333,41 @@ impl RecordDecoder {
             });
         }
         Ok(())
+    }
+}
+
+impl RecordDecoder {
+    /// Fills `slots` (one per field) from a record's JSON: the flat reader first (`fast`),
+    /// the strict serde_json reader when it declines. Syntax and type errors come out here.
+    fn parse<'a>(
+        &self,
+        text: &'a str,
+        slots: &mut Vec<Slot<'a>>,
+        fast: bool,
+    ) -> Result<(), Reason> {
+        let mut wrong = None;
+        let reset = |slots: &mut Vec<Slot<'a>>| {
+            slots.clear();
+            slots.resize_with(self.fields.len(), || Slot::Absent);
+        };
+        reset(slots);
+        if !fast || flat::read(&self.fields, text, slots, &mut wrong).is_none() {
+            reset(slots);
+            wrong = None;
+            let mut de = serde_json::Deserializer::from_str(text);
+            json::Record {
+                fields: &self.fields,
+                slots,
+                wrong: &mut wrong,
+            }
+            .deserialize(&mut de)
+            .and_then(|()| de.end())
+            .map_err(|e| json::reason(text, e))?;
+        }
+        match wrong {
+            Some(m) => Err(Reason::WrongType(m)),
+            None => Ok(()),
+        }
     }
 }
 
@@ -549,12 +581,13 @@ mod json {
     }
 
     /// A schema field's value.
-    struct Value<'s> {
-        field: &'s FieldSpec,
-        wrong: &'s mut Option<String>,
+    pub(super) struct Value<'s> {
+        pub field: &'s FieldSpec,
+        pub wrong: &'s mut Option<String>,
     }
 
     impl<'a> Value<'_> {
+        #[cold]
         fn mismatch(self, got: &str) -> Slot<'a> {
             let f = self.field;
             self.fail(format!(
@@ -564,6 +597,7 @@ mod json {
             ))
         }
 
+        #[cold]
         fn fail(self, message: String) -> Slot<'a> {
             if self.wrong.is_none() {
                 *self.wrong = Some(message);
@@ -571,13 +605,15 @@ mod json {
             Slot::Absent
         }
 
+        #[cold]
         fn out_of_range(self, v: impl fmt::Display) -> Slot<'a> {
             let name = &self.field.name;
             let m = format!("field `{name}`: {v} is out of range");
             self.fail(m)
         }
 
-        fn int(self, v: i64) -> Slot<'a> {
+        #[inline]
+        pub(super) fn int(self, v: i64) -> Slot<'a> {
             match self.field.kind {
                 Kind::I32 if i32::try_from(v).is_err() => self.out_of_range(v),
                 Kind::I32 | Kind::I64 => Slot::Int(v),
@@ -590,12 +626,16 @@ mod json {
             }
         }
 
-        fn text(self, v: Cow<'a, str>) -> Slot<'a> {
+        #[inline]
+        pub(super) fn text(self, v: Cow<'a, str>) -> Slot<'a> {
             match self.field.kind {
                 Kind::Str => Slot::Str(v),
-                Kind::Rfc3339 => match string_to_datetime(&Utc, &v) {
-                    Ok(t) => Slot::Time(t.timestamp_micros()),
-                    Err(_) => Slot::BadTime(v),
+                Kind::Rfc3339 => match super::flat::utc_micros(&v) {
+                    Some(us) => Slot::Time(us),
+                    None => match string_to_datetime(&Utc, &v) {
+                        Ok(t) => Slot::Time(t.timestamp_micros()),
+                        Err(_) => Slot::BadTime(v),
+                    },
                 },
                 Kind::Bool => self.mismatch("a string"),
                 // Numbers written as strings are read, as arrow-json reads them.
@@ -610,6 +650,46 @@ mod json {
             }
         }
 
+        #[inline]
+        pub(super) fn uint(self, v: u64) -> Slot<'a> {
+            match i64::try_from(v) {
+                Ok(v) => self.int(v),
+                Err(_) if matches!(self.field.kind, Kind::F32 | Kind::F64) => Slot::Float(v as f64),
+                Err(_) if matches!(self.field.kind, Kind::Str | Kind::Bool | Kind::Rfc3339) => {
+                    self.mismatch("a number")
+                }
+                Err(_) => self.out_of_range(v),
+            }
+        }
+
+        #[inline]
+        pub(super) fn float(self, v: f64) -> Slot<'a> {
+            match self.field.kind {
+                Kind::F32 | Kind::F64 => Slot::Float(v),
+                Kind::I32 | Kind::I64 | Kind::EpochMillis => {
+                    // serde_json gives a float for `1.5`, `1e3` and integers beyond u64.
+                    let within = v.fract() == 0.0 && v.abs() < 9.2e18;
+                    if v.fract() != 0.0 || within {
+                        let name = &self.field.name;
+                        let m = format!("field `{name}`: {v} is not an integer");
+                        self.fail(m)
+                    } else {
+                        self.out_of_range(v)
+                    }
+                }
+                Kind::Str | Kind::Bool | Kind::Rfc3339 => self.mismatch("a number"),
+            }
+        }
+
+        #[inline]
+        pub(super) fn boolean(self, v: bool) -> Slot<'a> {
+            match self.field.kind {
+                Kind::Bool => Slot::Bool(v),
+                _ => self.mismatch("a boolean"),
+            }
+        }
+
+        #[cold]
         fn unparsable(self, v: &str) -> Slot<'a> {
             let ty = match self.field.kind {
                 Kind::I32 => "Int32",
@@ -648,37 +728,13 @@ mod json {
             Ok(self.int(v))
         }
         fn visit_u64<E: de::Error>(self, v: u64) -> Result<Slot<'de>, E> {
-            Ok(match i64::try_from(v) {
-                Ok(v) => self.int(v),
-                Err(_) if matches!(self.field.kind, Kind::F32 | Kind::F64) => Slot::Float(v as f64),
-                Err(_) if matches!(self.field.kind, Kind::Str | Kind::Bool | Kind::Rfc3339) => {
-                    self.mismatch("a number")
-                }
-                Err(_) => self.out_of_range(v),
-            })
+            Ok(self.uint(v))
         }
         fn visit_f64<E: de::Error>(self, v: f64) -> Result<Slot<'de>, E> {
-            Ok(match self.field.kind {
-                Kind::F32 | Kind::F64 => Slot::Float(v),
-                Kind::I32 | Kind::I64 | Kind::EpochMillis => {
-                    // serde_json gives a float for `1.5`, `1e3` and integers beyond u64.
-                    let within = v.fract() == 0.0 && v.abs() < 9.2e18;
-                    if v.fract() != 0.0 || within {
-                        let name = &self.field.name;
-                        let m = format!("field `{name}`: {v} is not an integer");
-                        self.fail(m)
-                    } else {
-                        self.out_of_range(v)
-                    }
-                }
-                Kind::Str | Kind::Bool | Kind::Rfc3339 => self.mismatch("a number"),
-            })
+            Ok(self.float(v))
         }
         fn visit_bool<E: de::Error>(self, v: bool) -> Result<Slot<'de>, E> {
-            Ok(match self.field.kind {
-                Kind::Bool => Slot::Bool(v),
-                _ => self.mismatch("a boolean"),
-            })
+            Ok(self.boolean(v))
         }
         fn visit_unit<E: de::Error>(self) -> Result<Slot<'de>, E> {
             Ok(Slot::Absent)
@@ -762,7 +818,7 @@ mod tests {
             resume_from: None,
             data,
             spans,
-            seqs: (0..records.len() as u64).map(SeqNo::from_u64).collect(),
+            seqs: (0..records.len()).map(|i| i.to_string()).collect(),
             rejected: Vec::new(),
             arrival_us: NOW,
         }
@@ -960,5 +1016,161 @@ mod tests {
         assert_eq!(d.batch.num_rows(), 0);
         assert_eq!(d.batch.schema(), *decoder().schema());
         assert_eq!(d.dead.len(), 2);
+    }
+
+    /// A JSON number of random shape: digits, a fraction, an exponent, long enough to need
+    /// correct rounding, sometimes beyond i64 or f64.
+    fn random_number(rng: &mut fastrand::Rng) -> String {
+        let digits = |rng: &mut fastrand::Rng, n: usize| -> String {
+            (0..n).map(|_| rng.digit(10)).collect()
+        };
+        let mut s = String::new();
+        if rng.bool() {
+            s.push('-');
+        }
+        let n = rng.usize(1..22);
+        let int = digits(rng, n);
+        s.push_str(int.trim_start_matches('0'));
+        if s.is_empty() || s == "-" {
+            s.push('0');
+        }
+        if rng.u8(..3) == 0 {
+            s.push('.');
+            let n = rng.usize(1..25);
+            s.push_str(&digits(rng, n));
+        }
+        if rng.u8(..4) == 0 {
+            s.push(if rng.bool() { 'e' } else { 'E' });
+            s.push_str(["", "+", "-"][rng.usize(..3)]);
+            s.push_str(&rng.u16(..400).to_string());
+        }
+        s
+    }
+
+    /// The flat reader either declines or fills exactly what the strict serde_json reader
+    /// fills, error included, over hand-picked edge cases and random records mutated byte by
+    /// byte (so both readers see broken syntax, escapes, nesting, odd numbers).
+    #[test]
+    fn the_fast_reader_agrees_with_the_strict_one() {
+        let d = decoder();
+        let mut rng = fastrand::Rng::with_seed(0x5eed);
+        let mut corpus: Vec<String> = [
+            r#"{"ts":"2026-01-05T10:00:00Z","id":"a","n32":1,"n64":-2,"f32":1.5,"f64":-0.25,"ok":true,"seen":"2026-01-05T10:00:00.5Z"}"#,
+            r#" { "id" : "é\t" , "ts" : "2026-01-05T10:00:00.123456789Z" , "ok" : false } "#,
+            r#"{"id":"a","ts":"2026-01-05T10:00:00Z","extra":{"a":[1,{"b":null}]},"n64":null}"#,
+            r#"{"id":"a\"b","ts":"2026-01-05 10:00:00+01:00","id":"c"}"#,
+            r#"{"id":"a","ts":"2026-02-29T10:00:00Z"}"#,
+            r#"{"id":"a","ts":"2024-02-29T23:59:59.9999999Z","seen":"2026-13-01T00:00:00Z"}"#,
+            r#"{"n64":-0,"n32":-0.0,"f64":-0}"#,
+            r#"{"n64":01}"#,
+            r#"{"f64":1e400,"id":"x"}"#,
+            r#"{"skip":1e400,"id":"x","ts":"2026-01-05T10:00:00Z"}"#,
+            r#"{"n64":18446744073709551615,"f64":18446744073709551616}"#,
+            r#"{"n64":9223372036854775808}"#,
+            r#"{"n64":-9223372036854775808,"n32":-9223372036854775809}"#,
+            r#"{"n32":2147483648,"id":1}"#,
+            r#"{"n64":1.5,"n64":2,"id":"a"}"#,
+            r#"{"n64":"12","f64":"1.5","ok":"true","id":true}"#,
+            r#"{"n64":1.0,"f32":1E5,"f64":2.2250738585072011e-308}"#,
+            r#"{"f64":0.1000000000000000055511151231257827,"f32":9007199254740993}"#,
+            r#"{"id":"x",}"#,
+            r#"{"id":"x"}{"id":"y"}"#,
+            r#"{"id":"x"} x"#,
+            r#"{"ok":tru}"#,
+            r#"{"ok":true1}"#,
+            r#"{"n64":1.}"#,
+            r#"{"n64":.5}"#,
+            r#"{"f64":1e}"#,
+            r#"{"f64":-}"#,
+            r#"{}"#,
+            r#"[]"#,
+            r#""id""#,
+        ]
+        .map(String::from)
+        .to_vec();
+        for _ in 0..300 {
+            let (a, b, c) = (
+                random_number(&mut rng),
+                random_number(&mut rng),
+                random_number(&mut rng),
+            );
+            corpus.push(format!(
+                r#"{{"ts":"2026-01-05T10:00:{:02}.{}Z","id":"d{}","n32":{a},"n64":{b},"f32":{c},"f64":{a},"skip":{c}}}"#,
+                rng.u8(..60),
+                rng.u32(..1_000_000),
+                rng.u16(..)
+            ));
+        }
+        let alphabet = b"{}[],:\" \t\n\\0123456789.eE+-tfnulxZT";
+        let (mut accepted, mut declined) = (0, 0);
+        for round in 0..40_000 {
+            let mut rec = corpus[rng.usize(..corpus.len())].clone().into_bytes();
+            for _ in 0..(round % 4) {
+                let at = rng.usize(..=rec.len());
+                match rng.u8(..3) {
+                    0 if at < rec.len() => {
+                        rec.remove(at);
+                    }
+                    1 if at < rec.len() => rec[at] = alphabet[rng.usize(..alphabet.len())],
+                    _ => rec.insert(at, alphabet[rng.usize(..alphabet.len())]),
+                }
+            }
+            let Ok(text) = std::str::from_utf8(&rec) else {
+                continue;
+            };
+            let (mut fast, mut strict) = (Vec::new(), Vec::new());
+            let fast_result = d.parse(text, &mut fast, true);
+            let strict_result = d.parse(text, &mut strict, false);
+            assert_eq!(
+                format!("{fast_result:?} {fast:?}"),
+                format!("{strict_result:?} {strict:?}"),
+                "record {text}"
+            );
+            let mut slots: Vec<Slot> = (0..d.fields.len()).map(|_| Slot::Absent).collect();
+            match flat::read(&d.fields, text, &mut slots, &mut None) {
+                Some(()) => accepted += 1,
+                None => declined += 1,
+            }
+        }
+        assert!(
+            accepted > 10_000 && declined > 10_000,
+            "{accepted} accepted, {declined} declined"
+        );
+    }
+
+    /// The fast timestamp form gives arrow's parser's microseconds, or leaves the text to it.
+    #[test]
+    fn fast_timestamps_read_as_arrows_parser_reads_them() {
+        use arrow::compute::kernels::cast_utils::string_to_datetime;
+        let mut rng = fastrand::Rng::with_seed(42);
+        let mut fast = 0;
+        for _ in 0..50_000 {
+            let fraction = match rng.u8(..4) {
+                0 => String::new(),
+                _ => format!(
+                    ".{}",
+                    (0..rng.usize(1..12))
+                        .map(|_| rng.digit(10))
+                        .collect::<String>()
+                ),
+            };
+            let text = format!(
+                "{:04}-{:02}-{:02}{}{:02}:{:02}:{:02}{fraction}{}",
+                rng.u16(..10_000),
+                rng.u8(..14),
+                rng.u8(..32),
+                ['T', 'T', 'T', ' '][rng.usize(..4)],
+                rng.u8(..25),
+                rng.u8(..61),
+                rng.u8(..61),
+                ["Z", "Z", "Z", "+00:00", "z", ""][rng.usize(..6)],
+            );
+            let full = string_to_datetime(&chrono::Utc, &text).map(|t| t.timestamp_micros());
+            if let Some(us) = flat::utc_micros(&text) {
+                assert_eq!(Ok(us), full.map_err(|e| e.to_string()), "{text}");
+                fast += 1;
+            }
+        }
+        assert!(fast > 10_000, "only {fast} in the fast form");
     }
 }

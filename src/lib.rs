@@ -6,9 +6,9 @@
 //!
 //! - **Source** — [`source`]: one task per shard reads chunks of raw records
 //!   ([`record::RawChunk`]: shard, sequence numbers, bytes) from the local stream
-//!   ([`source::local`], the files [`localstream`] defines) or, later, Kinesis.
-//! - **Decode** — [`decode`]: JSON to Arrow with arrow-json, against the record schema;
-//!   records that do not fit become dead letters with a reason.
+//!   ([`source::local`], the files [`localstream`] defines) or Kinesis ([`source::kinesis`]).
+//! - **Decode** — [`decode`]: JSON to Arrow in one strict pass per record, against the record
+//!   schema; records that do not fit become dead letters with a reason.
 //! - **Windows and alerts** — [`engine`]: event-time watermark ([`window`]), per-aggregation
 //!   buffers of open windows emitted through DataFusion SQL ([`engine::sql`]), alert
 //!   predicates on records and on window rows, late records.

@@ -45,12 +45,19 @@ impl SeqNo {
 
 impl Ord for SeqNo {
     fn cmp(&self, other: &Self) -> Ordering {
-        let (a, b) = (self.record(), other.record());
-        a.len().cmp(&b.len()).then_with(|| a.cmp(b)).then_with(|| {
-            let whole = |s: &SeqNo| s.sub().unwrap_or(u64::MAX);
-            whole(self).cmp(&whole(other))
-        })
+        order(&self.0, &other.0)
     }
+}
+
+/// The order of two sequence numbers' texts (see [`SeqNo`]).
+pub fn order(a: &str, b: &str) -> Ordering {
+    fn split(s: &str) -> (usize, &str, u64) {
+        match s.split_once(':') {
+            Some((seq, sub)) => (seq.len(), seq, sub.parse().unwrap_or(u64::MAX)),
+            None => (s.len(), s, u64::MAX),
+        }
+    }
+    split(a).cmp(&split(b))
 }
 
 impl PartialOrd for SeqNo {
@@ -71,6 +78,98 @@ impl fmt::Display for SeqNo {
     }
 }
 
+/// The sequence numbers of a chunk's records, back to back in one string: no allocation per
+/// record.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct SeqNos {
+    text: String,
+    ends: Vec<usize>,
+}
+
+impl SeqNos {
+    pub fn with_capacity(records: usize, bytes: usize) -> Self {
+        Self {
+            text: String::with_capacity(bytes),
+            ends: Vec::with_capacity(records),
+        }
+    }
+
+    pub fn push(&mut self, seq: &str) {
+        self.text.push_str(seq);
+        self.ends.push(self.text.len());
+    }
+
+    /// A local stream's byte offset, written without the formatting machinery.
+    pub fn push_u64(&mut self, mut n: u64) {
+        let mut digits = [0u8; 20];
+        let mut at = digits.len();
+        loop {
+            at -= 1;
+            digits[at] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        self.push(std::str::from_utf8(&digits[at..]).expect("ASCII digits"));
+    }
+
+    /// The `sub`-th user record of the aggregate with sequence number `seq`.
+    pub fn push_sub(&mut self, seq: &str, sub: u64) {
+        use std::fmt::Write;
+        write!(self.text, "{seq}:{sub}").expect("writing to a String");
+        self.ends.push(self.text.len());
+    }
+
+    /// Takes the last one off again.
+    pub fn pop(&mut self) {
+        self.ends.pop();
+        self.text.truncate(self.ends.last().copied().unwrap_or(0));
+    }
+
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    /// The bytes of all the sequence numbers together.
+    pub fn text_len(&self) -> usize {
+        self.text.len()
+    }
+
+    pub fn get(&self, i: usize) -> &str {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        &self.text[start..self.ends[i]]
+    }
+
+    pub fn last(&self) -> Option<&str> {
+        (!self.is_empty()).then(|| self.get(self.len() - 1))
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &str> {
+        (0..self.len()).map(|i| self.get(i))
+    }
+}
+
+impl fmt::Debug for SeqNos {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
+impl<S: AsRef<str>> FromIterator<S> for SeqNos {
+    fn from_iter<I: IntoIterator<Item = S>>(iter: I) -> Self {
+        let mut seqs = SeqNos::default();
+        for s in iter {
+            seqs.push(s.as_ref());
+        }
+        seqs
+    }
+}
+
 /// A reading position in a shard: after this sequence number, or (None) from the start.
 pub type Position = Option<SeqNo>;
 
@@ -84,7 +183,7 @@ pub struct RawChunk {
     pub data: Vec<u8>,
     /// Each record's bytes within `data`.
     pub spans: Vec<Range<usize>>,
-    pub seqs: Vec<SeqNo>,
+    pub seqs: SeqNos,
     /// Records the source already knows are bad (a corrupt KPL aggregate), by index, with
     /// why: they go to dead-letter as they are.
     pub rejected: Vec<(usize, String)>,
@@ -107,10 +206,10 @@ impl RawChunk {
 
     /// The position after the last record.
     pub fn end(&self) -> Position {
-        self.seqs
-            .last()
-            .cloned()
-            .or_else(|| self.resume_from.clone())
+        match self.seqs.last() {
+            Some(seq) => Some(SeqNo(seq.to_string())),
+            None => self.resume_from.clone(),
+        }
     }
 }
 
@@ -128,6 +227,27 @@ mod tests {
     }
 
     #[test]
+    fn a_chunks_sequence_numbers_read_back_as_pushed() {
+        let mut seqs = SeqNos::default();
+        for n in [0, 7, 10, 123_456_789, u64::MAX] {
+            seqs.push_u64(n);
+        }
+        seqs.push_sub("4959", 3);
+        seqs.push("");
+        let want = [
+            "0",
+            "7",
+            "10",
+            "123456789",
+            "18446744073709551615",
+            "4959:3",
+            "",
+        ];
+        assert_eq!(seqs.iter().collect::<Vec<_>>(), want);
+        assert_eq!((seqs.len(), seqs.last()), (7, Some("")));
+    }
+
+    #[test]
     fn sub_records_order_inside_their_aggregate() {
         let agg = "49590338271490256608559692538361571095921575989136588898";
         let next = SeqNo("49590338271490256608559692540925702759324208523137515618".into());
@@ -136,6 +256,7 @@ mod tests {
         assert!(s0 < s1 && s1 < whole && whole < next);
         assert!(SeqNo::sub_record(agg, 999) < next);
         assert!(SeqNo::from_u64(9) < SeqNo::sub_record("10", 0));
+        assert_eq!(order("12:1", "12"), Ordering::Less);
         assert_eq!((s1.record(), s1.sub()), (agg, Some(1)));
         assert_eq!((whole.record(), whole.sub()), (agg, None));
     }

@@ -17,7 +17,7 @@ use shardlake::localstream::{self, LocalStreamWriter};
 use shardlake::metrics::Metrics;
 use shardlake::pipeline::{RunOptions, lakes_for, run};
 use shardlake::query;
-use shardlake::record::{RawChunk, SeqNo};
+use shardlake::record::{RawChunk, SeqNo, SeqNos};
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -288,13 +288,13 @@ impl Feed {
         let resume_from = (*off > 0).then(|| SeqNo::from_u64(*off));
         let mut data = Vec::new();
         let mut spans = Vec::new();
-        let mut seqs = Vec::new();
+        let mut seqs = SeqNos::default();
         for l in lines {
             let start = data.len();
             data.extend_from_slice(l.as_bytes());
             spans.push(start..data.len());
             *off += l.len() as u64 + 1;
-            seqs.push(SeqNo::from_u64(*off));
+            seqs.push_u64(*off);
         }
         let chunk = RawChunk {
             shard: shard.into(),

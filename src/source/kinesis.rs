@@ -24,7 +24,7 @@ use super::{ShardReader, SourceError};
 use crate::aws;
 use crate::config::{KinesisSource, StartAt};
 use crate::metrics::Metrics;
-use crate::record::{Position, RawChunk, SeqNo};
+use crate::record::{Position, RawChunk, SeqNo, SeqNos, order};
 use crate::source::kpl;
 
 /// GetRecords: at most 5 calls a second per shard.
@@ -307,20 +307,20 @@ impl ShardReader for KinesisShardReader {
                         if self.stream.split_lines && lines(b).nth(1).is_some() =>
                     {
                         for (k, line) in lines(b).enumerate() {
-                            chunk.push(line, SeqNo::sub_record(seq, k as u64), &self.position);
+                            chunk.push(line, seq, Some(k as u64), &self.position);
                         }
                     }
-                    kpl::Unpacked::Plain => chunk.push(b, SeqNo(seq.to_string()), &self.position),
+                    kpl::Unpacked::Plain => chunk.push(b, seq, None, &self.position),
                     kpl::Unpacked::Records(users) => {
                         Metrics::add(&metrics.kpl_aggregates, 1);
                         for (k, user) in users.into_iter().enumerate() {
-                            chunk.push(user, SeqNo::sub_record(seq, k as u64), &self.position);
+                            chunk.push(user, seq, Some(k as u64), &self.position);
                         }
                     }
                     kpl::Unpacked::Corrupt(why) => {
                         tracing::warn!(shard_id = %self.shard, sequence_number = seq, reason = %why, "corrupt KPL aggregate; the record goes to dead-letter");
                         chunk.rejected.push((chunk.spans.len(), why));
-                        chunk.push(b, SeqNo(seq.to_string()), &self.position);
+                        chunk.push(b, seq, None, &self.position);
                     }
                 }
             }
@@ -328,7 +328,8 @@ impl ShardReader for KinesisShardReader {
                 // Only the part of an aggregate that was read before: go on after it.
                 continue;
             }
-            let resume_from = std::mem::replace(&mut self.position, chunk.seqs.last().cloned());
+            let last = chunk.seqs.last().map(|s| SeqNo(s.to_string()));
+            let resume_from = std::mem::replace(&mut self.position, last);
             return Ok(Some(RawChunk {
                 shard: self.shard.clone(),
                 resume_from,
@@ -353,7 +354,7 @@ fn lines(b: &[u8]) -> impl Iterator<Item = &[u8]> {
 struct Chunk {
     data: Vec<u8>,
     spans: Vec<std::ops::Range<usize>>,
-    seqs: Vec<SeqNo>,
+    seqs: SeqNos,
     rejected: Vec<(usize, String)>,
 }
 
@@ -362,15 +363,24 @@ impl Chunk {
         Self {
             data: Vec::with_capacity(bytes),
             spans: Vec::with_capacity(records),
-            seqs: Vec::with_capacity(records),
+            seqs: SeqNos::with_capacity(records, records * 56),
             rejected: Vec::new(),
         }
     }
 
     /// Adds a record unless it is at or before `after` (an aggregate read again from its
-    /// start after a restart part-way through it).
-    fn push(&mut self, b: &[u8], seq: SeqNo, after: &Position) {
-        if after.as_ref().is_some_and(|after| seq <= *after) {
+    /// start after a restart part-way through it). `sub` is a user record's index in its aggregate (or line in a multi-line record).
+    fn push(&mut self, b: &[u8], seq: &str, sub: Option<u64>, after: &Position) {
+        match sub {
+            Some(sub) => self.seqs.push_sub(seq, sub),
+            None => self.seqs.push(seq),
+        }
+        let pushed = self.seqs.last().expect("just pushed");
+        if after
+            .as_ref()
+            .is_some_and(|after| order(pushed, &after.0).is_le())
+        {
+            self.seqs.pop();
             if let Some(last) = self.rejected.last()
                 && last.0 == self.spans.len()
             {
@@ -380,7 +390,6 @@ impl Chunk {
         }
         self.spans.push(self.data.len()..self.data.len() + b.len());
         self.data.extend_from_slice(b);
-        self.seqs.push(seq);
     }
 }
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use super::{ShardReader, SourceError};
 use crate::localstream::{read_meta, shard_id, shard_path};
-use crate::record::{Position, RawChunk, SeqNo};
+use crate::record::{Position, RawChunk, SeqNo, SeqNos};
 
 /// Lines longer than this are not kept in memory whole: the record is dead-lettered by size.
 const READ_BYTES: usize = 4 << 20;
@@ -95,7 +95,7 @@ impl LocalShardReader {
                 .read_to_end(&mut self.buf)
                 .map_err(Self::io(&self.shard))?;
             // A line longer than this read, but within the read buffer: read it whole.
-            if n == want && want < READ_BYTES && !self.buf.contains(&b'\n') {
+            if n == want && want < READ_BYTES && memchr::memchr(b'\n', &self.buf).is_none() {
                 want = READ_BYTES;
                 file.seek(SeekFrom::Start(self.offset))
                     .map_err(Self::io(&self.shard))?;
@@ -104,16 +104,16 @@ impl LocalShardReader {
             break n;
         };
         let resume_from = (self.offset > 0).then(|| SeqNo::from_u64(self.offset));
-        let mut spans = Vec::new();
-        let mut seqs = Vec::new();
+        let expect = self
+            .line_bytes
+            .map_or(0, |l| (filled / l.max(1)).min(max_records));
+        let mut spans = Vec::with_capacity(expect);
+        let mut seqs = SeqNos::with_capacity(expect, expect * 10);
         let mut start = 0;
-        while spans.len() < max_records {
-            let Some(nl) = self.buf[start..].iter().position(|&b| b == b'\n') else {
-                break;
-            };
-            spans.push(start..start + nl);
-            seqs.push(SeqNo::from_u64(self.offset + (start + nl + 1) as u64));
-            start += nl + 1;
+        for nl in memchr::memchr_iter(b'\n', &self.buf).take(max_records) {
+            spans.push(start..nl);
+            seqs.push_u64(self.offset + nl as u64 + 1);
+            start = nl + 1;
         }
         if spans.is_empty() && filled == READ_BYTES {
             // One line longer than the read buffer: keep its head and skip to its end, so it
@@ -136,9 +136,9 @@ impl LocalShardReader {
             return Ok(Some(RawChunk {
                 shard: self.shard.clone(),
                 resume_from,
-                spans: vec![0..head.len()],
+                spans: std::iter::once(0..head.len()).collect(),
                 data: head,
-                seqs: vec![SeqNo::from_u64(end)],
+                seqs: [end.to_string()].into_iter().collect(),
                 arrival_us: now_us,
                 rejected: Vec::new(),
             }));
@@ -181,7 +181,7 @@ mod tests {
         let mut r = LocalShardReader::open(dir.path(), shard.clone(), &None);
         let c = r.read_now(10, 0).unwrap().unwrap();
         assert_eq!((c.record(0), c.record(1)), (&b"a"[..], &b"bb"[..]));
-        assert_eq!(c.seqs, vec![SeqNo::from_u64(2), SeqNo::from_u64(5)]);
+        assert_eq!(c.seqs.iter().collect::<Vec<_>>(), ["2", "5"]);
         assert!(
             r.read_now(10, 0).unwrap().is_none(),
             "ccc has no newline yet"

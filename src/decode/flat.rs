@@ -1,0 +1,223 @@
+//! The common record read fast: a flat JSON object whose keys and strings hold no escapes and
+//! whose values are strings, numbers, `true`, `false` or `null`.
+//!
+//! Anything else (an escape, a nested value, a number serde_json would read as a float
+//! beyond an integer's range, any syntax error) makes [`read`] answer `None`. The strict
+//! serde_json reader then reads the record from the start, so it alone words every error.
+//! For a record this reader accepts, it fills the same slots the strict reader would. A unit
+//! test runs both over thousands of mutated records and compares them.
+//!
+//! Floats are correctly rounded on both paths: `str::parse` here, and serde_json with its
+//! `float_roundtrip` feature there.
+
+use std::borrow::Cow;
+
+use super::json::Value;
+use super::{FieldSpec, Slot};
+
+/// Fills `slots` (one per field, all `Absent`) from `text`, or `None` if the strict reader
+/// must decide. Type errors go to `wrong`, as the strict reader reports them.
+pub(super) fn read<'a>(
+    fields: &[FieldSpec],
+    text: &'a str,
+    slots: &mut [Slot<'a>],
+    wrong: &mut Option<String>,
+) -> Option<()> {
+    let b = text.as_bytes();
+    let mut i = ws(b, 0);
+    if *b.get(i)? != b'{' {
+        return None;
+    }
+    i = ws(b, i + 1);
+    if *b.get(i)? == b'}' {
+        i += 1;
+    } else {
+        // Records usually list their fields in one order: try the one after the last.
+        let mut guess = 0;
+        loop {
+            if *b.get(i)? != b'"' {
+                return None;
+            }
+            let end = string_end(b, i + 1)?;
+            let key = &text[i + 1..end];
+            i = ws(b, end + 1);
+            if *b.get(i)? != b':' {
+                return None;
+            }
+            i = ws(b, i + 1);
+            let field = match fields.get(guess) {
+                Some(f) if f.name == key => Some(guess),
+                _ => fields.iter().position(|f| f.name == key),
+            };
+            let next = match field {
+                Some(k) => {
+                    guess = k + 1;
+                    let value = Value {
+                        field: &fields[k],
+                        wrong: &mut *wrong,
+                    };
+                    read_value(text, i, Some((value, &mut slots[k])))?
+                }
+                None => read_value(text, i, None)?,
+            };
+            i = ws(b, next);
+            match *b.get(i)? {
+                b',' => i = ws(b, i + 1),
+                b'}' => {
+                    i += 1;
+                    break;
+                }
+                _ => return None,
+            }
+        }
+    }
+    (ws(b, i) == b.len()).then_some(())
+}
+
+/// The value at `i` into the field's slot (none for a key outside the schema), and the
+/// index after it. The slot is written in place: a `Slot` returned by value and then moved
+/// cost a store-forwarding stall per field in the profile.
+type Out<'s, 'a> = Option<(Value<'s>, &'s mut Slot<'a>)>;
+
+fn read_value<'a>(text: &'a str, i: usize, out: Out<'_, 'a>) -> Option<usize> {
+    let b = text.as_bytes();
+    let literal = |word: &[u8]| b[i..].starts_with(word).then_some(i + word.len());
+    let (next, value) = match *b.get(i)? {
+        b'"' => {
+            let end = string_end(b, i + 1)?;
+            (end + 1, Token::Str(&text[i + 1..end]))
+        }
+        b't' => (literal(b"true")?, Token::Bool(true)),
+        b'f' => (literal(b"false")?, Token::Bool(false)),
+        b'n' => (literal(b"null")?, Token::Null),
+        b'-' | b'0'..=b'9' => read_number(text, i)?,
+        _ => return None,
+    };
+    if let Some((v, slot)) = out {
+        *slot = match value {
+            Token::Str(s) => v.text(Cow::Borrowed(s)),
+            Token::Bool(x) => v.boolean(x),
+            Token::Null => Slot::Absent,
+            Token::Uint(n) => v.uint(n),
+            Token::Int(n) => v.int(n),
+            Token::Float(x) => v.float(x),
+            Token::Number => return None,
+        };
+    }
+    Some(next)
+}
+
+/// A scalar JSON value, as serde_json would hand it to a visitor.
+enum Token<'a> {
+    Str(&'a str),
+    Bool(bool),
+    Null,
+    Uint(u64),
+    Int(i64),
+    Float(f64),
+    /// A number serde_json reads in a way of its own (beyond u64, `-0`, beyond f64): the
+    /// strict reader decides, if the field is in the schema.
+    Number,
+}
+
+/// A number by JSON's grammar: `-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?`.
+fn read_number(text: &str, start: usize) -> Option<(usize, Token<'_>)> {
+    let b = text.as_bytes();
+    let negative = b[start] == b'-';
+    let digits = start + usize::from(negative);
+    let int_end = match b.get(digits)? {
+        b'0' => digits + 1,
+        b'1'..=b'9' => digits_end(b, digits + 1),
+        _ => return None,
+    };
+    if b.get(int_end).is_some_and(u8::is_ascii_digit) {
+        return None; // a leading zero
+    }
+    let mut end = int_end;
+    if b.get(end) == Some(&b'.') {
+        let fraction = end + 1;
+        end = digits_end(b, fraction);
+        if end == fraction {
+            return None;
+        }
+    }
+    if matches!(b.get(end), Some(b'e' | b'E')) {
+        let sign = usize::from(matches!(b.get(end + 1), Some(b'+' | b'-')));
+        let exponent = end + 1 + sign;
+        end = digits_end(b, exponent);
+        if end == exponent {
+            return None;
+        }
+    }
+    let token = if end > int_end {
+        match text[start..end].parse::<f64>() {
+            Ok(x) if x.is_finite() => Token::Float(x),
+            _ => Token::Number, // serde_json says "number out of range"
+        }
+    } else {
+        // Beyond u64 (or below i64), or `-0`, serde_json reads a float.
+        match text[digits..int_end].parse::<u64>() {
+            Ok(0) if negative => Token::Number,
+            Ok(n) if negative => i64::try_from(-i128::from(n)).map_or(Token::Number, Token::Int),
+            Ok(n) => Token::Uint(n),
+            Err(_) => Token::Number,
+        }
+    };
+    Some((end, token))
+}
+
+/// Where the digits starting at `i` end (`i` itself if there are none).
+fn digits_end(b: &[u8], i: usize) -> usize {
+    i + b.get(i..).map_or(0, |rest| {
+        rest.iter().take_while(|c| c.is_ascii_digit()).count()
+    })
+}
+
+/// The index of the quote closing a string whose text starts at `i`, or `None` for an
+/// escape, a control character or no closing quote.
+fn string_end(b: &[u8], i: usize) -> Option<usize> {
+    let len = b
+        .get(i..)?
+        .iter()
+        .position(|&c| c == b'"' || c == b'\\' || c < 0x20)?;
+    (b[i + len] == b'"').then_some(i + len)
+}
+
+/// Past JSON white space.
+fn ws(b: &[u8], mut i: usize) -> usize {
+    while matches!(b.get(i), Some(b' ' | b'\n' | b'\t' | b'\r')) {
+        i += 1;
+    }
+    i
+}
+
+/// `YYYY-MM-DDTHH:MM:SS[.fraction]Z`, the form nearly every sensor writes, in microseconds
+/// (a fraction beyond them truncated, as the full parser does), or `None` for any other
+/// form, which arrow's RFC 3339 parser then reads.
+pub(super) fn utc_micros(s: &str) -> Option<i64> {
+    let b = s.as_bytes();
+    let at = |i: usize, c: u8| b.get(i) == Some(&c);
+    if b.len() < 20 || !(at(4, b'-') && at(7, b'-') && at(10, b'T') && at(13, b':')) {
+        return None;
+    }
+    if !at(16, b':') || !at(b.len() - 1, b'Z') {
+        return None;
+    }
+    let num = |from: usize, to: usize| {
+        b[from..to].iter().try_fold(0u32, |n, &c| {
+            c.is_ascii_digit().then(|| n * 10 + u32::from(c - b'0'))
+        })
+    };
+    let micros = match &b[19..b.len() - 1] {
+        [] => 0,
+        [b'.', digits @ ..] if (1..=9).contains(&digits.len()) => {
+            let kept = digits.len().min(6);
+            num(20, 20 + digits.len())?;
+            num(20, 20 + kept)? * 10u32.pow((6 - kept) as u32)
+        }
+        _ => return None,
+    };
+    let date = chrono::NaiveDate::from_ymd_opt(num(0, 4)? as i32, num(5, 7)?, num(8, 10)?)?;
+    let time = date.and_hms_opt(num(11, 13)?, num(14, 16)?, num(17, 19)?)?;
+    Some(time.and_utc().timestamp() * 1_000_000 + i64::from(micros))
+}
