@@ -75,8 +75,7 @@ pub(super) fn read<'a>(
 }
 
 /// The value at `i` into the field's slot (none for a key outside the schema), and the
-/// index after it. The slot is written in place: a `Slot` returned by value and then moved
-/// cost a store-forwarding stall per field in the profile.
+/// index after it.
 type Out<'s, 'a> = Option<(Value<'s>, &'s mut Slot<'a>)>;
 
 fn read_value<'a>(text: &'a str, i: usize, out: Out<'_, 'a>) -> Option<usize> {
@@ -93,16 +92,18 @@ fn read_value<'a>(text: &'a str, i: usize, out: Out<'_, 'a>) -> Option<usize> {
         b'-' | b'0'..=b'9' => read_number(text, i)?,
         _ => return None,
     };
+    // An assignment per arm: one `match` producing the slot built it on the stack and then
+    // copied it, a store-forwarding stall per field.
     if let Some((v, slot)) = out {
-        *slot = match value {
-            Token::Str(s) => v.text(Cow::Borrowed(s)),
-            Token::Bool(x) => v.boolean(x),
-            Token::Null => Slot::Absent,
-            Token::Uint(n) => v.uint(n),
-            Token::Int(n) => v.int(n),
-            Token::Float(x) => v.float(x),
+        match value {
+            Token::Str(s) => *slot = v.text(Cow::Borrowed(s)),
+            Token::Bool(x) => *slot = v.boolean(x),
+            Token::Null => *slot = Slot::Absent,
+            Token::Uint(n) => *slot = v.uint(n),
+            Token::Int(n) => *slot = v.int(n),
+            Token::Float(x) => *slot = v.float(x),
             Token::Number => return None,
-        };
+        }
     }
     Some(next)
 }

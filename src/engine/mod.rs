@@ -31,7 +31,7 @@ use crate::failpoint;
 use crate::metrics::Metrics;
 use crate::notify::Notifications;
 use crate::record::{Position, SeqNo};
-use crate::sink::writer::{OutputWriter, WriteError};
+use crate::sink::writer::{OutputWriter, Table, WriteError};
 use crate::sink::{Lakes, StagedFile};
 use crate::window::{Watermark, WindowSpec};
 use futures::{StreamExt, TryStreamExt};
@@ -173,7 +173,7 @@ impl Engine {
             .expect("validated");
         let event_name = p.event_time.field.clone();
         let outputs = sql::output_schemas(&p, &compiled);
-        let writer = |name: &str, col: &str| -> Result<OutputWriter, EngineError> {
+        let writer = |name: &str, col: &str, kind| -> Result<OutputWriter, EngineError> {
             let schema = outputs
                 .iter()
                 .find(|(n, _)| n == name)
@@ -181,7 +181,7 @@ impl Engine {
                 .expect("every table has a schema");
             let rollover = p.outputs.rollover[name].clone();
             let lake = lakes.get(name).map_err(EngineError::Lake)?.clone();
-            Ok(OutputWriter::new(name, schema, col, rollover, lake))
+            Ok(OutputWriter::new(name, schema, col, rollover, lake, kind))
         };
         let aggs = p
             .outputs
@@ -199,7 +199,7 @@ impl Engine {
                     buffer: VecDeque::new(),
                     buffered: 0,
                     folded: BTreeMap::new(),
-                    writer: writer(&a.name, WINDOW_START)?,
+                    writer: writer(&a.name, WINDOW_START, Table::Aggregates)?,
                 })
             })
             .collect::<Result<_, EngineError>>()?;
@@ -213,12 +213,12 @@ impl Engine {
         }
         Ok(Self {
             raw: match &p.outputs.raw {
-                Some(name) => Some(writer(name, &event_name)?),
+                Some(name) => Some(writer(name, &event_name, Table::Records)?),
                 None => None,
             },
-            dead: writer(&p.outputs.dead_letter, "arrival_time")?,
-            late: writer(&p.outputs.late, &event_name)?,
-            alerts: writer(&p.outputs.alerts, "event_time")?,
+            dead: writer(&p.outputs.dead_letter, "arrival_time", Table::Records)?,
+            late: writer(&p.outputs.late, &event_name, Table::Records)?,
+            alerts: writer(&p.outputs.alerts, "event_time", Table::Records)?,
             key_field: p.schema.key.clone(),
             p,
             clock,

@@ -60,6 +60,15 @@ struct OpenFile {
     rows: u64,
 }
 
+/// What a table holds, for its encodings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Table {
+    /// Records as they came (raw, dead-letter, late) and alerts.
+    Records,
+    /// Window aggregates: computed, nearly unique floats.
+    Aggregates,
+}
+
 pub struct OutputWriter {
     pub name: String,
     schema: SchemaRef,
@@ -80,6 +89,7 @@ impl OutputWriter {
         time_column: &str,
         rollover: Rollover,
         lake: Arc<dyn Lake>,
+        kind: Table,
     ) -> Self {
         let time_column = schema
             .index_of(time_column)
@@ -90,9 +100,17 @@ impl OutputWriter {
             .set_created_by(format!("shardlake {}", env!("CARGO_PKG_VERSION")));
         // A dictionary only costs where nearly every value differs: each value is hashed and
         // interned until the dictionary page overflows. Sequence numbers are unique and
-        // timestamps nearly so (benches/README.md: the interner was 13% of a run).
+        // timestamps nearly so (benches/README.md: the interner was 13% of a run), and so are
+        // computed floats such as averages (7% of a run without the raw table). Sensors'
+        // readings repeat (a tenth of a degree), so records keep their float dictionaries:
+        // without them, the raw table of benches/compare.py grew by a fifth.
         for field in schema.fields() {
-            if field.name() == SEQ_COL || matches!(field.data_type(), DataType::Timestamp(..)) {
+            let unique = match field.data_type() {
+                DataType::Timestamp(..) => true,
+                DataType::Float32 | DataType::Float64 => kind == Table::Aggregates,
+                _ => false,
+            };
+            if field.name() == SEQ_COL || unique {
                 props = props
                     .set_column_dictionary_enabled(ColumnPath::from(field.name().as_str()), false);
             }
@@ -291,7 +309,7 @@ mod tests {
             max_bytes: 64 << 10,
             max_age: Duration::from_secs(60),
         };
-        let mut w = OutputWriter::new("t", schema.clone(), "t", rollover, lake);
+        let mut w = OutputWriter::new("t", schema.clone(), "t", rollover, lake, Table::Records);
         assert!(!w.due(0), "nothing written");
         let batch = |n: i64| {
             let t: ArrayRef =
