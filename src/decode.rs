@@ -1144,6 +1144,26 @@ mod tests {
         use arrow::compute::kernels::cast_utils::string_to_datetime;
         let mut rng = fastrand::Rng::with_seed(42);
         let mut fast = 0;
+        let edges = [
+            "1900-02-29T00:00:00Z",
+            "2000-02-29T00:00:00Z",
+            "2100-02-29T00:00:00Z",
+            "2024-02-29T12:00:00Z",
+            "2023-02-29T12:00:00Z",
+            "2026-04-31T00:00:00Z",
+            "2026-12-31T23:59:59.999999999Z",
+            "1969-12-31T23:59:59.999999Z",
+            "0000-01-01T00:00:00Z",
+            "9999-12-31T23:59:59Z",
+        ];
+        for text in edges {
+            let full = string_to_datetime(&chrono::Utc, text).map(|t| t.timestamp_micros());
+            assert_eq!(
+                flat::utc_micros(text).ok_or(()),
+                full.map_err(|_| ()),
+                "{text}"
+            );
+        }
         for _ in 0..50_000 {
             let fraction = match rng.u8(..4) {
                 0 => String::new(),

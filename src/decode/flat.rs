@@ -151,20 +151,48 @@ fn read_number(text: &str, start: usize) -> Option<(usize, Token<'_>)> {
         }
     }
     let token = if end > int_end {
-        match text[start..end].parse::<f64>() {
-            Ok(x) if x.is_finite() => Token::Float(x),
-            _ => Token::Number, // serde_json says "number out of range"
+        match simple_float(&b[digits..int_end], &b[int_end..end]) {
+            Some(x) if negative => Token::Float(-x),
+            Some(x) => Token::Float(x),
+            None => match text[start..end].parse::<f64>() {
+                Ok(x) if x.is_finite() => Token::Float(x),
+                _ => Token::Number, // serde_json says "number out of range"
+            },
         }
     } else {
         // Beyond u64 (or below i64), or `-0`, serde_json reads a float.
-        match text[digits..int_end].parse::<u64>() {
-            Ok(0) if negative => Token::Number,
-            Ok(n) if negative => i64::try_from(-i128::from(n)).map_or(Token::Number, Token::Int),
-            Ok(n) => Token::Uint(n),
-            Err(_) => Token::Number,
+        match decimal(&b[digits..int_end]) {
+            Some(0) if negative => Token::Number,
+            Some(n) if negative => i64::try_from(-i128::from(n)).map_or(Token::Number, Token::Int),
+            Some(n) => Token::Uint(n),
+            None => Token::Number,
         }
     };
     Some((end, token))
+}
+
+/// The value of ASCII digits, or `None` beyond u64.
+fn decimal(digits: &[u8]) -> Option<u64> {
+    digits.iter().try_fold(0u64, |n, &c| {
+        n.checked_mul(10)?.checked_add(u64::from(c - b'0'))
+    })
+}
+
+/// `int` then `rest` = `.digits` (no exponent) with at most 15 digits in all, exactly: the
+/// digits make an integer below 2^53 and 10^k (k <= 15) is a double too, so the one IEEE
+/// division is correctly rounded, as `str::parse` rounds (Clinger's fast path). `None`
+/// otherwise.
+fn simple_float(int: &[u8], rest: &[u8]) -> Option<f64> {
+    const POW10: [f64; 16] = [
+        1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15,
+    ];
+    let fraction = rest.strip_prefix(b".")?;
+    if int.len() + fraction.len() > 15 || !fraction.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let m = decimal(fraction).zip(decimal(int))?;
+    let mantissa = m.1 * 10u64.pow(fraction.len() as u32) + m.0;
+    Some(mantissa as f64 / POW10[fraction.len()])
 }
 
 /// Where the digits starting at `i` end (`i` itself if there are none).
@@ -175,13 +203,31 @@ fn digits_end(b: &[u8], i: usize) -> usize {
 }
 
 /// The index of the quote closing a string whose text starts at `i`, or `None` for an
-/// escape, a control character or no closing quote.
+/// escape, a control character or no closing quote. Eight bytes at a time: a byte that is
+/// `"`, `\` or below 0x20 sets its top bit in `hit` (bytes above the first such one may be
+/// set falsely, so only the lowest counts).
 fn string_end(b: &[u8], i: usize) -> Option<usize> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const TOPS: u64 = 0x8080_8080_8080_8080;
+    let zero_byte = |x: u64| x.wrapping_sub(ONES) & !x;
+    let mut at = i;
+    while let Some(word) = b.get(at..at + 8) {
+        let w = u64::from_le_bytes(word.try_into().expect("8 bytes"));
+        let quote = zero_byte(w ^ (ONES * u64::from(b'"')));
+        let escape = zero_byte(w ^ (ONES * u64::from(b'\\')));
+        let control = w.wrapping_sub(ONES * 0x20) & !w;
+        let hit = (quote | escape | control) & TOPS;
+        if hit != 0 {
+            at += (hit.trailing_zeros() / 8) as usize;
+            return (b[at] == b'"').then_some(at);
+        }
+        at += 8;
+    }
     let len = b
-        .get(i..)?
+        .get(at..)?
         .iter()
         .position(|&c| c == b'"' || c == b'\\' || c < 0x20)?;
-    (b[i + len] == b'"').then_some(i + len)
+    (b[at + len] == b'"').then_some(at + len)
 }
 
 /// Past JSON white space.
@@ -204,11 +250,7 @@ pub(super) fn utc_micros(s: &str) -> Option<i64> {
     if !at(16, b':') || !at(b.len() - 1, b'Z') {
         return None;
     }
-    let num = |from: usize, to: usize| {
-        b[from..to].iter().try_fold(0u32, |n, &c| {
-            c.is_ascii_digit().then(|| n * 10 + u32::from(c - b'0'))
-        })
-    };
+    let num = |from: usize, to: usize| digits_value(&b[from..to]);
     let micros = match &b[19..b.len() - 1] {
         [] => 0,
         [b'.', digits @ ..] if (1..=9).contains(&digits.len()) => {
@@ -218,7 +260,40 @@ pub(super) fn utc_micros(s: &str) -> Option<i64> {
         }
         _ => return None,
     };
-    let date = chrono::NaiveDate::from_ymd_opt(num(0, 4)? as i32, num(5, 7)?, num(8, 10)?)?;
-    let time = date.and_hms_opt(num(11, 13)?, num(14, 16)?, num(17, 19)?)?;
-    Some(time.and_utc().timestamp() * 1_000_000 + i64::from(micros))
+    let (year, month, day) = (num(0, 4)?, num(5, 7)?, num(8, 10)?);
+    let (hour, minute, second) = (num(11, 13)?, num(14, 16)?, num(17, 19)?);
+    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+    let month_days = match month {
+        2 if leap => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        1..=12 => 31,
+        _ => return None,
+    };
+    if day == 0 || day > month_days || hour > 23 || minute > 59 || second > 59 {
+        return None;
+    }
+    let seconds = days_from_civil(year.into(), month.into(), day.into()) * 86_400
+        + i64::from(hour * 3600 + minute * 60 + second);
+    Some(seconds * 1_000_000 + i64::from(micros))
+}
+
+/// The value of a few ASCII digits, or `None` if one is not a digit.
+#[inline(always)]
+fn digits_value(digits: &[u8]) -> Option<u32> {
+    digits.iter().try_fold(0u32, |n, &c| {
+        c.is_ascii_digit().then(|| n * 10 + u32::from(c - b'0'))
+    })
+}
+
+/// Days from 1970-01-01 to a date of the proleptic Gregorian calendar (Howard Hinnant's
+/// `days_from_civil`).
+#[inline]
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let year_of_era = y - era * 400;
+    let day_of_year = (153 * ((month + 9) % 12) + 2) / 5 + day - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    era * 146_097 + day_of_era - 719_468
 }
