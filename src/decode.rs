@@ -2,6 +2,10 @@
 //! that does not fit goes to the dead-letter output with its bytes, shard, sequence number and
 //! a reason that says what is wrong; the good records of the same chunk still go through.
 //!
+//! Two readers: the flat reader (`flat.rs`) takes the common record (a flat object without
+//! escapes) fast; whatever it declines, the strict serde_json reader reads from the start, and
+//! only it words errors. A test holds them to the same result.
+//!
 //! This replaced arrow-json's decoder behind a serde_json strictness pass: arrow-json accepts
 //! trailing commas and truncates `1.5` into an int64, so it needed that second pass, and a bad
 //! record made it fail the whole chunk. benches/README.md has the measured difference.
@@ -166,9 +170,10 @@ struct FieldSpec {
 
 /// Decodes chunks for one pipeline. Cheap to clone into each shard task.
 ///
-/// One pass per record: serde_json checks the syntax strictly and hands each value of a
-/// schema field straight to a typed slot; a record whose every check holds is then appended
-/// to the column builders, so a bad record leaves no trace in the batch.
+/// One pass per record: the flat reader, or serde_json when it declines, checks the syntax
+/// strictly and hands each value of a schema field straight to a typed slot; a record whose
+/// every check holds is then appended to the column builders, so a bad record leaves no trace
+/// in the batch.
 #[derive(Debug, Clone)]
 pub struct RecordDecoder {
     fields: Arc<[FieldSpec]>,
