@@ -249,11 +249,19 @@ impl RecordDecoder {
         let limit = now_us.saturating_add(self.max_future_skew);
         let mut rejected = chunk.rejected.iter().peekable();
         let mut good = 0;
+        // One UTF-8 check for the whole chunk, nearly always valid, costs a fraction of one
+        // per record; a record is then its slice of the text.
+        let text = std::str::from_utf8(&chunk.data).ok();
         for i in 0..n {
             let rec = chunk.record(i);
             let result = match rejected.next_if(|(r, _)| *r == i) {
                 Some((_, why)) => Err(Reason::CorruptAggregate(why.clone())),
-                None => self.read(rec, &mut slots, limit),
+                None => {
+                    // None when the chunk is not valid UTF-8 or the record does not start
+                    // and end on character boundaries: the record is checked alone.
+                    let checked = text.and_then(|t| t.get(chunk.spans[i].clone()));
+                    self.read(rec, checked, &mut slots, limit)
+                }
             };
             match result {
                 Ok(()) => {
@@ -289,16 +297,26 @@ impl RecordDecoder {
 
     /// Reads one record into `slots` (one per schema field), or says why it cannot go in.
     /// Syntax comes first, then the fields' types, timestamps, required fields, future skew.
-    fn read<'a>(&self, rec: &'a [u8], slots: &mut Vec<Slot<'a>>, limit: i64) -> Result<(), Reason> {
+    /// `checked` is the record as text when the caller validated it already.
+    fn read<'a>(
+        &self,
+        rec: &'a [u8],
+        checked: Option<&'a str>,
+        slots: &mut Vec<Slot<'a>>,
+        limit: i64,
+    ) -> Result<(), Reason> {
         if rec.len() > self.max_record_bytes {
             return Err(Reason::TooLarge {
                 size: rec.len(),
                 limit: self.max_record_bytes,
             });
         }
-        let text = std::str::from_utf8(rec).map_err(|e| Reason::InvalidUtf8 {
-            valid_up_to: e.valid_up_to(),
-        })?;
+        let text = match checked {
+            Some(t) => t,
+            None => std::str::from_utf8(rec).map_err(|e| Reason::InvalidUtf8 {
+                valid_up_to: e.valid_up_to(),
+            })?,
+        };
         if text.trim_ascii().is_empty() {
             return Err(Reason::Empty);
         }
@@ -859,6 +877,49 @@ mod tests {
         let (rows, dead) = decode(&[record]);
         assert!(rows.is_empty(), "{record} was accepted: {rows:?}");
         dead[0].1.clone()
+    }
+
+    /// The chunk is checked for UTF-8 as a whole; each record must still be valid alone,
+    /// also when the chunk is (a character split between two records).
+    #[test]
+    fn a_record_is_judged_by_its_own_bytes_not_its_chunks() {
+        let good = r#"{"ts":"2026-01-05T10:00:00Z","id":"é"}"#;
+        let split = good.find('é').unwrap() + 1;
+        let (head, tail) = good.as_bytes().split_at(split);
+        let bad = b"{\"ts\":\"2026-01-05T10:00:00Z\",\"id\":\"\xff\"}";
+        let cases: [(&[&[u8]], &[u64]); 3] = [
+            // Both valid alone: the chunk's check stands for theirs.
+            (&[good.as_bytes(), good.as_bytes()], &[]),
+            // The chunk is valid UTF-8, but neither record is.
+            (&[head, tail], &[0, 1]),
+            // The chunk is not: each record is checked alone.
+            (&[good.as_bytes(), bad, good.as_bytes()], &[1]),
+        ];
+        for (records, want_dead) in cases {
+            let mut data = Vec::new();
+            let mut spans = Vec::new();
+            for r in records {
+                spans.push(data.len()..data.len() + r.len());
+                data.extend_from_slice(r);
+            }
+            let c = RawChunk {
+                data,
+                spans,
+                seqs: (0..records.len()).map(|i| i.to_string()).collect(),
+                ..chunk(&[])
+            };
+            let d = decoder().decode(&c, NOW);
+            let dead: Vec<u64> = d.dead.iter().map(|x| x.seq.as_u64().unwrap()).collect();
+            assert_eq!(dead, want_dead);
+            assert_eq!(d.batch.num_rows(), records.len() - want_dead.len());
+            for x in &d.dead {
+                assert!(
+                    x.reason.to_string().starts_with("invalid_utf8: "),
+                    "{}",
+                    x.reason
+                );
+            }
+        }
     }
 
     #[test]

@@ -85,7 +85,6 @@ const MAX_PARTS: usize = 8;
 struct AggState {
     name: String,
     spec: WindowSpec,
-    sql: String,
     emitted_through: Option<i64>,
     buffer: VecDeque<Buffered>,
     /// Rows in `buffer`.
@@ -93,6 +92,70 @@ struct AggState {
     /// Open windows folded into states, by window end (only for a mergeable SELECT).
     folded: BTreeMap<i64, Folded>,
     writer: OutputWriter,
+    /// The record columns the SQL reads, and the event time (always), by index: buffered
+    /// records keep only these.
+    cols: Vec<usize>,
+    /// The event time's index in `cols`.
+    event_col: usize,
+    /// The buffered columns and the window bounds: the `records` the queries read.
+    input: SchemaRef,
+    queries: Queries,
+}
+
+/// An aggregation's queries, planned once.
+struct Queries {
+    /// Over `records`: the parts when the SELECT can be merged, else the SELECT.
+    stored: sql::Prepared,
+    /// Over `records`: the SELECT, for window alerts when the parts are stored.
+    select: Option<sql::Prepared>,
+    /// Over parts: one part per window and group.
+    combine: Option<sql::Prepared>,
+    /// Over parts: the SELECT's rows, for window alerts.
+    merge: Option<sql::Prepared>,
+}
+
+impl Queries {
+    async fn plan(
+        ctx: &SessionContext,
+        sql: &str,
+        merge: Option<&merge::Mergeable>,
+        alerts: bool,
+        input: &SchemaRef,
+        parts: &SchemaRef,
+    ) -> datafusion::error::Result<Self> {
+        use sql::{PARTS_TABLE, Prepared, RECORDS_TABLE};
+        let Some(m) = merge else {
+            return Ok(Self {
+                stored: Prepared::new(ctx, RECORDS_TABLE, input.clone(), sql).await?,
+                select: None,
+                combine: None,
+                merge: None,
+            });
+        };
+        let (select, merged) = match alerts {
+            true => (
+                Some(Prepared::new(ctx, RECORDS_TABLE, input.clone(), sql).await?),
+                Some(
+                    Prepared::new(
+                        ctx,
+                        PARTS_TABLE,
+                        parts.clone(),
+                        &m.merge_sql(PARTS_TABLE, &[]),
+                    )
+                    .await?,
+                ),
+            ),
+            false => (None, None),
+        };
+        Ok(Self {
+            stored: Prepared::new(ctx, RECORDS_TABLE, input.clone(), &m.state_sql).await?,
+            select,
+            combine: Some(
+                Prepared::new(ctx, PARTS_TABLE, parts.clone(), &m.combine_sql(PARTS_TABLE)).await?,
+            ),
+            merge: merged,
+        })
+    }
 }
 
 struct ShardRun {
@@ -183,26 +246,62 @@ impl Engine {
             let lake = lakes.get(name).map_err(EngineError::Lake)?.clone();
             Ok(OutputWriter::new(name, schema, col, rollover, lake, kind))
         };
-        let aggs = p
-            .outputs
-            .aggregations
-            .iter()
-            .map(|a| {
-                Ok(AggState {
-                    name: a.name.clone(),
-                    spec: WindowSpec {
-                        size: a.size,
-                        slide: a.slide,
-                    },
-                    sql: a.sql.clone(),
-                    emitted_through: committed.emitted_through.get(&a.name).copied(),
-                    buffer: VecDeque::new(),
-                    buffered: 0,
-                    folded: BTreeMap::new(),
-                    writer: writer(&a.name, WINDOW_START, Table::Aggregates)?,
-                })
-            })
-            .collect::<Result<_, EngineError>>()?;
+        let mut aggs = Vec::new();
+        for (i, a) in p.outputs.aggregations.iter().enumerate() {
+            let merge = compiled.agg_merge[i].as_ref();
+            let planned = |source| EngineError::Query {
+                name: a.name.clone(),
+                source,
+            };
+            let mut sqls = vec![a.sql.as_str()];
+            sqls.extend(merge.map(|m| m.state_sql.as_str()));
+            let mut cols = sql::columns_read(
+                &ctx,
+                &compiled.agg_input,
+                compiled.records.fields().len(),
+                &sqls,
+            )
+            .await
+            .map_err(planned)?;
+            if let Err(at) = cols.binary_search(&event_field) {
+                cols.insert(at, event_field);
+            }
+            let event_col = cols.binary_search(&event_field).expect("inserted");
+            let mut fields: Vec<_> = cols
+                .iter()
+                .map(|&c| compiled.agg_input.fields()[c].clone())
+                .collect();
+            let bounds = compiled.agg_input.fields().len() - 2;
+            fields.extend(compiled.agg_input.fields()[bounds..].iter().cloned());
+            let input: SchemaRef = Arc::new(arrow::datatypes::Schema::new(fields));
+            let writer = writer(&a.name, WINDOW_START, Table::Aggregates)?;
+            let queries = Queries::plan(
+                &ctx,
+                &a.sql,
+                merge,
+                !compiled.window_rules[i].is_empty(),
+                &input,
+                writer.schema(),
+            )
+            .await
+            .map_err(planned)?;
+            aggs.push(AggState {
+                name: a.name.clone(),
+                spec: WindowSpec {
+                    size: a.size,
+                    slide: a.slide,
+                },
+                emitted_through: committed.emitted_through.get(&a.name).copied(),
+                buffer: VecDeque::new(),
+                buffered: 0,
+                folded: BTreeMap::new(),
+                writer,
+                cols,
+                event_col,
+                input,
+                queries,
+            });
+        }
         for (a, m) in p.outputs.aggregations.iter().zip(&compiled.agg_merge) {
             if m.is_none() {
                 tracing::warn!(
@@ -353,12 +452,13 @@ impl Engine {
                 Some(0) | None => d.resume_from.clone(),
                 Some(k) => Some(SeqNo(d.seq(k - 1).to_string())),
             };
+            let read = d.batch.project(&agg.cols).expect("columns of the batch");
             let kept = match keep_mask {
-                Some(mask) => filter_record_batch(&d.batch, &mask).expect("filter"),
-                None => d.batch.clone(),
+                Some(mask) => filter_record_batch(&read, &mask).expect("filter"),
+                None => read,
             };
             if kept.num_rows() > 0 {
-                let kts = event_times(&kept, self.event_field);
+                let kts = event_times(&kept, agg.event_col);
                 let (lo, hi) = min_max(kts);
                 agg.buffered += kept.num_rows();
                 agg.buffer.push_back(Buffered {
@@ -417,14 +517,7 @@ impl Engine {
             if lo.is_some_and(|lo| hi <= lo) {
                 continue;
             }
-            let rows = window_rows(
-                agg,
-                lo,
-                hi,
-                &self.committed,
-                &self.compiled.agg_input,
-                self.event_field,
-            );
+            let rows = window_rows(agg, lo, hi, &self.committed);
             // Windows up to `hi` that were folded already: their parts are combined with the
             // parts of the rows still buffered.
             let agg = &mut self.aggs[i];
@@ -443,30 +536,22 @@ impl Engine {
                 // they cannot be merged); alerts read the SELECT's rows over what it read.
                 let mut stored = Vec::new();
                 let mut finals = Vec::new();
+                let q = &self.aggs[i].queries;
                 if !rows.is_empty() {
-                    sql::register_records(&self.ctx, self.compiled.agg_input.clone(), rows)
-                        .map_err(query)?;
-                    let stored_sql = merge
-                        .as_ref()
-                        .map_or(self.aggs[i].sql.as_str(), |m| m.state_sql.as_str());
-                    stored = self.run_sql(stored_sql).await.map_err(query)?;
-                    finals = match &merge {
-                        Some(_) if !rules.is_empty() && folded.is_empty() => {
-                            self.run_sql(&self.aggs[i].sql).await.map_err(query)?
-                        }
-                        Some(_) => Vec::new(),
-                        None => stored.clone(),
-                    };
+                    let select = q.select.as_ref().filter(|_| folded.is_empty());
+                    if let Some(select) = select {
+                        finals = select.run(&self.ctx, rows.clone()).await.map_err(query)?;
+                    }
+                    stored = q.stored.run(&self.ctx, rows).await.map_err(query)?;
+                    if merge.is_none() {
+                        finals = stored.clone();
+                    }
                 }
-                if let Some(m) = merge.as_ref().filter(|_| !folded.is_empty()) {
+                if merge.is_some() && !folded.is_empty() {
                     stored.extend(folded);
-                    stored = self.combine(i, m, stored).await.map_err(query)?;
-                    if !rules.is_empty() {
-                        self.register_parts(i, stored.clone()).map_err(query)?;
-                        finals = self
-                            .run_sql(&m.merge_sql(sql::PARTS_TABLE, &[]))
-                            .await
-                            .map_err(query)?;
+                    stored = self.combine(i, stored).await.map_err(query)?;
+                    if let Some(m) = &self.aggs[i].queries.merge {
+                        finals = m.run(&self.ctx, stored.clone()).await.map_err(query)?;
                     }
                 }
                 let epoch = self.committed.commit_id + 1;
@@ -495,19 +580,9 @@ impl Engine {
     /// records can go: what keeps memory bounded by `limits.window_buffer_records` and the
     /// number of open windows and groups, not by the read rate.
     async fn fold(&mut self, i: usize) -> Result<(), EngineError> {
-        let m = self.compiled.agg_merge[i]
-            .clone()
-            .expect("only mergeable SELECTs fold");
         let agg = &self.aggs[i];
-        let (spec, lo) = (agg.spec, agg.emitted_through);
-        let rows = window_rows(
-            agg,
-            lo,
-            i64::MAX,
-            &self.committed,
-            &self.compiled.agg_input,
-            self.event_field,
-        );
+        let (spec, lo, event_col) = (agg.spec, agg.emitted_through, agg.event_col);
+        let rows = window_rows(agg, lo, i64::MAX, &self.committed);
         let name = agg.name.clone();
         let query = |source| EngineError::Query {
             name: name.clone(),
@@ -515,9 +590,12 @@ impl Engine {
         };
         let mut states = Vec::new();
         if !rows.is_empty() {
-            sql::register_records(&self.ctx, self.compiled.agg_input.clone(), rows)
+            states = agg
+                .queries
+                .stored
+                .run(&self.ctx, rows)
+                .await
                 .map_err(query)?;
-            states = self.run_sql(&m.state_sql).await.map_err(query)?;
         }
         let agg = &mut self.aggs[i];
         // Every window a buffered entry's records fall in keeps the entry's replay position,
@@ -525,7 +603,7 @@ impl Engine {
         for b in std::mem::take(&mut agg.buffer) {
             let mut ends = std::collections::BTreeSet::new();
             let mut previous = None;
-            for t in event_times(&b.batch, self.event_field).iter().flatten() {
+            for t in event_times(&b.batch, event_col).iter().flatten() {
                 let first = spec.first_end(t);
                 if previous.replace(first) != Some(first) {
                     ends.extend((0..spec.per_record() as i64).map(|k| first + k * spec.slide));
@@ -558,7 +636,7 @@ impl Engine {
                         .expect("just touched")
                         .parts,
                 );
-                let one = self.combine(i, &m, parts).await.map_err(query)?;
+                let one = self.combine(i, parts).await.map_err(query)?;
                 self.aggs[i]
                     .folded
                     .get_mut(&end)
@@ -573,29 +651,17 @@ impl Engine {
     async fn combine(
         &self,
         i: usize,
-        m: &merge::Mergeable,
         parts: Vec<RecordBatch>,
     ) -> datafusion::error::Result<Vec<RecordBatch>> {
-        self.register_parts(i, parts)?;
-        let schema = self.aggs[i].writer.schema().clone();
-        self.run_sql(&m.combine_sql(sql::PARTS_TABLE))
+        let agg = &self.aggs[i];
+        let combine = agg.queries.combine.as_ref().expect("a mergeable SELECT");
+        let schema = agg.writer.schema();
+        combine
+            .run(&self.ctx, parts)
             .await?
             .iter()
-            .map(|b| conform(b, &schema))
+            .map(|b| conform(b, schema))
             .collect()
-    }
-
-    fn register_parts(&self, i: usize, parts: Vec<RecordBatch>) -> datafusion::error::Result<()> {
-        sql::register_table(
-            &self.ctx,
-            sql::PARTS_TABLE,
-            self.aggs[i].writer.schema().clone(),
-            parts,
-        )
-    }
-
-    async fn run_sql(&self, sql: &str) -> datafusion::error::Result<Vec<RecordBatch>> {
-        self.ctx.sql(sql).await?.collect().await
     }
 
     async fn run_rules(
@@ -866,8 +932,6 @@ fn window_rows(
     lo: Option<i64>,
     hi: i64,
     committed: &Committed,
-    schema: &SchemaRef,
-    event_field: usize,
 ) -> Vec<RecordBatch> {
     let spec = agg.spec;
     let mut out = Vec::new();
@@ -878,7 +942,7 @@ fn window_rows(
             .and_then(|c| c.emitted_through.get(&agg.name))
             .copied();
         let lo = lo.max(floor);
-        let ts = event_times(&b.batch, event_field);
+        let ts = event_times(&b.batch, agg.event_col);
         for k in 0..spec.per_record() as i64 {
             let mut starts = Vec::with_capacity(ts.len());
             let mask: BooleanArray = ts
@@ -910,7 +974,7 @@ fn window_rows(
             cols.push(start);
             cols.push(end);
             out.push(
-                RecordBatch::try_new(schema.clone(), cols)
+                RecordBatch::try_new(agg.input.clone(), cols)
                     .expect("window rows match the aggregation input"),
             );
         }

@@ -1,15 +1,23 @@
-//! Everything DataFusion plans once per pipeline: the output schema of each aggregation's SQL
-//! and the alert predicates, compiled to physical expressions that are evaluated on each
-//! chunk without planning a query (a plan costs ~2 ms; a predicate costs microseconds).
+//! Everything DataFusion plans once per pipeline: the output schema of each aggregation's SQL,
+//! the alert predicates, compiled to physical expressions that are evaluated on each chunk,
+//! and the aggregations' queries, planned once ([`Prepared`]) and run on every emit and fold
+//! over whatever batches they are given: planning a query costs more than running it over a
+//! chunk's windows.
 
 use std::sync::Arc;
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use datafusion::catalog::streaming::StreamingTable;
 use datafusion::common::DFSchema;
+use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::datasource::MemTable;
-use datafusion::logical_expr::ExprSchemable;
-use datafusion::physical_plan::PhysicalExpr;
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::logical_expr::{ExprSchemable, LogicalPlan};
+use datafusion::physical_plan::execution_plan::reset_plan_states;
+use datafusion::physical_plan::memory::MemoryStream;
+use datafusion::physical_plan::streaming::PartitionStream;
+use datafusion::physical_plan::{ExecutionPlan, PhysicalExpr, collect};
 use datafusion::prelude::SessionContext;
 
 use crate::config::{ConfigError, Pipeline, Problem};
@@ -277,6 +285,100 @@ const PARTS_SCRATCH: &str = "parts_scratch";
 
 /// The table an aggregation's parts are combined and merged from, in the engine's session.
 pub const PARTS_TABLE: &str = "shardlake_parts";
+
+/// A query planned once and run many times, each time over the batches given to
+/// [`Prepared::run`]. The engine runs its aggregations' queries on every emitted window and
+/// fold; planning one (parsing, analysing, optimising) cost more than running it over a
+/// chunk's windows.
+pub struct Prepared {
+    plan: Arc<dyn ExecutionPlan>,
+    input: Arc<Input>,
+}
+
+/// The table a prepared query reads: whatever its next run was given.
+#[derive(Debug)]
+struct Input {
+    schema: SchemaRef,
+    batches: std::sync::Mutex<Vec<RecordBatch>>,
+}
+
+impl PartitionStream for Input {
+    fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    fn execute(&self, _: Arc<TaskContext>) -> SendableRecordBatchStream {
+        // Cloned, not taken: a plan may scan its table more than once.
+        let batches = self.batches.lock().expect("not poisoned").clone();
+        Box::pin(
+            MemoryStream::try_new(batches, self.schema.clone(), None)
+                .expect("batches of the table's schema"),
+        )
+    }
+}
+
+impl Prepared {
+    /// Plans `sql`, which reads table `table` of `schema`.
+    pub async fn new(
+        ctx: &SessionContext,
+        table: &str,
+        schema: SchemaRef,
+        sql: &str,
+    ) -> datafusion::error::Result<Self> {
+        let input = Arc::new(Input {
+            schema: schema.clone(),
+            batches: Default::default(),
+        });
+        let provider = StreamingTable::try_new(schema, vec![input.clone()])?;
+        ctx.deregister_table(table)?;
+        ctx.register_table(table, Arc::new(provider))?;
+        let plan = ctx.sql(sql).await?.create_physical_plan().await;
+        ctx.deregister_table(table)?;
+        Ok(Self { plan: plan?, input })
+    }
+
+    /// The query's result over `batches`.
+    pub async fn run(
+        &self,
+        ctx: &SessionContext,
+        batches: Vec<RecordBatch>,
+    ) -> datafusion::error::Result<Vec<RecordBatch>> {
+        *self.input.batches.lock().expect("not poisoned") = batches;
+        // A fresh copy of the plan's state (its metrics, its operators' state) for each run.
+        let plan = reset_plan_states(self.plan.clone());
+        let out = match plan {
+            Ok(plan) => collect(plan, ctx.task_ctx()).await,
+            Err(e) => Err(e),
+        };
+        self.input.batches.lock().expect("not poisoned").clear();
+        out
+    }
+}
+
+/// Which columns of `records` (by index) `sqls`, planned over `input` (`records` and the
+/// window bounds), read: what the scans of their optimised plans keep.
+pub async fn columns_read(
+    ctx: &SessionContext,
+    input: &SchemaRef,
+    records: usize,
+    sqls: &[&str],
+) -> datafusion::error::Result<Vec<usize>> {
+    register_records(ctx, input.clone(), vec![])?;
+    let mut used = std::collections::BTreeSet::new();
+    for sql in sqls {
+        let plan = ctx.sql(sql).await?.into_optimized_plan()?;
+        plan.apply(|node| {
+            if let LogicalPlan::TableScan(scan) = node {
+                match &scan.projection {
+                    Some(p) => used.extend(p.iter().copied()),
+                    None => used.extend(0..input.fields().len()),
+                }
+            }
+            Ok(TreeNodeRecursion::Continue)
+        })?;
+    }
+    Ok(used.into_iter().filter(|&i| i < records).collect())
+}
 
 /// Makes `records` the given batches.
 pub fn register_records(
