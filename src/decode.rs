@@ -164,6 +164,8 @@ impl Kind {
 #[derive(Debug)]
 struct FieldSpec {
     name: String,
+    /// `name`, for the flat reader's comparisons.
+    key: flat::Name,
     kind: Kind,
     required: bool,
 }
@@ -201,6 +203,7 @@ impl RecordDecoder {
             .enumerate()
             .map(|(i, f)| FieldSpec {
                 name: f.name.clone(),
+                key: flat::Name::new(&f.name),
                 kind: match f.ty {
                     FieldType::String => Kind::Str,
                     FieldType::Int32 => Kind::I32,

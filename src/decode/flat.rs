@@ -39,15 +39,15 @@ pub(super) fn read<'a>(
                 return None;
             }
             let end = string_end(b, i + 1)?;
-            let key = &text[i + 1..end];
+            let key = i + 1..end;
             i = ws(b, end + 1);
             if *b.get(i)? != b':' {
                 return None;
             }
             i = ws(b, i + 1);
             let field = match fields.get(guess) {
-                Some(f) if f.name == key => Some(guess),
-                _ => fields.iter().position(|f| f.name == key),
+                Some(f) if f.key.is_at(b, &key) => Some(guess),
+                _ => fields.iter().position(|f| f.key.is_at(b, &key)),
             };
             let next = match field {
                 Some(k) => {
@@ -72,6 +72,58 @@ pub(super) fn read<'a>(
         }
     }
     (ws(b, i) == b.len()).then_some(())
+}
+
+/// A field name as keys are compared with it: names of up to 16 bytes (nearly all) as two
+/// words, so a key is matched with two loads and compares, not a call to `memcmp`.
+#[derive(Debug, Clone)]
+pub(super) struct Name {
+    bytes: Box<[u8]>,
+    /// The first 16 bytes of the name, zero beyond its end.
+    words: [u64; 2],
+    /// Which bits of two words read at a key's start are the key's.
+    masks: [u64; 2],
+}
+
+impl Name {
+    pub(super) fn new(name: &str) -> Self {
+        let bytes: Box<[u8]> = name.as_bytes().into();
+        let mut padded = [0u8; 16];
+        let n = bytes.len().min(16);
+        padded[..n].copy_from_slice(&bytes[..n]);
+        let mask = |n: usize| match n {
+            0 => 0,
+            1..=7 => (1u64 << (8 * n)) - 1,
+            _ => u64::MAX,
+        };
+        Self {
+            words: [word(&padded[..8]), word(&padded[8..])],
+            masks: [mask(n), mask(n.saturating_sub(8))],
+            bytes,
+        }
+    }
+
+    /// Whether `b[key]` is this name.
+    #[inline]
+    pub(super) fn is_at(&self, b: &[u8], key: &std::ops::Range<usize>) -> bool {
+        if key.len() != self.bytes.len() {
+            return false;
+        }
+        match b.get(key.start..key.start + 16) {
+            // Sixteen bytes from the key's start are in the record (a key is followed by at
+            // least `":` and a value): those past the key are masked off.
+            Some(w) if key.len() <= 16 => {
+                (word(&w[..8]) & self.masks[0]) == self.words[0]
+                    && (word(&w[8..]) & self.masks[1]) == self.words[1]
+            }
+            _ => b[key.clone()] == *self.bytes,
+        }
+    }
+}
+
+#[inline]
+fn word(b: &[u8]) -> u64 {
+    u64::from_le_bytes(b[..8].try_into().expect("8 bytes"))
 }
 
 /// The value at `i` into the field's slot (none for a key outside the schema), and the
@@ -296,4 +348,43 @@ fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
     let day_of_year = (153 * ((month + 9) % 12) + 2) / 5 + day - 1;
     let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
     era * 146_097 + day_of_era - 719_468
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Name;
+
+    /// Every name length to 20 against keys equal to it, one byte off at each position,
+    /// one byte longer or shorter, with and without sixteen bytes of record after the key.
+    #[test]
+    fn a_name_matches_exactly_its_own_key() {
+        for len in 0..=20 {
+            let name: String = (0..len).map(|i| (b'a' + (i as u8 % 26)) as char).collect();
+            let n = Name::new(&name);
+            let mut keys = vec![(name.clone().into_bytes(), true)];
+            for at in 0..len {
+                let mut k = name.clone().into_bytes();
+                k[at] ^= 0x20;
+                keys.push((k, false));
+            }
+            keys.push((format!("{name}a").into_bytes(), false));
+            if len > 0 {
+                keys.push((name.as_bytes()[..len - 1].to_vec(), false));
+            }
+            for (key, same) in keys {
+                for tail in [&b""[..], b"\":1}", b"\":\"0123456789abcdefghij\"}"] {
+                    let record = [&key[..], tail].concat();
+                    assert_eq!(
+                        n.is_at(&record, &(0..key.len())),
+                        same,
+                        "{name:?} vs {:?}",
+                        String::from_utf8_lossy(&record)
+                    );
+                    // The same key in the middle of a record.
+                    let record = [b"{\"", &key[..], tail].concat();
+                    assert_eq!(n.is_at(&record, &(2..2 + key.len())), same);
+                }
+            }
+        }
+    }
 }
