@@ -1213,6 +1213,7 @@ mod tests {
         use arrow::compute::kernels::cast_utils::string_to_datetime;
         let mut rng = fastrand::Rng::with_seed(42);
         let mut fast = 0;
+        let mut fast_offsets = 0;
         let edges = [
             "1900-02-29T00:00:00Z",
             "2000-02-29T00:00:00Z",
@@ -1224,6 +1225,12 @@ mod tests {
             "1969-12-31T23:59:59.999999Z",
             "0000-01-01T00:00:00Z",
             "9999-12-31T23:59:59Z",
+            "2026-01-05T10:00:00.123+05:30",
+            "2026-01-05T00:00:00-00:00",
+            "2026-01-01T00:30:00+01:00",
+            "2026-03-01T23:59:59.5-23:59",
+            "0000-01-01T00:00:00+01:00",
+            "9999-12-31T23:59:59-01:00",
         ];
         for text in edges {
             let full = string_to_datetime(&chrono::Utc, text).map(|t| t.timestamp_micros());
@@ -1232,6 +1239,11 @@ mod tests {
                 full.map_err(|_| ()),
                 "{text}"
             );
+        }
+        // Offsets arrow accepts (`+05:60` as `+06:00`) or not, which the fast path leaves
+        // to it.
+        for text in ["2026-01-05T10:00:00+24:00", "2026-01-05T10:00:00+05:60"] {
+            assert_eq!(flat::utc_micros(text), None, "{text}");
         }
         for _ in 0..50_000 {
             let fraction = match rng.u8(..4) {
@@ -1252,14 +1264,25 @@ mod tests {
                 rng.u8(..25),
                 rng.u8(..61),
                 rng.u8(..61),
-                ["Z", "Z", "Z", "+00:00", "z", ""][rng.usize(..6)],
+                match rng.u8(..8) {
+                    0..3 => "Z".to_string(),
+                    3 => ["z", "", "+0530", "+05", "UTC"][rng.usize(..5)].to_string(),
+                    _ => format!(
+                        "{}{:02}:{:02}",
+                        ['+', '-'][rng.usize(..2)],
+                        rng.u8(..26),
+                        rng.u8(..62)
+                    ),
+                },
             );
             let full = string_to_datetime(&chrono::Utc, &text).map(|t| t.timestamp_micros());
             if let Some(us) = flat::utc_micros(&text) {
                 assert_eq!(Ok(us), full.map_err(|e| e.to_string()), "{text}");
                 fast += 1;
+                fast_offsets += usize::from(!text.ends_with('Z'));
             }
         }
         assert!(fast > 10_000, "only {fast} in the fast form");
+        assert!(fast_offsets > 5_000, "only {fast_offsets} with an offset");
     }
 }

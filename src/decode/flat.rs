@@ -290,20 +290,33 @@ fn ws(b: &[u8], mut i: usize) -> usize {
     i
 }
 
-/// `YYYY-MM-DDTHH:MM:SS[.fraction]Z`, the form nearly every sensor writes, in microseconds
-/// (a fraction beyond them truncated, as the full parser does), or `None` for any other
-/// form, which arrow's RFC 3339 parser then reads.
+/// `YYYY-MM-DDTHH:MM:SS[.fraction]` then `Z` or `±HH:MM`, the forms nearly every sensor
+/// writes, in microseconds since the epoch (a fraction beyond them truncated, as the full
+/// parser does), or `None` for any other form, which arrow's RFC 3339 parser then reads.
 pub(super) fn utc_micros(s: &str) -> Option<i64> {
     let b = s.as_bytes();
     let at = |i: usize, c: u8| b.get(i) == Some(&c);
     if b.len() < 20 || !(at(4, b'-') && at(7, b'-') && at(10, b'T') && at(13, b':')) {
         return None;
     }
-    if !at(16, b':') || !at(b.len() - 1, b'Z') {
+    if !at(16, b':') {
         return None;
     }
     let num = |from: usize, to: usize| digits_value(&b[from..to]);
-    let micros = match &b[19..b.len() - 1] {
+    let n = b.len();
+    let (body_end, offset) = match b[n - 1] {
+        b'Z' => (n - 1, 0),
+        _ if n >= 25 && matches!(b[n - 6], b'+' | b'-') && b[n - 3] == b':' => {
+            let (hours, minutes) = (num(n - 5, n - 3)?, num(n - 2, n)?);
+            if hours > 23 || minutes > 59 {
+                return None;
+            }
+            let east = i64::from(hours * 3600 + minutes * 60);
+            (n - 6, if b[n - 6] == b'-' { -east } else { east })
+        }
+        _ => return None,
+    };
+    let micros = match &b[19..body_end] {
         [] => 0,
         [b'.', digits @ ..] if (1..=9).contains(&digits.len()) => {
             let kept = digits.len().min(6);
@@ -326,7 +339,8 @@ pub(super) fn utc_micros(s: &str) -> Option<i64> {
         return None;
     }
     let seconds = days_from_civil(year.into(), month.into(), day.into()) * 86_400
-        + i64::from(hour * 3600 + minute * 60 + second);
+        + i64::from(hour * 3600 + minute * 60 + second)
+        - offset;
     Some(seconds * 1_000_000 + i64::from(micros))
 }
 
