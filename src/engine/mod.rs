@@ -908,17 +908,31 @@ fn classify(
     let Some(e) = emitted else {
         return (None, None);
     };
-    let late: BooleanArray = ts
-        .iter()
-        .enumerate()
-        .map(|(i, t)| Some(i >= cut && t.is_some_and(|t| spec.first_end(t) <= e)))
-        .collect();
-    let keep: BooleanArray = ts
-        .iter()
-        .map(|t| Some(t.is_some_and(|t| spec.last_end(t) > e)))
-        .collect();
-    let late = (late.true_count() > 0).then_some(late);
-    let keep = (keep.true_count() < ts.len()).then_some(keep);
+    // Usually the oldest row alone says: nothing is late, everything is kept.
+    let oldest = (ts.null_count() == 0)
+        .then(|| arrow::compute::min(ts))
+        .flatten();
+    let late = match oldest {
+        Some(t) if spec.first_end(t) > e => None,
+        _ => {
+            let late: BooleanArray = ts
+                .iter()
+                .enumerate()
+                .map(|(i, t)| Some(i >= cut && t.is_some_and(|t| spec.first_end(t) <= e)))
+                .collect();
+            (late.true_count() > 0).then_some(late)
+        }
+    };
+    let keep = match oldest {
+        Some(t) if spec.last_end(t) > e => None,
+        _ => {
+            let keep: BooleanArray = ts
+                .iter()
+                .map(|t| Some(t.is_some_and(|t| spec.last_end(t) > e)))
+                .collect();
+            (keep.true_count() < ts.len()).then_some(keep)
+        }
+    };
     (late, keep)
 }
 
@@ -961,15 +975,18 @@ fn window_rows(
             if starts.is_empty() {
                 continue;
             }
-            let rows = filter_record_batch(&b.batch, &mask).expect("filter");
-            let start: ArrayRef =
-                Arc::new(TimestampMicrosecondArray::from(starts.clone()).with_timezone("UTC"));
+            let rows = match starts.len() == ts.len() {
+                true => b.batch.clone(),
+                false => filter_record_batch(&b.batch, &mask).expect("filter"),
+            };
             let end: ArrayRef = Arc::new(
                 TimestampMicrosecondArray::from(
                     starts.iter().map(|s| s + spec.size).collect::<Vec<_>>(),
                 )
                 .with_timezone("UTC"),
             );
+            let start: ArrayRef =
+                Arc::new(TimestampMicrosecondArray::from(starts).with_timezone("UTC"));
             let mut cols = rows.columns().to_vec();
             cols.push(start);
             cols.push(end);
