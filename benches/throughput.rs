@@ -207,6 +207,34 @@ fn stages(p: &shardlake::config::Pipeline, stream: &std::path::Path, repeat: usi
         n,
         best[2],
     );
+    #[cfg(feature = "bench-simd-json")]
+    {
+        // simd-json's parse alone, each record copied into one reused buffer (it parses in
+        // place) with its scratch buffers reused too: no Arrow, no type checks, no
+        // timestamps. A lower bound on the cost of a decoder built on it.
+        let mut best = f64::MAX;
+        let mut buf = Vec::new();
+        let mut scratch = simd_json::Buffers::default();
+        for _ in 0..repeat {
+            let t = Instant::now();
+            let mut ok = 0;
+            for c in &chunks {
+                for i in 0..c.len() {
+                    buf.clear();
+                    buf.extend_from_slice(c.record(i));
+                    let v = simd_json::to_borrowed_value_with_buffers(&mut buf, &mut scratch);
+                    ok += usize::from(std::hint::black_box(v).is_ok());
+                }
+            }
+            assert_eq!(ok, n);
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        stage(
+            "simd-json parse alone (reused buffers; no Arrow, no checks)",
+            n,
+            best,
+        );
+    }
     drop(chunks);
 }
 
