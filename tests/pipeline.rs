@@ -415,6 +415,39 @@ async fn late_and_out_of_order_records() {
     );
 }
 
+/// An aggregation whose SQL names a column its optimised plan does not read (a CTE's unused
+/// column) still runs: its queries cannot be planned over the columns the plan reads, so its
+/// buffers keep every column.
+#[tokio::test]
+async fn sql_naming_a_column_the_optimiser_drops_still_runs() {
+    let data = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(ts("2026-01-05T10:00:00Z")));
+    let (mut engine, mut feed, p) =
+        engine_for("testdata/pipelines/cte.yaml", data.path(), clock.clone()).await;
+    engine.add_shard("a".into());
+    let r = |seq, t: &str, psi| reading("well-0001", seq, &format!("2026-01-05T{t}Z"), psi);
+    let chunk = [
+        r(1, "10:00:05", 2000.0),
+        r(2, "10:00:50", 2500.0),
+        r(3, "10:01:05", 1000.0),
+    ];
+    engine.ingest(feed.chunk("a", &chunk)).await.unwrap();
+    engine.finish().await.unwrap();
+    engine.commit().await.unwrap();
+    let w = rows(
+        &p,
+        "SELECT CAST(window_start AS VARCHAR) AS ws, n, p_max FROM per_device ORDER BY window_start",
+    )
+    .await;
+    assert_eq!(
+        w,
+        vec![
+            vec!["2026-01-05T10:00:00Z", "2", "2500.0"],
+            vec!["2026-01-05T10:01:00Z", "1", "1000.0"]
+        ]
+    );
+}
+
 /// The shipped pipeline's aggregations (count, avg, min, max, stddev, count DISTINCT, a
 /// hopping window, a window alert) give the same tables when every chunk is folded into
 /// per-window states at once (`limits.window_buffer_records: 1`, and many parts per window,

@@ -255,7 +255,7 @@ impl Engine {
             };
             let mut sqls = vec![a.sql.as_str()];
             sqls.extend(merge.map(|m| m.state_sql.as_str()));
-            let mut cols = sql::columns_read(
+            let read = sql::columns_read(
                 &ctx,
                 &compiled.agg_input,
                 compiled.records.fields().len(),
@@ -263,28 +263,47 @@ impl Engine {
             )
             .await
             .map_err(planned)?;
-            if let Err(at) = cols.binary_search(&event_field) {
-                cols.insert(at, event_field);
-            }
-            let event_col = cols.binary_search(&event_field).expect("inserted");
-            let mut fields: Vec<_> = cols
-                .iter()
-                .map(|&c| compiled.agg_input.fields()[c].clone())
-                .collect();
-            let bounds = compiled.agg_input.fields().len() - 2;
-            fields.extend(compiled.agg_input.fields()[bounds..].iter().cloned());
-            let input: SchemaRef = Arc::new(arrow::datatypes::Schema::new(fields));
             let writer = writer(&a.name, WINDOW_START, Table::Aggregates)?;
-            let queries = Queries::plan(
-                &ctx,
-                &a.sql,
-                merge,
-                !compiled.window_rules[i].is_empty(),
-                &input,
-                writer.schema(),
-            )
-            .await
-            .map_err(planned)?;
+            let alerts = !compiled.window_rules[i].is_empty();
+            let every: Vec<usize> = (0..compiled.records.fields().len()).collect();
+            // The columns come from the optimised plans; the queries are planned from their
+            // text, which may name a column the optimiser dropped (a CTE's unused column):
+            // then the buffers keep every column, as before.
+            let mut planned_over = None;
+            for mut cols in [read, every] {
+                if let Err(at) = cols.binary_search(&event_field) {
+                    cols.insert(at, event_field);
+                }
+                let input = aggregation_input(&compiled.agg_input, &cols);
+                let queries =
+                    Queries::plan(&ctx, &a.sql, merge, alerts, &input, writer.schema()).await;
+                let fits = |q: &Queries| {
+                    q.stored.schema().is_none_or(|s| {
+                        s.fields().iter().map(|f| f.name()).eq(writer
+                            .schema()
+                            .fields()
+                            .iter()
+                            .map(|f| f.name()))
+                    })
+                };
+                match queries {
+                    Ok(q) if fits(&q) => {
+                        planned_over = Some((cols, input, q));
+                        break;
+                    }
+                    Ok(_) => {}
+                    Err(e) if cols.len() == compiled.records.fields().len() => {
+                        return Err(planned(e));
+                    }
+                    Err(_) => {}
+                }
+            }
+            let (cols, input, queries) = planned_over.ok_or_else(|| {
+                planned(datafusion::error::DataFusionError::Plan(
+                    "the stored columns do not match the table's".into(),
+                ))
+            })?;
+            let event_col = cols.binary_search(&event_field).expect("inserted");
             aggs.push(AggState {
                 name: a.name.clone(),
                 spec: WindowSpec {
@@ -997,6 +1016,16 @@ fn window_rows(
         }
     }
     out
+}
+
+/// What an aggregation's queries read as `records`: the record columns `cols` (by index) and
+/// the window bounds.
+fn aggregation_input(agg_input: &SchemaRef, cols: &[usize]) -> SchemaRef {
+    let fields = agg_input.fields();
+    let bounds = fields.len() - 2;
+    let mut kept: Vec<_> = cols.iter().map(|&c| fields[c].clone()).collect();
+    kept.extend(fields[bounds..].iter().cloned());
+    Arc::new(arrow::datatypes::Schema::new(kept))
 }
 
 /// A batch of state rows split by window end (`window_start` + `size`).

@@ -13,10 +13,10 @@ use datafusion::common::DFSchema;
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::datasource::MemTable;
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
-use datafusion::logical_expr::{ExprSchemable, LogicalPlan};
+use datafusion::logical_expr::{Expr, ExprSchemable, LogicalPlan, Volatility};
 use datafusion::physical_plan::execution_plan::reset_plan_states;
 use datafusion::physical_plan::memory::MemoryStream;
-use datafusion::physical_plan::streaming::PartitionStream;
+use datafusion::physical_plan::streaming::{PartitionStream, StreamingTableExec};
 use datafusion::physical_plan::{ExecutionPlan, PhysicalExpr, collect};
 use datafusion::prelude::SessionContext;
 
@@ -290,9 +290,16 @@ pub const PARTS_TABLE: &str = "shardlake_parts";
 /// [`Prepared::run`]. The engine runs its aggregations' queries on every emitted window and
 /// fold; planning one (parsing, analysing, optimising) cost more than running it over a
 /// chunk's windows.
+///
+/// A query that calls a stable function (`now()`, `current_date`, …, which the optimiser
+/// folds into a constant) or whose scan takes a LIMIT is planned at every run instead, as
+/// before: its result must not depend on when it was planned.
 pub struct Prepared {
-    plan: Arc<dyn ExecutionPlan>,
     input: Arc<Input>,
+    /// None: planned at every run.
+    plan: Option<Arc<dyn ExecutionPlan>>,
+    table: String,
+    sql: String,
 }
 
 /// The table a prepared query reads: whatever its next run was given.
@@ -332,9 +339,31 @@ impl Prepared {
         let provider = StreamingTable::try_new(schema, vec![input.clone()])?;
         ctx.deregister_table(table)?;
         ctx.register_table(table, Arc::new(provider))?;
-        let plan = ctx.sql(sql).await?.create_physical_plan().await;
+        let planned = async {
+            let df = ctx.sql(sql).await?;
+            let stable = calls_stable_functions(df.logical_plan())?;
+            let plan = df.create_physical_plan().await?;
+            let mut limited = false;
+            plan.apply(|node| {
+                let scan = node.downcast_ref::<StreamingTableExec>();
+                limited |= scan.is_some_and(|s| s.limit().is_some());
+                Ok(TreeNodeRecursion::Continue)
+            })?;
+            Ok::<_, datafusion::error::DataFusionError>((!stable && !limited).then_some(plan))
+        }
+        .await;
         ctx.deregister_table(table)?;
-        Ok(Self { plan: plan?, input })
+        Ok(Self {
+            input,
+            plan: planned?,
+            table: table.to_string(),
+            sql: sql.to_string(),
+        })
+    }
+
+    /// The schema of the query's result.
+    pub fn schema(&self) -> Option<SchemaRef> {
+        self.plan.as_ref().map(|p| p.schema())
     }
 
     /// The query's result over `batches`.
@@ -343,16 +372,49 @@ impl Prepared {
         ctx: &SessionContext,
         batches: Vec<RecordBatch>,
     ) -> datafusion::error::Result<Vec<RecordBatch>> {
+        if let Some(b) = batches
+            .iter()
+            .find(|b| !self.input.schema.contains(&b.schema()))
+        {
+            return datafusion::common::plan_err!(
+                "batch schema {:?} is not table {}'s {:?}",
+                b.schema(),
+                self.table,
+                self.input.schema
+            );
+        }
+        let Some(plan) = &self.plan else {
+            register_table(ctx, &self.table, self.input.schema.clone(), batches)?;
+            return ctx.sql(&self.sql).await?.collect().await;
+        };
         *self.input.batches.lock().expect("not poisoned") = batches;
         // A fresh copy of the plan's state (its metrics, its operators' state) for each run.
-        let plan = reset_plan_states(self.plan.clone());
-        let out = match plan {
+        let out = match reset_plan_states(plan.clone()) {
             Ok(plan) => collect(plan, ctx.task_ctx()).await,
             Err(e) => Err(e),
         };
         self.input.batches.lock().expect("not poisoned").clear();
         out
     }
+}
+
+/// Whether the plan calls a function whose value the optimiser fixes at planning (`now()`).
+fn calls_stable_functions(plan: &LogicalPlan) -> datafusion::error::Result<bool> {
+    let mut found = false;
+    plan.apply_with_subqueries(|node| {
+        node.apply_expressions(|e| {
+            e.apply(|e| {
+                if let Expr::ScalarFunction(f) = e
+                    && f.func.signature().volatility == Volatility::Stable
+                {
+                    found = true;
+                    return Ok(TreeNodeRecursion::Stop);
+                }
+                Ok(TreeNodeRecursion::Continue)
+            })
+        })
+    })?;
+    Ok(found)
 }
 
 /// Which columns of `records` (by index) `sqls`, planned over `input` (`records` and the
@@ -465,4 +527,106 @@ pub fn output_schemas(p: &Pipeline, c: &Compiled) -> Vec<(String, SchemaRef)> {
 pub fn session() -> SessionContext {
     let config = datafusion::prelude::SessionConfig::new().with_target_partitions(1);
     SessionContext::new_with_config(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Array, Int64Array, TimestampNanosecondArray};
+
+    fn table() -> (SchemaRef, impl Fn(&[i64]) -> RecordBatch) {
+        let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int64, false)]));
+        let s = schema.clone();
+        let batch = move |xs: &[i64]| {
+            RecordBatch::try_new(s.clone(), vec![Arc::new(Int64Array::from(xs.to_vec()))]).unwrap()
+        };
+        (schema, batch)
+    }
+
+    fn int(out: &[RecordBatch]) -> Vec<i64> {
+        out.iter()
+            .flat_map(|b| {
+                let c = b.column(0).as_any().downcast_ref::<Int64Array>().unwrap();
+                c.values().to_vec()
+            })
+            .collect()
+    }
+
+    /// One plan, many runs, each over its own batches.
+    #[tokio::test]
+    async fn a_prepared_query_reads_each_runs_batches() {
+        let ctx = session();
+        let (schema, batch) = table();
+        let q = Prepared::new(&ctx, "t", schema, "SELECT sum(x) AS s FROM t")
+            .await
+            .unwrap();
+        assert!(q.schema().is_some(), "planned once");
+        let run = |xs: Vec<RecordBatch>| q.run(&ctx, xs);
+        assert_eq!(
+            int(&run(vec![batch(&[1, 2]), batch(&[3])]).await.unwrap()),
+            [6]
+        );
+        assert_eq!(int(&run(vec![batch(&[10])]).await.unwrap()), [10]);
+        // A plan that reads its table twice reads every batch both times.
+        let twice = Prepared::new(
+            &ctx,
+            "t",
+            q.input.schema.clone(),
+            "SELECT (SELECT sum(x) FROM t) + (SELECT count(*) FROM t) AS s",
+        )
+        .await
+        .unwrap();
+        let out = twice.run(&ctx, vec![batch(&[5, 6])]).await.unwrap();
+        assert_eq!(int(&out), [13]);
+    }
+
+    /// `now()` is folded into a constant when a plan is optimised: such a query is planned
+    /// at every run, so each run sees its own time.
+    #[tokio::test]
+    async fn now_is_read_at_each_run() {
+        let ctx = session();
+        let (schema, batch) = table();
+        let q = Prepared::new(&ctx, "t", schema, "SELECT max(now()) AS t FROM t")
+            .await
+            .unwrap();
+        assert!(q.schema().is_none(), "planned at every run");
+        let at = |out: Vec<RecordBatch>| {
+            let c = out[0].column(0);
+            let c = c
+                .as_any()
+                .downcast_ref::<TimestampNanosecondArray>()
+                .unwrap();
+            c.value(0)
+        };
+        let first = at(q.run(&ctx, vec![batch(&[1])]).await.unwrap());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let now = at(q.run(&ctx, vec![batch(&[1])]).await.unwrap());
+            if now > first {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "now() stayed {first}");
+        }
+    }
+
+    /// A LIMIT taken by the scan registers metrics at every run of the same scan: such a
+    /// query is planned at every run. Batches of another schema are refused.
+    #[tokio::test]
+    async fn a_limited_scan_is_planned_each_run_and_other_schemas_are_refused() {
+        let ctx = session();
+        let (schema, batch) = table();
+        let q = Prepared::new(&ctx, "t", schema, "SELECT x FROM t LIMIT 2")
+            .await
+            .unwrap();
+        assert!(q.schema().is_none());
+        let out = q.run(&ctx, vec![batch(&[1, 2, 3])]).await.unwrap();
+        assert_eq!(out.iter().map(|b| b.num_rows()).sum::<usize>(), 2);
+        let other = RecordBatch::try_new(
+            Arc::new(Schema::new(vec![Field::new("y", DataType::Utf8, false)])),
+            vec![Arc::new(arrow::array::StringArray::from(vec!["a"]))],
+        )
+        .unwrap();
+        let err = q.run(&ctx, vec![other]).await.unwrap_err().to_string();
+        assert!(err.contains("is not table t's"), "{err}");
+    }
 }
