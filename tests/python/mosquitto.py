@@ -152,7 +152,10 @@ class Subscriber:
                 time.sleep(0.05)
 
     def lines(self) -> list[bytes]:
-        return [line for line in self.out.read_bytes().splitlines() if line.startswith(b"{")]
+        data = self.out.read_bytes()
+        # The subscriber may be writing a line while it is read: only finished lines count.
+        finished = data[: data.rfind(b"\n") + 1]
+        return [line for line in finished.splitlines() if line.startswith(b"{")]
 
     def stop(self) -> None:
         self.proc.terminate()
