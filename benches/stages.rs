@@ -11,15 +11,13 @@
 //! build its tree. `benches/throughput.rs` times the same stages over 1M records in turns and
 //! runs the whole pipeline; benches/README.md has the figures.
 
-use std::hint::black_box;
-use std::sync::Arc;
+mod arrow_json;
 
-use arrow::datatypes::{DataType, Field, Schema};
-use arrow::json::ReaderBuilder;
+use std::hint::black_box;
+
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use shardlake::agent::sim::{SimConfig, simulate};
-use shardlake::config::FieldType;
-use shardlake::decode::{RecordDecoder, arrow_type};
+use shardlake::decode::RecordDecoder;
 use shardlake::engine::sql;
 use shardlake::localstream::{self, LocalStreamWriter};
 use shardlake::record::RawChunk;
@@ -91,36 +89,10 @@ fn stages(c: &mut Criterion) {
             })
         });
     }
-    // As the decoder before shardlake's used it: each chunk copied into one newline-separated
-    // buffer, timestamps left as text; no strictness, no dead-letter path.
-    let schema = Arc::new(Schema::new(
-        p.schema
-            .fields
-            .iter()
-            .map(|f| match f.ty {
-                FieldType::Timestamp => Field::new(&f.name, DataType::Utf8, true),
-                ty => Field::new(&f.name, arrow_type(ty), true),
-            })
-            .collect::<Vec<_>>(),
-    ));
+    // As the decoder before shardlake's used it (benches/arrow_json).
+    let schema = arrow_json::schema(&p);
     g.bench_function("arrow-json alone", |b| {
-        b.iter(|| {
-            let mut rows = 0;
-            for c in &chunks {
-                let mut buf = Vec::with_capacity(c.data.len() + c.len());
-                for i in 0..c.len() {
-                    buf.extend_from_slice(c.record(i));
-                    buf.push(b'\n');
-                }
-                let mut d = ReaderBuilder::new(schema.clone())
-                    .with_batch_size(c.len())
-                    .build_decoder()
-                    .unwrap();
-                d.decode(&buf).unwrap();
-                rows += d.flush().unwrap().map_or(0, |b| b.num_rows());
-            }
-            assert_eq!(rows, n);
-        })
+        b.iter(|| assert_eq!(arrow_json::decode(&schema, &chunks), n))
     });
     g.finish();
 }

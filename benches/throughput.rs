@@ -5,17 +5,16 @@
 //! decode, raw table, 1-minute and 5-minute-hop aggregations, alerts, zstd Parquet, commit),
 //! and the process's peak RSS. Figures and what bounds them: benches/README.md.
 
+mod arrow_json;
 mod canned_kinesis;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arrow::datatypes::{DataType, Field, Schema};
-use arrow::json::ReaderBuilder;
 use shardlake::agent::sim::{SimConfig, simulate};
 use shardlake::clock::SystemClock;
-use shardlake::config::{FieldType, KinesisSource, StartAt};
-use shardlake::decode::{RecordDecoder, arrow_type};
+use shardlake::config::{KinesisSource, StartAt};
+use shardlake::decode::RecordDecoder;
 use shardlake::engine::sql;
 use shardlake::localstream::{self, LocalStreamWriter};
 use shardlake::metrics::Metrics;
@@ -140,36 +139,9 @@ fn stages(p: &shardlake::config::Pipeline, stream: &std::path::Path, repeat: usi
     }
     stage("memcpy of the same bytes", n, t.elapsed().as_secs_f64());
 
-    // arrow-json on its own, as the decoder before this one used it: each chunk copied into
-    // one newline-separated buffer and decoded with timestamps left as text. No strict
-    // syntax, no integer checks, no timestamp parsing, no dead-letter bisection.
-    let json_schema = Arc::new(Schema::new(
-        p.schema
-            .fields
-            .iter()
-            .map(|f| match f.ty {
-                FieldType::Timestamp => Field::new(&f.name, DataType::Utf8, true),
-                ty => Field::new(&f.name, arrow_type(ty), true),
-            })
-            .collect::<Vec<_>>(),
-    ));
-    let arrow_json = || {
-        let mut rows = 0;
-        for c in &chunks {
-            let mut buf = Vec::with_capacity(c.data.len() + c.len());
-            for i in 0..c.len() {
-                buf.extend_from_slice(c.record(i));
-                buf.push(b'\n');
-            }
-            let mut d = ReaderBuilder::new(json_schema.clone())
-                .with_batch_size(c.len())
-                .build_decoder()
-                .unwrap();
-            d.decode(&buf).unwrap();
-            rows += d.flush().unwrap().map_or(0, |b| b.num_rows());
-        }
-        rows
-    };
+    // arrow-json on its own, as the decoder before this one used it (benches/arrow_json).
+    let json_schema = arrow_json::schema(p);
+    let arrow_json = || arrow_json::decode(&json_schema, &chunks);
     let decoder = RecordDecoder::new(p);
     let strict = decoder.clone().strict_only();
     let decode = |d: &RecordDecoder| {
