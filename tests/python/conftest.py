@@ -653,7 +653,7 @@ def simulator_extension(agent_bin: Path, data_dir: Path, *, shards: int, devices
 def crash_runs(shardlake_bin: Path, pipeline: Path, data_dir: Path, con, lake, *, valid: int,
                seed: int, staged, min_kills: int = 10, env: dict[str, str] | None = None,
                kill_window: tuple[float, float] = (0.3, 4.0), extend=None,
-               max_extensions: int = 4) -> Crashes:
+               max_extensions: int = 20) -> Crashes:
     """Runs `shardlake run --drain` until it was SIGKILLed `min_kills` times: every other run
     is killed at a random moment in `kill_window` seconds (around the first commits), the
     others abort themselves at a random failpoint of the commit protocol. After each crash
@@ -664,17 +664,29 @@ def crash_runs(shardlake_bin: Path, pipeline: Path, data_dir: Path, con, lake, *
     and load. A killed run that published more than its share of what is left (the rest over
     the kills still to come) shortens the window for the next kills, down to
     `kill_window[0] + 0.2` s. Failpoint runs always get a commit or two through, so a fast
-    machine may still drain the stream before `min_kills`: then `extend()` (see
-    `simulator_extension`) appends more readings, as a producer would, and the crashes go on;
-    without it, or after `max_extensions`, that fails the test."""
+    machine may still drain the stream before `min_kills`. So with `extend()` (see
+    `simulator_extension`), more readings are appended, as a producer would, whenever less is
+    left unread than twice the most one run has published, and again if a run drained the
+    stream all the same; without it, or after `max_extensions`, a drained stream before
+    `min_kills` fails the test."""
     checkpoint = data_dir / "state" / "well-telemetry" / "checkpoint.json"
     cmd = [str(shardlake_bin), "run", str(pipeline), "--drain"]
     rng = random.Random(seed)
     out = Crashes()
     longest = kill_window[1]
     visible = 0
+    most = 0  # the most readings one run has published so far
     while out.kills < min_kills:
         before = visible
+        # A producer keeps ahead of the consumer: with less left unread than twice what one
+        # run has published, the next run might drain the stream before its kill.
+        while (extend is not None and out.extensions < max_extensions
+               and valid - visible < 2 * most):
+            added = extend()
+            valid += added
+            out.extensions += 1
+            out.events.append(f"{valid - added - visible} readings left to read: {added} more "
+                              f"appended ({valid} in all)")
         out.runs += 1
         assert out.runs <= 4 * min_kills, (
             f"{out.kills} kills in {out.runs - 1} runs:\n" + "\n".join(out.events))
@@ -740,6 +752,7 @@ def crash_runs(shardlake_bin: Path, pipeline: Path, data_dir: Path, con, lake, *
             f"run {out.runs:2}: {how}; checkpoint: commit {commit}"
             f"{', intent pending' if pending else ''}; {staged()} staged; "
             f"{visible} readings visible")
+        most = max(most, visible - before)
         if rc == -signal.SIGKILL and not failpoint and out.kills < min_kills:
             share = (valid - before) / (min_kills - out.kills + 1)
             if visible - before > share and longest > kill_window[0] + 0.2:
