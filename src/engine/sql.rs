@@ -534,13 +534,20 @@ mod tests {
     use super::*;
     use arrow::array::{Array, Int64Array, TimestampNanosecondArray};
 
-    fn table() -> (SchemaRef, impl Fn(&[i64]) -> RecordBatch) {
+    /// A session, `sql` prepared over table `t` (one Int64 column `x`), and a maker of `t`'s
+    /// batches.
+    async fn prepare(sql: &str) -> (SessionContext, Prepared, impl Fn(&[i64]) -> RecordBatch) {
+        let ctx = session();
         let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int64, false)]));
-        let s = schema.clone();
+        let q = Prepared::new(&ctx, "t", schema.clone(), sql).await.unwrap();
         let batch = move |xs: &[i64]| {
-            RecordBatch::try_new(s.clone(), vec![Arc::new(Int64Array::from(xs.to_vec()))]).unwrap()
+            RecordBatch::try_new(
+                schema.clone(),
+                vec![Arc::new(Int64Array::from(xs.to_vec()))],
+            )
+            .unwrap()
         };
-        (schema, batch)
+        (ctx, q, batch)
     }
 
     fn int(out: &[RecordBatch]) -> Vec<i64> {
@@ -555,11 +562,7 @@ mod tests {
     /// One plan, many runs, each over its own batches.
     #[tokio::test]
     async fn a_prepared_query_reads_each_runs_batches() {
-        let ctx = session();
-        let (schema, batch) = table();
-        let q = Prepared::new(&ctx, "t", schema, "SELECT sum(x) AS s FROM t")
-            .await
-            .unwrap();
+        let (ctx, q, batch) = prepare("SELECT sum(x) AS s FROM t").await;
         assert!(q.schema().is_some(), "planned once");
         let run = |xs: Vec<RecordBatch>| q.run(&ctx, xs);
         assert_eq!(
@@ -584,11 +587,7 @@ mod tests {
     /// at every run, so each run sees its own time.
     #[tokio::test]
     async fn now_is_read_at_each_run() {
-        let ctx = session();
-        let (schema, batch) = table();
-        let q = Prepared::new(&ctx, "t", schema, "SELECT max(now()) AS t FROM t")
-            .await
-            .unwrap();
+        let (ctx, q, batch) = prepare("SELECT max(now()) AS t FROM t").await;
         assert!(q.schema().is_none(), "planned at every run");
         let at = |out: Vec<RecordBatch>| {
             let c = out[0].column(0);
@@ -613,11 +612,7 @@ mod tests {
     /// query is planned at every run. Batches of another schema are refused.
     #[tokio::test]
     async fn a_limited_scan_is_planned_each_run_and_other_schemas_are_refused() {
-        let ctx = session();
-        let (schema, batch) = table();
-        let q = Prepared::new(&ctx, "t", schema, "SELECT x FROM t LIMIT 2")
-            .await
-            .unwrap();
+        let (ctx, q, batch) = prepare("SELECT x FROM t LIMIT 2").await;
         assert!(q.schema().is_none());
         let out = q.run(&ctx, vec![batch(&[1, 2, 3])]).await.unwrap();
         assert_eq!(out.iter().map(|b| b.num_rows()).sum::<usize>(), 2);
