@@ -100,18 +100,8 @@ impl SeqNos {
     }
 
     /// A local stream's byte offset, written without the formatting machinery.
-    pub fn push_u64(&mut self, mut n: u64) {
-        let mut digits = [0u8; 20];
-        let mut at = digits.len();
-        loop {
-            at -= 1;
-            digits[at] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 {
-                break;
-            }
-        }
-        self.push(std::str::from_utf8(&digits[at..]).expect("ASCII digits"));
+    pub fn push_u64(&mut self, n: u64) {
+        self.push(itoa::Buffer::new().format(n));
     }
 
     /// The `sub`-th user record of the aggregate with sequence number `seq`.

@@ -173,78 +173,81 @@ enum Token<'a> {
     Number,
 }
 
-/// A number by JSON's grammar: `-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?`.
+/// A number by JSON's grammar: `-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?`. The
+/// integer and fraction digits are accumulated as they are scanned: one pass over them.
 fn read_number(text: &str, start: usize) -> Option<(usize, Token<'_>)> {
     let b = text.as_bytes();
     let negative = b[start] == b'-';
     let digits = start + usize::from(negative);
-    let int_end = match b.get(digits)? {
-        b'0' => digits + 1,
-        b'1'..=b'9' => digits_end(b, digits + 1),
-        _ => return None,
+    // Wrapping: the digit counts below say when the value is exact.
+    let mut mantissa = 0u64;
+    let mut scan = |mut i: usize| {
+        while let Some(&c) = b.get(i).filter(|c| c.is_ascii_digit()) {
+            mantissa = mantissa.wrapping_mul(10).wrapping_add(u64::from(c - b'0'));
+            i += 1;
+        }
+        i
     };
-    if b.get(int_end).is_some_and(u8::is_ascii_digit) {
-        return None; // a leading zero
+    let int_end = scan(digits);
+    let int_len = int_end - digits;
+    if int_len == 0 || (int_len > 1 && b[digits] == b'0') {
+        return None; // no digit, or a leading zero
     }
     let mut end = int_end;
+    let mut fraction_len = None;
     if b.get(end) == Some(&b'.') {
         let fraction = end + 1;
-        end = digits_end(b, fraction);
+        end = scan(fraction);
         if end == fraction {
             return None;
         }
+        fraction_len = Some(end - fraction);
     }
+    let mut exponent = false;
     if matches!(b.get(end), Some(b'e' | b'E')) {
         let sign = usize::from(matches!(b.get(end + 1), Some(b'+' | b'-')));
-        let exponent = end + 1 + sign;
-        end = digits_end(b, exponent);
-        if end == exponent {
+        let digits = end + 1 + sign;
+        end = digits_end(b, digits);
+        if end == digits {
             return None;
         }
+        exponent = true;
     }
-    let token = if end > int_end {
-        match simple_float(&b[digits..int_end], &b[int_end..end]) {
-            Some(x) if negative => Token::Float(-x),
-            Some(x) => Token::Float(x),
-            None => match text[start..end].parse::<f64>() {
-                Ok(x) if x.is_finite() => Token::Float(x),
-                _ => Token::Number, // serde_json says "number out of range"
-            },
+    let token = match fraction_len {
+        // At most 15 digits in all make an integer below 2^53, and 10^k (k <= 15) is a double
+        // too, so the one IEEE division is correctly rounded, as `str::parse` rounds
+        // (Clinger's fast path).
+        Some(k) if !exponent && int_len + k <= 15 => {
+            let x = mantissa as f64 / POW10[k];
+            Token::Float(if negative { -x } else { x })
         }
-    } else {
-        // Beyond u64 (or below i64), or `-0`, serde_json reads a float.
-        match decimal(&b[digits..int_end]) {
+        _ if end > int_end => match text[start..end].parse::<f64>() {
+            Ok(x) if x.is_finite() => Token::Float(x),
+            _ => Token::Number, // serde_json says "number out of range"
+        },
+        // Beyond u64 (or below i64), or `-0`, serde_json reads a float. 19 digits always fit.
+        _ => match (int_len <= 19)
+            .then_some(mantissa)
+            .or_else(|| decimal(&b[digits..int_end]))
+        {
             Some(0) if negative => Token::Number,
             Some(n) if negative => i64::try_from(-i128::from(n)).map_or(Token::Number, Token::Int),
             Some(n) => Token::Uint(n),
             None => Token::Number,
-        }
+        },
     };
     Some((end, token))
 }
+
+const POW10: [f64; 16] = [
+    1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15,
+];
 
 /// The value of ASCII digits, or `None` beyond u64.
 fn decimal(digits: &[u8]) -> Option<u64> {
     digits.iter().try_fold(0u64, |n, &c| {
         n.checked_mul(10)?.checked_add(u64::from(c - b'0'))
     })
-}
-
-/// `int` then `rest` = `.digits` (no exponent) with at most 15 digits in all, exactly: the
-/// digits make an integer below 2^53 and 10^k (k <= 15) is a double too, so the one IEEE
-/// division is correctly rounded, as `str::parse` rounds (Clinger's fast path). `None`
-/// otherwise.
-fn simple_float(int: &[u8], rest: &[u8]) -> Option<f64> {
-    const POW10: [f64; 16] = [
-        1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15,
-    ];
-    let fraction = rest.strip_prefix(b".")?;
-    if int.len() + fraction.len() > 15 || !fraction.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    let m = decimal(fraction).zip(decimal(int))?;
-    let mantissa = m.1 * 10u64.pow(fraction.len() as u32) + m.0;
-    Some(mantissa as f64 / POW10[fraction.len()])
 }
 
 /// Where the digits starting at `i` end (`i` itself if there are none).
@@ -325,23 +328,42 @@ pub(super) fn utc_micros(s: &str) -> Option<i64> {
         }
         _ => return None,
     };
-    let (year, month, day) = (num(0, 4)?, num(5, 7)?, num(8, 10)?);
-    let (hour, minute, second) = (num(11, 13)?, num(14, 16)?, num(17, 19)?);
-    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
-    let month_days = match month {
-        2 if leap => 29,
-        2 => 28,
-        4 | 6 | 9 | 11 => 30,
-        1..=12 => 31,
-        _ => return None,
-    };
-    if day == 0 || day > month_days || hour > 23 || minute > 59 || second > 59 {
+    let (minute, second) = (num(14, 16)?, num(17, 19)?);
+    if minute > 59 || second > 59 {
         return None;
     }
-    let seconds = days_from_civil(year.into(), month.into(), day.into()) * 86_400
-        + i64::from(hour * 3600 + minute * 60 + second)
-        - offset;
+    // `YYYY-MM-DDTHH` as two overlapping words: a stream's readings mostly share their date
+    // and hour, so the last valid one's seconds are kept (a key of ASCII bytes is never 0).
+    let key = (word(&b[..8]), word(&b[5..13]));
+    let (k0, k1, cached) = LAST_HOUR.get();
+    let hour_start = if (k0, k1) == key {
+        cached
+    } else {
+        let (year, month, day, hour) = (num(0, 4)?, num(5, 7)?, num(8, 10)?, num(11, 13)?);
+        let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+        let month_days = match month {
+            2 if leap => 29,
+            2 => 28,
+            4 | 6 | 9 | 11 => 30,
+            1..=12 => 31,
+            _ => return None,
+        };
+        if day == 0 || day > month_days || hour > 23 {
+            return None;
+        }
+        let start = days_from_civil(year.into(), month.into(), day.into()) * 86_400
+            + i64::from(hour) * 3600;
+        LAST_HOUR.set((key.0, key.1, start));
+        start
+    };
+    let seconds = hour_start + i64::from(minute * 60 + second) - offset;
     Some(seconds * 1_000_000 + i64::from(micros))
+}
+
+thread_local! {
+    /// The last valid `YYYY-MM-DDTHH` [`utc_micros`] read, as two words, and its seconds
+    /// since the epoch.
+    static LAST_HOUR: std::cell::Cell<(u64, u64, i64)> = const { std::cell::Cell::new((0, 0, 0)) };
 }
 
 /// The value of a few ASCII digits, or `None` if one is not a digit.
