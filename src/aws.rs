@@ -1,18 +1,16 @@
 //! Shared AWS set-up: one HTTPS client (rustls on ring, the stack object_store and reqwest
 //! also use), credentials from the default chain (the ECS task role in Fargate), endpoints
-//! from the standard `AWS_ENDPOINT_URL` / `AWS_ENDPOINT_URL_<SERVICE>` variables, and a
-//! retry policy for a worker that has nothing better to do than to try again.
-
-use std::time::Duration;
+//! from the standard `AWS_ENDPOINT_URL` / `AWS_ENDPOINT_URL_<SERVICE>` variables, a retry
+//! policy for a worker that has nothing better to do than to try again ([`crate::retry`]'s
+//! figures), and [`fault`]: an SDK error in [`crate::retry`]'s classification.
 
 use aws_config::retry::RetryConfig;
 use aws_config::{BehaviorVersion, Region, SdkConfig};
+use aws_sdk_kinesis::config::http::HttpResponse;
+use aws_sdk_kinesis::error::{ProvideErrorMetadata, SdkError};
 use aws_smithy_http_client::tls::{Provider, rustls_provider::CryptoMode};
 
-/// Attempts per request, first included. With exponential backoff capped at
-/// [`MAX_BACKOFF`], ten attempts ride out about a minute of throttling or 5xx.
-pub const MAX_ATTEMPTS: u32 = 10;
-pub const MAX_BACKOFF: Duration = Duration::from_secs(10);
+use crate::retry::{self, Fault};
 
 /// The SDK configuration every client of this process starts from.
 pub async fn sdk_config(region: Option<&str>) -> SdkConfig {
@@ -23,9 +21,9 @@ pub async fn sdk_config(region: Option<&str>) -> SdkConfig {
         .http_client(http)
         .retry_config(
             RetryConfig::standard()
-                .with_max_attempts(MAX_ATTEMPTS)
-                .with_initial_backoff(Duration::from_millis(100))
-                .with_max_backoff(MAX_BACKOFF),
+                .with_max_attempts(retry::SDK_ATTEMPTS)
+                .with_initial_backoff(retry::SDK.first)
+                .with_max_backoff(retry::SDK.max),
         );
     if let Some(r) = region {
         loader = loader.region(Region::new(r.to_string()));
@@ -42,6 +40,21 @@ pub fn custom_endpoint(service: &str) -> Option<String> {
     ]
     .iter()
     .find_map(|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
+}
+
+/// An SDK error as [`crate::retry`] classifies it: by the service's error code and HTTP status;
+/// no answer (a timeout, a lost connection, a response that did not parse) is transient; a
+/// request that could not even be built is permanent.
+pub fn fault<E: ProvideErrorMetadata>(e: &SdkError<E, HttpResponse>) -> Fault {
+    match e {
+        SdkError::ServiceError(s) => {
+            retry::classify(s.err().code(), Some(s.raw().status().as_u16()))
+        }
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            Fault::Transient
+        }
+        _ => Fault::Permanent,
+    }
 }
 
 /// An SDK error with its causes (the SDK's own `Display` shows only "service error").
@@ -75,17 +88,6 @@ impl FaultCounter {
     }
 }
 
-/// Error codes that mean "slow down" in the services shardlake calls.
-#[cfg(feature = "pipeline")]
-const THROTTLING_CODES: [&str; 6] = [
-    "ThrottlingException",
-    "ProvisionedThroughputExceededException",
-    "RequestLimitExceeded",
-    "LimitExceededException",
-    "SlowDown",
-    "TooManyRequestsException",
-];
-
 #[cfg(feature = "pipeline")]
 impl aws_sdk_s3::config::Intercept for FaultCounter {
     fn name(&self) -> &'static str {
@@ -103,10 +105,7 @@ impl aws_sdk_s3::config::Intercept for FaultCounter {
             Some(r) => {
                 let status = r.status().as_u16();
                 let body = r.body().bytes().unwrap_or_default();
-                let throttling = status == 429
-                    || THROTTLING_CODES
-                        .iter()
-                        .any(|c| body.windows(c.len()).any(|w| w == c.as_bytes()));
+                let throttling = status == 429 || retry::body_names_throttling(body);
                 if (400..600).contains(&status) && throttling {
                     crate::metrics::Metrics::add((self.throttled)(m), 1);
                 } else if status >= 500 {

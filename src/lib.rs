@@ -4,30 +4,42 @@
 //!
 //! A record's path through the crate, in order:
 //!
-//! - **Source** — [`source`]: one task per shard reads chunks of raw records
-//!   ([`record::RawChunk`]: shard, sequence numbers, bytes) from the local stream
-//!   ([`source::local`], the files [`localstream`] defines) or Kinesis ([`source::kinesis`]).
-//! - **Decode** — [`decode`]: JSON to Arrow in one strict pass per record, against the record
-//!   schema; records that do not fit become dead letters with a reason.
-//! - **Windows and alerts** — [`engine`]: event-time watermark ([`window`]), per-aggregation
-//!   buffers of open windows emitted through DataFusion SQL ([`engine::sql`]), alert
+//! - **Record** — [`record`]: what every stage hands on: [`record::RawChunk`] (shard,
+//!   sequence numbers, bytes) and positions in a shard; [`columns`] names every column
+//!   shardlake adds to a table.
+//! - **Source** — [`source`]: a [`source::Stream`] lists its shards and opens a reader per
+//!   shard: the local stream ([`source::local`], the files [`localstream`] defines) or
+//!   Kinesis ([`source::kinesis`], with KPL de-aggregation in [`source::kinesis::kpl`]);
+//!   [`source::task`] is the one place a shard's task is spawned (children after parents).
+//! - **Decode** — [`decode`]: JSON to Arrow against the record schema; records that do not
+//!   fit become dead letters with a reason.
+//! - **Windows and alerts** — [`engine`]: the event-time watermark and window arithmetic
+//!   ([`engine::window`]), per-aggregation buffers of open windows emitted through DataFusion
+//!   SQL ([`engine::sql`]), mergeable partial aggregates ([`engine::merge`]), alert
 //!   predicates on records and on window rows, late records.
 //! - **Sink** — [`sink`]: one Parquet file per `year=/month=/day=/hour=` partition of each
 //!   output ([`sink::writer`], [`sink::partition`]), staged then published in a lake
 //!   ([`sink::local`], [`sink::s3`]).
-//! - **Checkpoint** — [`checkpoint`]: the two-phase commit's intents and the per-shard,
-//!   per-output checkpoints ([`checkpoint::local`]); with many workers, the DynamoDB lease
-//!   table ([`lease`]).
+//! - **Checkpoint** — [`checkpoint`]: the exactly-once commit protocol
+//!   ([`checkpoint::commit`]: stage, prepare, publish, commit; recovery runs the same steps),
+//!   and where checkpoints and intents live: one worker's file ([`checkpoint::local`]) or the
+//!   DynamoDB lease table shared by many workers ([`checkpoint::dynamodb`]).
 //!
-//! Around it: [`config`] (pipeline and schema YAML, validation), [`pipeline`] (the run loop
-//! shared by `main`, the demo and the tests), [`notify`] (alerts to SNS and webhooks),
-//! [`aws`] (SDK set-up), [`query`] (SQL over the lake, Athena DDL), [`bridge`] (MQTT → Kinesis
-//! for local runs, as the IoT rule does),
-//! [`clock`], [`failpoint`], [`metrics`], [`logs`]. The Pi agent is [`agent`]; it and the modules it
-//! uses ([`localstream`], [`config`]) build without the `pipeline` feature.
+//! The run loop is [`pipeline`]: one entry point shared by `main`, the demo and the tests,
+//! running sessions over a set of shards.
+//!
+//! Around it: [`config`] (pipeline and schema YAML, validation), [`notify`] (alerts to SNS and
+//! webhooks), [`tools`] (`shardlake query`, `athena-ddl`, the MQTT bridge), [`ops`]
+//! (`/metrics` and `/healthz`), [`aws`] (SDK set-up), [`retry`] (backoff and the
+//! classification of retryable errors), [`clock`], [`failpoint`], [`metrics`], [`logs`].
+//!
+//! The Pi agent is [`agent`]; it and the modules it uses ([`localstream`], [`config`],
+//! [`columns`], [`retry`]) build without the `pipeline` feature, so the agent never links
+//! DataFusion, Arrow or Parquet.
+//!
+//! The design decisions behind this layout are in `docs/ARCHITECTURE.md`.
 
 pub mod agent;
-pub mod backoff;
 pub mod clock;
 pub mod config;
 pub mod failpoint;
@@ -35,12 +47,10 @@ pub mod localstream;
 pub mod logs;
 pub mod metrics;
 pub mod record;
-pub mod window;
+pub mod retry;
 
 #[cfg(any(feature = "pipeline", feature = "agent-kinesis"))]
 pub mod aws;
-#[cfg(feature = "pipeline")]
-pub mod bridge;
 #[cfg(feature = "pipeline")]
 pub mod checkpoint;
 #[cfg(feature = "pipeline")]
@@ -48,16 +58,14 @@ pub mod decode;
 #[cfg(feature = "pipeline")]
 pub mod engine;
 #[cfg(feature = "pipeline")]
-pub mod lease;
-#[cfg(feature = "pipeline")]
 pub mod notify;
 #[cfg(feature = "pipeline")]
 pub mod ops;
 #[cfg(feature = "pipeline")]
 pub mod pipeline;
 #[cfg(feature = "pipeline")]
-pub mod query;
-#[cfg(feature = "pipeline")]
 pub mod sink;
 #[cfg(feature = "pipeline")]
 pub mod source;
+#[cfg(feature = "pipeline")]
+pub mod tools;

@@ -20,6 +20,7 @@ use tokio::task::JoinHandle;
 use crate::aws;
 use crate::config::{Notifier, NotifyTarget, Pipeline};
 use crate::metrics::Metrics;
+use crate::retry::{Backoff, Fault, Retry};
 
 /// Messages waiting per notifier before new ones are dropped.
 const QUEUE: usize = 1024;
@@ -237,48 +238,51 @@ async fn deliver(
     // one goes through: a dead receiver must not hold each alert for the whole backoff.
     let mut down = false;
     while let Some(m) = rx.recv().await {
-        let attempts = if down { 1 } else { ATTEMPTS };
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match target.send(&m).await {
-                Ok(()) => {
-                    Metrics::add(&metrics.notifications_sent, 1);
-                    if down {
-                        tracing::info!(notifier = %name, "notifier delivers again");
-                        down = false;
-                    }
-                    break;
-                }
-                Err(e) if e.retry && attempt < attempts => {
+        let retry = Retry {
+            backoff: BACKOFF,
+            attempts: if down { 1 } else { ATTEMPTS },
+        };
+        let mut attempts = 1;
+        let sent = retry
+            .run(
+                || target.send(&m),
+                |e| if e.retry { Fault::Transient } else { Fault::Permanent },
+                |e, _, attempt| {
+                    attempts = attempt + 1;
                     tracing::debug!(notifier = %name, attempt, error = %e.text, "notifier failed; retrying");
-                    tokio::time::sleep(backoff(attempt)).await;
+                },
+            )
+            .await;
+        match sent {
+            Ok(()) => {
+                Metrics::add(&metrics.notifications_sent, 1);
+                if down {
+                    tracing::info!(notifier = %name, "notifier delivers again");
+                    down = false;
                 }
-                Err(e) => {
-                    Metrics::add(&metrics.notifier_failures, 1);
-                    tracing::warn!(
-                        notifier = %name,
-                        rule = %m.rule,
-                        device = m.device.as_deref().unwrap_or(""),
-                        attempts = attempt,
-                        error = %e.text,
-                        "notifier failed; the alert is only in the alerts table"
-                    );
-                    if !down {
-                        tracing::warn!(notifier = %name, "notifier is down: each alert is now tried once until one goes through");
-                        down = true;
-                    }
-                    break;
+            }
+            Err(e) => {
+                Metrics::add(&metrics.notifier_failures, 1);
+                tracing::warn!(
+                    notifier = %name,
+                    rule = %m.rule,
+                    device = m.device.as_deref().unwrap_or(""),
+                    attempts,
+                    error = %e.text,
+                    "notifier failed; the alert is only in the alerts table"
+                );
+                if !down {
+                    tracing::warn!(notifier = %name, "notifier is down: each alert is now tried once until one goes through");
+                    down = true;
                 }
             }
         }
     }
 }
 
-/// Exponential from 200 ms, capped at 10 s, with jitter.
-fn backoff(attempt: u32) -> Duration {
-    crate::backoff::jittered(Duration::from_millis(200), attempt, Duration::from_secs(10))
-}
+/// Exponential from 400 ms (twice the first 200 ms step: the first retry already waits
+/// one doubling), capped at 10 s, with jitter.
+const BACKOFF: Backoff = Backoff::new(Duration::from_millis(400), Duration::from_secs(10));
 
 struct SendError {
     retry: bool,

@@ -15,9 +15,10 @@ use shardlake::decode::RecordDecoder;
 use shardlake::engine::{Engine, sql};
 use shardlake::localstream::{self, LocalStreamWriter};
 use shardlake::metrics::Metrics;
-use shardlake::pipeline::{RunOptions, lakes_for, run};
-use shardlake::query;
+use shardlake::pipeline::{RunOptions, run};
 use shardlake::record::{RawChunk, SeqNo, SeqNos};
+use shardlake::sink::Lakes;
+use shardlake::tools::query;
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -314,7 +315,7 @@ async fn engine_for(file: &str, data: &Path, clock: Arc<ManualClock>) -> (Engine
     let store = Box::new(LocalStore::open(&data.join("state"), &p.name).unwrap());
     let engine = Engine::open(
         Arc::new(p.clone()),
-        lakes_for(&p, &Default::default()).await.unwrap(),
+        Lakes::open(&p, &Default::default()).await.unwrap(),
         store,
         clock.clone(),
         "w0",
@@ -479,7 +480,7 @@ async fn folding_open_windows_into_states_changes_no_result() {
         let store = Box::new(LocalStore::open(&data.path().join("state"), &p.name).unwrap());
         let mut engine = Engine::open(
             Arc::new(p.clone()),
-            lakes_for(&p, &Default::default()).await.unwrap(),
+            Lakes::open(&p, &Default::default()).await.unwrap(),
             store,
             clock.clone(),
             "w0",

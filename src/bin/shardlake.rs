@@ -15,7 +15,7 @@ use shardlake::engine::sql;
 use shardlake::localstream::{self, LocalStreamWriter};
 use shardlake::metrics::Metrics;
 use shardlake::pipeline::{RunOptions, run};
-use shardlake::query;
+use shardlake::tools::{athena, query};
 
 #[derive(Parser)]
 #[command(
@@ -206,7 +206,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 (Some(ca), Some(cert), Some(key)) => Some((ca, cert, key)),
                 _ => None,
             };
-            let opts = shardlake::bridge::BridgeOptions {
+            let opts = shardlake::tools::bridge::BridgeOptions {
                 host,
                 port,
                 tls,
@@ -215,7 +215,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 stream,
                 partition_key,
             };
-            let summary = shardlake::bridge::run(opts, shutdown_signal()).await?;
+            let summary = shardlake::tools::bridge::run(opts, shutdown_signal()).await?;
             println!("{}", serde_json::to_string(&summary)?);
             Ok(ExitCode::SUCCESS)
         }
@@ -241,7 +241,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             let schemas = query::output_schemas(&p).await?;
             print!(
                 "{}",
-                query::athena_ddl(&p.name, &database, &location, &schemas)
+                athena::athena_ddl(&p.name, &database, &location, &schemas)
                     .map_err(anyhow::Error::msg)?
             );
             Ok(ExitCode::SUCCESS)

@@ -9,6 +9,8 @@
 //! [`crate::lease`]'s DynamoDB lease table (one item per shard, many workers), where each
 //! shard's item holds its own checkpoint and its share of a pending intent.
 
+pub mod commit;
+pub mod dynamodb;
 pub mod local;
 
 use std::collections::BTreeMap;

@@ -112,6 +112,116 @@ fn q(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
+/// The SQL pieces of a mergeable SELECT, gathered item by item.
+#[derive(Default)]
+struct Parts {
+    /// The GROUP BY columns.
+    groups: Vec<String>,
+    /// The state SELECT's items: what one part stores.
+    states: Vec<String>,
+    /// Over parts: the SELECT's own columns.
+    merged: Vec<String>,
+    /// Over parts: one part per group from several.
+    combined: Vec<String>,
+    /// Window functions the merge of a variance needs first (the groups' means).
+    means: Vec<String>,
+}
+
+impl Parts {
+    /// The pieces of one aggregate item, `name` = `k(arg)`.
+    fn add(&mut self, k: Kind, arg: &str, name: &str) {
+        let n = |suffix: &str| q(&format!("{name}__{suffix}"));
+        let d = |e: &str| format!("CAST({e} AS DOUBLE)");
+        match k {
+            Kind::Count | Kind::Sum | Kind::Min | Kind::Max => {
+                let f = match k {
+                    Kind::Count => "count",
+                    Kind::Sum => "sum",
+                    Kind::Min => "min",
+                    _ => "max",
+                };
+                self.states.push(format!("{f}({arg}) AS {}", q(&name)));
+                let m = if k == Kind::Count { "sum" } else { f };
+                self.merged
+                    .push(format!("{m}({}) AS {}", q(&name), q(&name)));
+                self.combined
+                    .push(format!("{m}({}) AS {}", q(&name), q(&name)));
+            }
+            Kind::Avg => {
+                self.states
+                    .push(format!("sum({}) AS {}", d(&arg), n("sum")));
+                self.states.push(format!("count({arg}) AS {}", n("n")));
+                self.merged.push(format!(
+                    "sum({}) / NULLIF(sum({}), 0) AS {}",
+                    n("sum"),
+                    n("n"),
+                    q(&name)
+                ));
+                self.combined.push(format!("sum({s}) AS {s}", s = n("sum")));
+                self.combined.push(format!("sum({c}) AS {c}", c = n("n")));
+            }
+            Kind::CountDistinct => {
+                self.states.push(format!(
+                    "array_agg(DISTINCT {arg}) FILTER (WHERE {arg} IS NOT NULL) AS {}",
+                    n("set")
+                ));
+                self.merged.push(format!(
+                    "COALESCE(CAST(cardinality(array_distinct(flatten(array_agg({})))) AS BIGINT), 0) AS {}",
+                    n("set"),
+                    q(&name)
+                ));
+                self.combined.push(format!(
+                    "array_distinct(flatten(array_agg({set}) FILTER (WHERE {set} IS NOT NULL))) AS {set}",
+                    set = n("set")
+                ));
+            }
+            Kind::Var { pop, sqrt } => {
+                // Per part: n, mean and M2 (the sum of squared deviations from the part's
+                // mean); merged with the parallel formula, which keeps the precision a
+                // plain sum of squares would lose.
+                self.states.push(format!("count({arg}) AS {}", n("n")));
+                self.states
+                    .push(format!("avg({}) AS {}", d(&arg), n("mean")));
+                self.states.push(format!(
+                    "var_pop({}) * count({arg}) AS {}",
+                    d(&arg),
+                    n("m2")
+                ));
+                self.means.push(format!(
+                    "sum({n} * {mean}) OVER (PARTITION BY {GROUPS}) / NULLIF(sum({n}) OVER (PARTITION BY {GROUPS}), 0) AS {gmean}",
+                    n = n("n"),
+                    mean = n("mean"),
+                    gmean = n("gmean")
+                ));
+                let m2 = format!(
+                    "(sum({m2}) + sum({cnt} * ({mean} - {gmean}) * ({mean} - {gmean})))",
+                    m2 = n("m2"),
+                    cnt = n("n"),
+                    mean = n("mean"),
+                    gmean = n("gmean")
+                );
+                let var = if pop {
+                    format!(
+                        "CASE WHEN sum({c}) > 0 THEN {m2} / sum({c}) END",
+                        c = n("n")
+                    )
+                } else {
+                    format!(
+                        "CASE WHEN sum({c}) > 1 THEN {m2} / (sum({c}) - 1) END",
+                        c = n("n")
+                    )
+                };
+                let value = if sqrt { format!("sqrt({var})") } else { var };
+                self.merged.push(format!("{value} AS {}", q(&name)));
+                self.combined.push(format!("sum({c}) AS {c}", c = n("n")));
+                self.combined
+                    .push(format!("max({g}) AS {}", n("mean"), g = n("gmean")));
+                self.combined.push(format!("{m2} AS {}", n("m2")));
+            }
+        }
+    }
+}
+
 /// The mergeable form of an aggregation's SELECT, or why it has none.
 pub fn analyze(sql: &str) -> Result<Mergeable, String> {
     let dialect = GenericDialect {};
@@ -141,11 +251,7 @@ pub fn analyze(sql: &str) -> Result<Mergeable, String> {
     }
     let grouped: Vec<String> = group_by.iter().map(|e| e.to_string()).collect();
 
-    let mut groups: Vec<String> = Vec::new();
-    let mut states: Vec<String> = Vec::new();
-    let mut merged: Vec<String> = Vec::new();
-    let mut combined: Vec<String> = Vec::new();
-    let mut means: Vec<String> = Vec::new();
+    let mut parts = Parts::default();
     for item in &select.projection {
         let (expr, name) = match item {
             SelectItem::ExprWithAlias { expr, alias } => (expr, alias.value.clone()),
@@ -156,98 +262,22 @@ pub fn analyze(sql: &str) -> Result<Mergeable, String> {
             other => return Err(format!("`{other}` has no alias")),
         };
         if grouped.contains(&expr.to_string()) {
-            states.push(format!("{expr} AS {}", q(&name)));
-            merged.push(q(&name));
-            combined.push(q(&name));
-            groups.push(q(&name));
+            parts.states.push(format!("{expr} AS {}", q(&name)));
+            parts.merged.push(q(&name));
+            parts.combined.push(q(&name));
+            parts.groups.push(q(&name));
             continue;
         }
         let (k, arg) = aggregate(expr)?;
-        let n = |suffix: &str| q(&format!("{name}__{suffix}"));
-        let d = |e: &str| format!("CAST({e} AS DOUBLE)");
-        match k {
-            Kind::Count | Kind::Sum | Kind::Min | Kind::Max => {
-                let f = match k {
-                    Kind::Count => "count",
-                    Kind::Sum => "sum",
-                    Kind::Min => "min",
-                    _ => "max",
-                };
-                states.push(format!("{f}({arg}) AS {}", q(&name)));
-                let m = if k == Kind::Count { "sum" } else { f };
-                merged.push(format!("{m}({}) AS {}", q(&name), q(&name)));
-                combined.push(format!("{m}({}) AS {}", q(&name), q(&name)));
-            }
-            Kind::Avg => {
-                states.push(format!("sum({}) AS {}", d(&arg), n("sum")));
-                states.push(format!("count({arg}) AS {}", n("n")));
-                merged.push(format!(
-                    "sum({}) / NULLIF(sum({}), 0) AS {}",
-                    n("sum"),
-                    n("n"),
-                    q(&name)
-                ));
-                combined.push(format!("sum({s}) AS {s}", s = n("sum")));
-                combined.push(format!("sum({c}) AS {c}", c = n("n")));
-            }
-            Kind::CountDistinct => {
-                states.push(format!(
-                    "array_agg(DISTINCT {arg}) FILTER (WHERE {arg} IS NOT NULL) AS {}",
-                    n("set")
-                ));
-                merged.push(format!(
-                    "COALESCE(CAST(cardinality(array_distinct(flatten(array_agg({})))) AS BIGINT), 0) AS {}",
-                    n("set"),
-                    q(&name)
-                ));
-                combined.push(format!(
-                    "array_distinct(flatten(array_agg({set}) FILTER (WHERE {set} IS NOT NULL))) AS {set}",
-                    set = n("set")
-                ));
-            }
-            Kind::Var { pop, sqrt } => {
-                // Per part: n, mean and M2 (the sum of squared deviations from the part's
-                // mean); merged with the parallel formula, which keeps the precision a
-                // plain sum of squares would lose.
-                states.push(format!("count({arg}) AS {}", n("n")));
-                states.push(format!("avg({}) AS {}", d(&arg), n("mean")));
-                states.push(format!(
-                    "var_pop({}) * count({arg}) AS {}",
-                    d(&arg),
-                    n("m2")
-                ));
-                means.push(format!(
-                    "sum({n} * {mean}) OVER (PARTITION BY {GROUPS}) / NULLIF(sum({n}) OVER (PARTITION BY {GROUPS}), 0) AS {gmean}",
-                    n = n("n"),
-                    mean = n("mean"),
-                    gmean = n("gmean")
-                ));
-                let m2 = format!(
-                    "(sum({m2}) + sum({cnt} * ({mean} - {gmean}) * ({mean} - {gmean})))",
-                    m2 = n("m2"),
-                    cnt = n("n"),
-                    mean = n("mean"),
-                    gmean = n("gmean")
-                );
-                let var = if pop {
-                    format!(
-                        "CASE WHEN sum({c}) > 0 THEN {m2} / sum({c}) END",
-                        c = n("n")
-                    )
-                } else {
-                    format!(
-                        "CASE WHEN sum({c}) > 1 THEN {m2} / (sum({c}) - 1) END",
-                        c = n("n")
-                    )
-                };
-                let value = if sqrt { format!("sqrt({var})") } else { var };
-                merged.push(format!("{value} AS {}", q(&name)));
-                combined.push(format!("sum({c}) AS {c}", c = n("n")));
-                combined.push(format!("max({g}) AS {}", n("mean"), g = n("gmean")));
-                combined.push(format!("{m2} AS {}", n("m2")));
-            }
-        }
+        parts.add(k, &arg, &name);
     }
+    let Parts {
+        groups,
+        states,
+        merged,
+        combined,
+        means,
+    } = parts;
     if groups.len() == select.projection.len() {
         return Err("it has no aggregate".into());
     }

@@ -114,13 +114,6 @@ pub async fn compile(p: &Pipeline, ctx: &SessionContext) -> Result<Compiled, Con
     input_fields.push(Arc::new(Field::new(WINDOW_END, ts_type(), false)));
     let agg_input: SchemaRef = Arc::new(Schema::new(input_fields));
     let mut problems: Vec<Problem> = Vec::new();
-    let columns = |s: &Schema| {
-        s.fields()
-            .iter()
-            .map(|f| f.name().as_str())
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
 
     let mut agg_outputs = Vec::new();
     let mut agg_finals = Vec::new();
@@ -150,29 +143,7 @@ pub async fn compile(p: &Pipeline, ctx: &SessionContext) -> Result<Compiled, Con
                     }
                 }
                 agg_finals.push(schema.clone());
-                match schema.field_with_name(WINDOW_START) {
-                    Ok(f) if f.data_type() == &ts_type() => {}
-                    Ok(f) => problems.push(p.problem(
-                        &at,
-                        format!("`window_start` has type {} in the result", f.data_type()),
-                        "select `window_start` itself, not an expression over it",
-                    )),
-                    Err(_) => problems.push(p.problem(
-                        &at,
-                        "the result has no `window_start` column; the table is partitioned by it",
-                        "add `window_start` to the SELECT list and to GROUP BY",
-                    )),
-                }
-                let mut seen = std::collections::HashSet::new();
-                for f in schema.fields() {
-                    if !crate::config::is_ident(f.name()) || !seen.insert(f.name().clone()) {
-                        problems.push(p.problem(
-                            &at,
-                            format!("result column `{}` is not a plain unique name", f.name()),
-                            "give every expression an alias: `avg(pressure_psi) AS pressure_avg`",
-                        ));
-                    }
-                }
+                problems.extend(result_problems(p, &at, &schema));
             }
             Err(e) => {
                 problems.push(p.problem(
@@ -190,6 +161,60 @@ pub async fn compile(p: &Pipeline, ctx: &SessionContext) -> Result<Compiled, Con
         }
     }
 
+    let (record_rules, window_rules) = compile_rules(p, ctx, &records, &agg_finals, &mut problems);
+    if problems.is_empty() {
+        Ok(Compiled {
+            records,
+            agg_input,
+            agg_outputs,
+            agg_finals,
+            agg_merge,
+            record_rules,
+            window_rules,
+        })
+    } else {
+        Err(ConfigError { problems })
+    }
+}
+
+/// What is wrong with an aggregation's result columns: `window_start` (the partition
+/// column) must be there as a timestamp, and every column needs a plain unique name.
+fn result_problems(p: &Pipeline, at: &str, schema: &Schema) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    match schema.field_with_name(WINDOW_START) {
+        Ok(f) if f.data_type() == &ts_type() => {}
+        Ok(f) => problems.push(p.problem(
+            at,
+            format!("`window_start` has type {} in the result", f.data_type()),
+            "select `window_start` itself, not an expression over it",
+        )),
+        Err(_) => problems.push(p.problem(
+            at,
+            "the result has no `window_start` column; the table is partitioned by it",
+            "add `window_start` to the SELECT list and to GROUP BY",
+        )),
+    }
+    let mut seen = std::collections::HashSet::new();
+    for f in schema.fields() {
+        if !crate::config::is_ident(f.name()) || !seen.insert(f.name().clone()) {
+            problems.push(p.problem(
+                at,
+                format!("result column `{}` is not a plain unique name", f.name()),
+                "give every expression an alias: `avg(pressure_psi) AS pressure_avg`",
+            ));
+        }
+    }
+    problems
+}
+
+/// The alert rules' predicates, planned over the records or over their aggregation's result.
+fn compile_rules(
+    p: &Pipeline,
+    ctx: &SessionContext,
+    records: &SchemaRef,
+    agg_finals: &[SchemaRef],
+    problems: &mut Vec<Problem>,
+) -> (Vec<Rule>, Vec<Vec<Rule>>) {
     let mut record_rules = Vec::new();
     let mut window_rules = vec![Vec::new(); p.outputs.aggregations.len()];
     for r in &p.alerts {
@@ -218,19 +243,16 @@ pub async fn compile(p: &Pipeline, ctx: &SessionContext) -> Result<Compiled, Con
             )),
         }
     }
-    if problems.is_empty() {
-        Ok(Compiled {
-            records,
-            agg_input,
-            agg_outputs,
-            agg_finals,
-            agg_merge,
-            record_rules,
-            window_rules,
-        })
-    } else {
-        Err(ConfigError { problems })
-    }
+    (record_rules, window_rules)
+}
+
+/// A schema's column names, for a fix that lists them.
+fn columns(s: &Schema) -> String {
+    s.fields()
+        .iter()
+        .map(|f| f.name().as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 async fn plan_output(

@@ -16,6 +16,11 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use crate::config::{Lake as LakeConfig, Pipeline};
+use crate::metrics::Metrics;
+use local::LocalLake;
+use s3::S3Lake;
+
 /// A file written but not yet visible, named in a commit intent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StagedFile {
@@ -74,6 +79,30 @@ pub struct Lakes {
 impl Lakes {
     pub fn new(by_output: BTreeMap<String, Arc<dyn Lake>>) -> Self {
         Self { by_output }
+    }
+
+    /// Every output's lake, connected (an S3 lake checks its bucket). Outputs with the same
+    /// sink share one.
+    pub async fn open(p: &Pipeline, metrics: &Arc<Metrics>) -> io::Result<Self> {
+        let mut opened: Vec<(&LakeConfig, Arc<dyn Lake>)> = Vec::new();
+        let mut by_output = BTreeMap::new();
+        for (output, cfg) in &p.outputs.sinks {
+            let lake = match opened.iter().find(|(c, _)| *c == cfg) {
+                Some((_, l)) => l.clone(),
+                None => {
+                    let l: Arc<dyn Lake> = match cfg {
+                        LakeConfig::Local { path } => Arc::new(LocalLake::new(path)),
+                        LakeConfig::S3(loc) => {
+                            Arc::new(S3Lake::connect(loc, metrics.clone()).await?)
+                        }
+                    };
+                    opened.push((cfg, l.clone()));
+                    l
+                }
+            };
+            by_output.insert(output.clone(), lake);
+        }
+        Ok(Self::new(by_output))
     }
 
     /// Every output in one lake.

@@ -116,32 +116,7 @@ impl LocalShardReader {
             start = nl + 1;
         }
         if spans.is_empty() && filled == READ_BYTES {
-            // One line longer than the read buffer: keep its head and skip to its end, so it
-            // reaches dead-letter (too large) without holding it all in memory.
-            let head = self.buf[..READ_BYTES].to_vec();
-            let mut end = self.offset + READ_BYTES as u64;
-            let mut byte = [0u8; 1 << 16];
-            loop {
-                let n = file.read(&mut byte).map_err(Self::io(&self.shard))?;
-                if n == 0 {
-                    return Ok(None); // not finished being written
-                }
-                if let Some(p) = byte[..n].iter().position(|&b| b == b'\n') {
-                    end += p as u64 + 1;
-                    break;
-                }
-                end += n as u64;
-            }
-            self.offset = end;
-            return Ok(Some(RawChunk {
-                shard: self.shard.clone(),
-                resume_from,
-                spans: std::iter::once(0..head.len()).collect(),
-                data: head,
-                seqs: [end.to_string()].into_iter().collect(),
-                arrival_us: now_us,
-                rejected: Vec::new(),
-            }));
+            return self.oversized_line(resume_from, now_us);
         }
         if spans.is_empty() {
             return Ok(None);
@@ -155,6 +130,41 @@ impl LocalShardReader {
             data: std::mem::take(&mut self.buf),
             spans,
             seqs,
+            arrival_us: now_us,
+            rejected: Vec::new(),
+        }))
+    }
+
+    /// One line longer than the read buffer: keeps its head and skips to its end, so it
+    /// reaches dead-letter (too large) without holding it all in memory. None while the line
+    /// is not finished being written.
+    fn oversized_line(
+        &mut self,
+        resume_from: Position,
+        now_us: i64,
+    ) -> Result<Option<RawChunk>, SourceError> {
+        let file = self.file.as_mut().expect("opened");
+        let head = self.buf[..READ_BYTES].to_vec();
+        let mut end = self.offset + READ_BYTES as u64;
+        let mut byte = [0u8; 1 << 16];
+        loop {
+            let n = file.read(&mut byte).map_err(Self::io(&self.shard))?;
+            if n == 0 {
+                return Ok(None);
+            }
+            if let Some(p) = byte[..n].iter().position(|&b| b == b'\n') {
+                end += p as u64 + 1;
+                break;
+            }
+            end += n as u64;
+        }
+        self.offset = end;
+        Ok(Some(RawChunk {
+            shard: self.shard.clone(),
+            resume_from,
+            spans: std::iter::once(0..head.len()).collect(),
+            data: head,
+            seqs: [end.to_string()].into_iter().collect(),
             arrival_us: now_us,
             rejected: Vec::new(),
         }))

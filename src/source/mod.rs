@@ -1,19 +1,23 @@
-//! Sources. A source lists shards and opens a reader per shard at a position; the pipeline
-//! runs one task per shard ([`shard_task`]) that reads, decodes and sends chunks over a
-//! bounded channel, so a slow sink slows reading instead of filling memory.
+//! Sources. A [`Stream`] lists its shards and opens a [`ShardReader`] per shard at a
+//! position; the pipeline runs one task per shard ([`task`]) that reads, decodes and sends
+//! chunks over a bounded channel, so a slow sink slows reading instead of filling memory.
 
 pub mod kinesis;
-pub mod kpl;
 pub mod local;
+pub mod task;
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
-
-use crate::clock::Clock;
-use crate::decode::{Decoded, RecordDecoder};
+use crate::config::Source;
+use crate::decode::Decoded;
+use crate::metrics::Metrics;
 use crate::record::{Position, RawChunk};
+use kinesis::KinesisStream;
+use local::LocalShardReader;
+
+pub use task::ShardTasks;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -44,51 +48,6 @@ pub trait ShardReader: Send + 'static {
     }
 }
 
-/// Children after parents: a shard created by a split or merge is read only once every
-/// parent was read to its end and all of the parent's records were handed to the pipeline,
-/// so each device's records keep their order across resharding. (One worker: the gate is
-/// in memory; a parent read to its end in an earlier run ends again at once when re-read
-/// from its checkpoint.)
-#[derive(Debug, Default)]
-pub struct ShardGate {
-    done: std::sync::Mutex<std::collections::HashSet<String>>,
-    changed: tokio::sync::Notify,
-}
-
-impl ShardGate {
-    pub fn finish(&self, shard: &str) {
-        self.done
-            .lock()
-            .expect("not poisoned")
-            .insert(shard.to_string());
-        self.changed.notify_waiters();
-    }
-
-    fn all_done(&self, shards: &[String]) -> bool {
-        let done = self.done.lock().expect("not poisoned");
-        shards.iter().all(|s| done.contains(s))
-    }
-
-    /// Waits until every one of `parents` finished.
-    pub async fn wait(&self, parents: &[String]) {
-        loop {
-            let changed = self.changed.notified();
-            if self.all_done(parents) {
-                return;
-            }
-            changed.await;
-        }
-    }
-}
-
-/// What a shard task waits for before reading.
-#[derive(Debug, Clone, Default)]
-pub struct Parents {
-    pub gate: Arc<ShardGate>,
-    /// Parents still in the stream (ones past retention are not waited for).
-    pub shards: Vec<String>,
-}
-
 /// What shard tasks tell the pipeline.
 #[derive(Debug)]
 pub enum ShardEvent {
@@ -104,92 +63,80 @@ pub enum ShardEvent {
     Failed(Arc<str>, SourceError),
 }
 
-/// Settings for shard tasks.
+/// A pipeline's source, opened.
 #[derive(Debug, Clone)]
-pub struct ShardTaskConfig {
-    pub max_records: usize,
-    pub poll_interval: Duration,
-    /// Shards that must be read to their end first.
-    pub parents: Parents,
+pub enum Stream {
+    /// A directory of per-shard files, polled at the interval.
+    Local(std::path::PathBuf, Duration),
+    Kinesis(KinesisStream),
 }
 
-/// Reads and decodes one shard until `stop` turns true or the pipeline hangs up.
-pub async fn shard_task<R: ShardReader>(
-    shard: Arc<str>,
-    reader: R,
-    decoder: RecordDecoder,
-    clock: Arc<dyn Clock>,
-    cfg: ShardTaskConfig,
-    tx: mpsc::Sender<ShardEvent>,
-    mut stop: watch::Receiver<bool>,
-) {
-    let parents = cfg.parents.clone();
-    let mut reader = reader;
-    let mut caught_up = false;
-    if !parents.shards.is_empty() && !parents.gate.all_done(&parents.shards) {
-        tracing::info!(shard_id = %shard, parents = ?parents.shards, "waiting for the parent shards to be read to their end");
-        // Nothing to read for now: the shard must not hold the watermark while it waits.
-        if tx.send(ShardEvent::Waiting(shard.clone())).await.is_err() {
-            return;
-        }
-        tokio::select! {
-            _ = parents.gate.wait(&parents.shards) => {}
-            _ = stop.changed() => return,
+/// A shard's reader, and how its task calls it.
+pub struct OpenedShard {
+    pub reader: Box<dyn ShardReader>,
+    /// Records per read, at most.
+    pub max_records: usize,
+    /// How long the task waits after a read that found nothing (a Kinesis reader paces
+    /// itself: poll interval, read limits).
+    pub poll_interval: Duration,
+}
+
+impl Stream {
+    pub async fn open(source: &Source, metrics: &std::sync::Arc<Metrics>) -> Self {
+        match source {
+            Source::Local {
+                path,
+                poll_interval,
+            } => Self::Local(path.clone(), *poll_interval),
+            Source::Kinesis(k) => Self::Kinesis(KinesisStream::connect(k, metrics.clone()).await),
         }
     }
-    let mut finished = false;
-    while !*stop.borrow() {
-        let read = tokio::select! {
-            r = reader.read(cfg.max_records, clock.now_us()) => r,
-            _ = stop.changed() => return,
-        };
-        // Decoding is CPU work: keep it off the async workers.
-        let result = match read {
-            Ok(Some(chunk)) => {
-                let dec = decoder.clone();
-                let now = clock.now_us();
-                match tokio::task::spawn_blocking(move || dec.decode(&chunk, now)).await {
-                    Ok(d) => Ok(Some(d)),
-                    Err(_) => return,
-                }
+
+    /// Every shard, each with its parents still in the stream.
+    pub async fn list_shards(&self) -> Result<Vec<(Arc<str>, Vec<String>)>, SourceError> {
+        Ok(match self {
+            Self::Local(path, _) => local::list_shards(path)?
+                .into_iter()
+                .map(|id| (id, Vec::new()))
+                .collect(),
+            Self::Kinesis(stream) => {
+                let listed = stream.list_shards().await?;
+                let known: HashSet<&str> = listed.iter().map(|s| &*s.id).collect();
+                listed
+                    .iter()
+                    .map(|s| {
+                        let parents = s
+                            .parents
+                            .iter()
+                            .filter(|p| known.contains(p.as_str()))
+                            .cloned()
+                            .collect();
+                        (s.id.clone(), parents)
+                    })
+                    .collect()
             }
-            Ok(None) => Ok(None),
-            Err(e) => Err(e),
-        };
-        let event = match result {
-            Ok(Some(decoded)) => {
-                caught_up = false;
-                ShardEvent::Chunk(decoded)
-            }
-            Ok(None) if reader.ended() && !finished => {
-                // Every record of the shard was sent before this: children may start.
-                finished = true;
-                parents.gate.finish(&shard);
-                caught_up = true;
-                ShardEvent::Ended(shard.clone())
-            }
-            Ok(None) if !caught_up => {
-                caught_up = true;
-                ShardEvent::CaughtUp(shard.clone())
-            }
-            Ok(None) => {
-                tokio::select! {
-                    _ = tokio::time::sleep(cfg.poll_interval) => {}
-                    _ = stop.changed() => {}
-                }
-                continue;
-            }
-            Err(e) => {
-                let _ = tx.send(ShardEvent::Failed(shard.clone(), e)).await;
-                return;
-            }
-        };
-        tokio::select! {
-            sent = tx.send(event) => if sent.is_err() { return },
-            _ = stop.changed() => return,
+        })
+    }
+
+    /// A reader of `shard` after `from`.
+    pub fn open_shard(&self, shard: Arc<str>, from: &Position) -> OpenedShard {
+        match self {
+            Self::Local(dir, poll_interval) => OpenedShard {
+                reader: Box::new(LocalShardReader::open(dir, shard, from)),
+                max_records: LOCAL_MAX_RECORDS,
+                poll_interval: *poll_interval,
+            },
+            Self::Kinesis(stream) => OpenedShard {
+                reader: Box::new(stream.reader(shard, from)),
+                max_records: stream.max_records(),
+                poll_interval: Duration::ZERO,
+            },
         }
     }
 }
+
+/// Records per read of a local shard file.
+const LOCAL_MAX_RECORDS: usize = 10_000;
 
 /// A position for the log.
 pub fn show(p: &Position) -> String {

@@ -21,15 +21,16 @@ DOCKERFILE = REPO / "Dockerfile"
 
 # Which service each source file's SDK client talks to.
 CLIENT_FILES = {
-    "src/source/kinesis.rs": "kinesis",
-    "src/lease.rs": "dynamodb",
+    "src/source/kinesis/api.rs": "kinesis",
+    "src/checkpoint/dynamodb/manager.rs": "dynamodb",
+    "src/checkpoint/dynamodb/store.rs": "dynamodb",
     "src/sink/s3.rs": "s3",
     "src/notify.rs": "sns",
 }
 # Files whose SDK calls never run in the ECS task: `shardlake bridge` stands in for the IoT
 # rule on one machine (in AWS the rule's own role puts the records).
 # The bridge runs only locally and the agent on the devices: neither is in the ECS task.
-NOT_IN_THE_TASK = {"src/bridge.rs", "src/agent/kinesis.rs"}
+NOT_IN_THE_TASK = {"src/tools/bridge.rs", "src/agent/kinesis.rs"}
 # SDK operations whose IAM action is not named after them.
 ACTION_OF = {
     ("s3", "head_bucket"): ["s3:ListBucket"],

@@ -1,0 +1,222 @@
+//! A session reads a fixed set of shards until shutdown, drain, or a change of that set.
+//! Opening it opens the engine, which recovers (pending commits, orphaned files); every
+//! session starts from the committed checkpoints, so open windows are rebuilt by replay.
+//!
+//! [`Session::open`] starts one reader task per shard, [`Session::run`] feeds the engine
+//! their chunks and commits on rollover, [`Session::close`] stops the readers and commits
+//! what was read.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+
+use super::{RunError, Worker};
+use crate::checkpoint::dynamodb::Generation;
+use crate::checkpoint::{CheckpointStore, StoreError};
+use crate::decode::RecordDecoder;
+use crate::engine::Engine;
+use crate::source::{ShardEvent, ShardTasks, Stream, show};
+
+/// Decoded chunks queued for the engine, at most.
+const MAX_QUEUED_CHUNKS: usize = 8;
+
+/// How often a Kinesis source without leases lists its shards again (new shards after a
+/// split or merge start a new session).
+const RELIST_INTERVAL: Duration = Duration::from_secs(60);
+
+/// How often the engine looks at the clock without a chunk (idle shards, rollover by age).
+const TICK: Duration = Duration::from_millis(250);
+
+/// Which shards a session reads (each with its parents in the session), and where their
+/// checkpoints are.
+pub(super) struct Plan {
+    pub shards: Vec<(Arc<str>, Vec<String>)>,
+    pub store: Box<dyn CheckpointStore>,
+}
+
+/// Why a session ended.
+pub(super) enum SessionEnd {
+    /// Shut down, or drained: the run is over.
+    Done,
+    /// The shards to read changed (a lease taken, a new shard): start over from the
+    /// checkpoints with the new set.
+    Changed,
+}
+
+pub(super) struct Session<'w> {
+    worker: &'w Worker,
+    engine: Engine,
+    shards: Vec<(Arc<str>, Vec<String>)>,
+    rx: mpsc::Receiver<ShardEvent>,
+    tasks: ShardTasks,
+    /// The lease generation when the session started (None without leases).
+    start_gen: Option<Generation>,
+}
+
+impl<'w> Session<'w> {
+    /// Opens the engine on the plan's store (recovering) and starts a reader per shard.
+    pub async fn open(
+        worker: &'w Worker,
+        plan: Plan,
+        generation: Option<&watch::Receiver<Generation>>,
+    ) -> Result<Self, RunError> {
+        let Plan { shards, store } = plan;
+        let mut engine = Engine::open(
+            worker.p.clone(),
+            worker.lakes.clone(),
+            store,
+            worker.clock.clone(),
+            &worker.opts.worker,
+            worker.metrics.clone(),
+        )
+        .await?;
+        if let Some(n) = &worker.notifications {
+            engine.set_notifications(n.clone());
+        }
+        // Decoded chunks waiting for the engine: enough to overlap reading and decoding with
+        // processing. Not more per shard: with many shards, each reader also holds the chunk
+        // it is decoding or waiting to send, so what is in memory is about (8 + shards)
+        // chunks of at most `max_records`, whatever the backlog.
+        let (tx, rx) = mpsc::channel((2 * shards.len()).clamp(2, MAX_QUEUED_CHUNKS));
+        let mut tasks = ShardTasks::new(RecordDecoder::new(&worker.p), worker.clock.clone(), tx);
+        for (shard, parents) in &shards {
+            let from = engine.add_shard(shard.clone());
+            tracing::info!(shard_id = %shard, from = %show(&from), "reading shard");
+            let opened = worker.source.open_shard(shard.clone(), &from);
+            tasks.spawn(
+                shard.clone(),
+                opened.reader,
+                opened.max_records,
+                opened.poll_interval,
+                parents.clone(),
+            );
+        }
+        tasks.spawned();
+        Ok(Self {
+            worker,
+            engine,
+            shards,
+            rx,
+            tasks,
+            start_gen: generation.map(|g| *g.borrow()),
+        })
+    }
+
+    /// Feeds the engine until the session ends; commits on rollover.
+    pub async fn run(
+        &mut self,
+        mut generation: Option<&mut watch::Receiver<Generation>>,
+        shutdown: &mut Pin<&mut impl Future<Output = ()>>,
+    ) -> Result<SessionEnd, RunError> {
+        let lease_change = async |g: &mut Option<&mut watch::Receiver<Generation>>| match g {
+            Some(g) => {
+                let _ = g.changed().await;
+            }
+            None => std::future::pending().await,
+        };
+        let mut relist = tokio::time::interval_at(
+            tokio::time::Instant::now() + RELIST_INTERVAL,
+            RELIST_INTERVAL,
+        );
+        let relisting = generation.is_none() && matches!(self.worker.source, Stream::Kinesis(_));
+        let mut caught_up: HashSet<Arc<str>> = HashSet::new();
+        let mut tick = tokio::time::interval(TICK);
+        loop {
+            tokio::select! {
+                event = self.rx.recv() => match event {
+                    Some(event) => self.handle(event, &mut caught_up).await?,
+                    None => return Ok(SessionEnd::Done),
+                },
+                _ = tick.tick() => self.engine.tick().await?,
+                _ = lease_change(&mut generation) => {
+                    let now = generation.as_mut().map(|g| *g.borrow_and_update());
+                    if now.map(|g| g.lost) != self.start_gen.map(|g| g.lost) {
+                        return Err(StoreError::LeaseLost(Vec::new()).into());
+                    }
+                    tracing::info!("took a lease: committing, then reading the new set of shards");
+                    return Ok(SessionEnd::Changed);
+                }
+                _ = relist.tick(), if relisting => {
+                    if self.shards_changed().await? {
+                        return Ok(SessionEnd::Changed);
+                    }
+                }
+                _ = shutdown.as_mut() => {
+                    tracing::info!("shutting down: committing what was read");
+                    return Ok(SessionEnd::Done);
+                }
+            }
+            if self.worker.opts.drain && caught_up.len() == self.shards.len() {
+                tracing::info!("every shard is caught up: emitting open windows");
+                self.engine.finish().await?;
+                return Ok(SessionEnd::Done);
+            }
+            if self.engine.should_commit() {
+                self.engine.commit().await?;
+            }
+        }
+    }
+
+    /// One event of a shard task.
+    async fn handle(
+        &mut self,
+        event: ShardEvent,
+        caught_up: &mut HashSet<Arc<str>>,
+    ) -> Result<(), RunError> {
+        match event {
+            ShardEvent::Chunk(d) => {
+                caught_up.remove(&d.shard);
+                self.engine.ingest(d).await?;
+            }
+            ShardEvent::Waiting(shard) => self.engine.shard_caught_up(&shard),
+            ShardEvent::CaughtUp(shard) => {
+                self.engine.shard_caught_up(&shard);
+                caught_up.insert(shard);
+            }
+            ShardEvent::Ended(shard) => {
+                self.engine.shard_caught_up(&shard);
+                self.engine.shard_ended(&shard);
+                caught_up.insert(shard);
+            }
+            ShardEvent::Failed(_, e) => return Err(e.into()),
+        }
+        Ok(())
+    }
+
+    /// The stream's shards are no longer the session's (a split or merge without leases).
+    async fn shards_changed(&self) -> Result<bool, RunError> {
+        let now = self.worker.source.list_shards().await?;
+        let ids = |v: &[(Arc<str>, Vec<String>)]| {
+            v.iter().map(|(s, _)| s.clone()).collect::<HashSet<_>>()
+        };
+        let changed = ids(&now) != ids(&self.shards);
+        if changed {
+            tracing::info!(
+                shards = now.len(),
+                "the stream's shards changed: committing, then reading the new set"
+            );
+        }
+        Ok(changed)
+    }
+
+    /// Stops the readers, then commits what was read unless the session failed (a lost
+    /// lease's uncommitted work is the new owner's to read again).
+    pub async fn close(self, result: Result<SessionEnd, RunError>) -> Result<SessionEnd, RunError> {
+        let Self {
+            mut engine,
+            rx,
+            tasks,
+            ..
+        } = self;
+        drop(rx);
+        tasks.stop().await;
+        if result.is_ok() {
+            engine.commit().await?;
+        }
+        result
+    }
+}
