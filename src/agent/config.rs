@@ -343,7 +343,6 @@ fn bad_id(s: &str) -> bool {
 
 fn resolve(path: &Path, f: AgentFile, p: &mut Problems) -> AgentConfig {
     let base = path.parent().unwrap_or(Path::new("."));
-    let rel = |s: &str| base.join(s);
     for (field, value) in [("device_id", &f.device_id), ("tenant", &f.tenant)] {
         if bad_id(value) {
             p.add(
@@ -353,15 +352,33 @@ fn resolve(path: &Path, f: AgentFile, p: &mut Problems) -> AgentConfig {
             );
         }
     }
-    let max_bytes = p.bytes("queue.max_bytes", &f.queue.max_bytes);
+    // In the file's order, so the problems are listed in it.
+    let queue = queue_config(base, f.queue, p);
+    let batch = batch_config(f.batch, p);
+    let transport = transport_config(base, f.transport, &f.device_id, p);
+    let sensors = sensor_configs(f.sensors, p);
+    AgentConfig {
+        file: path.to_path_buf(),
+        device_id: f.device_id,
+        tenant: f.tenant,
+        sysfs_root: base.join(&f.sysfs_root),
+        queue,
+        batch,
+        transport,
+        sensors,
+    }
+}
+
+fn queue_config(base: &Path, q: QueueFile, p: &mut Problems) -> QueueConfig {
+    let max_bytes = p.bytes("queue.max_bytes", &q.max_bytes);
     if max_bytes > 0 && max_bytes < 1 << 20 {
         p.add(
             "queue.max_bytes",
-            format!("{} is too small for a queue", f.queue.max_bytes),
+            format!("{} is too small for a queue", q.max_bytes),
             "give at least 1MiB (e.g. 64MiB: about 400,000 readings)",
         );
     }
-    let fsync = match f.queue.fsync.trim() {
+    let fsync = match q.fsync.trim() {
         "always" => Fsync::Always,
         "never" => Fsync::Never,
         other => match humantime::parse_duration(other) {
@@ -376,20 +393,36 @@ fn resolve(path: &Path, f: AgentFile, p: &mut Problems) -> AgentConfig {
             }
         },
     };
-    let batch_bytes = p.bytes("batch.max_bytes", &f.batch.max_bytes) as usize;
+    QueueConfig {
+        path: base.join(&q.path),
+        max_bytes,
+        fsync,
+    }
+}
+
+fn batch_config(b: BatchFile, p: &mut Problems) -> BatchConfig {
+    let max_bytes = p.bytes("batch.max_bytes", &b.max_bytes) as usize;
     // IoT Core refuses messages over 128 KB; leave room for the MQTT header and topic.
-    if !(1024..=120 * 1024).contains(&batch_bytes) {
+    if !(1024..=120 * 1024).contains(&max_bytes) {
         p.add(
             "batch.max_bytes",
-            format!("{} is outside 1KiB..120KiB", f.batch.max_bytes),
+            format!("{} is outside 1KiB..120KiB", b.max_bytes),
             "IoT Core takes messages up to 128 KB; 96KiB leaves room for the topic and header",
         );
     }
-    if f.batch.max_readings == 0 {
+    if b.max_readings == 0 {
         p.add("batch.max_readings", "must be at least 1", "e.g. 500");
     }
-    let max_age = p.duration("batch.max_age", &f.batch.max_age);
-    let transport = match f.transport {
+    let max_age = p.duration("batch.max_age", &b.max_age);
+    BatchConfig {
+        max_readings: b.max_readings,
+        max_bytes,
+        max_age,
+    }
+}
+
+fn transport_config(base: &Path, t: TransportFile, device_id: &str, p: &mut Problems) -> Transport {
+    match t {
         TransportFile::Local { stream, shards } => {
             if shards == 0 {
                 p.add(
@@ -399,51 +432,56 @@ fn resolve(path: &Path, f: AgentFile, p: &mut Problems) -> AgentConfig {
                 );
             }
             Transport::Local {
-                stream: rel(&stream),
+                stream: base.join(&stream),
                 shards,
             }
         }
         TransportFile::Kinesis { stream, region } => Transport::Kinesis { stream, region },
-        TransportFile::Mqtt(m) => {
-            let at = |f: &str| format!("transport.mqtt.{f}");
-            if !m.topic.contains("{device_id}") || m.topic.contains(['+', '#']) {
-                p.add(
-                    &at("topic"),
-                    format!("`{}` is not a publish topic for one device", m.topic),
-                    "include {device_id} and no wildcards, e.g. sensors/{tenant}/{device_id}/telemetry (the IoT rule keys the stream by that level)",
-                );
-            }
-            if !(1..=1000).contains(&m.max_publishes_per_s) {
-                p.add(
-                    &at("max_publishes_per_s"),
-                    format!("{} is outside 1..1000", m.max_publishes_per_s),
-                    "IoT Core allows 100 publishes per second per connection",
-                );
-            }
-            let keep_alive = p.duration(&at("keep_alive"), &m.keep_alive);
-            if keep_alive < Duration::from_secs(5) {
-                p.add(
-                    &at("keep_alive"),
-                    "shorter than 5s",
-                    "IoT Core accepts 30s to 1200s; e.g. 30s",
-                );
-            }
-            let ack_timeout = p.duration(&at("ack_timeout"), &m.ack_timeout);
-            Transport::Mqtt(MqttConfig {
-                host: m.host,
-                port: m.port,
-                client_id: m.client_id.unwrap_or_else(|| f.device_id.clone()),
-                topic: m.topic,
-                ca: rel(&m.ca),
-                cert: rel(&m.cert),
-                key: rel(&m.key),
-                keep_alive,
-                ack_timeout,
-                max_publishes_per_s: m.max_publishes_per_s,
-            })
-        }
-    };
-    if f.sensors.is_empty() {
+        TransportFile::Mqtt(m) => Transport::Mqtt(mqtt_config(base, m, device_id, p)),
+    }
+}
+
+fn mqtt_config(base: &Path, m: MqttFile, device_id: &str, p: &mut Problems) -> MqttConfig {
+    let at = |f: &str| format!("transport.mqtt.{f}");
+    if !m.topic.contains("{device_id}") || m.topic.contains(['+', '#']) {
+        p.add(
+            &at("topic"),
+            format!("`{}` is not a publish topic for one device", m.topic),
+            "include {device_id} and no wildcards, e.g. sensors/{tenant}/{device_id}/telemetry (the IoT rule keys the stream by that level)",
+        );
+    }
+    if !(1..=1000).contains(&m.max_publishes_per_s) {
+        p.add(
+            &at("max_publishes_per_s"),
+            format!("{} is outside 1..1000", m.max_publishes_per_s),
+            "IoT Core allows 100 publishes per second per connection",
+        );
+    }
+    let keep_alive = p.duration(&at("keep_alive"), &m.keep_alive);
+    if keep_alive < Duration::from_secs(5) {
+        p.add(
+            &at("keep_alive"),
+            "shorter than 5s",
+            "IoT Core accepts 30s to 1200s; e.g. 30s",
+        );
+    }
+    let ack_timeout = p.duration(&at("ack_timeout"), &m.ack_timeout);
+    MqttConfig {
+        host: m.host,
+        port: m.port,
+        client_id: m.client_id.unwrap_or_else(|| device_id.to_string()),
+        topic: m.topic,
+        ca: base.join(&m.ca),
+        cert: base.join(&m.cert),
+        key: base.join(&m.key),
+        keep_alive,
+        ack_timeout,
+        max_publishes_per_s: m.max_publishes_per_s,
+    }
+}
+
+fn sensor_configs(sensors: Vec<SensorFile>, p: &mut Problems) -> Vec<SensorConfig> {
+    if sensors.is_empty() {
         p.add(
             "sensors",
             "no sensors are configured",
@@ -451,97 +489,74 @@ fn resolve(path: &Path, f: AgentFile, p: &mut Problems) -> AgentConfig {
         );
     }
     let mut names = std::collections::HashSet::new();
-    let sensors = f
-        .sensors
+    sensors
         .into_iter()
         .enumerate()
-        .filter_map(|(i, s)| {
-            let at = format!("sensors[{i}]");
-            if bad_id(&s.name) {
-                p.add(
-                    &format!("{at}.name"),
-                    format!("`{}` is not a sensor name", s.name),
-                    "use letters, digits and `-_.:`",
-                );
-            }
-            if !names.insert(s.name.clone()) {
-                p.add(
-                    &format!("{at}.name"),
-                    format!("sensor `{}` is listed twice", s.name),
-                    "give every sensor its own name",
-                );
-            }
-            let interval = p.duration(&format!("{at}.interval"), &s.interval);
-            if interval < Duration::from_millis(10) && !interval.is_zero() {
-                p.add(
-                    &format!("{at}.interval"),
-                    format!("{} is shorter than 10ms", s.interval),
-                    "sample at most 100 times a second",
-                );
-            }
-            if let Some(f) = &s.field
-                && !crate::config::is_ident(f)
-            {
-                p.add(
-                    &format!("{at}.field"),
-                    format!("`{f}` is not a valid field name"),
-                    "use lowercase letters, digits and `_` (Athena needs that)",
-                );
-            }
-            let kind = sensor_kind(
-                &at, s.ds18b20, s.iio, s.hwmon, s.thermal, s.command, s.well_sim, p,
-            )?;
-            if matches!(kind, SensorKind::WellSim { .. }) && (s.field.is_some() || s.unit.is_some())
-            {
-                p.add(
-                    &at,
-                    "well_sim reports three fields; `field` and `unit` do not apply",
-                    "remove `field` and `unit`",
-                );
-            }
-            Some(SensorConfig {
-                name: s.name,
-                interval,
-                field: s.field,
-                unit: s.unit,
-                factor: s.factor.unwrap_or(1.0),
-                kind,
-            })
-        })
-        .collect();
-    AgentConfig {
-        file: path.to_path_buf(),
-        device_id: f.device_id,
-        tenant: f.tenant,
-        sysfs_root: rel(&f.sysfs_root),
-        queue: QueueConfig {
-            path: rel(&f.queue.path),
-            max_bytes,
-            fsync,
-        },
-        batch: BatchConfig {
-            max_readings: f.batch.max_readings,
-            max_bytes: batch_bytes,
-            max_age,
-        },
-        transport,
-        sensors,
-    }
+        .filter_map(|(i, s)| sensor_config(&format!("sensors[{i}]"), s, &mut names, p))
+        .collect()
 }
 
-#[allow(clippy::too_many_arguments)]
-fn sensor_kind(
+/// One sensor, `None` if it has no kind or more than one (the problem is recorded); `names`
+/// holds the names seen so far.
+fn sensor_config(
     at: &str,
-    ds18b20: Option<Ds18b20File>,
-    iio: Option<IioFile>,
-    hwmon: Option<HwmonFile>,
-    thermal: Option<ThermalFile>,
-    command: Option<CommandFile>,
-    well_sim: Option<WellSimFile>,
+    mut s: SensorFile,
+    names: &mut std::collections::HashSet<String>,
     p: &mut Problems,
-) -> Option<SensorKind> {
+) -> Option<SensorConfig> {
+    if bad_id(&s.name) {
+        p.add(
+            &format!("{at}.name"),
+            format!("`{}` is not a sensor name", s.name),
+            "use letters, digits and `-_.:`",
+        );
+    }
+    if !names.insert(s.name.clone()) {
+        p.add(
+            &format!("{at}.name"),
+            format!("sensor `{}` is listed twice", s.name),
+            "give every sensor its own name",
+        );
+    }
+    let interval = p.duration(&format!("{at}.interval"), &s.interval);
+    if interval < Duration::from_millis(10) && !interval.is_zero() {
+        p.add(
+            &format!("{at}.interval"),
+            format!("{} is shorter than 10ms", s.interval),
+            "sample at most 100 times a second",
+        );
+    }
+    if let Some(f) = &s.field
+        && !crate::config::is_ident(f)
+    {
+        p.add(
+            &format!("{at}.field"),
+            format!("`{f}` is not a valid field name"),
+            "use lowercase letters, digits and `_` (Athena needs that)",
+        );
+    }
+    let kind = sensor_kind(at, &mut s, p)?;
+    if matches!(kind, SensorKind::WellSim { .. }) && (s.field.is_some() || s.unit.is_some()) {
+        p.add(
+            at,
+            "well_sim reports three fields; `field` and `unit` do not apply",
+            "remove `field` and `unit`",
+        );
+    }
+    Some(SensorConfig {
+        name: s.name,
+        interval,
+        field: s.field,
+        unit: s.unit,
+        factor: s.factor.unwrap_or(1.0),
+        kind,
+    })
+}
+
+/// The sensor's kind, taken out of `s`: exactly one of its kind sections must be set.
+fn sensor_kind(at: &str, s: &mut SensorFile, p: &mut Problems) -> Option<SensorKind> {
     let mut kinds = Vec::new();
-    if let Some(d) = ds18b20 {
+    if let Some(d) = s.ds18b20.take() {
         if !d.device.starts_with("28-") {
             p.add(
                 &format!("{at}.ds18b20.device"),
@@ -551,22 +566,22 @@ fn sensor_kind(
         }
         kinds.push(SensorKind::Ds18b20 { device: d.device });
     }
-    if let Some(d) = iio {
+    if let Some(d) = s.iio.take() {
         kinds.push(SensorKind::Iio {
             device: d.device,
             channel: d.channel,
         });
     }
-    if let Some(h) = hwmon {
+    if let Some(h) = s.hwmon.take() {
         kinds.push(SensorKind::Hwmon {
             chip: h.chip,
             input: h.input,
         });
     }
-    if let Some(t) = thermal {
+    if let Some(t) = s.thermal.take() {
         kinds.push(SensorKind::Thermal { zone: t.zone });
     }
-    if let Some(c) = command {
+    if let Some(c) = s.command.take() {
         if c.run.is_empty() {
             p.add(
                 &format!("{at}.command.run"),
@@ -581,7 +596,7 @@ fn sensor_kind(
             timeout,
         });
     }
-    if let Some(w) = well_sim {
+    if let Some(w) = s.well_sim.take() {
         kinds.push(SensorKind::WellSim {
             seed: w.seed,
             spike_every: w.spike_every,

@@ -14,10 +14,10 @@ use serde::Serialize;
 use tokio::sync::{Notify, mpsc, watch};
 use tracing::{info, warn};
 
-use super::config::{AgentConfig, Transport};
-use super::queue::{Entry, Queue};
+use super::config::AgentConfig;
+use super::queue::Queue;
 use super::sensor::{Sensor, Value};
-use crate::localstream::{self, LocalStreamWriter};
+use super::transport::Sender;
 
 /// One sample of one sensor, before it gets its `seq`.
 struct Sample {
@@ -71,6 +71,50 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
     drain: Duration,
 ) -> anyhow::Result<Summary> {
+    let queue = Arc::new(Mutex::new(open_queue(&cfg).await?));
+    let counters = Arc::new(Counters::default());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (tx, rx) = mpsc::channel::<Sample>(4096);
+    let queued = Arc::new(Notify::new());
+
+    let mut samplers = Vec::new();
+    for sc in &cfg.sensors {
+        let sensor = Sensor::new(sc.clone(), &cfg.sysfs_root);
+        samplers.push(tokio::spawn(sample_loop(
+            sensor,
+            tx.clone(),
+            stop_rx.clone(),
+            counters.clone(),
+        )));
+    }
+    drop(tx);
+    let cfg = Arc::new(cfg);
+    let appender = tokio::spawn(append_loop(cfg.clone(), rx, queue.clone(), queued.clone()));
+    let mut transport = Sender::open(&cfg).await?;
+    let sender = {
+        let (cfg, queue, queued, counters) =
+            (cfg.clone(), queue.clone(), queued.clone(), counters.clone());
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            send_loop(&cfg, &mut transport, &queue, &queued, &counters, &mut stop).await;
+            transport
+        })
+    };
+
+    shutdown.await;
+    info!("stopping: sampling ends, the queue is sent for up to {drain:?}");
+    let _ = stop_tx.send(true);
+    for s in samplers {
+        let _ = s.await;
+    }
+    appender.await??;
+    let mut transport = sender.await?;
+    send_remaining(&cfg, &mut transport, &queue, drain).await;
+    close(queue, &counters, &transport).await
+}
+
+/// Opens the queue (off the runtime: it scans its segments) and logs what it holds.
+async fn open_queue(cfg: &AgentConfig) -> anyhow::Result<Queue> {
     let queue_dir = cfg.queue.path.clone();
     let (max_bytes, fsync) = (cfg.queue.max_bytes, cfg.queue.fsync);
     let queue = tokio::task::spawn_blocking(move || Queue::open(&queue_dir, max_bytes, fsync))
@@ -91,48 +135,19 @@ pub async fn run(
         next_seq = queue.next_seq(),
         "agent started"
     );
-    let queue = Arc::new(Mutex::new(queue));
-    let counters = Arc::new(Counters::default());
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let (tx, rx) = mpsc::channel::<Sample>(4096);
-    let queued = Arc::new(Notify::new());
+    Ok(queue)
+}
 
-    let mut samplers = Vec::new();
-    for sc in &cfg.sensors {
-        let sensor = Sensor::new(sc.clone(), &cfg.sysfs_root);
-        samplers.push(tokio::spawn(sample_loop(
-            sensor,
-            tx.clone(),
-            stop_rx.clone(),
-            counters.clone(),
-        )));
-    }
-    drop(tx);
-    let cfg = Arc::new(cfg);
-    let appender = tokio::spawn(append_loop(cfg.clone(), rx, queue.clone(), queued.clone()));
-    let mut transport = open_transport(&cfg).await?;
-    let sender = {
-        let (cfg, queue, queued, counters) =
-            (cfg.clone(), queue.clone(), queued.clone(), counters.clone());
-        let mut stop = stop_rx.clone();
-        tokio::spawn(async move {
-            send_loop(&cfg, &mut transport, &queue, &queued, &counters, &mut stop).await;
-            transport
-        })
-    };
-
-    shutdown.await;
-    info!("stopping: sampling ends, the queue is sent for up to {drain:?}");
-    let _ = stop_tx.send(true);
-    for s in samplers {
-        let _ = s.await;
-    }
-    appender.await??;
-    let mut transport = sender.await?;
-    // One last pass over what is queued, bounded by the drain budget.
+/// One last pass over what is queued after the stop signal, bounded by the drain budget.
+async fn send_remaining(
+    cfg: &AgentConfig,
+    transport: &mut Sender,
+    queue: &Arc<Mutex<Queue>>,
+    drain: Duration,
+) {
     let _ = tokio::time::timeout(drain, async {
         loop {
-            match send_once(&cfg, &mut transport, &queue).await {
+            match send_once(cfg, transport, queue).await {
                 Ok(0) => break,
                 Ok(_) => {}
                 Err(e) => {
@@ -143,6 +158,14 @@ pub async fn run(
         }
     })
     .await;
+}
+
+/// Closes the queue once every task has let go of it; what the run did.
+async fn close(
+    queue: Arc<Mutex<Queue>>,
+    counters: &Counters,
+    transport: &Sender,
+) -> anyhow::Result<Summary> {
     let queue = Arc::try_unwrap(queue)
         .map_err(|_| anyhow::anyhow!("the queue is still in use"))?
         .into_inner()
@@ -154,12 +177,7 @@ pub async fn run(
         readings_sent: queue.stats.acked,
         readings_dropped: queue.stats.dropped,
         send_failures: counters.send_failures.load(Ordering::Relaxed),
-        readings_resent: match &transport {
-            Sender::Mqtt(m) => m.resent_readings,
-            #[cfg(feature = "agent-kinesis")]
-            Sender::Kinesis(k) => k.resent_readings,
-            Sender::Local(_) => 0,
-        },
+        readings_resent: transport.resent_readings(),
         pending_bytes: queue.pending_bytes(),
         next_seq: queue.next_seq(),
     };
@@ -330,86 +348,4 @@ async fn send_once(
     tokio::task::spawn_blocking(move || q.lock().expect("not poisoned").ack(upto, n as u64))
         .await??;
     Ok(n)
-}
-
-/// Where readings go. An enum rather than a trait object: each transport is a few lines of
-/// dispatch and async trait methods are not object-safe.
-pub enum Sender {
-    Local(LocalStreamWriter),
-    Mqtt(Box<super::mqtt::Mqtt>),
-    #[cfg(feature = "agent-kinesis")]
-    Kinesis(Box<super::kinesis::KinesisSender>),
-}
-
-async fn open_transport(cfg: &AgentConfig) -> anyhow::Result<Sender> {
-    match &cfg.transport {
-        #[cfg(feature = "agent-kinesis")]
-        Transport::Kinesis { stream, region } => Ok(Sender::Kinesis(Box::new(
-            super::kinesis::KinesisSender::new(stream, region.as_deref(), cfg.batch.max_bytes)
-                .await,
-        ))),
-        #[cfg(not(feature = "agent-kinesis"))]
-        Transport::Kinesis { .. } => anyhow::bail!(
-            "{}: transport.kinesis: this build has no Kinesis transport; build with --features agent-kinesis, or use mqtt",
-            cfg.file.display()
-        ),
-        Transport::Mqtt(m) => Ok(Sender::Mqtt(Box::new(super::mqtt::Mqtt::new(
-            m.clone(),
-            &cfg.device_id,
-            &cfg.tenant,
-            cfg.batch.max_bytes,
-        )?))),
-        Transport::Local { stream, shards } => {
-            if localstream::read_meta(stream).is_err() {
-                localstream::create(stream, *shards)?;
-            }
-            Ok(Sender::Local(LocalStreamWriter::open(stream).map_err(
-                |e| anyhow::anyhow!("cannot open the local stream {}: {e}", stream.display()),
-            )?))
-        }
-    }
-}
-
-impl Sender {
-    /// Delivers the batch; `Ok` means acknowledged (for `local`: written to the stream files).
-    async fn send(&mut self, device_id: &str, batch: &[Entry]) -> anyhow::Result<()> {
-        match self {
-            Sender::Mqtt(m) => m.send(batch).await,
-            #[cfg(feature = "agent-kinesis")]
-            Sender::Kinesis(k) => k.send(device_id, batch).await,
-            Sender::Local(w) => {
-                for e in batch {
-                    w.put(device_id, &e.payload)?;
-                }
-                w.flush()?;
-                Ok(())
-            }
-        }
-    }
-}
-
-/// A message for a network transport: newline-separated readings.
-pub struct Message {
-    pub bytes: Vec<u8>,
-    pub readings: usize,
-}
-
-/// The batch as messages of at most `max` bytes each (a reading longer than `max` goes
-/// alone), in order.
-pub fn messages(batch: &[Entry], max: usize) -> Vec<Message> {
-    let mut out: Vec<Message> = Vec::new();
-    for e in batch {
-        match out.last_mut() {
-            Some(m) if m.bytes.len() + 1 + e.payload.len() <= max => {
-                m.bytes.push(b'\n');
-                m.bytes.extend_from_slice(&e.payload);
-                m.readings += 1;
-            }
-            _ => out.push(Message {
-                bytes: e.payload.clone(),
-                readings: 1,
-            }),
-        }
-    }
-    out
 }

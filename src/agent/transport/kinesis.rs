@@ -15,7 +15,8 @@ use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::PutRecordsRequestEntry;
 use tracing::warn;
 
-use super::queue::Entry;
+use super::Message;
+use crate::agent::queue::Entry;
 
 /// PutRecords takes at most 500 records and 5 MB.
 const MAX_RECORDS: usize = 500;
@@ -48,18 +49,14 @@ impl KinesisSender {
     }
 
     pub async fn send(&mut self, device_id: &str, batch: &[Entry]) -> anyhow::Result<()> {
-        let messages = super::run::messages(batch, self.max_message);
+        let messages = super::messages(batch, self.max_message);
         for chunk in messages.chunks(MAX_RECORDS) {
             self.put_in_order(device_id, chunk).await?;
         }
         Ok(())
     }
 
-    async fn put_in_order(
-        &mut self,
-        device_id: &str,
-        messages: &[super::run::Message],
-    ) -> anyhow::Result<()> {
+    async fn put_in_order(&mut self, device_id: &str, messages: &[Message]) -> anyhow::Result<()> {
         let mut from = 0;
         let mut backoff = Duration::from_millis(100);
         for attempt in 1..=ATTEMPTS {

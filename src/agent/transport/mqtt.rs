@@ -20,8 +20,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::mpsc;
 use tracing::info;
 
-use super::config::MqttConfig;
-use super::queue::Entry;
+use crate::agent::config::MqttConfig;
+use crate::agent::queue::Entry;
 
 /// What the event-loop task reports.
 enum Report {
@@ -85,6 +85,14 @@ fn pem_file<T>(
         path: path.display().to_string(),
         why: e.to_string(),
     })
+}
+
+/// The topic this device publishes to: `template` (`transport.mqtt.topic`) with
+/// `{device_id}` and `{tenant}` replaced.
+fn topic(template: &str, device_id: &str, tenant: &str) -> String {
+    template
+        .replace("{device_id}", device_id)
+        .replace("{tenant}", tenant)
 }
 
 /// rustls on ring with the broker's CA as the only root and the device's certificate.
@@ -166,13 +174,9 @@ impl Mqtt {
         max_message: usize,
     ) -> Result<Self, MqttError> {
         let tls = Arc::new(tls_config(&cfg)?);
-        let topic = cfg
-            .topic
-            .replace("{device_id}", device_id)
-            .replace("{tenant}", tenant);
         Ok(Self {
+            topic: topic(&cfg.topic, device_id, tenant),
             cfg,
-            topic,
             tls,
             max_message,
             conn: None,
@@ -203,7 +207,7 @@ impl Mqtt {
 
     /// Publishes the batch as newline-separated messages and waits for every PUBACK.
     pub async fn send(&mut self, batch: &[Entry]) -> anyhow::Result<()> {
-        let messages: Vec<Vec<u8>> = super::run::messages(batch, self.max_message)
+        let messages: Vec<Vec<u8>> = super::messages(batch, self.max_message)
             .into_iter()
             .map(|m| m.bytes)
             .collect();
@@ -322,4 +326,62 @@ fn explain(e: &ConnectionError) -> String {
         "the readings stay queued and are sent when the broker is reachable"
     };
     format!("{text} ({hint})")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_topic_names_the_device_and_its_tenant() {
+        assert_eq!(
+            topic("sensors/{tenant}/{device_id}/telemetry", "pi-7", "acme"),
+            "sensors/acme/pi-7/telemetry"
+        );
+        assert_eq!(
+            topic("{device_id}/{device_id}", "pi-7", "acme"),
+            "pi-7/pi-7",
+            "every occurrence is replaced"
+        );
+        assert_eq!(topic("plain/topic", "pi-7", "acme"), "plain/topic");
+    }
+
+    fn io(kind: std::io::ErrorKind, text: &str) -> ConnectionError {
+        ConnectionError::Io(std::io::Error::new(kind, text.to_string()))
+    }
+
+    #[test]
+    fn connection_errors_say_what_to_check() {
+        let refused = explain(&io(std::io::ErrorKind::ConnectionRefused, "refused"));
+        assert!(
+            refused.contains("transport.mqtt.host and port"),
+            "{refused}"
+        );
+        let reset = explain(&io(std::io::ErrorKind::Other, "connection reset by peer"));
+        assert!(
+            reset.contains("the broker closed the connection"),
+            "{reset}"
+        );
+        let timeout = explain(&ConnectionError::NetworkTimeout);
+        assert!(timeout.starts_with("Network timeout ("), "{timeout}");
+        assert!(timeout.contains("the readings stay queued"), "{timeout}");
+    }
+
+    #[test]
+    fn an_unknown_issuer_blames_the_ca_not_the_device_certificate() {
+        // Both mention "certificate": the CA check has to come first.
+        let text = explain(&io(
+            std::io::ErrorKind::InvalidData,
+            "invalid peer certificate: UnknownIssuer",
+        ));
+        assert!(text.contains("not signed by transport.mqtt.ca"), "{text}");
+        let refused = explain(&io(
+            std::io::ErrorKind::InvalidData,
+            "received fatal alert: CertificateRequired",
+        ));
+        assert!(
+            refused.contains("refused the device certificate"),
+            "{refused}"
+        );
+    }
 }
