@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (REPO, check_run, create_stream, duck, free_port, lake_count,
-                      pipeline_env, wait_until)
 from faultproxy import FaultProxy
+from harness import REPO, check_run, free_port, pipeline_env, wait_until
+from lake import duck, lake_count
 from mosquitto import Mosquitto, Subscriber, make_pki
+from servers import create_stream
 
 SYSFS = REPO / "testdata" / "sysfs"
 BATCH = 50

@@ -11,17 +11,10 @@ import datetime as dt
 import json
 from pathlib import Path
 
-from conftest import (
-    Receiver,
-    check_record_alerts,
-    check_run,
-    duck,
-    lake_source,
-    pipeline_env,
-    read_stream,
-    rfc3339_to_us,
-    write_test_pipeline,
-)
+from harness import check_run, pipeline_env, write_test_pipeline
+from lake import check_record_alerts, duck, lake_source
+from servers import Receiver
+from streamdata import read_stream, rfc3339_to_us
 
 T0 = dt.datetime(2026, 1, 5, 10, 0, tzinfo=dt.timezone.utc)
 MINUTES = 17

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from conftest import REPO, check_run
+from harness import REPO, check_run
 
 TEMPLATE = REPO / "deploy" / "shardlake.yaml"
 DOCKERFILE = REPO / "Dockerfile"

@@ -15,32 +15,14 @@ import uuid
 
 import pytest
 
-from conftest import (
-    AWS_TEST_ENV,
-    check_lake_against_put,
-    run_until_read_then_sigterm,
-    check_readings_exactly_once,
-    check_run,
-    check_whole_lake,
-    crash_runs,
-    create_stream,
-    duck,
-    inprogress_files,
-    interleave,
-    pipeline_env,
-    put_lines,
-    put_while_resharding,
-    run_log,
-    simulate,
-    stream_data,
-    write_test_pipeline,
-)
+from crash import crash_runs
 from faultproxy import FaultProxy
-
-
-def kinesis_pipeline(tmp_path, stream: str, **kw):
-    return write_test_pipeline(tmp_path / "kinesis.yaml", source=f"{{kinesis: {{stream: {stream}}}}}",
-                               **kw)
+from harness import (check_run, kinesis_pipeline, pipeline_env, run_log,
+                     run_until_read_then_sigterm, simulate)
+from lake import (check_lake_against_put, check_readings_exactly_once, check_whole_lake, duck,
+                  inprogress_files)
+from servers import AWS_TEST_ENV, create_stream, put_lines, put_while_resharding
+from streamdata import interleave, stream_data
 
 
 def test_kinesis_source_exactly_once_and_resumes(tmp_path, kinesalite, agent_bin,

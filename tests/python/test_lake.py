@@ -18,36 +18,14 @@ import pytest
 import sqlglot
 from sqlglot import exp
 
-from conftest import (
-    run_until_read_then_sigterm,
-    OUTPUT_TIME_COLUMN,
-    PIPELINE,
-    WELL_1M_VALUES,
-    WELL_5M_HOP_VALUES,
-    check_dead_letter,
-    check_readings_exactly_once,
-    check_record_alerts,
-    check_run,
-    check_well_1m,
-    check_well_5m_hop,
-    check_whole_lake,
-    compare_aggregates,
-    crash_runs,
-    simulator_extension,
-    duck,
-    inprogress_files,
-    keyed,
-    lake_count,
-    lake_merged,
-    lake_source,
-    no_late,
-    parquet_files,
-    pipeline_env,
-    read_stream,
-    run_pipeline,
-    simulate,
-    write_test_pipeline,
-)
+from crash import crash_runs, simulator_extension
+from harness import (PIPELINE, check_run, pipeline_env, run_pipeline, run_until_read_then_sigterm,
+                     simulate, write_test_pipeline)
+from lake import (OUTPUT_TIME_COLUMN, WELL_1M_VALUES, WELL_5M_HOP_VALUES, check_dead_letter,
+                  check_readings_exactly_once, check_record_alerts, check_well_1m,
+                  check_well_5m_hop, check_whole_lake, compare_aggregates, duck, inprogress_files,
+                  keyed, lake_count, lake_merged, lake_source, no_late, parquet_files)
+from streamdata import read_stream
 
 UTC_US = pa.timestamp("us", tz="UTC")
 PARTITION_DIR = re.compile(r"^year=(\d{4})/month=(\d{2})/day=(\d{2})/hour=(\d{2})$")
@@ -208,7 +186,7 @@ def test_athena_ddl_matches_parquet(tmp_path, agent_bin, shardlake_bin):
     assert sorted(views) == sorted(f"well_telemetry_{o}" for o in aggregations), sorted(views)
 
     # Each view, translated by sqlglot from Athena's SQL to DuckDB's and run over the parts
-    # files, gives the rows of the merge written by hand in conftest (itself checked against
+    # files, gives the rows of the merge written by hand in lake.py (itself checked against
     # the input by the other tests).
     con = duck()
     con.execute("CREATE SCHEMA shardlake")

@@ -15,26 +15,12 @@ import time
 import uuid
 from pathlib import Path
 
-from conftest import (
-    check_lake_against_put,
-    AWS_TEST_ENV,
-    check_run,
-    create_stream,
-    free_port,
-    get,
-    inprogress_files,
-    interleave,
-    lake_merged,
-    lake_source,
-    pipeline_env,
-    put_lines,
-    put_while_resharding,
-    run_log,
-    simulate,
-    wait_until,
-    write_test_pipeline,
-)
 from faultproxy import FaultProxy
+from harness import (check_run, free_port, get, pipeline_env, run_log, simulate, wait_until,
+                     write_test_pipeline)
+from lake import check_lake_against_put, inprogress_files, lake_merged, lake_source
+from servers import AWS_TEST_ENV, create_stream, put_lines, put_while_resharding
+from streamdata import interleave
 
 FAILOVER_S = 4
 

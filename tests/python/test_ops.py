@@ -12,27 +12,11 @@ import uuid
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import (
-    AWS_TEST_ENV,
-    Receiver,
-    check_readings_exactly_once,
-    check_run,
-    create_stream,
-    interleave,
-    put_lines,
-    check_whole_lake,
-    duck,
-    free_port,
-    get,
-    parquet_files,
-    pipeline_env,
-    read_stream,
-    run_pipeline,
-    run_until_read_then_sigterm,
-    simulate,
-    wait_until,
-    write_test_pipeline,
-)
+from harness import (check_run, free_port, get, pipeline_env, run_pipeline,
+                     run_until_read_then_sigterm, simulate, wait_until, write_test_pipeline)
+from lake import check_readings_exactly_once, check_whole_lake, duck, parquet_files
+from servers import AWS_TEST_ENV, Receiver, create_stream, put_lines
+from streamdata import interleave, read_stream
 
 
 def scrape(base: str) -> dict[tuple, float]:

@@ -9,20 +9,11 @@ import re
 import subprocess
 import time
 
-from conftest import (
-    run_log,
-    S3LakeView,
-    check_run,
-    check_whole_lake,
-    crash_runs,
-    simulator_extension,
-    duck,
-    pipeline_env,
-    read_stream,
-    simulate,
-    write_test_pipeline,
-)
+from crash import crash_runs, simulator_extension
 from faultproxy import FaultProxy
+from harness import check_run, pipeline_env, run_log, simulate, write_test_pipeline
+from lake import S3LakeView, check_whole_lake, duck
+from streamdata import read_stream
 
 BUCKET = "lake"
 PREFIX = "tables/well-telemetry"
