@@ -6,6 +6,7 @@ servers. Everything else the tests share is in helper modules:
 - lake.py: the lake read with DuckDB and pyarrow and checked against the input;
 - crash.py: crashing a run again and again (SIGKILL, failpoints);
 - servers.py: moto, kinesalite, kinesis-local, putting records on Kinesis, a webhook receiver;
+- agents.py: starting and stopping shardlake-agent;
 - mosquitto.py, faultproxy.py: the MQTT broker and the fault-injecting HTTP proxy.
 
 These tests treat the shardlake binaries as black boxes: they generate a local stream with
@@ -21,7 +22,7 @@ from pathlib import Path
 import pytest
 
 # The helpers' asserts explain their failures as the tests' own do.
-pytest.register_assert_rewrite("crash", "harness", "lake", "servers", "streamdata")
+pytest.register_assert_rewrite("agents", "crash", "harness", "lake", "servers", "streamdata")
 
 from harness import find_binary, free_port  # noqa: E402
 from servers import (Kinesalite, Moto, serve_kinesalite, serve_kinesis_local,  # noqa: E402

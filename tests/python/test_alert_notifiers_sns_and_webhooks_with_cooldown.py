@@ -2,7 +2,10 @@
 SQS queue subscribed to it) and webhooks (HTTP servers in the test). The expected messages
 are computed from the input (and the lake's alerts table for window-level rules) with the
 documented cooldown: per notifier, rule and device, an alert is sent when its event time is
-at least the cooldown after the last one sent.
+at least the cooldown after the last one sent. A webhook that fails is retried, reported and
+never stops the run; its token reaches the receiver and nothing else.
+
+Exercises src/notify.rs (with the alerts table written by src/engine/).
 """
 
 from __future__ import annotations

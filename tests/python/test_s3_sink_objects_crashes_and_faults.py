@@ -1,6 +1,11 @@
 """The lake in S3 (moto's server), checked from outside: pyarrow's S3FileSystem reads the
 objects with hive partitioning, DuckDB compares them with the input, boto3 lists what is
-left behind; crashes and a fault-injecting proxy must not lose or duplicate a record.
+left behind; crashes and a fault-injecting proxy must not lose or duplicate a record. Also: a
+missing bucket is a clear error, and objects carry the KMS key and the storage class asked
+for.
+
+Exercises src/sink/s3.rs (multipart uploads, their recovery after a crash), with the commit
+protocol of src/pipeline.rs.
 """
 
 from __future__ import annotations

@@ -3,7 +3,13 @@ server for DynamoDB (conditional writes, transactions). Three `shardlake run` pr
 an 8-shard stream; one is killed with SIGKILL mid-run and the others must take its shards within
 the lease timeout; another is frozen past the timeout and must not commit when it resumes. The
 lake must hold every record exactly once, and the merged aggregates must be those DuckDB
-computes from the input.
+computes from the input. Also: a denied CreateTable names the missing permission; leases
+follow a split and merge (a child is read after its parents' leases say SHARD_END);
+throttled and failing lease-table calls lose and duplicate nothing; /healthz follows the
+lease table.
+
+Exercises src/lease.rs, with src/source/kinesis.rs, src/engine/merge.rs (parts of one window
+from several workers) and src/ops.rs.
 """
 
 from __future__ import annotations
