@@ -212,6 +212,10 @@ def serve_kinesis_local(tmp_path_factory):
     yield from serve_until_done("kinesis-local", server, proc, log, log_path)
 
 
+# --------------------------------------------------------------------------------------------
+# Streams on those servers, and putting records on them keyed as the IoT rule does
+
+
 def create_stream(kinesis, name: str, shards: int) -> None:
     kinesis.create_stream(StreamName=name, ShardCount=shards)
     wait_until(f"stream {name} to be ACTIVE", lambda: kinesis.describe_stream_summary(
@@ -285,6 +289,10 @@ def put_while_resharding(kinesis, stream: str, lines: list[bytes]) -> tuple[list
     assert sorted(closed) == ids, f"the split and merge should close the 3 first shards: {after}"
     assert len(after) == 6, after
     return put, ids
+
+
+# --------------------------------------------------------------------------------------------
+# A webhook endpoint in the test process
 
 
 class Receiver:
