@@ -8,8 +8,9 @@
 #
 # The build stage writes nothing outside its WORKDIR, so that scripts/dockerfile-build-stage
 # can run its COPY and RUN steps by hand in a scratch directory (scripts/test does, with a
-# cheaper optimisation level); tests/python/test_deploy.py checks the runtime stage: the files
-# it copies, and that its command and health check parse as the binary expects.
+# cheaper optimisation level); tests/python/test_deploy_template_task_role_and_dockerfile.py
+# checks the runtime stage: the files it copies, and that its command and health check parse as
+# the binary expects.
 
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src

@@ -2,6 +2,10 @@
 deploy/shardlake.yaml passes cfn-lint; the task role grants exactly the actions shardlake's
 code calls; the task runs a pipeline whose variables it sets; and the Dockerfile copies files
 that exist, builds with the lock file as it is, and runs commands the binary accepts.
+
+Exercises no Rust module at run time: deploy/shardlake.yaml and the Dockerfile are checked
+against the SDK calls in src/source/kinesis.rs, src/lease.rs, src/sink/s3.rs and
+src/notify.rs, and against the subcommands of src/bin/shardlake.rs.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from conftest import REPO, check_run
+from harness import REPO, check_run
 
 TEMPLATE = REPO / "deploy" / "shardlake.yaml"
 DOCKERFILE = REPO / "Dockerfile"

@@ -1,6 +1,9 @@
-"""The lake, checked from outside: the shardlake binaries run over simulated streams, and every
-expectation is computed from the input NDJSON files with independent tools (a Python validity
-filter, DuckDB, pyarrow, sqlglot).
+"""The lake's files as Athena and the other readers see them: Parquet types (UTC microsecond
+timestamps, no INT96, ZSTD), hive partition directories that match each row's hour, the DDL
+of `shardlake athena-ddl` (parsed with sqlglot; its views, run in DuckDB, merge the parts as
+lake.py does by hand), and `shardlake query` reading the lake and pruning partitions.
+
+Exercises src/sink/writer.rs, src/sink/partition.rs, src/sink/local.rs and src/query.rs.
 """
 
 from __future__ import annotations
@@ -9,7 +12,6 @@ import datetime as dt
 import json
 import re
 import subprocess
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -18,62 +20,13 @@ import pytest
 import sqlglot
 from sqlglot import exp
 
-from conftest import (
-    run_until_read_then_sigterm,
-    OUTPUT_TIME_COLUMN,
-    PIPELINE,
-    WELL_1M_VALUES,
-    WELL_5M_HOP_VALUES,
-    check_dead_letter,
-    check_readings_exactly_once,
-    check_record_alerts,
-    check_run,
-    check_well_1m,
-    check_well_5m_hop,
-    check_whole_lake,
-    compare_aggregates,
-    crash_runs,
-    simulator_extension,
-    duck,
-    inprogress_files,
-    keyed,
-    lake_count,
-    lake_merged,
-    lake_source,
-    no_late,
-    parquet_files,
-    pipeline_env,
-    read_stream,
-    run_pipeline,
-    simulate,
-    write_test_pipeline,
-)
+from harness import PIPELINE, check_run, pipeline_env, run_pipeline, simulate
+from lake import (OUTPUT_TIME_COLUMN, WELL_1M_VALUES, WELL_5M_HOP_VALUES, compare_aggregates, duck,
+                  keyed, lake_merged, lake_source, parquet_files)
+from streamdata import read_stream
 
 UTC_US = pa.timestamp("us", tz="UTC")
 PARTITION_DIR = re.compile(r"^year=(\d{4})/month=(\d{2})/day=(\d{2})/hour=(\d{2})$")
-def test_aggregates_match_duckdb(tmp_path, agent_bin, shardlake_bin):
-    summary = simulate(agent_bin, tmp_path, shards=4, devices=120, readings=300, seed=11,
-                       spikes=6, malformed=9)
-    run_pipeline(shardlake_bin, PIPELINE, tmp_path)
-    stream = read_stream(tmp_path / "stream")
-    # The independent filter and the simulator agree on what is malformed.
-    assert len(stream.valid) == summary["readings"], (len(stream.valid), summary)
-    assert len(stream.invalid) == summary["malformed"], (len(stream.invalid), summary)
-
-    lake = tmp_path / "lake"
-    con = duck()
-    con.register("src", stream.table())
-
-    check_readings_exactly_once(con, lake, len(stream.valid))
-    no_late(con, lake)
-    check_dead_letter(con, lake, stream.invalid)
-    spikes = check_record_alerts(con, lake)
-    assert spikes > 0, "the input has no pressure spike: the alert check would be vacuous"
-
-    windows_1m = check_well_1m(con, lake)
-    windows_5m = check_well_5m_hop(con, lake)
-    # Every device reports every second for 5 minutes: about 6 minutes' windows each.
-    assert windows_1m >= 120 * 5 and windows_5m >= 3 * 5, (windows_1m, windows_5m)
 
 
 def small_lake_with_every_output(tmp_path: Path, agent_bin: Path, shardlake_bin: Path):
@@ -208,7 +161,7 @@ def test_athena_ddl_matches_parquet(tmp_path, agent_bin, shardlake_bin):
     assert sorted(views) == sorted(f"well_telemetry_{o}" for o in aggregations), sorted(views)
 
     # Each view, translated by sqlglot from Athena's SQL to DuckDB's and run over the parts
-    # files, gives the rows of the merge written by hand in conftest (itself checked against
+    # files, gives the rows of the merge written by hand in lake.py (itself checked against
     # the input by the other tests).
     con = duck()
     con.execute("CREATE SCHEMA shardlake")
@@ -316,91 +269,3 @@ def test_query_cli_prunes_and_reads(tmp_path, agent_bin, shardlake_bin):
     broken = query("SELECT count(*) AS n FROM readings WHERE hour = '11'")
     assert broken.returncode != 0, "a query over hour 11 read past a corrupt file"
     assert count(q10) == expected[10], "the hour=10 query opened files of hour 11"
-
-
-def test_sigkill_crash_exactly_once(tmp_path, agent_bin, shardlake_bin, capsys):
-    summary = simulate(agent_bin, tmp_path, shards=4, devices=200, readings=1000, seed=23,
-                       spikes=8, malformed=20)
-    assert summary["readings"] >= 200_000
-    stream = read_stream(tmp_path / "stream")
-    assert (len(stream.valid), len(stream.invalid)) == (summary["readings"],
-                                                        summary["malformed"])
-    # Commits every second or 1 MiB, so crashes land between and inside many commits; kills
-    # land before, during and after a run's first commit (crash_runs narrows its window, and
-    # extends the stream, when this machine gets through it faster than the kills).
-    pipeline = write_test_pipeline(tmp_path / "test.yaml", max_bytes="1MiB", max_age="1s")
-    lake = tmp_path / "lake"
-    con = duck()
-    more = simulator_extension(agent_bin, tmp_path, shards=4, devices=200, after=1000,
-                               readings=1000, seed=23)
-    crashes = crash_runs(shardlake_bin, pipeline, tmp_path, con, lake, valid=len(stream.valid),
-                         seed=20260105, staged=lambda: f"{len(inprogress_files(lake))} files",
-                         extend=more)
-    stream = read_stream(tmp_path / "stream")
-
-    started = time.monotonic()
-    run_pipeline(shardlake_bin, pipeline, tmp_path)
-    with capsys.disabled():
-        print(f"\n[crash test, local lake] {crashes.report()}\n"
-              f"  final run: finished in {time.monotonic() - started:.1f}s")
-    assert crashes.mid_stream >= 1, "no crash left the lake part-way through the stream"
-
-    assert inprogress_files(lake) == [], inprogress_files(lake)
-    con.register("src", stream.table())
-    check_whole_lake(con, lake, stream)
-    assert lake_count(con, lake, "dead_letter") == summary["malformed"]
-
-
-def _reading(device: str, tenant: str, seq: int, t: dt.datetime) -> str:
-    return json.dumps({
-        "device_id": device, "tenant": tenant, "seq": seq,
-        "ts": t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z",
-        "barrels_per_s": round(0.5 + (seq % 5) * 0.01, 4),
-        "pressure_psi": round(2000.0 + (seq % 7) * 1.5, 2),
-        "temp_c": round(70.0 + (seq % 3) * 0.25, 2), "status": "ok",
-    }, separators=(",", ":")) + "\n"
-
-
-def test_graceful_restart_keeps_open_windows(tmp_path, shardlake_bin):
-    """A restart in the middle of a stream (SIGTERM: the run commits what it read, then a
-    second run continues) must give the same windows as one uninterrupted run.
-
-    The stream is written directly in the local-stream format (stream.json and one NDJSON
-    file per shard) so the shards are deliberately uneven: shard 1 holds 50 wells for
-    10 minutes (several read chunks), shard 0 one well that is first behind (it holds the
-    watermark back, so shard 1's windows are still open at the restart) and then catches up.
-    """
-    stream = tmp_path / "stream"
-    stream.mkdir()
-    (stream / "stream.json").write_text('{"shards":2}')
-    t0 = dt.datetime(2026, 1, 5, 10, 0, tzinfo=dt.timezone.utc)
-    sec = dt.timedelta(seconds=1)
-    shard0, shard1 = stream / "shardId-000000000000.ndjson", stream / "shardId-000000000001.ndjson"
-    with open(shard1, "w") as f:
-        for s in range(600):
-            for d in range(50):
-                f.write(_reading(f"well-b{d:02}", ["acme", "borealis"][d % 2], s + 1,
-                                 t0 + s * sec + dt.timedelta(milliseconds=7 * d)))
-    first = 121  # shard 0: 10:00:00-10:02:00 before the restart, up to 10:20:00 after it
-    with open(shard0, "w") as f:
-        for s in range(first):
-            f.write(_reading("well-a", "cascade", s + 1, t0 + s * sec))
-    total_before = 600 * 50 + first
-
-    run_until_read_then_sigterm(shardlake_bin, PIPELINE, pipeline_env(tmp_path), total_before,
-                                timeout=90)
-
-    with open(shard0, "a") as f:
-        for s in range(first, 1201):
-            f.write(_reading("well-a", "cascade", s + 1, t0 + s * sec))
-    run_pipeline(shardlake_bin, PIPELINE, tmp_path)
-
-    data = read_stream(stream)
-    assert not data.invalid and len(data.valid) == total_before + 1201 - first
-    lake = tmp_path / "lake"
-    con = duck()
-    con.register("src", data.table())
-    check_readings_exactly_once(con, lake, len(data.valid))
-    no_late(con, lake)
-    check_well_1m(con, lake)
-    check_well_5m_hop(con, lake)

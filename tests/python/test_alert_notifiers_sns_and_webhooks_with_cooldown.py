@@ -2,7 +2,10 @@
 SQS queue subscribed to it) and webhooks (HTTP servers in the test). The expected messages
 are computed from the input (and the lake's alerts table for window-level rules) with the
 documented cooldown: per notifier, rule and device, an alert is sent when its event time is
-at least the cooldown after the last one sent.
+at least the cooldown after the last one sent. A webhook that fails is retried, reported and
+never stops the run; its token reaches the receiver and nothing else.
+
+Exercises src/notify.rs (with the alerts table written by src/engine/).
 """
 
 from __future__ import annotations
@@ -11,17 +14,10 @@ import datetime as dt
 import json
 from pathlib import Path
 
-from conftest import (
-    Receiver,
-    check_record_alerts,
-    check_run,
-    duck,
-    lake_source,
-    pipeline_env,
-    read_stream,
-    rfc3339_to_us,
-    write_test_pipeline,
-)
+from harness import check_run, pipeline_env, write_test_pipeline
+from lake import check_record_alerts, duck, lake_source
+from servers import Receiver
+from streamdata import read_stream, rfc3339_to_us
 
 T0 = dt.datetime(2026, 1, 5, 10, 0, tzinfo=dt.timezone.utc)
 MINUTES = 17

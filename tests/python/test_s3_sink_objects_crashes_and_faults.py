@@ -1,6 +1,11 @@
 """The lake in S3 (moto's server), checked from outside: pyarrow's S3FileSystem reads the
 objects with hive partitioning, DuckDB compares them with the input, boto3 lists what is
-left behind; crashes and a fault-injecting proxy must not lose or duplicate a record.
+left behind; crashes and a fault-injecting proxy must not lose or duplicate a record. Also: a
+missing bucket is a clear error, and objects carry the KMS key and the storage class asked
+for.
+
+Exercises src/sink/s3.rs (multipart uploads, their recovery after a crash), with the commit
+protocol of src/pipeline.rs.
 """
 
 from __future__ import annotations
@@ -9,20 +14,11 @@ import re
 import subprocess
 import time
 
-from conftest import (
-    run_log,
-    S3LakeView,
-    check_run,
-    check_whole_lake,
-    crash_runs,
-    simulator_extension,
-    duck,
-    pipeline_env,
-    read_stream,
-    simulate,
-    write_test_pipeline,
-)
+from crash import crash_runs, simulator_extension
 from faultproxy import FaultProxy
+from harness import check_run, pipeline_env, run_log, simulate, write_test_pipeline
+from lake import S3LakeView, check_whole_lake, duck
+from streamdata import read_stream
 
 BUCKET = "lake"
 PREFIX = "tables/well-telemetry"

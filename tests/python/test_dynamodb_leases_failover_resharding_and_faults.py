@@ -3,7 +3,13 @@ server for DynamoDB (conditional writes, transactions). Three `shardlake run` pr
 an 8-shard stream; one is killed with SIGKILL mid-run and the others must take its shards within
 the lease timeout; another is frozen past the timeout and must not commit when it resumes. The
 lake must hold every record exactly once, and the merged aggregates must be those DuckDB
-computes from the input.
+computes from the input. Also: a denied CreateTable names the missing permission; leases
+follow a split and merge (a child is read after its parents' leases say SHARD_END);
+throttled and failing lease-table calls lose and duplicate nothing; /healthz follows the
+lease table.
+
+Exercises src/lease.rs, with src/source/kinesis.rs, src/engine/merge.rs (parts of one window
+from several workers) and src/ops.rs.
 """
 
 from __future__ import annotations
@@ -15,26 +21,12 @@ import time
 import uuid
 from pathlib import Path
 
-from conftest import (
-    check_lake_against_put,
-    AWS_TEST_ENV,
-    check_run,
-    create_stream,
-    free_port,
-    get,
-    inprogress_files,
-    interleave,
-    lake_merged,
-    lake_source,
-    pipeline_env,
-    put_lines,
-    put_while_resharding,
-    run_log,
-    simulate,
-    wait_until,
-    write_test_pipeline,
-)
 from faultproxy import FaultProxy
+from harness import (check_run, free_port, get, pipeline_env, run_log, simulate, wait_until,
+                     write_test_pipeline)
+from lake import check_lake_against_put, inprogress_files, lake_merged, lake_source
+from servers import AWS_TEST_ENV, create_stream, put_lines, put_while_resharding
+from streamdata import interleave
 
 FAILOVER_S = 4
 
