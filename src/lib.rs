@@ -29,6 +29,7 @@
 pub mod agent;
 pub mod backoff;
 pub mod clock;
+pub mod columns;
 pub mod config;
 pub mod failpoint;
 pub mod localstream;
