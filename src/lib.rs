@@ -41,6 +41,7 @@
 
 pub mod agent;
 pub mod clock;
+pub mod columns;
 pub mod config;
 pub mod failpoint;
 pub mod localstream;

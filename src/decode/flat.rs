@@ -7,13 +7,13 @@
 //! For a record this reader accepts, it fills the same slots the strict reader would. A unit
 //! test runs both over thousands of mutated records and compares them.
 //!
-//! Floats are correctly rounded on both paths: `str::parse` here, and serde_json with its
-//! `float_roundtrip` feature there.
+//! It never calls the strict reader: values go to [`Value`], as the strict reader's do, and
+//! the chunk loop does the falling back. Floats are correctly rounded on both paths:
+//! `str::parse` here, and serde_json with its `float_roundtrip` feature there.
 
 use std::borrow::Cow;
 
-use super::json::Value;
-use super::{FieldSpec, Slot};
+use super::field::{FieldSpec, Slot, Value};
 
 /// Fills `slots` (one per field, all `Absent`) from `text`, or `None` if the strict reader
 /// must decide. Type errors go to `wrong`, as the strict reader reports them.
@@ -72,58 +72,6 @@ pub(super) fn read<'a>(
         }
     }
     (ws(b, i) == b.len()).then_some(())
-}
-
-/// A field name as keys are compared with it: names of up to 16 bytes (nearly all) as two
-/// words, so a key is matched with two loads and compares, not a call to `memcmp`.
-#[derive(Debug, Clone)]
-pub(super) struct Name {
-    bytes: Box<[u8]>,
-    /// The first 16 bytes of the name, zero beyond its end.
-    words: [u64; 2],
-    /// Which bits of two words read at a key's start are the key's.
-    masks: [u64; 2],
-}
-
-impl Name {
-    pub(super) fn new(name: &str) -> Self {
-        let bytes: Box<[u8]> = name.as_bytes().into();
-        let mut padded = [0u8; 16];
-        let n = bytes.len().min(16);
-        padded[..n].copy_from_slice(&bytes[..n]);
-        let mask = |n: usize| match n {
-            0 => 0,
-            1..=7 => (1u64 << (8 * n)) - 1,
-            _ => u64::MAX,
-        };
-        Self {
-            words: [word(&padded[..8]), word(&padded[8..])],
-            masks: [mask(n), mask(n.saturating_sub(8))],
-            bytes,
-        }
-    }
-
-    /// Whether `b[key]` is this name.
-    #[inline]
-    pub(super) fn is_at(&self, b: &[u8], key: &std::ops::Range<usize>) -> bool {
-        if key.len() != self.bytes.len() {
-            return false;
-        }
-        match b.get(key.start..key.start + 16) {
-            // Sixteen bytes from the key's start are in the record (a key is followed by at
-            // least `":` and a value): those past the key are masked off.
-            Some(w) if key.len() <= 16 => {
-                (word(&w[..8]) & self.masks[0]) == self.words[0]
-                    && (word(&w[8..]) & self.masks[1]) == self.words[1]
-            }
-            _ => b[key.clone()] == *self.bytes,
-        }
-    }
-}
-
-#[inline]
-fn word(b: &[u8]) -> u64 {
-    u64::from_le_bytes(b[..8].try_into().expect("8 bytes"))
 }
 
 /// The value at `i` into the field's slot (none for a key outside the schema), and the
@@ -291,136 +239,4 @@ fn ws(b: &[u8], mut i: usize) -> usize {
         i += 1;
     }
     i
-}
-
-/// `YYYY-MM-DDTHH:MM:SS[.fraction]` then `Z` or `±HH:MM`, the forms nearly every sensor
-/// writes, in microseconds since the epoch (a fraction beyond them truncated, as the full
-/// parser does), or `None` for any other form, which arrow's RFC 3339 parser then reads.
-pub(super) fn utc_micros(s: &str) -> Option<i64> {
-    let b = s.as_bytes();
-    let at = |i: usize, c: u8| b.get(i) == Some(&c);
-    if b.len() < 20 || !(at(4, b'-') && at(7, b'-') && at(10, b'T') && at(13, b':')) {
-        return None;
-    }
-    if !at(16, b':') {
-        return None;
-    }
-    let num = |from: usize, to: usize| digits_value(&b[from..to]);
-    let n = b.len();
-    let (body_end, offset) = match b[n - 1] {
-        b'Z' => (n - 1, 0),
-        _ if n >= 25 && matches!(b[n - 6], b'+' | b'-') && b[n - 3] == b':' => {
-            let (hours, minutes) = (num(n - 5, n - 3)?, num(n - 2, n)?);
-            if hours > 23 || minutes > 59 {
-                return None;
-            }
-            let east = i64::from(hours * 3600 + minutes * 60);
-            (n - 6, if b[n - 6] == b'-' { -east } else { east })
-        }
-        _ => return None,
-    };
-    let micros = match &b[19..body_end] {
-        [] => 0,
-        [b'.', digits @ ..] if (1..=9).contains(&digits.len()) => {
-            let kept = digits.len().min(6);
-            num(20, 20 + digits.len())?;
-            num(20, 20 + kept)? * 10u32.pow((6 - kept) as u32)
-        }
-        _ => return None,
-    };
-    let (minute, second) = (num(14, 16)?, num(17, 19)?);
-    if minute > 59 || second > 59 {
-        return None;
-    }
-    // `YYYY-MM-DDTHH` as two overlapping words: a stream's readings mostly share their date
-    // and hour, so the last valid one's seconds are kept (a key of ASCII bytes is never 0).
-    let key = (word(&b[..8]), word(&b[5..13]));
-    let (k0, k1, cached) = LAST_HOUR.get();
-    let hour_start = if (k0, k1) == key {
-        cached
-    } else {
-        let (year, month, day, hour) = (num(0, 4)?, num(5, 7)?, num(8, 10)?, num(11, 13)?);
-        let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
-        let month_days = match month {
-            2 if leap => 29,
-            2 => 28,
-            4 | 6 | 9 | 11 => 30,
-            1..=12 => 31,
-            _ => return None,
-        };
-        if day == 0 || day > month_days || hour > 23 {
-            return None;
-        }
-        let start = days_from_civil(year.into(), month.into(), day.into()) * 86_400
-            + i64::from(hour) * 3600;
-        LAST_HOUR.set((key.0, key.1, start));
-        start
-    };
-    let seconds = hour_start + i64::from(minute * 60 + second) - offset;
-    Some(seconds * 1_000_000 + i64::from(micros))
-}
-
-thread_local! {
-    /// The last valid `YYYY-MM-DDTHH` [`utc_micros`] read, as two words, and its seconds
-    /// since the epoch.
-    static LAST_HOUR: std::cell::Cell<(u64, u64, i64)> = const { std::cell::Cell::new((0, 0, 0)) };
-}
-
-/// The value of a few ASCII digits, or `None` if one is not a digit.
-#[inline(always)]
-fn digits_value(digits: &[u8]) -> Option<u32> {
-    digits.iter().try_fold(0u32, |n, &c| {
-        c.is_ascii_digit().then(|| n * 10 + u32::from(c - b'0'))
-    })
-}
-
-/// Days from 1970-01-01 to a date of the proleptic Gregorian calendar (Howard Hinnant's
-/// `days_from_civil`).
-#[inline]
-fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let year_of_era = y - era * 400;
-    let day_of_year = (153 * ((month + 9) % 12) + 2) / 5 + day - 1;
-    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
-    era * 146_097 + day_of_era - 719_468
-}
-
-#[cfg(test)]
-mod tests {
-    use super::Name;
-
-    /// Every name length to 20 against keys equal to it, one byte off at each position,
-    /// one byte longer or shorter, with and without sixteen bytes of record after the key.
-    #[test]
-    fn a_name_matches_exactly_its_own_key() {
-        for len in 0..=20 {
-            let name: String = (0..len).map(|i| (b'a' + (i as u8 % 26)) as char).collect();
-            let n = Name::new(&name);
-            let mut keys = vec![(name.clone().into_bytes(), true)];
-            for at in 0..len {
-                let mut k = name.clone().into_bytes();
-                k[at] ^= 0x20;
-                keys.push((k, false));
-            }
-            keys.push((format!("{name}a").into_bytes(), false));
-            if len > 0 {
-                keys.push((name.as_bytes()[..len - 1].to_vec(), false));
-            }
-            for (key, same) in keys {
-                for tail in [&b""[..], b"\":1}", b"\":\"0123456789abcdefghij\"}"] {
-                    let record = [&key[..], tail].concat();
-                    assert_eq!(
-                        n.is_at(&record, &(0..key.len())),
-                        same,
-                        "{name:?} vs {:?}",
-                        String::from_utf8_lossy(&record)
-                    );
-                    // The same key in the middle of a record.
-                    let record = [b"{\"", &key[..], tail].concat();
-                    assert_eq!(n.is_at(&record, &(2..2 + key.len())), same);
-                }
-            }
-        }
-    }
 }

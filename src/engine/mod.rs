@@ -27,6 +27,7 @@ use datafusion::prelude::SessionContext;
 use crate::checkpoint::commit::{self, CommitError};
 use crate::checkpoint::{CheckpointStore, Committed, ShardCheckpoint, StoreError};
 use crate::clock::Clock;
+use crate::columns;
 use crate::config::{ConfigError, Pipeline};
 use crate::decode::{DeadLetter, Decoded};
 use crate::failpoint;
@@ -161,9 +162,13 @@ impl Engine {
                 Some(name) => Some(writer(name, &event_name, Table::Records)?),
                 None => None,
             },
-            dead: writer(&p.outputs.dead_letter, "arrival_time", Table::Records)?,
+            dead: writer(
+                &p.outputs.dead_letter,
+                columns::ARRIVAL_TIME,
+                Table::Records,
+            )?,
             late: writer(&p.outputs.late, &event_name, Table::Records)?,
-            alerts: writer(&p.outputs.alerts, "event_time", Table::Records)?,
+            alerts: writer(&p.outputs.alerts, columns::EVENT_TIME, Table::Records)?,
             key_field: p.schema.key.clone(),
             p,
             clock,

@@ -20,12 +20,13 @@ use datafusion::physical_plan::streaming::{PartitionStream, StreamingTableExec};
 use datafusion::physical_plan::{ExecutionPlan, PhysicalExpr, collect};
 use datafusion::prelude::SessionContext;
 
+use crate::columns;
 use crate::config::{ConfigError, Pipeline, Problem};
 use crate::decode::{SEQ_COL, SHARD_COL, record_schema};
 use crate::engine::merge::{self, Mergeable};
 
-pub const WINDOW_START: &str = "window_start";
-pub const WINDOW_END: &str = "window_end";
+pub const WINDOW_START: &str = columns::WINDOW_START;
+pub const WINDOW_END: &str = columns::WINDOW_END;
 /// The table name aggregation SQL reads.
 pub const RECORDS_TABLE: &str = "records";
 
@@ -61,29 +62,33 @@ pub struct Compiled {
 /// Dead-letter table columns.
 pub fn dead_letter_schema() -> SchemaRef {
     Arc::new(Schema::new(vec![
-        Field::new("arrival_time", ts_type(), false),
+        Field::new(columns::ARRIVAL_TIME, ts_type(), false),
         Field::new(SHARD_COL, DataType::Utf8, false),
         Field::new(SEQ_COL, DataType::Utf8, false),
-        Field::new("error", DataType::Utf8, false),
-        Field::new("reason", DataType::Utf8, false),
-        Field::new("raw", DataType::Binary, false),
+        Field::new(columns::ERROR, DataType::Utf8, false),
+        Field::new(columns::REASON, DataType::Utf8, false),
+        Field::new(columns::RAW, DataType::Binary, false),
     ]))
 }
 
 /// Alerts table columns. `event_time` is the record's event time, or a window's start.
 pub fn alerts_schema() -> SchemaRef {
     Arc::new(Schema::new(vec![
-        Field::new("rule", DataType::Utf8, false),
-        Field::new("kind", DataType::Utf8, false),
-        Field::new("event_time", ts_type(), false),
-        Field::new("key", DataType::Utf8, true),
-        Field::new("detail", DataType::Utf8, false),
+        Field::new(columns::RULE, DataType::Utf8, false),
+        Field::new(columns::KIND, DataType::Utf8, false),
+        Field::new(columns::EVENT_TIME, ts_type(), false),
+        Field::new(columns::KEY, DataType::Utf8, true),
+        Field::new(columns::DETAIL, DataType::Utf8, false),
     ]))
 }
 
 /// Late table columns: the aggregation the record was late for, then the record.
 pub fn late_schema(records: &Schema) -> SchemaRef {
-    let mut fields = vec![Arc::new(Field::new("aggregation", DataType::Utf8, false))];
+    let mut fields = vec![Arc::new(Field::new(
+        columns::AGGREGATION,
+        DataType::Utf8,
+        false,
+    ))];
     fields.extend(records.fields().iter().cloned());
     Arc::new(Schema::new(fields))
 }
@@ -185,13 +190,13 @@ fn result_problems(p: &Pipeline, at: &str, schema: &Schema) -> Vec<Problem> {
         Ok(f) if f.data_type() == &ts_type() => {}
         Ok(f) => problems.push(p.problem(
             at,
-            format!("`window_start` has type {} in the result", f.data_type()),
-            "select `window_start` itself, not an expression over it",
+            format!("`{WINDOW_START}` has type {} in the result", f.data_type()),
+            format!("select `{WINDOW_START}` itself, not an expression over it"),
         )),
         Err(_) => problems.push(p.problem(
             at,
-            "the result has no `window_start` column; the table is partitioned by it",
-            "add `window_start` to the SELECT list and to GROUP BY",
+            format!("the result has no `{WINDOW_START}` column; the table is partitioned by it"),
+            format!("add `{WINDOW_START}` to the SELECT list and to GROUP BY"),
         )),
     }
     let mut seen = std::collections::HashSet::new();

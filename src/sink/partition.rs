@@ -3,6 +3,8 @@
 
 use chrono::{DateTime, Datelike, Timelike};
 
+use crate::columns::{DAY, HOUR, MONTH, YEAR};
+
 pub const HOUR_US: i64 = 3_600_000_000;
 
 /// The start of the hour holding `ts_us`.
@@ -14,7 +16,7 @@ pub fn hour_of(ts_us: i64) -> i64 {
 pub fn partition_dir(hour_us: i64) -> String {
     let t = DateTime::from_timestamp_micros(hour_us).unwrap_or_default();
     format!(
-        "year={:04}/month={:02}/day={:02}/hour={:02}",
+        "{YEAR}={:04}/{MONTH}={:02}/{DAY}={:02}/{HOUR}={:02}",
         t.year(),
         t.month(),
         t.day(),

@@ -12,11 +12,13 @@ use datafusion::datasource::listing::{
 use datafusion::error::Result;
 use datafusion::prelude::SessionContext;
 
+use crate::columns;
 use crate::config::{ConfigError, Lake, Pipeline};
 use crate::engine::merge::Mergeable;
 use crate::engine::sql;
 
-pub const PARTITION_COLUMNS: [&str; 4] = ["year", "month", "day", "hour"];
+pub const PARTITION_COLUMNS: [&str; 4] =
+    [columns::YEAR, columns::MONTH, columns::DAY, columns::HOUR];
 
 /// An output as the lake holds it.
 #[derive(Debug, Clone)]
