@@ -56,6 +56,15 @@ impl Fault {
     pub fn retryable(self) -> bool {
         self != Self::Permanent
     }
+
+    /// At least [`Fault::Transient`]: for a loop that retries whatever it is not told is
+    /// permanent (the agent's PutRecords, which knows its permanent errors by name).
+    pub fn max_transient(self) -> Self {
+        match self {
+            Self::Permanent => Self::Transient,
+            f => f,
+        }
+    }
 }
 
 /// Error codes that mean "slow down" in the services shardlake calls (Kinesis, DynamoDB, S3,

@@ -4,7 +4,7 @@
 //! - [`sensor`]: DS18B20, IIO, hwmon, thermal zones, a command, the oil-well simulator.
 //! - [`queue`]: the durable on-disk queue; readings leave it only when acknowledged.
 //! - [`run`]: one task per sensor → the queue → the transport.
-//! - [`transport`]: where batches go (`local`: a local stream; [`mqtt`]: IoT Core or any
+//! - [`transport`]: where batches go (`local`: a local stream; [`transport::mqtt`]: IoT Core or any
 //!   broker, TLS with the device certificate, QoS 1; `kinesis`: PutRecords). It depends on
 //!   [`queue`] and [`config`] only; [`run`] depends on it, never the other way.
 //! - [`sim`]: the bulk simulator behind `shardlake-agent simulate`.
@@ -15,7 +15,3 @@ pub mod run;
 pub mod sensor;
 pub mod sim;
 pub mod transport;
-
-/// `agent::mqtt` as before the transports had their own module: `shardlake bridge` uses its
-/// [`client_tls`](mqtt::client_tls).
-pub use transport::mqtt;

@@ -6,7 +6,7 @@
 //! publishes its files and commits it: the same steps as the normal path.
 //!
 //! Two stores: [`local`] (one file, one worker: the embedded default) and
-//! [`crate::lease`]'s DynamoDB lease table (one item per shard, many workers), where each
+//! [`dynamodb`]'s lease table (one item per shard, many workers), where each
 //! shard's item holds its own checkpoint and its share of a pending intent.
 
 pub mod commit;

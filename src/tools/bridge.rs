@@ -94,8 +94,13 @@ pub async fn run(
         .set_manual_acks(true)
         .set_max_packet_size(256 * 1024, 256 * 1024);
     if let Some((ca, cert, key)) = &opts.tls {
-        let tls =
-            crate::agent::mqtt::client_tls(ca, cert, key, opts.port, ["--ca", "--cert", "--key"])?;
+        let tls = crate::agent::transport::mqtt::client_tls(
+            ca,
+            cert,
+            key,
+            opts.port,
+            ["--ca", "--cert", "--key"],
+        )?;
         mqtt.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
             Arc::new(tls),
         )));

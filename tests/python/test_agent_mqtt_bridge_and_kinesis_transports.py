@@ -4,8 +4,8 @@ outage and a SIGKILL lose nothing; and the whole path on one machine, agent → 
 `shardlake bridge` → kinesalite → pipeline. Kinesis: PutRecords straight from the agent, in
 order through partial failures, throttling and reset connections.
 
-Exercises src/agent/mqtt.rs, src/agent/kinesis.rs, src/agent/queue.rs and src/bridge.rs (and
-src/source/kinesis.rs with split_lines at the end of the path).
+Exercises src/agent/transport/mqtt.rs, src/agent/transport/kinesis.rs, src/agent/queue.rs and src/tools/bridge.rs (and
+src/source/kinesis/ with split_lines at the end of the path).
 """
 
 from __future__ import annotations

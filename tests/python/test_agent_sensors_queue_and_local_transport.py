@@ -5,7 +5,7 @@ the batch in flight), 200 sensors keep their rates in bounded memory, and the re
 through the pipeline into the lake.
 
 Exercises src/agent/ (sensor.rs, run.rs, queue.rs, config.rs and the local transport), and
-pipelines/sensor-fleet.yaml through src/pipeline.rs.
+pipelines/sensor-fleet.yaml through src/pipeline/.
 """
 
 from __future__ import annotations

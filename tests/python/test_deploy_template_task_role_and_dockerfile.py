@@ -4,7 +4,7 @@ code calls; the task runs a pipeline whose variables it sets; and the Dockerfile
 that exist, builds with the lock file as it is, and runs commands the binary accepts.
 
 Exercises no Rust module at run time: deploy/shardlake.yaml and the Dockerfile are checked
-against the SDK calls in src/source/kinesis.rs, src/lease.rs, src/sink/s3.rs and
+against the SDK calls in src/source/kinesis/, src/checkpoint/dynamodb/, src/sink/s3.rs and
 src/notify.rs, and against the subcommands of src/bin/shardlake.rs.
 """
 
@@ -34,7 +34,7 @@ CLIENT_FILES = {
 # Files whose SDK calls never run in the ECS task: `shardlake bridge` stands in for the IoT
 # rule on one machine (in AWS the rule's own role puts the records).
 # The bridge runs only locally and the agent on the devices: neither is in the ECS task.
-NOT_IN_THE_TASK = {"src/tools/bridge.rs", "src/agent/kinesis.rs"}
+NOT_IN_THE_TASK = {"src/tools/bridge.rs", "src/agent/transport/kinesis.rs"}
 # SDK operations whose IAM action is not named after them.
 ACTION_OF = {
     ("s3", "head_bucket"): ["s3:ListBucket"],

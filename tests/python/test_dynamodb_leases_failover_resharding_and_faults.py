@@ -8,7 +8,7 @@ follow a split and merge (a child is read after its parents' leases say SHARD_EN
 throttled and failing lease-table calls lose and duplicate nothing; /healthz follows the
 lease table.
 
-Exercises src/lease.rs, with src/source/kinesis.rs, src/engine/merge.rs (parts of one window
+Exercises src/checkpoint/dynamodb/, with src/source/kinesis/, src/engine/merge.rs (parts of one window
 from several workers) and src/ops.rs.
 """
 

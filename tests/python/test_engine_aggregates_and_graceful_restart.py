@@ -4,8 +4,8 @@ what DuckDB computes from the input NDJSON files with an independent validity fi
 graceful restart (SIGTERM, then a second run) while windows are open gives the same windows
 as one uninterrupted run.
 
-Exercises src/engine/ (mod.rs, merge.rs, sql.rs), src/decode.rs, src/window.rs and
-src/pipeline.rs (shutdown, and open windows rebuilt from the checkpoints).
+Exercises src/engine/ (mod.rs, merge.rs, sql.rs), src/decode/, src/engine/window.rs and
+src/pipeline/ (shutdown, and open windows rebuilt from the checkpoints).
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@ aws_kinesis_agg come out as their user records, a run stopped part-way resumes i
 aggregate (from the local checkpoint store or the DynamoDB lease table), and corrupt
 aggregates go to dead_letter whole.
 
-Exercises src/source/kpl.rs and src/source/kinesis.rs (positions inside an aggregate in
-src/checkpoint/ and src/lease.rs).
+Exercises src/source/kinesis/kpl.rs and src/source/kinesis/ (positions inside an aggregate in
+src/checkpoint/ and src/checkpoint/dynamodb/).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ split and two others merged while a producer writes and a run reads; every recor
 lake once, and each device's records in the order they were put, across parent and child
 shards.
 
-Exercises src/source/kinesis.rs (child shards read after their parents).
+Exercises src/source/kinesis/ (child shards read after their parents).
 """
 
 from __future__ import annotations

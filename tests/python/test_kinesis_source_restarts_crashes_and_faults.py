@@ -5,7 +5,7 @@ resumes after its checkpoints; runs SIGKILLed or aborted at failpoints lose and 
 nothing; throttling, 5xx and reset connections are retried and counted; an iterator that
 expired is taken again where its shard stopped.
 
-Exercises src/source/kinesis.rs, with src/pipeline.rs and src/checkpoint/ for the restarts
+Exercises src/source/kinesis/, with src/pipeline/ and src/checkpoint/ for the restarts
 and crashes.
 """
 

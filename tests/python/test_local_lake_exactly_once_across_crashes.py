@@ -3,7 +3,7 @@ itself at a failpoint of the commit protocol, again and again (crash.py); after 
 the visible lake has no duplicates, and a final run leaves every output right and no staged
 file behind.
 
-Exercises src/pipeline.rs (the commit protocol), src/checkpoint/ (the local store),
+Exercises src/checkpoint/commit.rs (the commit protocol), src/checkpoint/ (the local store),
 src/sink/local.rs and src/failpoint.rs.
 """
 

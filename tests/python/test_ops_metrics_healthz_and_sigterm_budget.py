@@ -3,7 +3,7 @@ library's own parser, its counters against the input and the lake; GET /healthz 
 `shardlake health`; and a SIGTERM during a busy run, which must end within the shutdown
 budget and lose nothing.
 
-Exercises src/ops.rs, src/metrics.rs and src/pipeline.rs (shutdown).
+Exercises src/ops.rs, src/metrics.rs and src/pipeline/ (shutdown).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ timestamps, no INT96, ZSTD), hive partition directories that match each row's ho
 of `shardlake athena-ddl` (parsed with sqlglot; its views, run in DuckDB, merge the parts as
 lake.py does by hand), and `shardlake query` reading the lake and pruning partitions.
 
-Exercises src/sink/writer.rs, src/sink/partition.rs, src/sink/local.rs and src/query.rs.
+Exercises src/sink/writer.rs, src/sink/partition.rs, src/sink/local.rs and src/tools/query.rs.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ missing bucket is a clear error, and objects carry the KMS key and the storage c
 for.
 
 Exercises src/sink/s3.rs (multipart uploads, their recovery after a crash), with the commit
-protocol of src/pipeline.rs.
+protocol of src/checkpoint/commit.rs.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@
 //! `leaseCounter` = the counter it holds. A worker whose lease was taken cannot prepare,
 //! so it cannot publish. Once prepared, a commit is completed by whoever finds it: the
 //! preparing worker, or the next owner of any of its shards (publishing is idempotent, and
+//! the completion of each item is conditional on its `pendingIntentId`).
 //!
 //! Files: [`item`] (the item format), [`manager`] (taking, renewing, balancing and releasing
 //! leases), [`balance`] (the stealing rule, pure), [`store`] (the [`CheckpointStore`] of a
