@@ -333,6 +333,10 @@ impl Default for OutputsFile {
 }
 
 /// A plain table output.
+// `rollover` and `sink` are declared again in `AggregationFile`, not shared through
+// `#[serde(flatten)]`: with flatten, an unknown key's message loses the list of keys allowed
+// there, and an error inside `rollover` or `sink` loses its path (serde buffers flattened
+// fields), so messages, fields and lines would change.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TableFile {

@@ -1,0 +1,272 @@
+//! The resolved configuration: a [`Pipeline`] whose values are parsed (durations in
+//! microseconds, sizes in bytes, start positions, lakes) and checked, so the rest of the crate
+//! never sees the text the file wrote.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::{FieldType, LineIndex, Problem, Problems, TimeFormat};
+
+/// Columns the engine adds; a schema field may not use these names.
+pub const RESERVED_COLUMNS: &[&str] = &[
+    "year",
+    "month",
+    "day",
+    "hour",
+    "window_start",
+    "window_end",
+    "_shard_id",
+    "_sequence_number",
+    "aggregation",
+];
+
+/// A loaded, validated pipeline.
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    pub file: PathBuf,
+    pub name: String,
+    pub schema: RecordSchema,
+    pub source: Source,
+    pub lake: Lake,
+    pub checkpoints: Checkpoints,
+    pub event_time: EventTime,
+    pub max_record_bytes: usize,
+    /// Microseconds.
+    pub max_future_skew: i64,
+    /// Records an aggregation buffers before folding them into per-window states.
+    pub window_buffer_records: usize,
+    pub rollover: Rollover,
+    pub outputs: Outputs,
+    pub alerts: Vec<AlertRule>,
+    pub notifiers: Vec<Notifier>,
+    pub lines: LineIndex,
+}
+
+#[derive(Debug, Clone)]
+pub struct RecordSchema {
+    pub file: PathBuf,
+    pub name: String,
+    pub key: Option<String>,
+    pub fields: Vec<Field>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Field {
+    pub name: String,
+    pub ty: FieldType,
+    pub required: bool,
+}
+
+#[derive(Debug, Clone)]
+pub enum Source {
+    Local {
+        path: PathBuf,
+        poll_interval: Duration,
+    },
+    Kinesis(KinesisSource),
+}
+
+#[derive(Debug, Clone)]
+pub struct KinesisSource {
+    /// Name or ARN.
+    pub stream: String,
+    pub region: Option<String>,
+    pub start: StartAt,
+    pub poll_interval: Duration,
+    /// Records per GetRecords call.
+    pub max_records: usize,
+    /// Each line of a record is a record of its own.
+    pub split_lines: bool,
+}
+
+/// Where a shard without a checkpoint starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartAt {
+    TrimHorizon,
+    Latest,
+    /// Microseconds since the epoch.
+    AtTimestamp(i64),
+}
+
+/// Where a table's files go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lake {
+    Local { path: PathBuf },
+    S3(S3Location),
+}
+
+/// An S3 lake: a bucket and a key prefix, with how objects are written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct S3Location {
+    pub bucket: String,
+    /// Without leading or trailing `/`; empty for the bucket's root.
+    pub prefix: String,
+    pub region: Option<String>,
+    pub kms_key_id: Option<String>,
+    pub storage_class: Option<String>,
+    pub part_size: usize,
+}
+
+impl Lake {
+    /// Where `shardlake query` reads an output from: a directory or an `s3://` URL, ending
+    /// in `/`.
+    pub fn table_url(&self, output: &str) -> String {
+        match self {
+            Lake::Local { path } => {
+                let dir = path.join(output);
+                let abs = std::path::absolute(&dir).unwrap_or(dir);
+                format!("{}/", abs.display())
+            }
+            Lake::S3(s3) => format!("s3://{}/{}/", s3.bucket, s3.object_key(output)),
+        }
+    }
+}
+
+impl S3Location {
+    /// The object key of a lake key (`<output>/year=…`).
+    pub fn object_key(&self, key: &str) -> String {
+        if self.prefix.is_empty() {
+            key.to_string()
+        } else {
+            format!("{}/{key}", self.prefix)
+        }
+    }
+}
+
+/// Storage classes S3 accepts on upload.
+pub const STORAGE_CLASSES: &[&str] = &[
+    "STANDARD",
+    "STANDARD_IA",
+    "ONEZONE_IA",
+    "INTELLIGENT_TIERING",
+    "GLACIER_IR",
+    "REDUCED_REDUNDANCY",
+];
+
+/// Where a notifier sends alerts.
+#[derive(Clone)]
+pub enum NotifyTarget {
+    Sns {
+        topic_arn: String,
+    },
+    Webhook {
+        url: String,
+        /// Header values may hold secrets: `Debug` shows the names only.
+        headers: Vec<(String, String)>,
+    },
+}
+
+impl fmt::Debug for NotifyTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Sns { topic_arn } => f.debug_struct("Sns").field("topic_arn", topic_arn).finish(),
+            Self::Webhook { headers, .. } => f
+                .debug_struct("Webhook")
+                .field("url", &"<not shown>")
+                .field(
+                    "headers",
+                    &headers.iter().map(|(k, _)| k).collect::<Vec<_>>(),
+                )
+                .finish(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Notifier {
+    pub name: String,
+    pub target: NotifyTarget,
+    /// Microseconds of event time between two messages for the same rule and device.
+    pub cooldown: i64,
+    /// The rules it sends; `None` for every rule.
+    pub rules: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Checkpoints {
+    Local { path: PathBuf },
+    Dynamodb(LeaseTable),
+}
+
+/// `checkpoints: dynamodb:`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseTable {
+    pub table: String,
+    pub region: Option<String>,
+    pub failover_time: Duration,
+    pub shard_sync_interval: Duration,
+    pub max_leases: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct EventTime {
+    pub field: String,
+    pub format: TimeFormat,
+    /// Microseconds.
+    pub allowed_lateness: i64,
+    pub idle_shard_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Rollover {
+    pub max_bytes: u64,
+    pub max_age: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Outputs {
+    /// None: `raw: false`, no raw table.
+    pub raw: Option<String>,
+    pub dead_letter: String,
+    pub late: String,
+    pub alerts: String,
+    pub aggregations: Vec<Aggregation>,
+    /// Every table's rollover, by table name.
+    pub rollover: std::collections::BTreeMap<String, Rollover>,
+    /// Every table's lake, by table name (its own `sink`, else the pipeline's `lake`).
+    pub sinks: std::collections::BTreeMap<String, Lake>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Aggregation {
+    pub name: String,
+    /// Microseconds.
+    pub size: i64,
+    /// Microseconds; equals `size` for a tumbling window.
+    pub slide: i64,
+    pub sql: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct AlertRule {
+    /// Position in the file's `alerts:` list, for error messages.
+    pub index: usize,
+    pub name: String,
+    pub when: String,
+    /// Index into `outputs.aggregations` for a window rule.
+    pub aggregation: Option<usize>,
+}
+
+impl Pipeline {
+    /// Every table name, in a fixed order.
+    pub fn table_names(&self) -> Vec<&str> {
+        let o = &self.outputs;
+        let mut v: Vec<&str> = o.raw.iter().map(String::as_str).collect();
+        v.extend([o.dead_letter.as_str(), o.late.as_str(), o.alerts.as_str()]);
+        v.extend(o.aggregations.iter().map(|a| a.name.as_str()));
+        v
+    }
+
+    /// A problem at `field` of this pipeline file, for checks made after loading (SQL).
+    pub fn problem(
+        &self,
+        field: &str,
+        message: impl Into<String>,
+        fix: impl Into<String>,
+    ) -> Problem {
+        let mut p = Problems::new(&self.file, &self.lines);
+        p.add(field, message, fix);
+        p.list.remove(0)
+    }
+}

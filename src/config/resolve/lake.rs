@@ -1,0 +1,69 @@
+//! `lake:`, and a table's own `sink:` (the same form): a local directory or an S3 bucket and
+//! prefix with how objects are written.
+
+use crate::config::file::LakeFile;
+use crate::config::{Lake, Problems, S3Location, STORAGE_CLASSES};
+
+/// Resolves the lake written at `field` (`lake`, or `outputs.<table>.sink`).
+pub(super) fn resolve_lake(p: &mut Problems, field: &str, f: LakeFile) -> Lake {
+    match f {
+        LakeFile::Local { path } => Lake::Local { path: path.into() },
+        LakeFile::S3 {
+            bucket,
+            prefix,
+            region,
+            kms_key_id,
+            storage_class,
+            part_size,
+        } => {
+            let at = |k: &str| format!("{field}.s3.{k}");
+            if !is_bucket_name(&bucket) {
+                p.add(
+                    &at("bucket"),
+                    format!("`{bucket}` is not an S3 bucket name"),
+                    "give the bucket's name only (3-63 lowercase letters, digits, `.` and `-`), without s3:// or a path; put the path in `prefix`",
+                );
+            }
+            let size = p.bytes(&at("part_size"), &part_size);
+            if size != 0 && !(5 << 20..=5 << 30).contains(&size) {
+                p.add(
+                    &at("part_size"),
+                    format!("{part_size} is outside S3's part sizes"),
+                    "write a size from 5MiB to 5GiB, e.g. 8MiB",
+                );
+            }
+            if let Some(class) = &storage_class
+                && !STORAGE_CLASSES.contains(&class.as_str())
+            {
+                p.add(
+                    &at("storage_class"),
+                    format!("`{class}` is not a storage class objects can be written with"),
+                    format!("use one of: {}", STORAGE_CLASSES.join(", ")),
+                );
+            }
+            if kms_key_id.as_deref() == Some("") {
+                p.add(
+                    &at("kms_key_id"),
+                    "is empty",
+                    "give a KMS key id or ARN, or remove the key to use the bucket's default encryption",
+                );
+            }
+            Lake::S3(S3Location {
+                bucket,
+                prefix: prefix.trim_matches('/').to_string(),
+                region: region.filter(|r| !r.is_empty()),
+                kms_key_id,
+                storage_class,
+                part_size: size as usize,
+            })
+        }
+    }
+}
+
+fn is_bucket_name(b: &str) -> bool {
+    (3..=63).contains(&b.len())
+        && b.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' || c == '-')
+        && b.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && b.ends_with(|c: char| c.is_ascii_alphanumeric())
+}

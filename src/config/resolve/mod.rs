@@ -1,0 +1,82 @@
+//! The file as written ([`super::file`]) → the checked [`Pipeline`], one file per section.
+//! Every check adds to the same [`Problems`] and carries on with a stand-in value, so one load
+//! reports every problem; [`resolve_pipeline`] runs the sections in a fixed order, which is the
+//! order the problems come out in.
+
+mod alerts;
+mod checkpoint;
+mod event_time;
+mod lake;
+mod limits;
+mod notifiers;
+mod outputs;
+mod rollover;
+mod schema;
+mod source;
+
+use std::path::Path;
+
+use super::file::PipelineFile;
+use super::{LineIndex, Pipeline, Problems, RecordSchema};
+
+pub(super) use schema::resolve_schema;
+
+/// Checks every section of `f`; `None` if the schema did not load (the problems say why).
+pub(super) fn resolve_pipeline(
+    path: &Path,
+    f: PipelineFile,
+    schema: Option<RecordSchema>,
+    lines: LineIndex,
+    p: &mut Problems,
+) -> Option<Pipeline> {
+    check_name(p, &f.name);
+    let source = source::resolve_source(p, f.source);
+    let lake = lake::resolve_lake(p, "lake", f.lake.clone());
+    let checkpoints = checkpoint::resolve_checkpoints(p, f.checkpoints.clone(), &source);
+    let event_time = event_time::resolve_event_time(p, &f.event_time, schema.as_ref());
+    let limits = limits::resolve_limits(p, &f.limits);
+    let rollover = rollover::check_rollover(
+        p,
+        "rollover",
+        Some(&f.rollover.max_bytes),
+        Some(&f.rollover.max_age),
+        None,
+    );
+    outputs::check_table_names(p, &f.outputs);
+    let aggregations = outputs::resolve_aggregations(p, &f.outputs);
+    let (alerts, rule_names) = alerts::resolve_alerts(p, &f.alerts, &aggregations);
+    let notifiers = notifiers::resolve_notifiers(p, &f.notifiers, &rule_names);
+    let outputs = outputs::resolve_outputs(p, &f.outputs, aggregations, &lake, &rollover);
+
+    Some(Pipeline {
+        file: path.to_path_buf(),
+        name: f.name,
+        schema: schema?,
+        source,
+        lake,
+        checkpoints,
+        event_time,
+        max_record_bytes: limits.max_record_bytes,
+        window_buffer_records: limits.window_buffer_records,
+        max_future_skew: limits.max_future_skew,
+        rollover,
+        outputs,
+        notifiers,
+        alerts,
+        lines,
+    })
+}
+
+fn check_name(p: &mut Problems, name: &str) {
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+    {
+        p.add(
+            "name",
+            format!("`{name}` is not a valid pipeline name"),
+            "use lowercase letters, digits, `-` and `_`",
+        );
+    }
+}
