@@ -23,7 +23,7 @@ use resolve::{resolve_pipeline, resolve_schema};
 pub use file::{FieldType, TimeFormat};
 pub use load::{Env, expand, load_file, process_env};
 pub use model::{
-    Aggregation, AlertRule, Checkpoints, EventTime, Field, KinesisSource, Lake, LeaseTable,
+    Aggregation, AlertRule, Checkpoints, EventTime, Field, KinesisSource, LakeLocation, LeaseTable,
     Notifier, NotifyTarget, Outputs, Pipeline, RESERVED_COLUMNS, RecordSchema, Rollover,
     S3Location, STORAGE_CLASSES, Source, StartAt,
 };

@@ -7,18 +7,19 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::{FieldType, LineIndex, Problem, Problems, TimeFormat};
+use crate::columns;
 
 /// Columns the engine adds; a schema field may not use these names.
 pub const RESERVED_COLUMNS: &[&str] = &[
-    "year",
-    "month",
-    "day",
-    "hour",
-    "window_start",
-    "window_end",
-    "_shard_id",
-    "_sequence_number",
-    "aggregation",
+    columns::YEAR,
+    columns::MONTH,
+    columns::DAY,
+    columns::HOUR,
+    columns::WINDOW_START,
+    columns::WINDOW_END,
+    columns::SHARD_ID,
+    columns::SEQUENCE_NUMBER,
+    columns::AGGREGATION,
 ];
 
 /// A loaded, validated pipeline.
@@ -28,7 +29,7 @@ pub struct Pipeline {
     pub name: String,
     pub schema: RecordSchema,
     pub source: Source,
-    pub lake: Lake,
+    pub lake: LakeLocation,
     pub checkpoints: Checkpoints,
     pub event_time: EventTime,
     pub max_record_bytes: usize,
@@ -91,7 +92,7 @@ pub enum StartAt {
 
 /// Where a table's files go.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Lake {
+pub enum LakeLocation {
     Local { path: PathBuf },
     S3(S3Location),
 }
@@ -108,17 +109,17 @@ pub struct S3Location {
     pub part_size: usize,
 }
 
-impl Lake {
+impl LakeLocation {
     /// Where `shardlake query` reads an output from: a directory or an `s3://` URL, ending
     /// in `/`.
     pub fn table_url(&self, output: &str) -> String {
         match self {
-            Lake::Local { path } => {
+            LakeLocation::Local { path } => {
                 let dir = path.join(output);
                 let abs = std::path::absolute(&dir).unwrap_or(dir);
                 format!("{}/", abs.display())
             }
-            Lake::S3(s3) => format!("s3://{}/{}/", s3.bucket, s3.object_key(output)),
+            LakeLocation::S3(s3) => format!("s3://{}/{}/", s3.bucket, s3.object_key(output)),
         }
     }
 }
@@ -225,7 +226,7 @@ pub struct Outputs {
     /// Every table's rollover, by table name.
     pub rollover: std::collections::BTreeMap<String, Rollover>,
     /// Every table's lake, by table name (its own `sink`, else the pipeline's `lake`).
-    pub sinks: std::collections::BTreeMap<String, Lake>,
+    pub sinks: std::collections::BTreeMap<String, LakeLocation>,
 }
 
 #[derive(Debug, Clone)]
@@ -249,6 +250,15 @@ pub struct AlertRule {
 }
 
 impl Pipeline {
+    /// The event-time field's index among the schema's fields.
+    pub fn event_field_index(&self) -> usize {
+        self.schema
+            .fields
+            .iter()
+            .position(|f| f.name == self.event_time.field)
+            .expect("validated: the event-time field is in the schema")
+    }
+
     /// Every table name, in a fixed order.
     pub fn table_names(&self) -> Vec<&str> {
         let o = &self.outputs;

@@ -81,12 +81,7 @@ pub struct RecordDecoder {
 
 impl RecordDecoder {
     pub fn new(p: &Pipeline) -> Self {
-        let event_field = p
-            .schema
-            .fields
-            .iter()
-            .position(|f| f.name == p.event_time.field)
-            .expect("validated");
+        let event_field = p.event_field_index();
         let fields = p
             .schema
             .fields

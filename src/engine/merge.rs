@@ -140,22 +140,20 @@ impl Parts {
                     Kind::Min => "min",
                     _ => "max",
                 };
-                self.states.push(format!("{f}({arg}) AS {}", q(&name)));
+                self.states.push(format!("{f}({arg}) AS {}", q(name)));
                 let m = if k == Kind::Count { "sum" } else { f };
-                self.merged
-                    .push(format!("{m}({}) AS {}", q(&name), q(&name)));
+                self.merged.push(format!("{m}({}) AS {}", q(name), q(name)));
                 self.combined
-                    .push(format!("{m}({}) AS {}", q(&name), q(&name)));
+                    .push(format!("{m}({}) AS {}", q(name), q(name)));
             }
             Kind::Avg => {
-                self.states
-                    .push(format!("sum({}) AS {}", d(&arg), n("sum")));
+                self.states.push(format!("sum({}) AS {}", d(arg), n("sum")));
                 self.states.push(format!("count({arg}) AS {}", n("n")));
                 self.merged.push(format!(
                     "sum({}) / NULLIF(sum({}), 0) AS {}",
                     n("sum"),
                     n("n"),
-                    q(&name)
+                    q(name)
                 ));
                 self.combined.push(format!("sum({s}) AS {s}", s = n("sum")));
                 self.combined.push(format!("sum({c}) AS {c}", c = n("n")));
@@ -168,7 +166,7 @@ impl Parts {
                 self.merged.push(format!(
                     "COALESCE(CAST(cardinality(array_distinct(flatten(array_agg({})))) AS BIGINT), 0) AS {}",
                     n("set"),
-                    q(&name)
+                    q(name)
                 ));
                 self.combined.push(format!(
                     "array_distinct(flatten(array_agg({set}) FILTER (WHERE {set} IS NOT NULL))) AS {set}",
@@ -181,12 +179,9 @@ impl Parts {
                 // plain sum of squares would lose.
                 self.states.push(format!("count({arg}) AS {}", n("n")));
                 self.states
-                    .push(format!("avg({}) AS {}", d(&arg), n("mean")));
-                self.states.push(format!(
-                    "var_pop({}) * count({arg}) AS {}",
-                    d(&arg),
-                    n("m2")
-                ));
+                    .push(format!("avg({}) AS {}", d(arg), n("mean")));
+                self.states
+                    .push(format!("var_pop({}) * count({arg}) AS {}", d(arg), n("m2")));
                 self.means.push(format!(
                     "sum({n} * {mean}) OVER (PARTITION BY {GROUPS}) / NULLIF(sum({n}) OVER (PARTITION BY {GROUPS}), 0) AS {gmean}",
                     n = n("n"),
@@ -212,7 +207,7 @@ impl Parts {
                     )
                 };
                 let value = if sqrt { format!("sqrt({var})") } else { var };
-                self.merged.push(format!("{value} AS {}", q(&name)));
+                self.merged.push(format!("{value} AS {}", q(name)));
                 self.combined.push(format!("sum({c}) AS {c}", c = n("n")));
                 self.combined
                     .push(format!("max({g}) AS {}", n("mean"), g = n("gmean")));

@@ -125,12 +125,7 @@ impl Engine {
         if let Some(w) = committed.watermark {
             watermark.set_floor(w);
         }
-        let event_field = p
-            .schema
-            .fields
-            .iter()
-            .position(|f| f.name == p.event_time.field)
-            .expect("validated");
+        let event_field = p.event_field_index();
         let event_name = p.event_time.field.clone();
         let outputs = sql::output_schemas(&p, &compiled);
         let writer = |name: &str, col: &str, kind| -> Result<OutputWriter, EngineError> {

@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Lake as LakeConfig, Pipeline};
+use crate::config::{LakeLocation, Pipeline};
 use crate::metrics::Metrics;
 use local::LocalLake;
 use s3::S3Lake;
@@ -84,15 +84,15 @@ impl Lakes {
     /// Every output's lake, connected (an S3 lake checks its bucket). Outputs with the same
     /// sink share one.
     pub async fn open(p: &Pipeline, metrics: &Arc<Metrics>) -> io::Result<Self> {
-        let mut opened: Vec<(&LakeConfig, Arc<dyn Lake>)> = Vec::new();
+        let mut opened: Vec<(&LakeLocation, Arc<dyn Lake>)> = Vec::new();
         let mut by_output = BTreeMap::new();
         for (output, cfg) in &p.outputs.sinks {
             let lake = match opened.iter().find(|(c, _)| *c == cfg) {
                 Some((_, l)) => l.clone(),
                 None => {
                     let l: Arc<dyn Lake> = match cfg {
-                        LakeConfig::Local { path } => Arc::new(LocalLake::new(path)),
-                        LakeConfig::S3(loc) => {
+                        LakeLocation::Local { path } => Arc::new(LocalLake::new(path)),
+                        LakeLocation::S3(loc) => {
                             Arc::new(S3Lake::connect(loc, metrics.clone()).await?)
                         }
                     };

@@ -13,7 +13,7 @@ use datafusion::error::Result;
 use datafusion::prelude::SessionContext;
 
 use crate::columns;
-use crate::config::{ConfigError, Lake, Pipeline};
+use crate::config::{ConfigError, LakeLocation, Pipeline};
 use crate::engine::merge::Mergeable;
 use crate::engine::sql;
 
@@ -66,8 +66,8 @@ pub async fn lake_session(p: &Pipeline, tables: &[Table]) -> Result<SessionConte
         let lake = &p.outputs.sinks[name];
         let url = lake.table_url(name);
         match lake {
-            Lake::Local { .. } => std::fs::create_dir_all(&url)?,
-            Lake::S3(loc) => {
+            LakeLocation::Local { .. } => std::fs::create_dir_all(&url)?,
+            LakeLocation::S3(loc) => {
                 if !buckets.contains(&loc.bucket) {
                     let store = s3_store(loc).await?;
                     let bucket_url = url::Url::parse(&format!("s3://{}", loc.bucket))

@@ -2,12 +2,12 @@
 //! prefix with how objects are written.
 
 use crate::config::file::LakeFile;
-use crate::config::{Lake, Problems, S3Location, STORAGE_CLASSES};
+use crate::config::{LakeLocation, Problems, S3Location, STORAGE_CLASSES};
 
 /// Resolves the lake written at `field` (`lake`, or `outputs.<table>.sink`).
-pub(super) fn resolve_lake(p: &mut Problems, field: &str, f: LakeFile) -> Lake {
+pub(super) fn resolve_lake(p: &mut Problems, field: &str, f: LakeFile) -> LakeLocation {
     match f {
-        LakeFile::Local { path } => Lake::Local { path: path.into() },
+        LakeFile::Local { path } => LakeLocation::Local { path: path.into() },
         LakeFile::S3 {
             bucket,
             prefix,
@@ -48,7 +48,7 @@ pub(super) fn resolve_lake(p: &mut Problems, field: &str, f: LakeFile) -> Lake {
                     "give a KMS key id or ARN, or remove the key to use the bucket's default encryption",
                 );
             }
-            Lake::S3(S3Location {
+            LakeLocation::S3(S3Location {
                 bucket,
                 prefix: prefix.trim_matches('/').to_string(),
                 region: region.filter(|r| !r.is_empty()),

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use super::lake::resolve_lake;
 use super::rollover::check_rollover;
 use crate::config::file::{LakeFile, OutputsFile, RolloverOverride, TableFile};
-use crate::config::{Aggregation, Lake, Outputs, Problems, Rollover};
+use crate::config::{Aggregation, LakeLocation, Outputs, Problems, Rollover};
 
 /// One table of `outputs:` as written, whichever kind: where it is in the file (e.g.
 /// `outputs.aggregations[0]`), its name, and its own rollover and sink.
@@ -113,7 +113,7 @@ pub(super) fn resolve_outputs(
     p: &mut Problems,
     o: &OutputsFile,
     aggregations: Vec<Aggregation>,
-    lake: &Lake,
+    lake: &LakeLocation,
     rollover: &Rollover,
 ) -> Outputs {
     let mut per_table = BTreeMap::new();

@@ -24,7 +24,14 @@ pub(in crate::config) fn resolve_schema(
         let at = format!("fields[{i}].name");
         p.ident(&at, &field.name);
         if RESERVED_COLUMNS.contains(&field.name.as_str()) {
-            p.add(&at, format!("`{}` is a column shardlake adds", field.name), "rename the field (reserved: year, month, day, hour, window_start, window_end, _shard_id, _sequence_number, aggregation)");
+            p.add(
+                &at,
+                format!("`{}` is a column shardlake adds", field.name),
+                format!(
+                    "rename the field (reserved: {})",
+                    RESERVED_COLUMNS.join(", ")
+                ),
+            );
         }
         if !seen.insert(field.name.as_str()) {
             p.add(
