@@ -17,9 +17,8 @@ use tokio::sync::{Mutex, watch};
 
 use super::balance::steal_from;
 use super::item::{Item, Lease, SHARD_END, n};
-use super::store::LeaseStore;
 use crate::aws;
-use crate::checkpoint::{CheckpointStore, StoreError};
+use crate::checkpoint::StoreError;
 use crate::config::{LeaseTable, StartAt};
 use crate::metrics::Metrics;
 use crate::source::SourceError;
@@ -549,15 +548,6 @@ impl LeaseManager {
             self.release(&key, h.counter).await;
         }
         Metrics::set(&self.metrics.leases_held, 0);
-    }
-
-    /// The checkpoint store of a session reading `shards` (leases this worker holds).
-    pub fn store(self: &Arc<Self>, shards: Vec<String>) -> Box<dyn CheckpointStore> {
-        Box::new(LeaseStore {
-            m: self.clone(),
-            shards,
-            prepared: Default::default(),
-        })
     }
 
     /// The leases to read in a new session: held and not finished. Finished ones found

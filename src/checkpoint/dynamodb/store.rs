@@ -21,6 +21,17 @@ use crate::checkpoint::{
 };
 use crate::retry::{self, Backoff, Fault, Retry};
 
+impl LeaseManager {
+    /// The checkpoint store of a session reading `shards` (leases this worker holds).
+    pub fn store(self: &Arc<Self>, shards: Vec<String>) -> Box<dyn CheckpointStore> {
+        Box::new(LeaseStore {
+            m: self.clone(),
+            shards,
+            prepared: Default::default(),
+        })
+    }
+}
+
 /// A session's checkpoint store: the items of the shards it reads.
 #[derive(Debug)]
 pub(super) struct LeaseStore {
