@@ -43,3 +43,7 @@ pub const MONTH: &str = "month";
 pub const DAY: &str = "day";
 /// Every table in the lake: the partition's hour, two digits, UTC.
 pub const HOUR: &str = "hour";
+
+/// The schema field a record's tenant is read from, when the schema declares it (not added
+/// by shardlake: the console groups devices and alerts by it).
+pub const TENANT: &str = "tenant";

@@ -28,9 +28,12 @@
 //! The run loop is [`pipeline`]: one entry point shared by `main`, the demo and the tests,
 //! running sessions over a set of shards.
 //!
+//! People see it through the [`console`] (fleet page, alert feed, device history, query API),
+//! fed by every worker's [`live`] state.
+//!
 //! Around it: [`config`] (pipeline and schema YAML, validation), [`notify`] (alerts to SNS and
 //! webhooks), [`tools`] (`shardlake query`, `athena-ddl`, the MQTT bridge), [`ops`]
-//! (`/metrics` and `/healthz`), [`aws`] (SDK set-up), [`retry`] (backoff and the
+//! (`/metrics`, `/healthz` and `/live`), [`aws`] (SDK set-up), [`retry`] (backoff and the
 //! classification of retryable errors), [`clock`], [`failpoint`], [`metrics`], [`logs`].
 //!
 //! The Pi agent is [`agent`]; it and the modules it uses ([`localstream`], [`config`],
@@ -55,9 +58,13 @@ pub mod aws;
 #[cfg(feature = "pipeline")]
 pub mod checkpoint;
 #[cfg(feature = "pipeline")]
+pub mod console;
+#[cfg(feature = "pipeline")]
 pub mod decode;
 #[cfg(feature = "pipeline")]
 pub mod engine;
+#[cfg(feature = "pipeline")]
+pub mod live;
 #[cfg(feature = "pipeline")]
 pub mod notify;
 #[cfg(feature = "pipeline")]

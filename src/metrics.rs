@@ -1,8 +1,7 @@
 //! Counters the pipeline keeps; printed as progress lines and served to Prometheus by
-//! [`crate::ops`] in the text exposition format.
+//! `ops` (the pipeline feature) in the text exposition format.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
@@ -121,13 +120,6 @@ impl Histogram {
     }
 }
 
-/// A label value escaped for the text format.
-fn label(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
 impl Metrics {
     /// Why the worker is not healthy (`/healthz` answers 503 with it), or None.
     pub fn unhealthy(&self) -> Option<String> {
@@ -201,220 +193,6 @@ impl Metrics {
         }
     }
 
-    /// Every metric in Prometheus' text exposition format (version 0.0.4).
-    pub fn render(&self) -> String {
-        let mut out = String::new();
-        let mut family = |name: &str, kind: &str, help: &str, samples: &[(String, String)]| {
-            let _ = writeln!(out, "# HELP shardlake_{name} {help}");
-            let _ = writeln!(out, "# TYPE shardlake_{name} {kind}");
-            for (labels, value) in samples {
-                let _ = writeln!(out, "shardlake_{name}{labels} {value}");
-            }
-        };
-        let one = |c: &AtomicU64| vec![(String::new(), Self::get(c).to_string())];
-        let counters: [(&str, &str, &AtomicU64); 23] = [
-            (
-                "records_read_total",
-                "Records read from the source (KPL user records counted one by one).",
-                &self.records_read,
-            ),
-            (
-                "records_written_total",
-                "Records decoded into the raw output, before commit (none with `raw: false`).",
-                &self.records_written,
-            ),
-            (
-                "dead_letters_total",
-                "Records sent to the dead-letter output.",
-                &self.dead_letters,
-            ),
-            (
-                "late_records_total",
-                "Records later than the allowed lateness, sent to the late output.",
-                &self.late_records,
-            ),
-            ("alerts_total", "Alert rows written.", &self.alerts),
-            (
-                "windows_emitted_total",
-                "Window rows (or parts) written by the aggregations.",
-                &self.windows_emitted,
-            ),
-            (
-                "commits_total",
-                "Commits (exactly-once flushes) completed.",
-                &self.commits,
-            ),
-            (
-                "files_written_total",
-                "Parquet files published.",
-                &self.files_written,
-            ),
-            (
-                "bytes_written_total",
-                "Parquet bytes published.",
-                &self.bytes_written,
-            ),
-            (
-                "notifications_sent_total",
-                "Alert messages delivered by notifiers.",
-                &self.notifications_sent,
-            ),
-            (
-                "notifications_suppressed_total",
-                "Alert messages held back by a notifier's cooldown.",
-                &self.notifications_suppressed,
-            ),
-            (
-                "notifier_failures_total",
-                "Alert messages a notifier gave up on after its retries.",
-                &self.notifier_failures,
-            ),
-            (
-                "notifications_dropped_total",
-                "Alert messages dropped because a notifier's queue was full.",
-                &self.notifications_dropped,
-            ),
-            (
-                "kinesis_throttled_total",
-                "Kinesis answers that said to slow down (retried).",
-                &self.kinesis_throttled,
-            ),
-            (
-                "kinesis_errors_retried_total",
-                "Kinesis 5xx answers and lost connections (retried).",
-                &self.kinesis_errors_retried,
-            ),
-            (
-                "kinesis_expired_iterators_total",
-                "Shard iterators that expired and were acquired again.",
-                &self.kinesis_expired_iterators,
-            ),
-            (
-                "kinesis_bytes_read_total",
-                "Bytes of Kinesis record data read.",
-                &self.kinesis_bytes_read,
-            ),
-            (
-                "kpl_aggregates_total",
-                "KPL aggregated records unpacked.",
-                &self.kpl_aggregates,
-            ),
-            (
-                "dynamodb_throttled_total",
-                "Lease-table answers that said to slow down (retried by the SDK).",
-                &self.dynamodb_throttled,
-            ),
-            (
-                "dynamodb_errors_retried_total",
-                "Lease-table 5xx answers and lost connections (retried by the SDK).",
-                &self.dynamodb_errors_retried,
-            ),
-            (
-                "s3_throttled_total",
-                "S3 answers that said to slow down (retried by the SDK).",
-                &self.s3_throttled,
-            ),
-            (
-                "s3_errors_retried_total",
-                "S3 5xx answers and lost connections (retried by the SDK).",
-                &self.s3_errors_retried,
-            ),
-            (
-                "leases_taken_total",
-                "Leases this worker took (free, expired or stolen).",
-                &self.leases_taken,
-            ),
-        ];
-        for (name, help, c) in counters {
-            family(name, "counter", help, &one(c));
-        }
-        family(
-            "leases_lost_total",
-            "counter",
-            "Leases another worker took from this one.",
-            &one(&self.leases_lost),
-        );
-        family(
-            "lease_sessions_total",
-            "counter",
-            "Reading sessions started because the leases held changed.",
-            &one(&self.lease_sessions),
-        );
-        family(
-            "leases_held",
-            "gauge",
-            "Leases (shards) this worker holds.",
-            &one(&self.leases_held),
-        );
-        family(
-            "ready",
-            "gauge",
-            "1 while the worker reads and commits and its lease table and lake answer (what /healthz reports).",
-            &[(
-                String::new(),
-                u8::from(self.unhealthy().is_none()).to_string(),
-            )],
-        );
-        let lag: Vec<_> = self
-            .lag_ms
-            .lock()
-            .expect("not poisoned")
-            .iter()
-            .map(|(shard, ms)| (format!("{{shard=\"{}\"}}", label(shard)), ms.to_string()))
-            .collect();
-        family(
-            "shard_lag_milliseconds",
-            "gauge",
-            "Kinesis MillisBehindLatest of the shard's last GetRecords.",
-            &lag,
-        );
-        let outputs = self.outputs.lock().expect("not poisoned").clone();
-        let per = |f: fn(&OutputCounts) -> u64| {
-            outputs
-                .iter()
-                .map(|(o, c)| (format!("{{output=\"{}\"}}", label(o)), f(c).to_string()))
-                .collect::<Vec<_>>()
-        };
-        family(
-            "output_rows_total",
-            "counter",
-            "Rows committed, per output.",
-            &per(|c| c.rows),
-        );
-        family(
-            "output_files_total",
-            "counter",
-            "Files committed, per output.",
-            &per(|c| c.files),
-        );
-        family(
-            "output_bytes_total",
-            "counter",
-            "Bytes committed, per output.",
-            &per(|c| c.bytes),
-        );
-        let h = self.commit_seconds.lock().expect("not poisoned").clone();
-        let mut samples = Vec::new();
-        let mut cumulative = 0;
-        for (i, n) in h.counts.iter().enumerate() {
-            cumulative += n;
-            let le = h
-                .bounds
-                .get(i)
-                .map_or("+Inf".to_string(), |b| b.to_string());
-            samples.push((format!("_bucket{{le=\"{le}\"}}"), cumulative.to_string()));
-        }
-        samples.push(("_sum".into(), h.sum.to_string()));
-        samples.push(("_count".into(), cumulative.to_string()));
-        family(
-            "commit_duration_seconds",
-            "histogram",
-            "Time a commit took: stage, prepare, publish, commit.",
-            &samples,
-        );
-        out
-    }
-
     pub fn set_lag(&self, shard: &str, ms: i64) {
         let mut lag = self.lag_ms.lock().expect("not poisoned");
         match lag.get_mut(shard) {
@@ -429,22 +207,6 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn histogram_buckets_are_cumulative_and_labels_escaped() {
-        let m = Metrics::default();
-        for v in [0.001, 0.2, 0.2, 100.0] {
-            m.commit_seconds.lock().unwrap().observe(v);
-        }
-        m.committed([("a\"b\\c\nd", 10, 100)]);
-        let text = m.render();
-        assert!(text.contains("shardlake_commit_duration_seconds_bucket{le=\"0.005\"} 1\n"));
-        assert!(text.contains("shardlake_commit_duration_seconds_bucket{le=\"0.25\"} 3\n"));
-        assert!(text.contains("shardlake_commit_duration_seconds_bucket{le=\"30\"} 3\n"));
-        assert!(text.contains("shardlake_commit_duration_seconds_bucket{le=\"+Inf\"} 4\n"));
-        assert!(text.contains("shardlake_commit_duration_seconds_count 4\n"));
-        assert!(text.contains("shardlake_output_rows_total{output=\"a\\\"b\\\\c\\nd\"} 10\n"));
-    }
 
     #[test]
     fn health_follows_readiness_the_lease_table_and_commits() {
@@ -463,6 +225,5 @@ mod tests {
         std::thread::sleep(Duration::from_millis(2));
         let why = m.unhealthy().unwrap();
         assert!(why.starts_with("the lease table has not answered"), "{why}");
-        assert!(m.render().contains("shardlake_ready 0\n"));
     }
 }

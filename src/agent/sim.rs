@@ -63,7 +63,8 @@ const MALFORMED: &[&str] = &[
 ];
 
 pub fn simulate(cfg: &SimConfig, out: &mut LocalStreamWriter) -> io::Result<SimSummary> {
-    let mut rng = fastrand::Rng::with_seed(cfg.seed);
+    // A continuation (`first_step`) draws other spikes and jitter than the steps before it.
+    let mut rng = fastrand::Rng::with_seed(cfg.seed.wrapping_add(cfg.first_step as u64));
     let total = cfg.devices * cfg.readings_per_device;
     let pick = |rng: &mut fastrand::Rng, n: usize| {
         let mut v: Vec<usize> = (0..n).map(|_| rng.usize(0..total.max(1))).collect();
@@ -73,8 +74,11 @@ pub fn simulate(cfg: &SimConfig, out: &mut LocalStreamWriter) -> io::Result<SimS
     };
     let spikes = pick(&mut rng, cfg.spikes);
     let malformed = pick(&mut rng, cfg.malformed);
+    // The wells come from a generator of their own, so that a continuation with other
+    // spike or malformed counts (`first_step`) simulates the same wells.
+    let mut well_rng = fastrand::Rng::with_seed(cfg.seed ^ 0x5EED_5EED);
     let wells: Vec<Well> = (0..cfg.devices)
-        .map(|d| Well::new(d, cfg, &mut rng))
+        .map(|d| Well::new(d, cfg, &mut well_rng))
         .collect();
     let mut summary = SimSummary::default();
     let mut line = String::with_capacity(256);

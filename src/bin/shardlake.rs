@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 use shardlake::agent::sim::{SimConfig, simulate};
 use shardlake::clock::SystemClock;
 use shardlake::config::{self, Pipeline, load_schema, process_env};
+use shardlake::console;
 use shardlake::engine::sql;
 use shardlake::localstream::{self, LocalStreamWriter};
 use shardlake::metrics::Metrics;
@@ -93,6 +94,41 @@ enum Command {
         shards: usize,
         #[arg(long, default_value_t = 42)]
         seed: u64,
+        /// Keep the fleet sending in real time and serve the console on --listen, until
+        /// stopped (Ctrl-C).
+        #[arg(long)]
+        live: bool,
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+    },
+    /// Serve the console (fleet page, alert feed, device history, query API) for a pipeline,
+    /// showing the live state of the workers given with --worker.
+    Console {
+        #[arg(env = "SHARDLAKE_PIPELINE")]
+        pipeline: PathBuf,
+        #[arg(
+            long,
+            default_value = "127.0.0.1:8080",
+            env = "SHARDLAKE_CONSOLE_LISTEN"
+        )]
+        listen: std::net::SocketAddr,
+        /// A worker's ops address (its `run --listen`), e.g. http://10.0.1.5:9090; repeat for
+        /// each worker.
+        #[arg(
+            long = "worker",
+            env = "SHARDLAKE_CONSOLE_WORKERS",
+            value_delimiter = ','
+        )]
+        workers: Vec<String>,
+        /// Where acknowledgements of alerts are kept (default: `_console/acks` in a local lake).
+        #[arg(long)]
+        state: Option<PathBuf>,
+        /// Rows a query of the query API returns at most.
+        #[arg(long, default_value_t = 10_000)]
+        query_rows: usize,
+        /// How long a query may run before it is cancelled (e.g. 30s, 500ms).
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        query_timeout: Duration,
     },
     /// Check pipeline or schema files; reports every problem with file, line, field and fix.
     Validate {
@@ -146,16 +182,24 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             shutdown_budget,
         } => {
             let p = load(&pipeline, &process_env).await?;
+            // The live state costs a little per record: kept only where the console can ask.
+            let live = listen.map(|_| shardlake::live::Live::new());
             let opts = RunOptions {
                 drain,
                 worker: worker_id,
                 progress,
+                live: live.clone(),
             };
             let metrics = Arc::new(Metrics::default());
             if let Some(addr) = listen {
-                shardlake::ops::serve(addr, metrics.clone())
+                let mut routes = shardlake::ops::routes(metrics.clone());
+                if let Some(live) = &live {
+                    routes = routes.merge(shardlake::live::routes(live.clone()));
+                }
+                let bound = shardlake::ops::serve(addr, routes)
                     .await
                     .with_context(|| format!("serving /metrics on {addr}"))?;
+                tracing::info!(addr = %bound, "serving /metrics and /healthz");
             }
             let budget = Duration::try_from_secs_f64(shutdown_budget)
                 .context("--shutdown-budget must be a number of seconds")?;
@@ -189,7 +233,34 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             minutes,
             shards,
             seed,
-        } => demo(&dir, devices, minutes, shards, seed).await,
+            live,
+            listen,
+        } => {
+            let live = live.then_some(listen);
+            demo(&dir, devices, minutes, shards, seed, live).await
+        }
+        Command::Console {
+            pipeline,
+            listen,
+            workers,
+            state,
+            query_rows,
+            query_timeout,
+        } => {
+            let p = Arc::new(load(&pipeline, &process_env).await?);
+            let feeds = workers
+                .into_iter()
+                .map(console::fleet::Feed::Remote)
+                .collect();
+            let mut opts = console::ConsoleOptions::new(listen, feeds);
+            opts.acks_dir = state;
+            opts.query_rows = query_rows;
+            opts.query_timeout = query_timeout;
+            let (bound, _) = console::serve(p, opts).await?;
+            eprintln!("console: http://{bound}/");
+            shutdown_signal().await;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Validate { files } => validate(&files).await,
         Command::Bridge {
             stream,
@@ -331,6 +402,7 @@ async fn demo(
     minutes: usize,
     shards: usize,
     seed: u64,
+    live: Option<std::net::SocketAddr>,
 ) -> Result<ExitCode> {
     if dir.exists() {
         if !dir.join(DEMO_MARKER).exists() && std::fs::read_dir(dir)?.next().is_some() {
@@ -383,6 +455,9 @@ async fn demo(
             .await
             .context("loading the demo pipeline")?,
     );
+    if let Some(listen) = live {
+        return demo_live(p, &stream, &cfg, listen).await;
+    }
     let started = std::time::Instant::now();
     let opts = RunOptions {
         drain: true,
@@ -433,5 +508,58 @@ async fn demo(
         "Query it yourself:\n  SHARDLAKE_DATA={} cargo run --release -- query pipelines/well-telemetry.yaml \"SELECT * FROM well_1m WHERE device_id = 'well-0007' ORDER BY window_start LIMIT 5\"",
         dir.display()
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `demo --live`: the pipeline keeps running over the simulated fleet, which goes on sending
+/// one reading per well per second, and the console shows it on `listen`.
+async fn demo_live(
+    p: Arc<Pipeline>,
+    stream: &Path,
+    history: &SimConfig,
+    listen: std::net::SocketAddr,
+) -> Result<ExitCode> {
+    let live = shardlake::live::Live::new();
+    let opts = RunOptions {
+        live: Some(live.clone()),
+        ..Default::default()
+    };
+    let metrics = Arc::new(Metrics::default());
+    let feeds = vec![console::fleet::Feed::InProcess(live)];
+    let (bound, _) = console::serve(p.clone(), console::ConsoleOptions::new(listen, feeds)).await?;
+    println!("console: http://{bound}/  (Ctrl-C stops)");
+    // The same wells go on, one reading each per second of wall clock from now on.
+    let stream = stream.to_path_buf();
+    let mut cfg = history.clone();
+    let sender = tokio::task::spawn_blocking(move || -> Result<()> {
+        let mut out = LocalStreamWriter::open(&stream)?;
+        let mut step = cfg.readings_per_device;
+        cfg.readings_per_device = 1;
+        cfg.malformed = 0;
+        cfg.jitter_ms = 0;
+        loop {
+            let due = cfg.start + chrono::Duration::milliseconds(step as i64 * cfg.interval_ms);
+            let wait = (due - chrono::Utc::now()).to_std().unwrap_or_default();
+            std::thread::sleep(wait);
+            cfg.first_step = step;
+            // Now and then a pressure spike, so the alert feed moves too.
+            cfg.spikes = usize::from(step.is_multiple_of(20));
+            simulate(&cfg, &mut out)?;
+            step += 1;
+        }
+    });
+    let (stop_tx, mut stop) = tokio::sync::watch::channel(false);
+    let worker = run(p, opts, Arc::new(SystemClock), metrics, async move {
+        let _ = stop.wait_for(|s| *s).await;
+    });
+    tokio::pin!(worker);
+    let mut sender = sender;
+    tokio::select! {
+        r = &mut worker => { r?; return Ok(ExitCode::SUCCESS); }
+        _ = shutdown_signal() => {}
+        r = &mut sender => { r??; }
+    }
+    let _ = stop_tx.send(true);
+    worker.await?;
     Ok(ExitCode::SUCCESS)
 }

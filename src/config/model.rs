@@ -259,6 +259,16 @@ impl Pipeline {
             .expect("validated: the event-time field is in the schema")
     }
 
+    /// The schema field that names a record's tenant: a field called `tenant`, if the
+    /// schema has one (the console groups and, with sign-in, scopes by it).
+    pub fn tenant_field(&self) -> Option<&str> {
+        self.schema
+            .fields
+            .iter()
+            .find(|f| f.name == crate::columns::TENANT)
+            .map(|f| f.name.as_str())
+    }
+
     /// Every table name, in a fixed order.
     pub fn table_names(&self) -> Vec<&str> {
         let o = &self.outputs;

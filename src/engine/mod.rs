@@ -31,6 +31,7 @@ use crate::columns;
 use crate::config::{ConfigError, Pipeline};
 use crate::decode::{DeadLetter, Decoded};
 use crate::failpoint;
+use crate::live::{self, Live};
 use crate::metrics::Metrics;
 use crate::notify::Notifications;
 use crate::record::{Position, SeqNo};
@@ -88,6 +89,8 @@ pub struct Engine {
     store: Box<dyn CheckpointStore>,
     worker: String,
     notify: Option<Arc<Notifications>>,
+    /// The console's view of what this worker reads, when it serves one.
+    live: Option<(Arc<Live>, live::Columns)>,
     metrics: Arc<Metrics>,
     committed: Committed,
     shards: BTreeMap<Arc<str>, ShardRun>,
@@ -173,6 +176,7 @@ impl Engine {
             store,
             worker: worker.to_string(),
             notify: None,
+            live: None,
             metrics,
             committed,
             shards: BTreeMap::new(),
@@ -186,6 +190,28 @@ impl Engine {
     /// Sends every alert to these notifiers too (besides the alerts table).
     pub fn set_notifications(&mut self, n: Arc<Notifications>) {
         self.notify = Some(n);
+    }
+
+    /// Offers every fresh record and every alert to the worker's live state too (for the
+    /// console). Without a key field there is no device to show: nothing is offered.
+    pub fn set_live(&mut self, live: Arc<Live>) {
+        let Some(key) = self.p.schema.key.clone() else {
+            return;
+        };
+        let tenant = self.p.tenant_field().map(str::to_string);
+        let fields = (0..self.p.schema.fields.len())
+            .filter(|&i| {
+                let name = &self.p.schema.fields[i].name;
+                i != self.event_field && *name != key && Some(name) != tenant.as_ref()
+            })
+            .collect();
+        let cols = live::Columns {
+            key,
+            tenant,
+            event_time: self.event_field,
+            fields,
+        };
+        self.live = Some((live, cols));
     }
 
     /// Starts tracking a shard; returns the position to read it from.
@@ -249,6 +275,9 @@ impl Engine {
             Some(s) => partition_point(n, |i| SeqNo(d.seq(i).to_string()) <= *s),
         };
         let fresh = d.batch.slice(cut, n - cut);
+        if let Some((live, cols)) = &self.live {
+            live.observe(&fresh, cols);
+        }
         let epoch = self.committed.commit_id + 1;
         if let Some(raw) = &mut self.raw {
             raw.write(&fresh, epoch, &self.worker, now).await?;
@@ -399,6 +428,9 @@ impl Engine {
             Metrics::add(&self.metrics.alerts, alerts.num_rows() as u64);
             if let Some(n) = &self.notify {
                 n.offer(&alerts);
+            }
+            if let Some((live, cols)) = &self.live {
+                live.alerts(&alerts, cols.tenant.as_deref());
             }
             self.alerts
                 .write(&alerts, self.committed.commit_id + 1, &self.worker, now)

@@ -50,6 +50,8 @@ pub struct RunOptions {
     pub worker: String,
     /// Print a progress line to stderr every second.
     pub progress: bool,
+    /// Keep the worker's live state here, for the console (`GET /live` on the ops port).
+    pub live: Option<Arc<crate::live::Live>>,
 }
 
 impl Default for RunOptions {
@@ -58,6 +60,7 @@ impl Default for RunOptions {
             drain: false,
             worker: "w0".into(),
             progress: false,
+            live: None,
         }
     }
 }

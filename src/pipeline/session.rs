@@ -77,6 +77,9 @@ impl<'w> Session<'w> {
         if let Some(n) = &worker.notifications {
             engine.set_notifications(n.clone());
         }
+        if let Some(live) = &worker.opts.live {
+            engine.set_live(live.clone());
+        }
         // Decoded chunks waiting for the engine: enough to overlap reading and decoding with
         // processing. Not more per shard: with many shards, each reader also holds the chunk
         // it is decoding or waiting to send, so what is in memory is about (8 + shards)

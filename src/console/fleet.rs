@@ -1,0 +1,420 @@
+//! The whole fleet as the console shows it: every worker's live state merged, plus the
+//! acknowledgements of alerts.
+//!
+//! Workers are read through their [`crate::live`] state: in the same process
+//! ([`Feed::InProcess`], `shardlake demo --live`) or over `GET /live?since=` on each worker's
+//! ops port ([`Feed::Remote`]). The console is not a consumer of the stream: it takes no read
+//! capacity from the shards, and the alerts it shows are the pipeline's own (the same rows as
+//! the alerts table, with the same [`crate::live::alert_id`]).
+//!
+//! A device's row is the newest by event time whichever worker sent it, so a lease that moves
+//! from one worker to another moves nothing on the page. Like a worker's live state, the
+//! merged state numbers every change with one counter, so a browser that saw everything up to
+//! version `v` gets exactly what changed after it: the page's event stream resumes with
+//! `Last-Event-ID` without a gap or a double.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::live::{AlertRow, Changes, DeviceRow, HISTORY_MINUTES, Live};
+
+/// Alerts the console keeps in memory (older ones are in the alerts table).
+pub const ALERTS_KEPT: usize = 5000;
+
+/// An acknowledgement of an alert.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct Ack {
+    pub alert: String,
+    pub by: String,
+    /// Wall clock, µs since the epoch.
+    pub at_us: i64,
+    #[serde(default)]
+    pub version: u64,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    version: u64,
+    devices: HashMap<String, DeviceRow>,
+    alerts: VecDeque<AlertRow>,
+    alert_ids: HashMap<String, u64>,
+    acks: HashMap<String, Ack>,
+    alerts_dropped_through: u64,
+}
+
+/// What a reader that saw everything up to a version needs next.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct View {
+    pub version: u64,
+    /// A reader behind this version missed alerts: it must start again from a snapshot.
+    pub alerts_from: u64,
+    pub devices: Vec<DeviceRow>,
+    pub alerts: Vec<AlertRow>,
+    pub acks: Vec<Ack>,
+}
+
+/// Who may see what: a tenant, or every tenant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    All,
+    Tenant(String),
+}
+
+impl Scope {
+    fn admits(&self, tenant: Option<&str>) -> bool {
+        match self {
+            Scope::All => true,
+            Scope::Tenant(t) => tenant == Some(t.as_str()),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Fleet {
+    state: Mutex<State>,
+    /// Woken at every change.
+    pub changed: tokio::sync::Notify,
+}
+
+impl Fleet {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Merges what a worker reported.
+    pub fn merge(&self, c: Changes) {
+        if c.devices.is_empty() && c.alerts.is_empty() {
+            return;
+        }
+        let mut s = self.state.lock().expect("not poisoned");
+        for mut d in c.devices {
+            s.version += 1;
+            let version = s.version;
+            match s.devices.get_mut(&d.device) {
+                Some(old) => {
+                    for (field, points) in std::mem::take(&mut d.history) {
+                        merge_points(old.history.entry(field).or_default(), points);
+                    }
+                    if d.event_us >= old.event_us {
+                        old.event_us = d.event_us;
+                        old.values = d.values;
+                        old.tenant = d.tenant.or(old.tenant.take());
+                    }
+                    old.version = version;
+                }
+                None => {
+                    d.version = version;
+                    s.devices.insert(d.device.clone(), d);
+                }
+            }
+        }
+        for a in c.alerts {
+            self.add_alert(&mut s, a);
+        }
+        drop(s);
+        self.changed.notify_waiters();
+    }
+
+    fn add_alert(&self, s: &mut State, mut a: AlertRow) {
+        if s.alert_ids.contains_key(&a.id) {
+            return;
+        }
+        s.version += 1;
+        a.version = s.version;
+        s.alert_ids.insert(a.id.clone(), a.version);
+        // Kept in version order; the page sorts by event time.
+        s.alerts.push_back(a);
+        while s.alerts.len() > ALERTS_KEPT {
+            let old = s.alerts.pop_front().expect("not empty");
+            s.alert_ids.remove(&old.id);
+            s.alerts_dropped_through = old.version;
+        }
+    }
+
+    /// Alerts read back from the lake when the console starts (oldest first): the feed then
+    /// shows what was raised before it started, with its acknowledgements.
+    pub fn backfill(&self, alerts: Vec<AlertRow>) {
+        let mut s = self.state.lock().expect("not poisoned");
+        for a in alerts {
+            self.add_alert(&mut s, a);
+        }
+    }
+
+    /// Records an acknowledgement (already made durable by the caller); false if the alert is
+    /// not known. The first acknowledgement stands.
+    pub fn ack(&self, mut ack: Ack) -> Option<Ack> {
+        let mut s = self.state.lock().expect("not poisoned");
+        if let Some(old) = s.acks.get(&ack.alert) {
+            return Some(old.clone());
+        }
+        s.version += 1;
+        ack.version = s.version;
+        s.acks.insert(ack.alert.clone(), ack.clone());
+        drop(s);
+        self.changed.notify_waiters();
+        Some(ack)
+    }
+
+    pub fn alert(&self, id: &str) -> Option<AlertRow> {
+        let s = self.state.lock().expect("not poisoned");
+        let v = *s.alert_ids.get(id)?;
+        let at = s.alerts.partition_point(|a| a.version < v);
+        s.alerts.get(at).cloned()
+    }
+
+    /// Everything in `scope` that changed after `since`; `history` says whether devices carry
+    /// their whole per-minute history (a snapshot) or only their newest minute (an update).
+    pub fn since(&self, since: u64, scope: &Scope, history: bool) -> View {
+        let s = self.state.lock().expect("not poisoned");
+        let devices = s
+            .devices
+            .values()
+            .filter(|d| d.version > since && scope.admits(d.tenant.as_deref()))
+            .map(|d| {
+                let mut d = d.clone();
+                if !history {
+                    for points in d.history.values_mut() {
+                        let last = points.len().saturating_sub(1);
+                        points.drain(..last);
+                    }
+                }
+                d
+            })
+            .collect();
+        let from = s.alerts.partition_point(|a| a.version <= since);
+        let alerts = s
+            .alerts
+            .range(from..)
+            .filter(|a| scope.admits(a.tenant.as_deref()))
+            .cloned()
+            .collect();
+        let acks = s
+            .acks
+            .values()
+            .filter(|a| a.version > since)
+            .filter(|a| {
+                let v = s.alert_ids.get(&a.alert);
+                v.is_none_or(|v| {
+                    let at = s.alerts.partition_point(|x| x.version < *v);
+                    s.alerts
+                        .get(at)
+                        .is_none_or(|x| scope.admits(x.tenant.as_deref()))
+                })
+            })
+            .cloned()
+            .collect();
+        View {
+            version: s.version,
+            alerts_from: s.alerts_dropped_through + 1,
+            devices,
+            alerts,
+            acks,
+        }
+    }
+
+    /// Every acknowledgement (to restore the acknowledgement store's view at start).
+    pub fn load_acks(&self, acks: Vec<Ack>) {
+        let mut s = self.state.lock().expect("not poisoned");
+        for mut a in acks {
+            s.version += 1;
+            a.version = s.version;
+            s.acks.entry(a.alert.clone()).or_insert(a);
+        }
+    }
+
+    pub fn device_count(&self) -> usize {
+        self.state.lock().expect("not poisoned").devices.len()
+    }
+}
+
+/// Adds a worker's `(minute, average)` points to the console's history of a field: a minute
+/// already there is replaced (the worker's figure covers everything it read of that minute).
+fn merge_points(into: &mut Vec<(i64, f64)>, points: Vec<(i64, f64)>) {
+    for p in points {
+        match into.binary_search_by_key(&p.0, |x| x.0) {
+            Ok(i) => into[i] = p,
+            Err(i) => into.insert(i, p),
+        }
+    }
+    let excess = into.len().saturating_sub(HISTORY_MINUTES);
+    into.drain(..excess);
+}
+
+/// Where a worker's live state is read.
+#[derive(Clone)]
+pub enum Feed {
+    InProcess(Arc<Live>),
+    /// A worker's ops address: `http://host:port`.
+    Remote(String),
+}
+
+/// How often a worker's state is asked for (and the page updated): well under the 1 s the
+/// console promises from event to page.
+pub const POLL: Duration = Duration::from_millis(200);
+
+/// Follows a worker's live state into `fleet` until the process ends.
+pub fn follow(feed: Feed, fleet: Arc<Fleet>) {
+    tokio::spawn(async move {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .expect("an HTTP client");
+        let mut since = 0u64;
+        let mut failing = false;
+        loop {
+            let changes = match &feed {
+                Feed::InProcess(live) => {
+                    let woken = live.changed.notified();
+                    let c = live.since(since);
+                    if c.version == since {
+                        let _ = tokio::time::timeout(POLL, woken).await;
+                        continue;
+                    }
+                    Ok(c)
+                }
+                Feed::Remote(base) => {
+                    let url = format!("{}/live?since={since}", base.trim_end_matches('/'));
+                    match http
+                        .get(&url)
+                        .send()
+                        .await
+                        .and_then(|r| r.error_for_status())
+                    {
+                        Ok(r) => match r.bytes().await {
+                            Ok(b) => {
+                                serde_json::from_slice::<Changes>(&b).map_err(|e| e.to_string())
+                            }
+                            Err(e) => Err(e.to_string()),
+                        },
+                        Err(e) => Err(e.to_string()),
+                    }
+                }
+            };
+            match changes {
+                Ok(c) => {
+                    if failing {
+                        tracing::info!("a worker's live state answers again");
+                        failing = false;
+                    }
+                    if c.version < since {
+                        // The worker restarted: its numbering did too.
+                        since = 0;
+                        continue;
+                    }
+                    since = c.version;
+                    fleet.merge(c);
+                }
+                Err(e) => {
+                    if !failing {
+                        tracing::warn!(error = %e, "reading a worker's live state failed; retrying");
+                        failing = true;
+                    }
+                }
+            }
+            if matches!(feed, Feed::Remote(_)) {
+                tokio::time::sleep(POLL).await;
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn device(name: &str, tenant: &str, t: i64, v: f64) -> DeviceRow {
+        DeviceRow {
+            device: name.into(),
+            tenant: Some(tenant.into()),
+            event_us: t,
+            values: serde_json::json!({"p": v}).as_object().unwrap().clone(),
+            history: [("p".to_string(), vec![(t / 60_000_000 * 60_000_000, v)])].into(),
+            version: 0,
+        }
+    }
+
+    fn alert(id: &str, tenant: &str) -> AlertRow {
+        AlertRow {
+            id: id.into(),
+            rule: "r".into(),
+            kind: "record".into(),
+            device: Some("d".into()),
+            tenant: Some(tenant.into()),
+            event_us: 1,
+            detail: "{}".into(),
+            version: 0,
+        }
+    }
+
+    #[test]
+    fn newest_reading_wins_whichever_worker_sent_it() {
+        let f = Fleet::new();
+        let changes = |devices, alerts| Changes {
+            version: 1,
+            alerts_from: 1,
+            devices,
+            alerts,
+        };
+        f.merge(changes(vec![device("a", "t1", 120_000_000, 2.0)], vec![]));
+        // Another worker, older reading of the same device (a lease moved).
+        f.merge(changes(vec![device("a", "t1", 60_000_000, 1.0)], vec![]));
+        let v = f.since(0, &Scope::All, true);
+        assert_eq!(v.devices[0].values["p"], serde_json::json!(2.0));
+        assert_eq!(
+            v.devices[0].history["p"],
+            vec![(60_000_000, 1.0), (120_000_000, 2.0)]
+        );
+        let update = f.since(1, &Scope::All, false);
+        assert_eq!(update.devices[0].history["p"].len(), 1);
+    }
+
+    #[test]
+    fn scopes_alerts_and_acks_resume_by_version() {
+        let f = Fleet::new();
+        f.merge(Changes {
+            version: 2,
+            alerts_from: 1,
+            devices: vec![device("a", "t1", 1, 1.0), device("b", "t2", 1, 1.0)],
+            alerts: vec![alert("x", "t1"), alert("y", "t2"), alert("x", "t1")],
+        });
+        let t1 = Scope::Tenant("t1".into());
+        let v = f.since(0, &t1, true);
+        assert_eq!(v.devices.len(), 1);
+        assert_eq!(
+            v.alerts.iter().map(|a| a.id.as_str()).collect::<Vec<_>>(),
+            ["x"]
+        );
+        let seen = v.version;
+        f.ack(Ack {
+            alert: "y".into(),
+            by: "bob".into(),
+            at_us: 5,
+            version: 0,
+        });
+        f.ack(Ack {
+            alert: "x".into(),
+            by: "ann".into(),
+            at_us: 6,
+            version: 0,
+        });
+        let again = f
+            .ack(Ack {
+                alert: "x".into(),
+                by: "bob".into(),
+                at_us: 7,
+                version: 0,
+            })
+            .unwrap();
+        assert_eq!(again.by, "ann", "the first acknowledgement stands");
+        let next = f.since(seen, &t1, false);
+        assert!(next.devices.is_empty() && next.alerts.is_empty());
+        assert_eq!(
+            next.acks.iter().map(|a| a.by.as_str()).collect::<Vec<_>>(),
+            ["ann"]
+        );
+        assert!(f.since(next.version, &t1, false).acks.is_empty());
+    }
+}

@@ -1,0 +1,673 @@
+//! The console: what operators look at. `shardlake console PIPELINE` (and `shardlake demo
+//! --live`) serves, on its own port:
+//!
+//! - the **fleet page**: one row per device with the latest value of each field, its age,
+//!   a sparkline of the last [`crate::live::HISTORY_MINUTES`] minutes and its open alerts;
+//! - the **alert feed**: new alerts live, newest first; operators acknowledge them, durably
+//!   ([`acks`]) and visibly to every other user;
+//! - the **device page**: the device's aggregates over a chosen range, read from the lake's
+//!   aggregation table through the merged views `shardlake query` uses, with its recent
+//!   readings and alerts;
+//! - the **query page and API**: `POST /api/query`, read-only SQL over the pipeline's tables
+//!   ([`query`]).
+//!
+//! Live data comes from the workers' live state, merged in [`fleet`]: the console reads no
+//! shard itself. Pages are plain HTML, CSS and JavaScript compiled into the binary (`assets/`):
+//! no CDN, no build step. The page updates over server-sent events that resume after a dropped
+//! connection with `Last-Event-ID`.
+//!
+//! Every response carries a Content-Security-Policy that allows no inline script and no other
+//! origin; the page writes every value from the stream as text, never as HTML.
+
+pub mod acks;
+pub mod fleet;
+pub mod query;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::datatypes::TimestampMicrosecondType;
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use datafusion::prelude::SessionContext;
+use futures::Stream;
+use serde::{Deserialize, Serialize};
+use tower_http::set_header::SetResponseHeaderLayer;
+
+use crate::config::{LakeLocation, Pipeline};
+use crate::live::{AlertRow, alert_id};
+use crate::tools::query as lake;
+use acks::AckStore;
+use fleet::{Ack, Feed, Fleet, Scope};
+
+/// No script but our own file, no style but our own, no other origin, no framing.
+pub const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
+
+const INDEX_HTML: &str = include_str!("assets/index.html");
+const APP_JS: &str = include_str!("assets/app.js");
+const APP_CSS: &str = include_str!("assets/app.css");
+
+/// How a console is started.
+#[derive(Clone)]
+pub struct ConsoleOptions {
+    pub listen: SocketAddr,
+    /// The workers whose live state the page shows.
+    pub feeds: Vec<Feed>,
+    /// Where acknowledgements are kept (default: beside a local lake).
+    pub acks_dir: Option<PathBuf>,
+    /// Rows a query returns at most.
+    pub query_rows: usize,
+    /// How long a query may run.
+    pub query_timeout: Duration,
+}
+
+impl ConsoleOptions {
+    pub fn new(listen: SocketAddr, feeds: Vec<Feed>) -> Self {
+        Self {
+            listen,
+            feeds,
+            acks_dir: None,
+            query_rows: 10_000,
+            query_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Who is asking. Without sign-in configured (loopback only), a local user who sees every
+/// tenant and may acknowledge.
+#[derive(Debug, Clone, Serialize)]
+pub struct Viewer {
+    pub name: String,
+    pub tenant: Option<String>,
+    pub role: &'static str,
+    #[serde(skip)]
+    pub scope: Scope,
+}
+
+impl Viewer {
+    fn may_acknowledge(&self) -> bool {
+        matches!(self.role, "operator" | "admin")
+    }
+}
+
+struct Console {
+    p: Arc<Pipeline>,
+    opts: ConsoleOptions,
+    fleet: Arc<Fleet>,
+    acks: AckStore,
+    ctx: SessionContext,
+    /// The aggregation with one row per device and window the device page charts.
+    device_table: Option<String>,
+}
+
+/// An answer that is not a success: its status and a message that says what to do.
+#[derive(Debug)]
+pub struct ApiError(StatusCode, String);
+
+impl ApiError {
+    fn new(status: StatusCode, msg: impl Into<String>) -> Self {
+        Self(status, msg.into())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, axum::Json(serde_json::json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<query::QueryError> for ApiError {
+    fn from(e: query::QueryError) -> Self {
+        use query::QueryError::*;
+        let status = match &e {
+            Refused(_) => StatusCode::FORBIDDEN,
+            Invalid(_) => StatusCode::BAD_REQUEST,
+            TimedOut(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        Self(status, e.to_string())
+    }
+}
+
+/// Starts the console; returns the address it listens on and its fleet state.
+pub async fn serve(
+    p: Arc<Pipeline>,
+    opts: ConsoleOptions,
+) -> anyhow::Result<(SocketAddr, Arc<Fleet>)> {
+    if !opts.listen.ip().is_loopback() {
+        bail!(
+            "the console has no sign-in configured, so it serves only a loopback address (127.0.0.1 or ::1), not {}",
+            opts.listen
+        );
+    }
+    let tables = lake::output_schemas(&p).await?;
+    let ctx = lake::lake_session(&p, &tables)
+        .await
+        .context("opening the lake's tables")?;
+    let device_table = p.schema.key.as_ref().and_then(|key| {
+        p.outputs
+            .aggregations
+            .iter()
+            .find(|a| {
+                tables
+                    .iter()
+                    .any(|t| t.name == a.name && t.schema.field_with_name(key).is_ok())
+            })
+            .map(|a| a.name.clone())
+    });
+    let acks_dir = match (&opts.acks_dir, &p.outputs.sinks[&p.outputs.alerts]) {
+        (Some(d), _) => d.clone(),
+        (None, LakeLocation::Local { path }) => path.join("_console").join("acks"),
+        (None, LakeLocation::S3(_)) => bail!(
+            "the lake is in S3: give the console a directory for acknowledgements with --state"
+        ),
+    };
+    let acks = AckStore::new(acks_dir.clone())
+        .with_context(|| format!("opening {}", acks_dir.display()))?;
+    let fleet = Fleet::new();
+    match recent_alerts(&p, &ctx).await {
+        Ok(alerts) => fleet.backfill(alerts),
+        Err(e) => {
+            tracing::warn!(error = %e, "reading recent alerts from the lake failed; the feed starts empty")
+        }
+    }
+    fleet.load_acks(acks.load()?);
+    for feed in &opts.feeds {
+        fleet::follow(feed.clone(), fleet.clone());
+    }
+    let console = Arc::new(Console {
+        p,
+        opts: opts.clone(),
+        fleet: fleet.clone(),
+        acks,
+        ctx,
+        device_table,
+    });
+    let bound = crate::ops::serve(opts.listen, router(console)).await?;
+    Ok((bound, fleet))
+}
+
+fn router(console: Arc<Console>) -> Router {
+    let page = |body: &'static str, ctype: &'static str| {
+        move || async move { ([(header::CONTENT_TYPE, ctype)], body) }
+    };
+    Router::new()
+        .route("/", get(page(INDEX_HTML, "text/html; charset=utf-8")))
+        .route(
+            "/assets/app.js",
+            get(page(APP_JS, "text/javascript; charset=utf-8")),
+        )
+        .route(
+            "/assets/app.css",
+            get(page(APP_CSS, "text/css; charset=utf-8")),
+        )
+        .route("/api/me", get(me))
+        .route("/api/fleet", get(snapshot))
+        .route("/api/events", get(events))
+        .route("/api/alerts/{id}/ack", post(acknowledge))
+        .route("/api/devices/{id}", get(device))
+        .route("/api/query", post(run_query))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such page or API") })
+        .layer(SetResponseHeaderLayer::overriding(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static(CSP),
+        ))
+        .layer(SetResponseHeaderLayer::overriding(
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        ))
+        .layer(SetResponseHeaderLayer::overriding(
+            header::REFERRER_POLICY,
+            HeaderValue::from_static("no-referrer"),
+        ))
+        .layer(SetResponseHeaderLayer::if_not_present(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("no-store"),
+        ))
+        .with_state(console)
+}
+
+impl Console {
+    fn viewer(&self, _headers: &HeaderMap) -> Result<Viewer, ApiError> {
+        Ok(Viewer {
+            name: "local".into(),
+            tenant: None,
+            role: "admin",
+            scope: Scope::All,
+        })
+    }
+}
+
+async fn me(State(c): State<Arc<Console>>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let v = c.viewer(&headers)?;
+    Ok(axum::Json(serde_json::json!({
+        "name": v.name, "tenant": v.tenant, "role": v.role,
+        "pipeline": c.p.name, "key": c.p.schema.key, "tenant_field": c.p.tenant_field(),
+        "fields": c.p.schema.fields.iter().map(|f| f.name.as_str())
+            .filter(|f| Some(*f) != c.p.schema.key.as_deref() && Some(*f) != c.p.tenant_field() && *f != c.p.event_time.field)
+            .collect::<Vec<_>>(),
+        "numeric_fields": c.p.schema.fields.iter()
+            .filter(|f| matches!(f.ty, crate::config::FieldType::Float64 | crate::config::FieldType::Float32))
+            .map(|f| f.name.as_str()).collect::<Vec<_>>(),
+        "tables": c.p.table_names(),
+        "device_table": c.device_table,
+        "query_rows": c.opts.query_rows,
+    }))
+    .into_response())
+}
+
+/// Everything the viewer may see, with each device's whole history: what the page starts
+/// from before it follows `/api/events?since=<version>`.
+async fn snapshot(State(c): State<Arc<Console>>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let v = c.viewer(&headers)?;
+    Ok(axum::Json(c.fleet.since(0, &v.scope, true)).into_response())
+}
+
+#[derive(Deserialize)]
+struct SinceQuery {
+    since: Option<u64>,
+}
+
+/// The server-sent event stream: `changes` events (devices, alerts, acknowledgements
+/// after the event's id), at most one per [`fleet::POLL`]; a `reset` event when the reader is
+/// too far behind to catch up (alerts it missed are no longer kept: it reloads the snapshot).
+async fn events(
+    State(c): State<Arc<Console>>,
+    headers: HeaderMap,
+    Query(q): Query<SinceQuery>,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let v = c.viewer(&headers)?;
+    // A reconnecting EventSource sends the id of the last event it received.
+    let since = headers
+        .get("last-event-id")
+        .and_then(|h| h.to_str().ok())
+        .and_then(|s| s.trim().parse().ok())
+        .or(q.since)
+        .unwrap_or(0);
+    let stream =
+        futures::stream::unfold((c, v, since, true), |(c, v, mut since, first)| async move {
+            if !first {
+                tokio::time::sleep(fleet::POLL).await;
+            }
+            let fleet = c.fleet.clone();
+            loop {
+                let woken = fleet.changed.notified();
+                tokio::pin!(woken);
+                woken.as_mut().enable();
+                let view = fleet.since(since, &v.scope, false);
+                // Behind what is kept, or ahead of this console's numbering (it restarted while
+                // the page stayed open): the page starts again from a snapshot.
+                if since > view.version || (since > 0 && since + 1 < view.alerts_from) {
+                    let e = Event::default().event("reset").data("behind");
+                    return Some((Ok(e), (c, v, view.version, false)));
+                }
+                if view.version > since {
+                    let id = view.version;
+                    if !(view.devices.is_empty() && view.alerts.is_empty() && view.acks.is_empty())
+                    {
+                        let e = Event::default()
+                            .id(id.to_string())
+                            .event("changes")
+                            .json_data(&view)
+                            .expect("serialisable");
+                        return Some((Ok(e), (c, v, id, false)));
+                    }
+                    // Changes of other tenants only.
+                    since = id;
+                }
+                let _ = tokio::time::timeout(Duration::from_secs(30), woken).await;
+            }
+        });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+async fn acknowledge(
+    State(c): State<Arc<Console>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let v = c.viewer(&headers)?;
+    if !v.may_acknowledge() {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "acknowledging alerts needs the operator role",
+        ));
+    }
+    let Some(alert) = c.fleet.alert(&id) else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no alert {id} (the console keeps the newest {} alerts)",
+                fleet::ALERTS_KEPT
+            ),
+        ));
+    };
+    if !matches!(&v.scope, Scope::All) && v.tenant != alert.tenant {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no alert {id}"),
+        ));
+    }
+    let ack = Ack {
+        alert: id,
+        by: v.name.clone(),
+        at_us: chrono::Utc::now().timestamp_micros(),
+        version: 0,
+    };
+    let kept = c.acks.put(&ack).map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("keeping the acknowledgement: {e}"),
+        )
+    })?;
+    let shown = c.fleet.ack(kept).unwrap_or(ack);
+    Ok(axum::Json(shown).into_response())
+}
+
+#[derive(Deserialize)]
+struct RangeQuery {
+    /// `1h`, `1d`, `7d` (default `1h`), or `custom` with `from` and `to` (RFC 3339).
+    range: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
+}
+
+/// The device page's data: its live row, aggregates over the range from the lake, its recent
+/// readings and its alerts.
+async fn device(
+    State(c): State<Arc<Console>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<RangeQuery>,
+) -> Result<Response, ApiError> {
+    let v = c.viewer(&headers)?;
+    let Some(key) = c.p.schema.key.clone() else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "the schema has no key field, so there are no devices",
+        ));
+    };
+    let now = chrono::Utc::now();
+    let (from, to) = match q.range.as_deref().unwrap_or("1h") {
+        "1h" => (now - chrono::Duration::hours(1), now),
+        "1d" => (now - chrono::Duration::days(1), now),
+        "7d" => (now - chrono::Duration::days(7), now),
+        "custom" => {
+            let parse = |s: &Option<String>, what: &str| {
+                s.as_deref()
+                    .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok())
+                    .map(|t| t.with_timezone(&chrono::Utc))
+                    .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, format!("range=custom needs `{what}` as an RFC 3339 time, e.g. 2026-12-02T10:00:00Z")))
+            };
+            (parse(&q.from, "from")?, parse(&q.to, "to")?)
+        }
+        other => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("unknown range {other:?}: use 1h, 1d, 7d or custom"),
+            ));
+        }
+    };
+    if from >= to {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "`from` must be before `to`",
+        ));
+    }
+    let live = c
+        .fleet
+        .since(0, &v.scope, true)
+        .devices
+        .into_iter()
+        .find(|d| d.device == id);
+    let tenant_filter = match (&v.scope, c.p.tenant_field()) {
+        (Scope::Tenant(t), Some(f)) => format!(" AND \"{f}\" = {}", literal(t)),
+        _ => String::new(),
+    };
+    let parts = partition_filter(from, to);
+    let range = |col: &str| {
+        format!(
+            "\"{col}\" >= TIMESTAMP {} AND \"{col}\" < TIMESTAMP {}",
+            literal(&from.to_rfc3339()),
+            literal(&to.to_rfc3339())
+        )
+    };
+    let run = |sql: String| {
+        let c = c.clone();
+        async move {
+            let a = query::run(&c.ctx, &sql, 5_000, c.opts.query_timeout).await?;
+            Ok::<_, ApiError>(
+                serde_json::from_slice::<serde_json::Value>(&query::to_json(&a.batches)?)
+                    .unwrap_or_default(),
+            )
+        }
+    };
+    let aggregates = match &c.device_table {
+        Some(t) => {
+            run(format!(
+                "SELECT * FROM \"{t}\" WHERE \"{key}\" = {}{tenant_filter} AND {}{parts} ORDER BY window_start",
+                literal(&id),
+                range(crate::columns::WINDOW_START)
+            ))
+            .await?
+        }
+        None => serde_json::Value::Array(vec![]),
+    };
+    let readings = match &c.p.outputs.raw {
+        Some(raw) => {
+            let ts = &c.p.event_time.field;
+            run(format!(
+                "SELECT * FROM \"{raw}\" WHERE \"{key}\" = {}{tenant_filter} AND {}{parts} ORDER BY \"{ts}\" DESC LIMIT 50",
+                literal(&id),
+                range(ts)
+            ))
+            .await?
+        }
+        None => serde_json::Value::Array(vec![]),
+    };
+    let alerts = run(format!(
+        "SELECT rule, kind, event_time, detail FROM \"{}\" WHERE key = {} AND {}{parts} ORDER BY event_time DESC LIMIT 200",
+        c.p.outputs.alerts,
+        literal(&id),
+        range(crate::columns::EVENT_TIME)
+    ))
+    .await?;
+    // A device of another tenant does not exist for this viewer.
+    if live.is_none()
+        && aggregates.as_array().is_none_or(|a| a.is_empty())
+        && readings.as_array().is_none_or(|a| a.is_empty())
+    {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no device {id} in this range"),
+        ));
+    }
+    Ok(axum::Json(serde_json::json!({
+        "device": id, "from": from.to_rfc3339(), "to": to.to_rfc3339(),
+        "table": c.device_table, "live": live, "aggregates": aggregates,
+        "readings": readings, "alerts": alerts,
+    }))
+    .into_response())
+}
+
+#[derive(Deserialize)]
+struct QueryBody {
+    sql: String,
+    limit: Option<usize>,
+}
+
+/// `POST /api/query` with `{"sql": "...", "limit": N}`; the answer's format follows
+/// `Accept`: `application/json` (default), `text/csv`, `application/vnd.apache.arrow.stream`.
+async fn run_query(
+    State(c): State<Arc<Console>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let _v = c.viewer(&headers)?;
+    let q: QueryBody = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("the body must be JSON like {{\"sql\": \"SELECT ...\", \"limit\": 100}}: {e}"),
+        )
+    })?;
+    let limit = q.limit.unwrap_or(c.opts.query_rows).min(c.opts.query_rows);
+    let answer = query::run(&c.ctx, &q.sql, limit, c.opts.query_timeout).await?;
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("application/json");
+    let truncated = HeaderValue::from_static(if answer.truncated { "true" } else { "false" });
+    let (ctype, body) = if accept.contains("text/csv") {
+        ("text/csv; charset=utf-8", query::to_csv(&answer.batches)?)
+    } else if accept.contains("application/vnd.apache.arrow.stream") {
+        let schema = answer
+            .batches
+            .first()
+            .map(|b| b.schema())
+            .unwrap_or_else(|| Arc::new(arrow::datatypes::Schema::empty()));
+        (
+            "application/vnd.apache.arrow.stream",
+            query::to_arrow(&answer.batches, &schema)?,
+        )
+    } else {
+        ("application/json", query::to_json(&answer.batches)?)
+    };
+    let mut r = (StatusCode::OK, [(header::CONTENT_TYPE, ctype)], body).into_response();
+    r.headers_mut().insert("x-shardlake-truncated", truncated);
+    Ok(r)
+}
+
+/// A SQL string literal.
+fn literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// ` AND (...)` over the partition columns naming the hours (or, for long ranges, the days)
+/// from `from` to `to`, so a device's page reads only those directories; empty past 62 days.
+fn partition_filter(
+    from: chrono::DateTime<chrono::Utc>,
+    to: chrono::DateTime<chrono::Utc>,
+) -> String {
+    use chrono::{Datelike, DurationRound, Timelike};
+    let hours = (to - from).num_hours();
+    let mut terms = Vec::new();
+    if hours <= 72 {
+        let mut t = from
+            .duration_trunc(chrono::Duration::hours(1))
+            .expect("in range");
+        while t < to {
+            terms.push(format!(
+                "(year = '{:04}' AND month = '{:02}' AND day = '{:02}' AND hour = '{:02}')",
+                t.year(),
+                t.month(),
+                t.day(),
+                t.hour()
+            ));
+            t += chrono::Duration::hours(1);
+        }
+    } else if hours <= 62 * 24 {
+        let mut t = from
+            .duration_trunc(chrono::Duration::days(1))
+            .expect("in range");
+        while t < to {
+            terms.push(format!(
+                "(year = '{:04}' AND month = '{:02}' AND day = '{:02}')",
+                t.year(),
+                t.month(),
+                t.day()
+            ));
+            t += chrono::Duration::days(1);
+        }
+    } else {
+        return String::new();
+    }
+    format!(" AND ({})", terms.join(" OR "))
+}
+
+/// The newest alerts of the last day in the lake, oldest first.
+async fn recent_alerts(p: &Pipeline, ctx: &SessionContext) -> anyhow::Result<Vec<AlertRow>> {
+    let now = chrono::Utc::now();
+    let sql = format!(
+        "SELECT rule, kind, event_time, key, detail FROM \"{}\" WHERE true{} ORDER BY event_time DESC LIMIT 1000",
+        p.outputs.alerts,
+        partition_filter(
+            now - chrono::Duration::days(1),
+            now + chrono::Duration::hours(1)
+        )
+    );
+    let batches: Vec<RecordBatch> = ctx.sql(&sql).await?.collect().await?;
+    let tenant_field = p.tenant_field();
+    let mut rows = Vec::new();
+    for b in &batches {
+        let rule = b.column(0).as_string::<i32>();
+        let kind = b.column(1).as_string::<i32>();
+        let time = b.column(2).as_primitive::<TimestampMicrosecondType>();
+        let key = b.column(3).as_string::<i32>();
+        let detail = b.column(4).as_string::<i32>();
+        for i in 0..b.num_rows() {
+            let device = key.is_valid(i).then(|| key.value(i).to_string());
+            let tenant = tenant_field.and_then(|f| {
+                serde_json::from_str::<serde_json::Value>(detail.value(i))
+                    .ok()?
+                    .get(f)?
+                    .as_str()
+                    .map(str::to_string)
+            });
+            rows.push(AlertRow {
+                id: alert_id(
+                    rule.value(i),
+                    kind.value(i),
+                    device.as_deref(),
+                    time.value(i),
+                    detail.value(i),
+                ),
+                rule: rule.value(i).to_string(),
+                kind: kind.value(i).to_string(),
+                device,
+                tenant,
+                event_us: time.value(i),
+                detail: detail.value(i).to_string(),
+                version: 0,
+            });
+        }
+    }
+    rows.reverse();
+    Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partition_filter_names_each_hour_or_day() {
+        let t = |s: &str| {
+            chrono::DateTime::parse_from_rfc3339(s)
+                .unwrap()
+                .with_timezone(&chrono::Utc)
+        };
+        let f = partition_filter(t("2026-12-01T22:30:00Z"), t("2026-12-02T00:10:00Z"));
+        assert_eq!(f.matches(" OR ").count(), 2, "{f}");
+        assert!(
+            f.contains("day = '01' AND hour = '22'") && f.contains("day = '02' AND hour = '00'"),
+            "{f}"
+        );
+        let f = partition_filter(t("2026-11-01T00:00:00Z"), t("2026-11-08T00:00:00Z"));
+        assert_eq!(f.matches(" OR ").count(), 6, "{f}");
+        assert!(!f.contains("hour"));
+        assert_eq!(
+            partition_filter(t("2026-01-01T00:00:00Z"), t("2026-12-01T00:00:00Z")),
+            ""
+        );
+        assert_eq!(literal("a'b"), "'a''b'");
+    }
+}

@@ -1,0 +1,523 @@
+//! A worker's live state for the console: the latest reading of every device it has read,
+//! a per-minute history of each numeric field for the sparklines, and the alerts it raised
+//! most recently.
+//!
+//! The engine feeds it (when the worker serves a console, [`crate::engine::Engine::set_live`])
+//! from the records it decodes and the alerts its rules raise, after the replay cut, so a
+//! restarted worker does not offer a record twice. Nothing here is durable and nothing here
+//! is exactly once: it is what the worker has seen, for people to watch. The lake stays the
+//! record of truth; an alert's [`alert_id`] is computed from its row, so the console recognises
+//! an alert raised again after a crash, and finds the same alert in the alerts table.
+//!
+//! Every change takes the next number of one counter (`version`): a device's row carries the
+//! version of its last change and an alert the version it arrived at, so a reader that saw
+//! everything up to version `v` asks for what changed after `v` ([`Live::since`]) and gets
+//! neither a gap nor a double. `GET /live?since=v` on the worker's ops port serves it to the
+//! console ([`routes`]).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::datatypes::{
+    DataType, Float32Type, Float64Type, Int32Type, Int64Type, TimestampMicrosecondType,
+};
+use serde::{Deserialize, Serialize};
+
+/// Minutes of per-minute history kept per field.
+pub const HISTORY_MINUTES: usize = 30;
+/// Alerts kept for readers that catch up.
+pub const ALERTS_KEPT: usize = 2000;
+
+/// The latest reading of a device.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DeviceRow {
+    pub device: String,
+    pub tenant: Option<String>,
+    /// Event time of the latest reading, µs since the epoch.
+    pub event_us: i64,
+    /// Each field of the latest reading (numbers and text; nulls left out).
+    pub values: serde_json::Map<String, serde_json::Value>,
+    /// Per numeric field: `(minute, average)` pairs, oldest first, at most
+    /// [`HISTORY_MINUTES`] (the minute is µs since the epoch at the minute's start).
+    pub history: HashMap<String, Vec<(i64, f64)>>,
+    pub version: u64,
+}
+
+/// An alert as the console shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AlertRow {
+    /// Stable over replays: see [`alert_id`].
+    pub id: String,
+    pub rule: String,
+    pub kind: String,
+    pub device: Option<String>,
+    pub tenant: Option<String>,
+    pub event_us: i64,
+    /// The row that fired it, as JSON.
+    pub detail: String,
+    pub version: u64,
+}
+
+/// What changed after a version.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Changes {
+    /// The version of the newest change included (ask for `since` this next time).
+    pub version: u64,
+    /// The oldest version whose alerts are still kept: a reader behind it missed alerts
+    /// (it should say so and start again from a snapshot).
+    pub alerts_from: u64,
+    pub devices: Vec<DeviceRow>,
+    pub alerts: Vec<AlertRow>,
+}
+
+#[derive(Debug)]
+struct Device {
+    row: DeviceRow,
+    /// Per field: `(minute, sum, count)`.
+    minutes: HashMap<String, VecDeque<(i64, f64, u32)>>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    version: u64,
+    devices: HashMap<String, Device>,
+    alerts: VecDeque<AlertRow>,
+    alert_ids: HashMap<String, u64>,
+    /// Versions of alerts dropped from the front.
+    dropped_through: u64,
+}
+
+/// Which columns of a decoded batch mean what.
+#[derive(Debug, Clone)]
+pub struct Columns {
+    pub key: String,
+    pub tenant: Option<String>,
+    pub event_time: usize,
+    /// Columns shown as values (the schema's fields but the key, tenant and event time).
+    pub fields: Vec<usize>,
+}
+
+/// One worker's live state. Cheap to share; every method takes the lock briefly.
+#[derive(Debug, Default)]
+pub struct Live {
+    state: Mutex<State>,
+    /// Woken at every change.
+    pub changed: tokio::sync::Notify,
+}
+
+const MINUTE_US: i64 = 60_000_000;
+
+impl Live {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Takes in decoded records: a device's row moves to its newest reading by event time
+    /// (an older reading read later only adds to the history).
+    pub fn observe(&self, batch: &RecordBatch, cols: &Columns) {
+        let n = batch.num_rows();
+        if n == 0 {
+            return;
+        }
+        let Some(keys) = batch.column_by_name(&cols.key) else {
+            return;
+        };
+        let keys = arrow::compute::cast(keys, &DataType::Utf8).expect("any column casts to text");
+        let keys = keys.as_string::<i32>();
+        let tenants = cols
+            .tenant
+            .as_ref()
+            .and_then(|t| batch.column_by_name(t))
+            .map(|c| arrow::compute::cast(c, &DataType::Utf8).expect("text"));
+        let tenants = tenants.as_ref().map(|c| c.as_string::<i32>());
+        let Some(times) = batch
+            .column(cols.event_time)
+            .as_primitive_opt::<TimestampMicrosecondType>()
+        else {
+            return;
+        };
+        let schema = batch.schema();
+        let fields: Vec<(&str, &dyn Array)> = cols
+            .fields
+            .iter()
+            .map(|&i| (schema.field(i).name().as_str(), batch.column(i).as_ref()))
+            .collect();
+        let mut s = self.state.lock().expect("not poisoned");
+        let s = &mut *s;
+        for i in 0..n {
+            if keys.is_null(i) || times.is_null(i) {
+                continue;
+            }
+            let t = times.value(i);
+            let key = keys.value(i);
+            let d = match s.devices.get_mut(key) {
+                Some(d) => d,
+                None => s.devices.entry(key.to_string()).or_insert_with(|| Device {
+                    row: DeviceRow {
+                        device: key.to_string(),
+                        tenant: None,
+                        event_us: i64::MIN,
+                        values: Default::default(),
+                        history: Default::default(),
+                        version: 0,
+                    },
+                    minutes: Default::default(),
+                }),
+            };
+            s.version += 1;
+            d.row.version = s.version;
+            let newest = t >= d.row.event_us;
+            if newest {
+                d.row.event_us = t;
+                d.row.tenant = tenants
+                    .and_then(|c| c.is_valid(i).then(|| c.value(i).to_string()))
+                    .or(d.row.tenant.take());
+            }
+            let minute = t.div_euclid(MINUTE_US) * MINUTE_US;
+            for (name, col) in &fields {
+                let number = match col.data_type() {
+                    DataType::Float64 => {
+                        let a = col.as_primitive::<Float64Type>();
+                        a.is_valid(i).then(|| a.value(i))
+                    }
+                    DataType::Int64 => {
+                        let a = col.as_primitive::<Int64Type>();
+                        a.is_valid(i).then(|| a.value(i) as f64)
+                    }
+                    DataType::Float32 => {
+                        let a = col.as_primitive::<Float32Type>();
+                        a.is_valid(i).then(|| f64::from(a.value(i)))
+                    }
+                    DataType::Int32 => {
+                        let a = col.as_primitive::<Int32Type>();
+                        a.is_valid(i).then(|| f64::from(a.value(i)))
+                    }
+                    _ => None,
+                };
+                if let Some(v) = number {
+                    if !d.minutes.contains_key(*name) {
+                        d.minutes.insert(name.to_string(), VecDeque::new());
+                    }
+                    add_minute(d.minutes.get_mut(*name).expect("inserted"), minute, v);
+                }
+                if newest {
+                    let value = match number {
+                        Some(v) => serde_json::Number::from_f64(v).map(serde_json::Value::Number),
+                        None => text(*col, i).map(serde_json::Value::String),
+                    };
+                    match (value, d.row.values.get_mut(*name)) {
+                        (Some(v), Some(slot)) => *slot = v,
+                        (Some(v), None) => {
+                            d.row.values.insert(name.to_string(), v);
+                        }
+                        (None, _) => {
+                            d.row.values.remove(*name);
+                        }
+                    }
+                }
+            }
+        }
+        drop(fields);
+        self.changed.notify_waiters();
+    }
+
+    /// Takes in a batch of the alerts table's rows (rule, kind, event_time, key, detail);
+    /// `tenant_of` names the tenant field of the row (read from `detail`).
+    pub fn alerts(&self, alerts: &RecordBatch, tenant_field: Option<&str>) {
+        let rule = alerts.column(0).as_string::<i32>();
+        let kind = alerts.column(1).as_string::<i32>();
+        let time = alerts.column(2).as_primitive::<TimestampMicrosecondType>();
+        let key = alerts.column(3).as_string::<i32>();
+        let detail = alerts.column(4).as_string::<i32>();
+        let mut s = self.state.lock().expect("not poisoned");
+        for i in 0..alerts.num_rows() {
+            let device = key.is_valid(i).then(|| key.value(i).to_string());
+            let id = alert_id(
+                rule.value(i),
+                kind.value(i),
+                device.as_deref(),
+                time.value(i),
+                detail.value(i),
+            );
+            if s.alert_ids.contains_key(&id) {
+                continue;
+            }
+            let tenant = tenant_field.and_then(|f| {
+                serde_json::from_str::<serde_json::Value>(detail.value(i))
+                    .ok()?
+                    .get(f)?
+                    .as_str()
+                    .map(str::to_string)
+            });
+            s.version += 1;
+            let row = AlertRow {
+                id: id.clone(),
+                rule: rule.value(i).to_string(),
+                kind: kind.value(i).to_string(),
+                device,
+                tenant,
+                event_us: time.value(i),
+                detail: detail.value(i).to_string(),
+                version: s.version,
+            };
+            s.alert_ids.insert(id, row.version);
+            s.alerts.push_back(row);
+            while s.alerts.len() > ALERTS_KEPT {
+                let old = s.alerts.pop_front().expect("not empty");
+                s.alert_ids.remove(&old.id);
+                s.dropped_through = old.version;
+            }
+        }
+        drop(s);
+        self.changed.notify_waiters();
+    }
+
+    /// Everything that changed after version `since` (0: everything kept, with each
+    /// device's whole history; otherwise only the newest minute of its history).
+    pub fn since(&self, since: u64) -> Changes {
+        let s = self.state.lock().expect("not poisoned");
+        let devices = s
+            .devices
+            .values()
+            .filter(|d| d.row.version > since)
+            .map(|d| {
+                let mut row = d.row.clone();
+                row.history = d
+                    .minutes
+                    .iter()
+                    .map(|(f, m)| {
+                        // A snapshot carries the whole history; an update only the newest
+                        // minute (the reader keeps the rest).
+                        let skip = if since == 0 {
+                            0
+                        } else {
+                            m.len().saturating_sub(1)
+                        };
+                        let points = m
+                            .iter()
+                            .skip(skip)
+                            .map(|&(t, sum, n)| (t, sum / f64::from(n)))
+                            .collect();
+                        (f.clone(), points)
+                    })
+                    .collect();
+                row
+            })
+            .collect();
+        let from = s.alerts.partition_point(|a| a.version <= since);
+        Changes {
+            version: s.version,
+            alerts_from: s.dropped_through + 1,
+            devices,
+            alerts: s.alerts.range(from..).cloned().collect(),
+        }
+    }
+
+    /// How many devices are tracked.
+    pub fn devices(&self) -> usize {
+        self.state.lock().expect("not poisoned").devices.len()
+    }
+}
+
+fn add_minute(m: &mut VecDeque<(i64, f64, u32)>, minute: i64, v: f64) {
+    match m.iter_mut().rev().find(|(t, _, _)| *t == minute) {
+        Some(slot) => {
+            slot.1 += v;
+            slot.2 += 1;
+        }
+        None => {
+            let at = m.partition_point(|(t, _, _)| *t < minute);
+            if at == 0 && m.len() >= HISTORY_MINUTES {
+                return; // older than everything kept
+            }
+            m.insert(at, (minute, v, 1));
+            while m.len() > HISTORY_MINUTES {
+                m.pop_front();
+            }
+        }
+    }
+}
+
+fn text(col: &dyn Array, i: usize) -> Option<String> {
+    if col.is_null(i) {
+        return None;
+    }
+    match col.data_type() {
+        DataType::Utf8 => Some(col.as_string::<i32>().value(i).to_string()),
+        DataType::Boolean => Some(col.as_boolean().value(i).to_string()),
+        _ => arrow::util::display::ArrayFormatter::try_new(col, &Default::default())
+            .ok()
+            .map(|f| f.value(i).to_string()),
+    }
+}
+
+/// An alert's identity: the same row raised again (after a restart replayed its record)
+/// has the same id, here and when read back from the alerts table.
+pub fn alert_id(
+    rule: &str,
+    kind: &str,
+    device: Option<&str>,
+    event_us: i64,
+    detail: &str,
+) -> String {
+    use md5::{Digest, Md5};
+    let mut h = Md5::new();
+    for part in [
+        rule,
+        kind,
+        device.unwrap_or("\u{0}"),
+        &event_us.to_string(),
+        detail,
+    ] {
+        h.update(part.as_bytes());
+        h.update([0x1f]);
+    }
+    let digest = h.finalize();
+    digest[..10].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `GET /live?since=V` on the ops port: [`Live::since`] as JSON.
+pub fn routes(live: Arc<Live>) -> axum::Router {
+    use axum::extract::{Query, State};
+    #[derive(Deserialize)]
+    struct Since {
+        #[serde(default)]
+        since: u64,
+    }
+    axum::Router::new()
+        .route(
+            "/live",
+            axum::routing::get(
+                |State(live): State<Arc<Live>>, Query(q): Query<Since>| async move {
+                    axum::Json(live.since(q.since))
+                },
+            ),
+        )
+        .with_state(live)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Float64Array, StringArray, TimestampMicrosecondArray};
+    use arrow::datatypes::{Field, Schema, TimeUnit};
+
+    fn batch(rows: &[(&str, i64, Option<f64>)]) -> RecordBatch {
+        let schema = Schema::new(vec![
+            Field::new("device_id", DataType::Utf8, false),
+            Field::new(
+                "ts",
+                DataType::Timestamp(TimeUnit::Microsecond, None),
+                false,
+            ),
+            Field::new("pressure", DataType::Float64, true),
+        ]);
+        RecordBatch::try_new(
+            Arc::new(schema),
+            vec![
+                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0))),
+                Arc::new(TimestampMicrosecondArray::from_iter_values(
+                    rows.iter().map(|r| r.1),
+                )),
+                Arc::new(Float64Array::from_iter(rows.iter().map(|r| r.2))),
+            ],
+        )
+        .unwrap()
+    }
+
+    fn cols() -> Columns {
+        Columns {
+            key: "device_id".into(),
+            tenant: None,
+            event_time: 1,
+            fields: vec![2],
+        }
+    }
+
+    #[test]
+    fn latest_by_event_time_and_minute_history() {
+        let live = Live::new();
+        live.observe(
+            &batch(&[
+                ("a", 2 * MINUTE_US, Some(1.0)),
+                ("a", 2 * MINUTE_US + 1, Some(3.0)),
+            ]),
+            &cols(),
+        );
+        // An older reading read later: history only.
+        live.observe(&batch(&[("a", MINUTE_US, Some(10.0))]), &cols());
+        let c = live.since(0);
+        assert_eq!(c.devices.len(), 1);
+        let a = &c.devices[0];
+        assert_eq!(a.event_us, 2 * MINUTE_US + 1);
+        assert_eq!(a.values["pressure"], serde_json::json!(3.0));
+        assert_eq!(
+            a.history["pressure"],
+            vec![(MINUTE_US, 10.0), (2 * MINUTE_US, 2.0)]
+        );
+        assert_eq!(a.version, 3);
+        assert!(live.since(3).devices.is_empty());
+        live.observe(&batch(&[("b", 0, None)]), &cols());
+        let c = live.since(3);
+        assert_eq!(
+            c.devices
+                .iter()
+                .map(|d| d.device.as_str())
+                .collect::<Vec<_>>(),
+            ["b"]
+        );
+        assert!(!c.devices[0].values.contains_key("pressure"));
+    }
+
+    #[test]
+    fn history_keeps_the_newest_minutes() {
+        let live = Live::new();
+        let rows: Vec<_> = (0..HISTORY_MINUTES as i64 + 5)
+            .map(|m| ("a", m * MINUTE_US, Some(m as f64)))
+            .collect();
+        live.observe(&batch(&rows), &cols());
+        let h = &live.since(0).devices[0].history["pressure"];
+        assert_eq!(h.len(), HISTORY_MINUTES);
+        assert_eq!(h[0].0, 5 * MINUTE_US);
+    }
+
+    #[test]
+    fn alerts_are_kept_once_in_version_order() {
+        let schema = Schema::new(vec![
+            Field::new("rule", DataType::Utf8, false),
+            Field::new("kind", DataType::Utf8, false),
+            Field::new(
+                "event_time",
+                DataType::Timestamp(TimeUnit::Microsecond, None),
+                false,
+            ),
+            Field::new("key", DataType::Utf8, true),
+            Field::new("detail", DataType::Utf8, false),
+        ]);
+        let alerts = RecordBatch::try_new(
+            Arc::new(schema),
+            vec![
+                Arc::new(StringArray::from(vec!["spike", "spike"])),
+                Arc::new(StringArray::from(vec!["record", "record"])),
+                Arc::new(TimestampMicrosecondArray::from(vec![5, 6])),
+                Arc::new(StringArray::from(vec![Some("a"), None])),
+                Arc::new(StringArray::from(vec![r#"{"tenant":"t1"}"#, "{}"])),
+            ],
+        )
+        .unwrap();
+        let live = Live::new();
+        live.alerts(&alerts, Some("tenant"));
+        live.alerts(&alerts, Some("tenant")); // replayed after a restart
+        let c = live.since(0);
+        assert_eq!(c.alerts.len(), 2);
+        assert_eq!(c.alerts[0].tenant.as_deref(), Some("t1"));
+        assert_eq!(
+            c.alerts[0].id,
+            alert_id("spike", "record", Some("a"), 5, r#"{"tenant":"t1"}"#)
+        );
+        assert_ne!(c.alerts[0].id, c.alerts[1].id);
+        assert_eq!(live.since(c.alerts[0].version).alerts.len(), 1);
+        assert_eq!(c.alerts_from, 1);
+    }
+}
