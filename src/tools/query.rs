@@ -43,6 +43,9 @@ impl Table {
 
 pub const PARTS_SUFFIX: &str = "_parts";
 
+/// How long a session trusts a listing of a table's files.
+pub const LISTING_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Every output, as the pipeline writes them.
 pub async fn output_schemas(p: &Pipeline) -> std::result::Result<Vec<Table>, ConfigError> {
     let compiled = sql::compile(p, &sql::session()).await?;
@@ -58,8 +61,17 @@ pub async fn output_schemas(p: &Pipeline) -> std::result::Result<Vec<Table>, Con
 
 /// A session with every output of the pipeline registered as a table (an aggregation stored
 /// as parts: its files as `<name>_parts` and the merged rows as `<name>`).
+///
+/// The session lists a table's files again at least every [`LISTING_TTL`]: DataFusion's
+/// default keeps a listing for ever, so a long-lived session (the console) would never see a
+/// file committed after its first query.
 pub async fn lake_session(p: &Pipeline, tables: &[Table]) -> Result<SessionContext> {
-    let ctx = SessionContext::new();
+    use datafusion::execution::cache::cache_manager::CacheManagerConfig;
+    use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+    let runtime = RuntimeEnvBuilder::new()
+        .with_cache_manager(CacheManagerConfig::default().with_list_files_cache_ttl(Some(LISTING_TTL)))
+        .build_arc()?;
+    let ctx = SessionContext::new_with_config_rt(Default::default(), runtime);
     let mut buckets = Vec::new();
     for t in tables {
         let (name, schema) = (&t.name, &t.schema);
