@@ -55,6 +55,8 @@ pub mod aws;
 #[cfg(feature = "pipeline")]
 pub mod checkpoint;
 #[cfg(feature = "pipeline")]
+pub mod console;
+#[cfg(feature = "pipeline")]
 pub mod decode;
 #[cfg(feature = "pipeline")]
 pub mod engine;
