@@ -25,6 +25,23 @@
 //!   loopback `Host` (so a DNS-rebound page cannot read the console).
 //!
 //! Nothing here logs a token, a cookie value, the client secret or an authorization code.
+//!
+//! Wiring, in the console's router: merge [`Auth::routes`]; in every handler call
+//! [`Auth::user`] first (a [`Denied`] is a response as it is: 401 JSON for the API, or
+//! redirect a page to `/auth/login?next=<path>` on a 401), then for a POST
+//! [`Auth::check_csrf`], then check the [`Role`] and scope by [`User::tenant`]:
+//!
+//! ```ignore
+//! let auth = Auth::new(&pipeline.console.auth, listen).await?;
+//! let app = Router::new()
+//!     .route("/api/fleet", get(move |headers: HeaderMap| async move {
+//!         match auth2.user(&headers).await {
+//!             Ok(user) => Json(fleet_for(&user)).into_response(),
+//!             Err(denied) => denied.into_response(),
+//!         }
+//!     }))
+//!     .merge(auth.routes());
+//! ```
 
 pub mod jwks;
 pub mod session;
@@ -413,7 +430,7 @@ impl Auth {
 
     /// How many sessions are open.
     pub fn sessions(&self) -> usize {
-        self.sessions.len()
+        self.sessions.count()
     }
 
     fn session_cookie(&self) -> &'static str {

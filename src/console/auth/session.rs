@@ -109,7 +109,7 @@ impl Store {
             .is_some()
     }
 
-    pub fn len(&self) -> usize {
+    pub fn count(&self) -> usize {
         self.sessions
             .lock()
             .unwrap_or_else(|e| e.into_inner())
