@@ -20,6 +20,8 @@
 // tokens carry custom:tenant and groups too (extraTokenClaims), as a Cognito pool's
 // pre-token-generation trigger would add them.
 //
+// Redirect URIs match exactly: one registered with 127.0.0.1 does not match localhost.
+//
 // Prints `ready http://127.0.0.1:PORT` once it listens.
 
 'use strict';
