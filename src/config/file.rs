@@ -35,6 +35,140 @@ pub struct PipelineFile {
     /// Where alerts are also sent (SNS topics, webhooks), besides the alerts table.
     #[serde(default)]
     pub notifiers: Vec<NotifierFile>,
+    /// The console (`shardlake console`): who may sign in, and with which role.
+    #[serde(default)]
+    pub console: ConsoleFile,
+}
+
+/// `console:`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleFile {
+    /// How users sign in: `none` (the default; only allowed when the console listens on a
+    /// loopback address), `{oidc: {...}}` or `{cognito: {...}}`.
+    #[serde(default)]
+    pub auth: ConsoleAuthFile,
+    /// Which token claims hold the user's tenant and groups.
+    #[serde(default)]
+    pub claims: ClaimsFile,
+    /// Which groups make a user a viewer, an operator or a platform admin.
+    #[serde(default)]
+    pub roles: RolesFile,
+}
+
+/// `console.auth:` — exactly one kind.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[serde(rename_all = "snake_case")]
+pub enum ConsoleAuthFile {
+    /// No sign-in: every request is a local platform admin. Refused unless the console
+    /// listens on a loopback address.
+    #[default]
+    None,
+    /// Any OpenID Connect issuer (authorization-code flow with PKCE); its endpoints come from
+    /// `<issuer>/.well-known/openid-configuration`.
+    Oidc(OidcFile),
+    /// An Amazon Cognito user pool and its hosted UI.
+    Cognito(CognitoFile),
+}
+
+/// `console.auth.oidc:`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OidcFile {
+    /// The issuer URL, exactly as the tokens' `iss` says (e.g. `https://login.example.com`).
+    pub issuer: String,
+    /// The console's client id at the issuer.
+    pub client_id: String,
+    /// The client secret; write `${VAR}` so it stays out of the file. Never logged.
+    pub client_secret: String,
+    /// Where the issuer sends the browser back: the console's `/auth/callback`, e.g.
+    /// `https://console.example.com/auth/callback`.
+    pub redirect_url: String,
+    /// Scopes asked for (default `openid profile email`); must include `openid`.
+    #[serde(default)]
+    pub scopes: Option<Vec<String>>,
+    /// Where the signing keys are, if not where discovery says.
+    #[serde(default)]
+    pub jwks_url: Option<String>,
+    /// The `aud` a Bearer access token must carry (default: `client_id`).
+    #[serde(default)]
+    pub audience: Option<String>,
+}
+
+/// `console.auth.cognito:`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CognitoFile {
+    /// The user pool, e.g. `eu-west-1_AbCdEf123`.
+    pub user_pool_id: String,
+    /// The pool's region, e.g. `eu-west-1`.
+    pub region: String,
+    /// The app client's id.
+    pub client_id: String,
+    /// The app client's secret, if it has one; write `${VAR}`. Never logged.
+    #[serde(default)]
+    pub client_secret: Option<String>,
+    /// The hosted UI's domain, e.g. `wells.auth.eu-west-1.amazoncognito.com` (or a custom
+    /// domain, or its `https://` URL).
+    pub domain: String,
+    /// The console's `/auth/callback`, as registered on the app client.
+    pub redirect_url: String,
+    /// Scopes asked for (default `openid profile email`); must include `openid`.
+    #[serde(default)]
+    pub scopes: Option<Vec<String>>,
+    /// Where the signing keys are (default
+    /// `https://cognito-idp.<region>.amazonaws.com/<pool>/.well-known/jwks.json`).
+    #[serde(default)]
+    pub jwks_url: Option<String>,
+}
+
+/// `console.claims:`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClaimsFile {
+    /// The claim holding the user's tenant (default `custom:tenant`).
+    #[serde(default)]
+    pub tenant: Option<String>,
+    /// The claim holding the user's groups, a list (default `cognito:groups` with Cognito,
+    /// `groups` otherwise).
+    #[serde(default)]
+    pub groups: Option<String>,
+}
+
+/// `console.roles:`: group names. A user in an `admin` group is a platform admin (every
+/// tenant), else one in an `operator` group an operator, else a viewer; with `viewer` set, a
+/// user in none of the listed groups is refused.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolesFile {
+    /// Groups whose members may view (default: empty, every signed-in user may).
+    #[serde(default)]
+    pub viewer: Vec<String>,
+    /// Groups whose members are operators (default `[operators]`).
+    #[serde(default = "default_operator_groups")]
+    pub operator: Vec<String>,
+    /// Groups whose members are platform admins (default `[platform-admins]`).
+    #[serde(default = "default_admin_groups")]
+    pub admin: Vec<String>,
+}
+
+impl Default for RolesFile {
+    fn default() -> Self {
+        Self {
+            viewer: Vec::new(),
+            operator: default_operator_groups(),
+            admin: default_admin_groups(),
+        }
+    }
+}
+
+fn default_operator_groups() -> Vec<String> {
+    vec!["operators".into()]
+}
+
+fn default_admin_groups() -> Vec<String> {
+    vec!["platform-admins".into()]
 }
 
 /// `source:` — exactly one kind.

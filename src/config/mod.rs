@@ -23,9 +23,10 @@ use resolve::{resolve_pipeline, resolve_schema};
 pub use file::{FieldType, TimeFormat};
 pub use load::{Env, expand, load_file, process_env};
 pub use model::{
-    Aggregation, AlertRule, Checkpoints, EventTime, Field, KinesisSource, LakeLocation, LeaseTable,
-    Notifier, NotifyTarget, Outputs, Pipeline, RESERVED_COLUMNS, RecordSchema, Rollover,
-    S3Location, STORAGE_CLASSES, Source, StartAt,
+    Aggregation, AlertRule, Checkpoints, Console, ConsoleAuth, Endpoints, EventTime, Field, Issuer,
+    IssuerKind, KinesisSource, LakeLocation, LeaseTable, Notifier, NotifyTarget, Outputs, Pipeline,
+    RESERVED_COLUMNS, RecordSchema, RoleGroups, Rollover, S3Location, STORAGE_CLASSES, Secret,
+    Source, StartAt,
 };
 pub use problem::{ConfigError, Problem, Problems, is_ident, parse_bytes};
 pub use yaml_index::LineIndex;
@@ -205,5 +206,160 @@ mod tests {
         assert_eq!(err.problems[1].field, "event_time.lateness", "{text}");
         assert_eq!(err.problems[1].line, Some(9), "{text}");
         assert!(text.contains("allowed_lateness"), "{text}");
+    }
+
+    /// The head of a valid pipeline file, for the console cases.
+    const HEAD: &str = "name: p\nschema: s.yaml\nsource: {local: {path: x}}\nlake: {local: {path: l}}\ncheckpoints: {local: {path: z}}\nevent_time: {field: ts}\n";
+
+    #[test]
+    fn the_console_signs_in_with_none_by_default_or_an_oidc_issuer() {
+        let dir = tempfile::tempdir().unwrap();
+        let pipe = with_ts_schema(&dir, "p.yaml");
+        std::fs::write(&pipe, HEAD).unwrap();
+        let p = load_pipeline(&pipe, &|_| None).unwrap_or_else(|e| panic!("{e}"));
+        let auth = &p.console.auth;
+        assert_eq!(auth.issuer, None);
+        assert_eq!(
+            (auth.tenant_claim.as_str(), auth.groups_claim.as_str()),
+            ("custom:tenant", "groups")
+        );
+        assert_eq!(auth.roles.operator, ["operators"]);
+        assert_eq!(auth.roles.admin, ["platform-admins"]);
+        assert!(auth.roles.viewer.is_empty());
+
+        std::fs::write(
+            &pipe,
+            format!("{HEAD}console:\n  auth:\n    oidc:\n      issuer: http://127.0.0.1:9000\n      client_id: console\n      client_secret: ${{SECRET}}\n      redirect_url: http://127.0.0.1:8080/auth/callback\n  claims: {{tenant: org}}\n  roles: {{viewer: [staff], operator: [ops]}}\n"),
+        )
+        .unwrap();
+        let env = |k: &str| (k == "SECRET").then(|| "s3cr3t-value".to_string());
+        let p = load_pipeline(&pipe, &env).unwrap_or_else(|e| panic!("{e}"));
+        let auth = &p.console.auth;
+        let issuer = auth.issuer.as_ref().unwrap();
+        assert_eq!(issuer.kind, IssuerKind::Oidc);
+        assert_eq!(issuer.issuer, "http://127.0.0.1:9000");
+        assert_eq!(
+            issuer.client_secret.as_ref().unwrap().expose(),
+            "s3cr3t-value"
+        );
+        assert_eq!(issuer.audience, "console");
+        assert_eq!(issuer.scopes, ["openid", "profile", "email"]);
+        assert_eq!(issuer.endpoints, None);
+        assert_eq!(auth.tenant_claim, "org");
+        assert_eq!(auth.roles.viewer, ["staff"]);
+        assert_eq!(auth.roles.operator, ["ops"]);
+        // The secret never shows in Debug.
+        assert!(!format!("{p:?}").contains("s3cr3t-value"));
+    }
+
+    #[test]
+    fn a_cognito_pool_gives_its_issuer_jwks_and_hosted_ui_endpoints() {
+        let dir = tempfile::tempdir().unwrap();
+        let pipe = with_ts_schema(&dir, "p.yaml");
+        std::fs::write(
+            &pipe,
+            format!("{HEAD}console:\n  auth: {{cognito: {{user_pool_id: eu-west-1_AbC123, region: eu-west-1, client_id: abc, domain: wells.auth.eu-west-1.amazoncognito.com, redirect_url: 'https://console.example.com/auth/callback'}}}}\n"),
+        )
+        .unwrap();
+        let p = load_pipeline(&pipe, &|_| None).unwrap_or_else(|e| panic!("{e}"));
+        let auth = &p.console.auth;
+        let i = auth.issuer.as_ref().unwrap();
+        assert_eq!(i.kind, IssuerKind::Cognito);
+        assert_eq!(
+            i.issuer,
+            "https://cognito-idp.eu-west-1.amazonaws.com/eu-west-1_AbC123"
+        );
+        assert_eq!(
+            i.jwks_url.as_deref(),
+            Some(
+                "https://cognito-idp.eu-west-1.amazonaws.com/eu-west-1_AbC123/.well-known/jwks.json"
+            )
+        );
+        let e = i.endpoints.as_ref().unwrap();
+        assert_eq!(
+            e.authorization,
+            "https://wells.auth.eu-west-1.amazoncognito.com/oauth2/authorize"
+        );
+        assert_eq!(
+            e.token,
+            "https://wells.auth.eu-west-1.amazoncognito.com/oauth2/token"
+        );
+        assert_eq!(i.client_secret, None);
+        assert_eq!(auth.groups_claim, "cognito:groups");
+    }
+
+    #[test]
+    fn bad_console_sign_in_settings_are_each_reported_with_their_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let pipe = with_ts_schema(&dir, "p.yaml");
+        let load = |console: &str| {
+            std::fs::write(&pipe, format!("{HEAD}console:\n{console}")).unwrap();
+            let env = |k: &str| (k == "SECRET").then(|| "hush-hush-9876".to_string());
+            load_pipeline(&pipe, &env).unwrap_err()
+        };
+        // Line 7 is `console:`, so the first line inside it is 8.
+        let err = load(
+            "  auth:\n    oidc:\n      issuer: http://login.example.com\n      client_id: ''\n      client_secret: ${SECRET}\n      redirect_url: https://console.example.com/callback\n      scopes: [profile]\n      jwks_url: ftp://x\n",
+        );
+        let text = err.to_string();
+        let fields: Vec<_> = err
+            .problems
+            .iter()
+            .map(|p| (p.field.as_str(), p.line))
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                ("console.auth.oidc.issuer", Some(10)),
+                ("console.auth.oidc.client_id", Some(11)),
+                ("console.auth.oidc.redirect_url", Some(13)),
+                ("console.auth.oidc.jwks_url", Some(15)),
+                ("console.auth.oidc.scopes", Some(14)),
+            ],
+            "{text}"
+        );
+        assert!(
+            text.contains("plain http on a host that is not loopback"),
+            "{text}"
+        );
+        assert!(text.contains("does not end in /auth/callback"), "{text}");
+        assert!(text.contains("leave out `openid`"), "{text}");
+        assert!(!text.contains("hush-hush"), "{text}");
+
+        let err = load(
+            "  auth: {cognito: {user_pool_id: us-east-1_abc, region: eu-west-1, client_id: c, domain: 'x y', redirect_url: 'https://c.example.com/auth/callback', client_secret: ''}}\n",
+        );
+        let text = err.to_string();
+        let fields: Vec<_> = err.problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "console.auth.cognito.user_pool_id",
+                "console.auth.cognito.client_secret",
+                "console.auth.cognito.domain",
+            ],
+            "{text}"
+        );
+        assert!(
+            text.contains("is in us-east-1, not in `region: eu-west-1`"),
+            "{text}"
+        );
+
+        let err = load("  auth: {saml: {}}\n");
+        assert_eq!(err.problems.len(), 1, "{err}");
+        assert_eq!(err.problems[0].field, "console.auth", "{err}");
+        assert!(err.to_string().contains("unknown variant `saml`"), "{err}");
+
+        let err = load("  auth: none\n  roles: {operators: [ops]}\n");
+        assert_eq!(err.problems[0].field, "console.roles.operators", "{err}");
+        assert_eq!(err.problems[0].line, Some(9), "{err}");
+
+        let err = load(
+            "  auth: {oidc: {issuer: 'https://i.example.com', client_id: c, redirect_url: 'https://c.example.com/auth/callback'}}\n",
+        );
+        assert!(
+            err.to_string().contains("missing field `client_secret`"),
+            "{err}"
+        );
     }
 }

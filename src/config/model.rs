@@ -41,6 +41,8 @@ pub struct Pipeline {
     pub outputs: Outputs,
     pub alerts: Vec<AlertRule>,
     pub notifiers: Vec<Notifier>,
+    /// `shardlake console`: sign-in and roles.
+    pub console: Console,
     pub lines: LineIndex,
 }
 
@@ -247,6 +249,89 @@ pub struct AlertRule {
     pub when: String,
     /// Index into `outputs.aggregations` for a window rule.
     pub aggregation: Option<usize>,
+}
+
+/// `console:`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Console {
+    pub auth: ConsoleAuth,
+}
+
+/// How console users sign in, and how their tenant and role are read from their tokens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsoleAuth {
+    /// `None` for `auth: none` (loopback only).
+    pub issuer: Option<Issuer>,
+    /// The claim holding the tenant (e.g. `custom:tenant`).
+    pub tenant_claim: String,
+    /// The claim holding the groups (e.g. `cognito:groups`).
+    pub groups_claim: String,
+    pub roles: RoleGroups,
+}
+
+impl ConsoleAuth {
+    /// Where the console takes the issuer's answer; every `redirect_url` ends in it.
+    pub const CALLBACK_PATH: &'static str = "/auth/callback";
+}
+
+/// Group names of each role (see `console.roles` in the file's docs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoleGroups {
+    /// Empty: every signed-in user may view.
+    pub viewer: Vec<String>,
+    pub operator: Vec<String>,
+    pub admin: Vec<String>,
+}
+
+/// Which kind of issuer: decides the token rules (Cognito's `token_use` and `client_id`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IssuerKind {
+    Oidc,
+    Cognito,
+}
+
+/// An OpenID Connect issuer, Cognito's included.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Issuer {
+    pub kind: IssuerKind,
+    /// What the tokens' `iss` must be.
+    pub issuer: String,
+    pub client_id: String,
+    pub client_secret: Option<Secret>,
+    /// The console's `/auth/callback` URL.
+    pub redirect_url: String,
+    pub scopes: Vec<String>,
+    /// The signing keys' URL; `None`: from discovery.
+    pub jwks_url: Option<String>,
+    /// The `aud` a Bearer access token must hold (OIDC; Cognito checks `client_id`).
+    pub audience: String,
+    /// Endpoints known without discovery (Cognito's hosted UI); `None`: from
+    /// `<issuer>/.well-known/openid-configuration`.
+    pub endpoints: Option<Endpoints>,
+}
+
+/// An issuer's endpoints.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoints {
+    pub authorization: String,
+    pub token: String,
+    pub userinfo: Option<String>,
+}
+
+/// A value that must never be shown: `Debug` prints `<not shown>`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<not shown>")
+    }
 }
 
 impl Pipeline {

@@ -20,6 +20,7 @@
 //! origin; the page writes every value from the stream as text, never as HTML.
 
 pub mod acks;
+pub mod auth;
 pub mod fleet;
 pub mod query;
 
@@ -47,6 +48,7 @@ use crate::config::{LakeLocation, Pipeline};
 use crate::live::{AlertRow, alert_id};
 use crate::tools::query as lake;
 use acks::AckStore;
+use auth::{Auth, Denied, Role};
 use fleet::{Ack, Feed, Fleet, Scope};
 
 /// No script but our own file, no style but our own, no other origin, no framing.
@@ -100,6 +102,11 @@ impl Viewer {
 }
 
 struct Console {
+    /// Names this console's numbering of changes: event ids are `<epoch>.<version>`, so a page
+    /// that followed another console (or this one before a restart) starts again from a
+    /// snapshot instead of reading one numbering as another.
+    epoch: String,
+    auth: Arc<Auth>,
     p: Arc<Pipeline>,
     opts: ConsoleOptions,
     fleet: Arc<Fleet>,
@@ -121,7 +128,12 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, axum::Json(serde_json::json!({ "error": self.1 }))).into_response()
+        let mut r = (self.0, axum::Json(serde_json::json!({ "error": self.1 }))).into_response();
+        if self.0 == StatusCode::UNAUTHORIZED {
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        r
     }
 }
 
@@ -143,12 +155,8 @@ pub async fn serve(
     p: Arc<Pipeline>,
     opts: ConsoleOptions,
 ) -> anyhow::Result<(SocketAddr, Arc<Fleet>)> {
-    if !opts.listen.ip().is_loopback() {
-        bail!(
-            "the console has no sign-in configured, so it serves only a loopback address (127.0.0.1 or ::1), not {}",
-            opts.listen
-        );
-    }
+    // `auth: none` is refused here unless the console listens on loopback.
+    let auth = Auth::new(&p.console.auth, opts.listen).await?;
     let tables = lake::output_schemas(&p).await?;
     let ctx = lake::lake_session(&p, &tables)
         .await
@@ -185,6 +193,8 @@ pub async fn serve(
         fleet::follow(feed.clone(), fleet.clone());
     }
     let console = Arc::new(Console {
+        epoch: format!("{:x}", chrono::Utc::now().timestamp_micros()),
+        auth,
         p,
         opts: opts.clone(),
         fleet: fleet.clone(),
@@ -201,7 +211,7 @@ fn router(console: Arc<Console>) -> Router {
         move || async move { ([(header::CONTENT_TYPE, ctype)], body) }
     };
     Router::new()
-        .route("/", get(page(INDEX_HTML, "text/html; charset=utf-8")))
+        .route("/", get(index))
         .route(
             "/assets/app.js",
             get(page(APP_JS, "text/javascript; charset=utf-8")),
@@ -217,6 +227,8 @@ fn router(console: Arc<Console>) -> Router {
         .route("/api/devices/{id}", get(device))
         .route("/api/query", post(run_query))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such page or API") })
+        .with_state(console.clone())
+        .merge(console.auth.routes())
         .layer(SetResponseHeaderLayer::overriding(
             header::CONTENT_SECURITY_POLICY,
             HeaderValue::from_static(CSP),
@@ -233,24 +245,64 @@ fn router(console: Arc<Console>) -> Router {
             header::CACHE_CONTROL,
             HeaderValue::from_static("no-store"),
         ))
-        .with_state(console)
 }
 
 impl Console {
-    fn viewer(&self, _headers: &HeaderMap) -> Result<Viewer, ApiError> {
+    /// The signed-in user (session cookie or Bearer token), or why not.
+    async fn viewer(&self, headers: &HeaderMap) -> Result<Viewer, ApiError> {
+        let user = self.auth.user(headers).await?;
+        let (role, scope) = match (user.role, &user.tenant) {
+            (Role::Admin, _) => ("admin", Scope::All),
+            (Role::Operator, Some(t)) => ("operator", Scope::Tenant(t.clone())),
+            (Role::Viewer, Some(t)) => ("viewer", Scope::Tenant(t.clone())),
+            (_, None) => {
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "your account names no tenant, so there is nothing to show; ask an administrator to set your tenant",
+                ));
+            }
+        };
         Ok(Viewer {
-            name: "local".into(),
-            tenant: None,
-            role: "admin",
-            scope: Scope::All,
+            name: user.name,
+            tenant: user.tenant,
+            role,
+            scope,
         })
+    }
+
+    /// A POST from a signed-in user, sent by the console's own pages (or with a Bearer token).
+    async fn poster(&self, headers: &HeaderMap) -> Result<Viewer, ApiError> {
+        let v = self.viewer(headers).await?;
+        self.auth.check_csrf(headers)?;
+        Ok(v)
+    }
+}
+
+impl From<Denied> for ApiError {
+    fn from(d: Denied) -> Self {
+        Self(d.status, d.message)
+    }
+}
+
+/// The page, or a redirect to sign-in without a session.
+async fn index(State(c): State<Arc<Console>>, headers: HeaderMap) -> Response {
+    match c.auth.user(&headers).await {
+        Ok(_) => (
+            [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+            INDEX_HTML,
+        )
+            .into_response(),
+        Err(d) if d.status == StatusCode::UNAUTHORIZED => {
+            axum::response::Redirect::to("/auth/login?next=/").into_response()
+        }
+        Err(d) => d.into_response(),
     }
 }
 
 async fn me(State(c): State<Arc<Console>>, headers: HeaderMap) -> Result<Response, ApiError> {
-    let v = c.viewer(&headers)?;
+    let v = c.viewer(&headers).await?;
     Ok(axum::Json(serde_json::json!({
-        "name": v.name, "tenant": v.tenant, "role": v.role,
+        "name": v.name, "tenant": v.tenant, "role": v.role, "signs_in": c.auth.signs_in(),
         "pipeline": c.p.name, "key": c.p.schema.key, "tenant_field": c.p.tenant_field(),
         "fields": c.p.schema.fields.iter().map(|f| f.name.as_str())
             .filter(|f| Some(*f) != c.p.schema.key.as_deref() && Some(*f) != c.p.tenant_field() && *f != c.p.event_time.field)
@@ -268,31 +320,51 @@ async fn me(State(c): State<Arc<Console>>, headers: HeaderMap) -> Result<Respons
 /// Everything the viewer may see, with each device's whole history: what the page starts
 /// from before it follows `/api/events?since=<version>`.
 async fn snapshot(State(c): State<Arc<Console>>, headers: HeaderMap) -> Result<Response, ApiError> {
-    let v = c.viewer(&headers)?;
-    Ok(axum::Json(c.fleet.since(0, &v.scope, true)).into_response())
+    let v = c.viewer(&headers).await?;
+    let view = c.fleet.since(0, &v.scope, true);
+    let mut body = serde_json::to_value(&view).expect("serialisable");
+    body["cursor"] = format!("{}.{}", c.epoch, view.version).into();
+    Ok(axum::Json(body).into_response())
 }
 
 #[derive(Deserialize)]
 struct SinceQuery {
-    since: Option<u64>,
+    /// A cursor (`<epoch>.<version>`) from the snapshot or an event.
+    since: Option<String>,
+}
+
+impl Console {
+    /// The version a cursor names in this console's numbering; None for another numbering.
+    fn version_of(&self, cursor: &str) -> Option<u64> {
+        let (epoch, version) = cursor.trim().split_once('.')?;
+        (epoch == self.epoch)
+            .then(|| version.parse().ok())
+            .flatten()
+    }
 }
 
 /// The server-sent event stream: `changes` events (devices, alerts, acknowledgements
 /// after the event's id), at most one per [`fleet::POLL`]; a `reset` event when the reader is
-/// too far behind to catch up (alerts it missed are no longer kept: it reloads the snapshot).
+/// too far behind to catch up (alerts it missed are no longer kept) or followed another
+/// numbering (a console restarted): it reloads the snapshot.
 async fn events(
     State(c): State<Arc<Console>>,
     headers: HeaderMap,
     Query(q): Query<SinceQuery>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
-    let v = c.viewer(&headers)?;
+    let v = c.viewer(&headers).await?;
     // A reconnecting EventSource sends the id of the last event it received.
-    let since = headers
+    let cursor = headers
         .get("last-event-id")
         .and_then(|h| h.to_str().ok())
-        .and_then(|s| s.trim().parse().ok())
+        .map(str::to_string)
         .or(q.since)
-        .unwrap_or(0);
+        .filter(|s| !s.is_empty());
+    // Another numbering: start again from a snapshot (the first answer is a reset).
+    let since = match &cursor {
+        None => 0,
+        Some(s) => c.version_of(s).unwrap_or(u64::MAX),
+    };
     let stream =
         futures::stream::unfold((c, v, since, true), |(c, v, mut since, first)| async move {
             if !first {
@@ -307,7 +379,9 @@ async fn events(
                 // Behind what is kept, or ahead of this console's numbering (it restarted while
                 // the page stayed open): the page starts again from a snapshot.
                 if since > view.version || (since > 0 && since + 1 < view.alerts_from) {
-                    let e = Event::default().event("reset").data("behind");
+                    let e = Event::default()
+                        .event("reset")
+                        .data("start again from /api/fleet");
                     return Some((Ok(e), (c, v, view.version, false)));
                 }
                 if view.version > since {
@@ -315,7 +389,7 @@ async fn events(
                     if !(view.devices.is_empty() && view.alerts.is_empty() && view.acks.is_empty())
                     {
                         let e = Event::default()
-                            .id(id.to_string())
+                            .id(format!("{}.{id}", c.epoch))
                             .event("changes")
                             .json_data(&view)
                             .expect("serialisable");
@@ -335,7 +409,7 @@ async fn acknowledge(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let v = c.viewer(&headers)?;
+    let v = c.poster(&headers).await?;
     if !v.may_acknowledge() {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
@@ -389,7 +463,7 @@ async fn device(
     Path(id): Path<String>,
     Query(q): Query<RangeQuery>,
 ) -> Result<Response, ApiError> {
-    let v = c.viewer(&headers)?;
+    let v = c.viewer(&headers).await?;
     let Some(key) = c.p.schema.key.clone() else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -512,7 +586,7 @@ async fn run_query(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let _v = c.viewer(&headers)?;
+    let _v = c.poster(&headers).await?;
     let q: QueryBody = serde_json::from_slice(&body).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,

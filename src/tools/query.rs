@@ -69,7 +69,9 @@ pub async fn lake_session(p: &Pipeline, tables: &[Table]) -> Result<SessionConte
     use datafusion::execution::cache::cache_manager::CacheManagerConfig;
     use datafusion::execution::runtime_env::RuntimeEnvBuilder;
     let runtime = RuntimeEnvBuilder::new()
-        .with_cache_manager(CacheManagerConfig::default().with_list_files_cache_ttl(Some(LISTING_TTL)))
+        .with_cache_manager(
+            CacheManagerConfig::default().with_list_files_cache_ttl(Some(LISTING_TTL)),
+        )
         .build_arc()?;
     let ctx = SessionContext::new_with_config_rt(Default::default(), runtime);
     let mut buckets = Vec::new();

@@ -7,7 +7,9 @@ servers. Everything else the tests share is in helper modules:
 - crash.py: crashing a run again and again (SIGKILL, failpoints);
 - servers.py: moto, kinesalite, kinesis-local, putting records on Kinesis, a webhook receiver;
 - agents.py: starting and stopping shardlake-agent;
-- mosquitto.py, faultproxy.py: the MQTT broker and the fault-injecting HTTP proxy.
+- mosquitto.py, faultproxy.py: the MQTT broker and the fault-injecting HTTP proxy;
+- oidc.py: the console's sign-in servers (oidc-provider, Cognito pools on moto) and a
+  browserless sign-in.
 
 These tests treat the shardlake binaries as black boxes: they generate a local stream with
 `shardlake-agent simulate`, run `shardlake run ... --drain` over it, and check the lake with
@@ -22,9 +24,11 @@ from pathlib import Path
 import pytest
 
 # The helpers' asserts explain their failures as the tests' own do.
-pytest.register_assert_rewrite("agents", "crash", "harness", "lake", "servers", "streamdata")
+pytest.register_assert_rewrite("agents", "crash", "harness", "lake", "oidc", "servers",
+                                "streamdata")
 
 from harness import find_binary, free_port  # noqa: E402
+from oidc import start_oidc  # noqa: E402
 from servers import (Kinesalite, Moto, serve_kinesalite, serve_kinesis_local,  # noqa: E402
                      serve_moto, serve_shifted_kinesalite)
 
@@ -67,3 +71,20 @@ def kinesis_local(tmp_path_factory):
     """kinesis-local (npm), the Kinesis server that reshards as AWS does (child shards,
     UpdateShardCount)."""
     yield from serve_kinesis_local(tmp_path_factory)
+
+
+@pytest.fixture
+def oidc_provider(tmp_path_factory):
+    """Starts oidc-provider (tests/servers/oidc.js) for a test:
+    `oidc_provider(redirect_uris, ttl_seconds=..., client_secret=...)`; each one started is
+    stopped after the test."""
+    started = []
+
+    def start(redirect_uris, **kw):
+        server = start_oidc(tmp_path_factory, redirect_uris, **kw)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()

@@ -108,17 +108,17 @@ class ConsoleRun:
 class EventStream:
     """`GET /api/events` read line by line, as an EventSource would."""
 
-    def __init__(self, listen: str, last_event_id: int | None = None, since: int = 0):
+    def __init__(self, listen: str, last_event_id: str | None = None, since: str = ""):
         self.conn = http.client.HTTPConnection(listen, timeout=10)
         headers = {"accept": "text/event-stream"}
         if last_event_id is not None:
-            headers["last-event-id"] = str(last_event_id)
+            headers["last-event-id"] = last_event_id
         self.conn.request("GET", f"/api/events?since={since}", headers=headers)
         self.resp = self.conn.getresponse()
         assert self.resp.status == 200, self.resp.status
         assert self.resp.getheader("content-type").startswith("text/event-stream")
 
-    def next_event(self) -> tuple[str, int | None, str]:
+    def next_event(self) -> tuple[str, str | None, str]:
         """(event name, id, data) of the next event; comments (keep-alives) are skipped."""
         name, ident, data = "message", None, []
         while True:
@@ -138,7 +138,7 @@ class EventStream:
             if field == "event":
                 name = value
             elif field == "id":
-                ident = int(value)
+                ident = value
             elif field == "data":
                 data.append(value)
 

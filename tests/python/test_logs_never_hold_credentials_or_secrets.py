@@ -4,16 +4,22 @@ come from variables) with secrets that occur nowhere else; then a configuration 
 a field holding a secret names the field, not the value.
 
 Exercises src/logs.rs and src/config/ (`${VAR}` substitution and its errors), through the
-AWS clients (src/aws.rs) and the notifiers (src/notify.rs).
+AWS clients (src/aws.rs) and the notifiers (src/notify.rs); and the console's sign-in
+(src/console/auth/): no token, cookie value, authorization code or client secret is logged.
+
+NEEDS THE CONSOLE: `test_the_console_never_logs_a_token_cookie_code_or_client_secret`
+drives `shardlake console` (built on main) and fails on the console-auth branch alone.
 """
 
 from __future__ import annotations
 
 import json
 import subprocess
+import urllib.parse
 import uuid
 
-from harness import check_run, pipeline_env, simulate, write_test_pipeline
+from harness import check_run, free_port, pipeline_env, simulate, write_test_pipeline
+from oidc import FLEET, Browser, call, console
 from servers import AWS_TEST_ENV, Receiver, create_stream, put_lines
 from streamdata import interleave
 
@@ -83,3 +89,50 @@ notifiers:
     assert out.returncode != 0, out
     assert "notifiers[1].cooldown" in out.stderr and "${WEBHOOK_TOKEN}" in out.stderr, out.stderr
     assert secrets["WEBHOOK_TOKEN"] not in out.stdout + out.stderr, out.stderr
+
+
+def test_the_console_never_logs_a_token_cookie_code_or_client_secret(
+        tmp_path, shardlake_bin, oidc_provider):
+    """A sign-in through oidc-provider, Bearer requests (good and refused), logout and a
+    failed code exchange, at RUST_LOG=trace: the log holds none of the client secret, the
+    authorization codes, the state, the session cookie or any token."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    provider = oidc_provider([f"{base}/auth/callback"],
+                             client_secret="cs" + uuid.uuid4().hex + uuid.uuid4().hex)
+    pipeline = write_test_pipeline(tmp_path / "p.yaml", max_bytes="1MiB", max_age="1s",
+                                   extra=provider.console_auth())
+    tokens = provider.tokens("erin@tenant-e:operators")
+    env = {"OIDC_CLIENT_SECRET": provider.client_secret, "RUST_LOG": "trace"}
+    with console(shardlake_bin, pipeline, tmp_path / "data", port, env) as proc:
+        browser = Browser()
+        page = browser.sign_in(f"{base}/auth/login?next={FLEET}", "erin@tenant-e:operators")
+        assert page.status == 200, (page.status, page.body)
+        callback = next(u for u in browser.visited if u.startswith(f"{base}/auth/callback"))
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(callback).query)
+        session = next(c.value for c in browser.cookies if c.name == "shardlake_session")
+        assert call(f"{base}{FLEET}", token=tokens["access_token"])[0] == 200
+        assert call(f"{base}{FLEET}", token=tokens["id_token"])[0] == 401
+        # A code the issuer never gave: the exchange fails, and its error is logged.
+        failing = Browser()
+        start = failing.request(f"{base}/auth/login")
+        location = urllib.parse.urlsplit(start.headers["location"])
+        state = urllib.parse.parse_qs(location.query)["state"][0]
+        bad_code = "bc" + uuid.uuid4().hex
+        assert failing.request(f"{base}/auth/callback?code={bad_code}&state={state}").status == 401
+        assert browser.request(f"{base}/auth/logout", method="POST", data={},
+                               headers={"Origin": base}).status == 303
+    log = proc.log
+    assert "signed in" in log, log[-2000:]
+    secrets = {
+        "client secret": provider.client_secret,
+        "authorization code": query["code"][0],
+        "state": query["state"][0],
+        "session cookie": session,
+        "access token": tokens["access_token"],
+        "ID token": tokens["id_token"],
+        "unredeemed code": bad_code,
+        "state of the failed sign-in": state,
+    }
+    leaks = sorted(k for k, v in secrets.items() if v in log)
+    assert not leaks, f"{leaks} found in the console's log ({len(log.splitlines())} lines)"

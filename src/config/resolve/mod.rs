@@ -5,6 +5,7 @@
 
 mod alerts;
 mod checkpoint;
+mod console;
 mod event_time;
 mod lake;
 mod limits;
@@ -47,6 +48,7 @@ pub(super) fn resolve_pipeline(
     let (alerts, rule_names) = alerts::resolve_alerts(p, &f.alerts, &aggregations);
     let notifiers = notifiers::resolve_notifiers(p, &f.notifiers, &rule_names);
     let outputs = outputs::resolve_outputs(p, &f.outputs, aggregations, &lake, &rollover);
+    let console = console::resolve_console(p, f.console);
 
     Some(Pipeline {
         file: path.to_path_buf(),
@@ -63,6 +65,7 @@ pub(super) fn resolve_pipeline(
         outputs,
         notifiers,
         alerts,
+        console,
         lines,
     })
 }

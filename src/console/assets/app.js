@@ -9,6 +9,7 @@ const STALE_MS = 2 * 60 * 1000;
 const state = {
   me: null,
   version: 0,
+  cursor: "",           // where the event stream resumes: `<epoch>.<version>`
   devices: new Map(),   // device id → row
   alerts: new Map(),    // alert id → row
   acks: new Map(),      // alert id → ack
@@ -31,7 +32,7 @@ function el(tag, text, cls) {
 async function api(path, opts) {
   const r = await fetch(path, Object.assign({ credentials: "same-origin" }, opts || {}));
   if (r.status === 401) {
-    window.location.href = "/auth/login?return=" + encodeURIComponent(location.hash || "#/fleet");
+    window.location.href = "/auth/login?next=" + encodeURIComponent("/" + (location.hash || "#/fleet"));
     throw new Error("signing in");
   }
   if (!r.ok) {
@@ -98,18 +99,20 @@ async function loadSnapshot() {
   const view = await r.json();
   state.devices.clear(); state.alerts.clear(); state.acks.clear(); state.version = 0;
   apply(view);
+  state.cursor = view.cursor;
   for (const a of state.alerts.values()) a.fresh = false;
   render();
 }
 
 function follow() {
   if (state.source) state.source.close();
-  const es = new EventSource("/api/events?since=" + state.version);
+  const es = new EventSource("/api/events?since=" + encodeURIComponent(state.cursor));
   state.source = es;
   es.addEventListener("open", () => setConn("live"));
   es.addEventListener("error", () => setConn("down"));
   es.addEventListener("changes", (e) => {
     apply(JSON.parse(e.data));
+    state.cursor = e.lastEventId;
     scheduleRender();
   });
   es.addEventListener("reset", async () => {
@@ -427,6 +430,13 @@ async function start() {
     return;
   }
   $("pipeline").textContent = state.me.pipeline;
+  if (state.me.signs_in) {
+    $("logout").hidden = false;
+    $("logout").addEventListener("click", async () => {
+      await fetch("/auth/logout", { method: "POST", credentials: "same-origin" });
+      window.location.href = "/";
+    });
+  }
   $("whoami").textContent = state.me.name + (state.me.tenant ? " · " + state.me.tenant : "") + " · " + state.me.role;
   const spark = $("spark-field");
   for (const f of state.me.numeric_fields) { const o = el("option", f); o.value = f; spark.appendChild(o); }
