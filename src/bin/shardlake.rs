@@ -70,9 +70,14 @@ enum Command {
         /// Print a progress line every second.
         #[arg(long)]
         progress: bool,
-        /// Serve GET /metrics (Prometheus) and /healthz on this address, e.g. 0.0.0.0:9090.
+        /// Serve GET /metrics (Prometheus), /healthz and /live (for the console) on this
+        /// address, e.g. 0.0.0.0:9090.
         #[arg(long, env = "SHARDLAKE_LISTEN")]
         listen: Option<std::net::SocketAddr>,
+        /// Where the console reaches this worker's --listen address (written into its leases):
+        /// default the ECS task's private IP, else the --listen address (127.0.0.1 for 0.0.0.0).
+        #[arg(long, env = "SHARDLAKE_ADVERTISE")]
+        advertise: Option<String>,
         /// Seconds from SIGTERM/SIGINT to exit: reading stops, what was read is committed
         /// and leases are released; past the budget the process exits anyway (the next start
         /// completes or drops what was left). Fargate kills 30 s after SIGTERM by default.
@@ -113,7 +118,7 @@ enum Command {
         )]
         listen: std::net::SocketAddr,
         /// A worker's ops address (its `run --listen`), e.g. http://10.0.1.5:9090; repeat for
-        /// each worker.
+        /// each worker. Default: the workers the lease table (or local checkpoints) lists.
         #[arg(
             long = "worker",
             env = "SHARDLAKE_CONSOLE_WORKERS",
@@ -179,16 +184,22 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             worker_id,
             progress,
             listen,
+            advertise,
             shutdown_budget,
         } => {
             let p = load(&pipeline, &process_env).await?;
             // The live state costs a little per record: kept only where the console can ask.
             let live = listen.map(|_| shardlake::live::Live::new());
+            let advertise = match (listen, advertise) {
+                (Some(addr), None) => Some(advertised(addr).await),
+                (_, given) => given,
+            };
             let opts = RunOptions {
                 drain,
                 worker: worker_id,
                 progress,
                 live: live.clone(),
+                advertise,
             };
             let metrics = Arc::new(Metrics::default());
             if let Some(addr) = listen {
@@ -357,6 +368,36 @@ async fn validate(files: &[PathBuf]) -> Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// The address the console uses for a worker listening on `listen`: on ECS, the task's
+/// private IP from the task metadata endpoint; elsewhere `listen` (loopback for 0.0.0.0).
+async fn advertised(listen: std::net::SocketAddr) -> String {
+    if let Ok(meta) = std::env::var("ECS_CONTAINER_METADATA_URI_V4") {
+        let ip = async {
+            let body = reqwest::get(format!("{meta}/task"))
+                .await
+                .ok()?
+                .bytes()
+                .await
+                .ok()?;
+            let v: serde_json::Value = serde_json::from_slice(&body).ok()?;
+            v["Containers"][0]["Networks"][0]["IPv4Addresses"][0]
+                .as_str()
+                .map(str::to_string)
+        };
+        match ip.await {
+            Some(ip) => return format!("http://{ip}:{}", listen.port()),
+            None => tracing::warn!(
+                "the ECS task metadata names no IPv4 address; set SHARDLAKE_ADVERTISE"
+            ),
+        }
+    }
+    let mut addr = listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    format!("http://{addr}")
 }
 
 /// GET /healthz on the worker's port answers 200.

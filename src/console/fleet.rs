@@ -256,7 +256,7 @@ pub enum Feed {
 pub const POLL: Duration = Duration::from_millis(200);
 
 /// Follows a worker's live state into `fleet` until the process ends.
-pub fn follow(feed: Feed, fleet: Arc<Fleet>) {
+pub fn follow(feed: Feed, fleet: Arc<Fleet>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(5))
@@ -318,7 +318,7 @@ pub fn follow(feed: Feed, fleet: Arc<Fleet>) {
                 tokio::time::sleep(POLL).await;
             }
         }
-    });
+    })
 }
 
 #[cfg(test)]

@@ -23,6 +23,7 @@ pub mod acks;
 pub mod auth;
 pub mod fleet;
 pub mod query;
+pub mod workers;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -62,7 +63,8 @@ const APP_CSS: &str = include_str!("assets/app.css");
 #[derive(Clone)]
 pub struct ConsoleOptions {
     pub listen: SocketAddr,
-    /// The workers whose live state the page shows.
+    /// The workers whose live state the page shows; none: the workers the pipeline's lease
+    /// table or local checkpoints list ([`workers`]).
     pub feeds: Vec<Feed>,
     /// Where acknowledgements are kept (default: beside a local lake).
     pub acks_dir: Option<PathBuf>,
@@ -189,6 +191,9 @@ pub async fn serve(
         }
     }
     fleet.load_acks(acks.load()?);
+    if opts.feeds.is_empty() {
+        workers::Workers::of(&p).await.follow_all(fleet.clone());
+    }
     for feed in &opts.feeds {
         fleet::follow(feed.clone(), fleet.clone());
     }

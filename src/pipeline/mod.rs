@@ -39,6 +39,10 @@ pub enum RunError {
     Notify(anyhow::Error),
 }
 
+/// With local checkpoints: the directory under the checkpoints' where each running worker
+/// that serves its live state leaves `<worker>.url` (the console reads it).
+pub const LIVE_DIR: &str = "live";
+
 /// How long a run waits at its end for notifiers to send what they have queued.
 const NOTIFY_DRAIN: Duration = Duration::from_secs(10);
 
@@ -52,6 +56,9 @@ pub struct RunOptions {
     pub progress: bool,
     /// Keep the worker's live state here, for the console (`GET /live` on the ops port).
     pub live: Option<Arc<crate::live::Live>>,
+    /// Where the console reaches this worker's `GET /live` (`http://10.0.1.5:9090`): written
+    /// into the leases it holds, or with local checkpoints into `<checkpoints>/live/`.
+    pub advertise: Option<String>,
 }
 
 impl Default for RunOptions {
@@ -61,6 +68,7 @@ impl Default for RunOptions {
             worker: "w0".into(),
             progress: false,
             live: None,
+            advertise: None,
         }
     }
 }
@@ -87,6 +95,19 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
     let w = Worker::open(p, opts, clock, metrics).await?;
+    // With local checkpoints there is no lease table: the console finds this worker here.
+    let registered = match (&w.p.checkpoints, &w.opts.advertise) {
+        (Checkpoints::Local { path }, Some(addr)) => {
+            let file = path.join(LIVE_DIR).join(format!("{}.url", w.opts.worker));
+            let written = std::fs::create_dir_all(path.join(LIVE_DIR))
+                .and_then(|()| std::fs::write(&file, addr));
+            if let Err(e) = written {
+                tracing::warn!(file = %file.display(), error = %e, "the console will not find this worker");
+            }
+            Some(file)
+        }
+        _ => None,
+    };
     let progress = w
         .opts
         .progress
@@ -113,6 +134,9 @@ pub async fn run(
     if let Some(n) = &w.notifications {
         n.close(NOTIFY_DRAIN).await;
         progress::log_notifiers(&w.metrics);
+    }
+    if let Some(file) = registered {
+        let _ = std::fs::remove_file(file);
     }
     progress::log_summary(&w.metrics);
     if let Some(h) = progress {
@@ -146,6 +170,7 @@ impl Worker {
                         .map(|a| a.name.clone())
                         .collect(),
                     metrics.clone(),
+                    opts.advertise.clone(),
                 )
                 .await?;
                 tracing::info!(owner = %m.owner(), table = %table.table, "sharing the stream through leases");

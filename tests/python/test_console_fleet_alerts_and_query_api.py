@@ -228,3 +228,80 @@ def test_without_sign_in_the_console_serves_only_loopback(tmp_path, shardlake_bi
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
     assert "loopback" in proc.stderr and "console.auth" in proc.stderr, proc.stderr
+
+
+def test_the_console_finds_workers_through_the_lease_table_and_follows_a_moved_lease(
+        tmp_path, kinesalite, moto, agent_bin, shardlake_bin):
+    """Two workers share a stream through leases; the console, given no --worker, finds
+    both through the lease table and shows every device; after one is SIGKILLed, the other
+    takes its leases, and new readings of that worker's devices still reach the page."""
+    import signal
+    import uuid
+    from datetime import datetime, timedelta, timezone
+
+    from harness import get, simulate, write_test_pipeline
+    from servers import AWS_TEST_ENV, create_stream, put_lines
+    from streamdata import interleave
+
+    kinesis, ddb = kinesalite.client(), moto.client("dynamodb")
+    name, table = f"wells-{uuid.uuid4().hex[:8]}", f"leases-{uuid.uuid4().hex[:8]}"
+    create_stream(kinesis, name, 4)
+    start = (datetime.now(timezone.utc) - timedelta(minutes=3)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    simulate(agent_bin, tmp_path / "sim", shards=4, devices=40, readings=30, seed=5,
+             spikes=0, malformed=0, start=start, jitter_ms=0)
+    put_lines(kinesis, name, interleave(tmp_path / "sim" / "stream"))
+    pipeline = write_test_pipeline(
+        tmp_path / "leases.yaml", max_bytes="4MiB", max_age="2s",
+        source=f"{{kinesis: {{stream: {name}}}}}",
+        checkpoints=f"{{dynamodb: {{table: {table}, failover_time: 4s, shard_sync_interval: 5s}}}}")
+    env = pipeline_env(tmp_path, {**AWS_TEST_ENV, "AWS_ENDPOINT_URL_KINESIS": kinesalite.url,
+                                  "AWS_ENDPOINT_URL_DYNAMODB": moto.url})
+    ports = [free_port(), free_port()]
+    workers = [subprocess.Popen([str(shardlake_bin), "run", str(pipeline), "--worker-id", f"w{i}",
+                                 "--listen", f"127.0.0.1:{p}"], env=env,
+                                stdout=subprocess.DEVNULL, stderr=open(tmp_path / f"w{i}.log", "w"))
+               for i, p in enumerate(ports)]
+    listen = f"127.0.0.1:{free_port()}"
+    console = subprocess.Popen([str(shardlake_bin), "console", str(pipeline), "--listen", listen],
+                               env=env, stdout=subprocess.DEVNULL,
+                               stderr=open(tmp_path / "console.log", "w"))
+
+    def leases():
+        try:
+            items = ddb.scan(TableName=table, ConsistentRead=True)["Items"]
+        except ddb.exceptions.ResourceNotFoundException:
+            return []
+        return [{k: next(iter(v.values())) for k, v in i.items()} for i in items]
+
+    def fleet():
+        status, _, body = get(f"http://{listen}/api/fleet")
+        return {d["device"]: d for d in json.loads(body)["devices"]} if status == 200 else {}
+
+    try:
+        wait_until("both workers holding leases with their addresses", lambda: {
+            it.get("shardlakeLiveAddr") for it in leases() if it.get("leaseOwner")}
+            == {f"http://127.0.0.1:{p}" for p in ports}, timeout=90, every=0.5)
+        wait_until("every device on the console", lambda: len(fleet()) == 40, timeout=60,
+                   every=0.3)
+        workers[0].send_signal(signal.SIGKILL)
+        workers[0].wait()
+        wait_until("the survivor to hold every lease", lambda: {
+            it.get("shardlakeLiveAddr") for it in leases()} == {f"http://127.0.0.1:{ports[1]}"}
+            and all(it.get("leaseOwner") for it in leases()), timeout=40, every=0.5)
+        now = datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        fresh = [json.dumps({"device_id": d, "tenant": "acme", "seq": 100_000, "ts": now,
+                             "pressure_psi": 3333.25, "barrels_per_s": 1.0, "temp_c": 50.0,
+                             "status": "ok"}).encode() for d in sorted(fleet())]
+        put_lines(kinesis, name, fresh)
+        wait_until("every device's new reading on the console", lambda: all(
+            d["values"].get("pressure_psi") == 3333.25 for d in fleet().values()),
+            timeout=60, every=0.3)
+    finally:
+        for p in (console, *workers):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in (console, *workers):
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()

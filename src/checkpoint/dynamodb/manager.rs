@@ -48,6 +48,9 @@ pub struct Held {
     pub parents: Vec<String>,
 }
 
+/// The lease attribute naming the owner's live-state address (see [`LeaseManager`]).
+pub const LIVE_ADDR: &str = "shardlakeLiveAddr";
+
 #[derive(Debug)]
 pub struct LeaseManager {
     pub(super) client: Client,
@@ -64,6 +67,9 @@ pub struct LeaseManager {
     /// The newest commit id this process wrote: commit ids never repeat within a worker.
     pub(super) last_commit: AtomicU64,
     pub(super) metrics: Arc<Metrics>,
+    /// Where this worker serves its live state (`GET /live`), written into every lease it
+    /// takes or renews: the console finds the workers through the table.
+    live_addr: Option<String>,
 }
 
 impl LeaseManager {
@@ -75,6 +81,7 @@ impl LeaseManager {
         start: StartAt,
         aggregations: Vec<String>,
         metrics: Arc<Metrics>,
+        live_addr: Option<String>,
     ) -> Result<Arc<Self>, StoreError> {
         let conf = aws::sdk_config(cfg.region.as_deref()).await;
         let m = Arc::new(Self {
@@ -102,6 +109,7 @@ impl LeaseManager {
             scans: watch::Sender::new(0),
             last_commit: AtomicU64::new(0),
             metrics,
+            live_addr,
         });
         m.ensure_table().await?;
         Ok(m)
@@ -313,10 +321,18 @@ impl LeaseManager {
         let mut held = self.held.lock().await;
         let owned: Vec<(String, u64)> = held.iter().map(|(k, h)| (k.clone(), h.counter)).collect();
         let renewals = owned.into_iter().map(|(key, counter)| async move {
-            let r = self
-                .fenced_update(&key, counter, "SET leaseCounter = :next")
-                .send()
-                .await;
+            let r = match &self.live_addr {
+                None => self.fenced_update(&key, counter, "SET leaseCounter = :next"),
+                Some(addr) => self
+                    .fenced_update(
+                        &key,
+                        counter,
+                        &format!("SET leaseCounter = :next, {LIVE_ADDR} = :addr"),
+                    )
+                    .expression_attribute_values(":addr", AttributeValue::S(addr.clone())),
+            }
+            .send()
+            .await;
             (key, counter, r)
         });
         let results: Vec<_> = futures::stream::iter(renewals)
@@ -471,13 +487,20 @@ impl LeaseManager {
     }
 
     async fn take(&self, held: &mut BTreeMap<String, Held>, l: &Lease) -> bool {
+        let mut update = "SET leaseOwner = :me, leaseCounter = :next, ownerSwitchesSinceCheckpoint = if_not_exists(ownerSwitchesSinceCheckpoint, :zero) + :one".to_string();
+        if self.live_addr.is_some() {
+            update.push_str(&format!(", {LIVE_ADDR} = :addr"));
+        }
         let r = self
             .client
             .update_item()
             .table_name(&self.cfg.table)
             .key("leaseKey", AttributeValue::S(l.key.clone()))
-            .update_expression(
-                "SET leaseOwner = :me, leaseCounter = :next, ownerSwitchesSinceCheckpoint = if_not_exists(ownerSwitchesSinceCheckpoint, :zero) + :one",
+            .update_expression(update)
+            .set_expression_attribute_values(
+                self.live_addr
+                    .as_ref()
+                    .map(|a| [(":addr".to_string(), AttributeValue::S(a.clone()))].into()),
             )
             .condition_expression("leaseCounter = :seen")
             .expression_attribute_values(":me", AttributeValue::S(self.owner.clone()))

@@ -36,4 +36,4 @@ mod item;
 mod manager;
 mod store;
 
-pub use manager::{Generation, Held, LeaseManager};
+pub use manager::{Generation, Held, LIVE_ADDR, LeaseManager};
