@@ -31,7 +31,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::TimestampMicrosecondType;
 use axum::Router;
@@ -174,15 +174,12 @@ pub async fn serve(
             })
             .map(|a| a.name.clone())
     });
-    let acks_dir = match (&opts.acks_dir, &p.outputs.sinks[&p.outputs.alerts]) {
-        (Some(d), _) => d.clone(),
-        (None, LakeLocation::Local { path }) => path.join("_console").join("acks"),
-        (None, LakeLocation::S3(_)) => bail!(
-            "the lake is in S3: give the console a directory for acknowledgements with --state"
-        ),
-    };
-    let acks = AckStore::new(acks_dir.clone())
-        .with_context(|| format!("opening {}", acks_dir.display()))?;
+    let acks = match (&opts.acks_dir, &p.outputs.sinks[&p.outputs.alerts]) {
+        (Some(d), _) => AckStore::local(d.clone()),
+        (None, LakeLocation::Local { path }) => AckStore::local(path.join(acks::ACKS_PREFIX)),
+        (None, LakeLocation::S3(loc)) => Ok(AckStore::s3(loc).await),
+    }
+    .context("opening the acknowledgements' store")?;
     let fleet = Fleet::new();
     match recent_alerts(&p, &ctx).await {
         Ok(alerts) => fleet.backfill(alerts),
@@ -190,7 +187,7 @@ pub async fn serve(
             tracing::warn!(error = %e, "reading recent alerts from the lake failed; the feed starts empty")
         }
     }
-    fleet.load_acks(acks.load()?);
+    fleet.load_acks(acks.load().await.context("reading the acknowledgements")?);
     if opts.feeds.is_empty() {
         workers::Workers::of(&p).await.follow_all(fleet.clone());
     }
@@ -442,7 +439,7 @@ async fn acknowledge(
         at_us: chrono::Utc::now().timestamp_micros(),
         version: 0,
     };
-    let kept = c.acks.put(&ack).map_err(|e| {
+    let kept = c.acks.put(&ack).await.map_err(|e| {
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("keeping the acknowledgement: {e}"),

@@ -29,15 +29,17 @@ class ConsoleRun:
     """A worker over a local stream with its live state on, and a console following it."""
 
     def __init__(self, shardlake_bin: Path, agent_bin: Path, tmp: Path, *, devices: int = 20,
-                 console_args: tuple[str, ...] = ()):
+                 console_args: tuple[str, ...] = (), lake: str | None = None,
+                 env: dict[str, str] | None = None):
         self.bin, self.tmp = shardlake_bin, tmp
         # Readings of the last few minutes, so the windows and the page's ages are current.
         start = (datetime.now(timezone.utc) - timedelta(minutes=4)).strftime("%Y-%m-%dT%H:%M:%SZ")
         self.summary = simulate(agent_bin, tmp, shards=2, devices=devices, readings=120,
                                 seed=23, spikes=0, malformed=0, start=start, jitter_ms=0)
         self.devices = devices
-        self.pipeline = write_test_pipeline(tmp / "console.yaml", max_bytes="8MiB", max_age="1s")
-        self.env = pipeline_env(tmp)
+        self.pipeline = write_test_pipeline(tmp / "console.yaml", max_bytes="8MiB", max_age="1s",
+                                            lake=lake)
+        self.env = pipeline_env(tmp, env)
         self.ops = f"127.0.0.1:{free_port()}"
         self.listen = f"127.0.0.1:{free_port()}"
         self.base = f"http://{self.listen}"

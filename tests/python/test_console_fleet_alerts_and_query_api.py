@@ -305,3 +305,36 @@ def test_the_console_finds_workers_through_the_lease_table_and_follows_a_moved_l
                 p.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+def test_acknowledgements_beside_an_s3_lake_survive_a_restart_and_the_first_stands(
+        tmp_path, moto, shardlake_bin, agent_bin):
+    import uuid
+    bucket = f"lake-{uuid.uuid4().hex[:8]}"
+    s3 = moto.client("s3")
+    s3.create_bucket(Bucket=bucket)
+    r = ConsoleRun(shardlake_bin, agent_bin, tmp_path, devices=4,
+                   lake=f"{{s3: {{bucket: {bucket}, prefix: wells}}}}", env=moto.env())
+    try:
+        r.append("well-0001", pressure=9999.0)
+        alert = wait_until("the spike's alert", lambda: next(
+            (a for a in json.loads(r.api("GET", "/api/fleet")[2])["alerts"]
+             if a["device"] == "well-0001"), None), timeout=60, every=0.2)
+        status, _, body = r.api("POST", f"/api/alerts/{alert['id']}/ack")
+        assert status == 200, body
+        first = json.loads(body)
+        key = f"wells/_console/acks/{alert['id']}.json"
+        assert json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())["by"] == first["by"]
+        r.stop_console()
+        r.start_console()
+        acks = wait_until("the acknowledgement after a restart", lambda: [
+            a for a in json.loads(r.api("GET", "/api/fleet")[2])["acks"]
+            if a["alert"] == alert["id"]], timeout=30)
+        assert (acks[0]["by"], acks[0]["at_us"]) == (first["by"], first["at_us"])
+        # Acknowledged again (another console, another user): the first one stands.
+        status, _, body = r.api("POST", f"/api/alerts/{alert['id']}/ack")
+        assert status == 200 and json.loads(body)["at_us"] == first["at_us"], body
+        status, _, body = r.api("POST", "/api/alerts/not-an-id/ack")
+        assert status == 404, body
+    finally:
+        r.close()
