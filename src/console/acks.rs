@@ -199,16 +199,17 @@ mod tests {
             at_us: 1,
             version: 0,
         };
-        assert_eq!(store.put(&ack("ann")).unwrap().by, "ann");
-        assert_eq!(store.put(&ack("bob")).unwrap().by, "ann");
-        let again = AckStore::new(dir.path().join("acks")).unwrap();
-        assert_eq!(again.load().unwrap(), vec![ack("ann")]);
+        assert_eq!(store.put(&ack("ann")).await.unwrap().by, "ann");
+        assert_eq!(store.put(&ack("bob")).await.unwrap().by, "ann");
+        let again = AckStore::local(dir.path().join("acks")).unwrap();
+        assert_eq!(again.load().await.unwrap(), vec![ack("ann")]);
         assert!(
             store
                 .put(&Ack {
                     alert: "../x".into(),
                     ..ack("eve")
                 })
+                .await
                 .is_err()
         );
     }

@@ -121,10 +121,12 @@ impl Workers {
                             keep
                         });
                         for addr in now {
-                            if !following.contains_key(&addr) {
-                                tracing::info!(worker = %addr, "following a worker's live state");
-                                let task = follow(Feed::Remote(addr.clone()), fleet.clone());
-                                following.insert(addr, task);
+                            if let std::collections::btree_map::Entry::Vacant(slot) =
+                                following.entry(addr)
+                            {
+                                tracing::info!(worker = %slot.key(), "following a worker's live state");
+                                let feed = Feed::Remote(slot.key().clone());
+                                slot.insert(follow(feed, fleet.clone()));
                             }
                         }
                     }
