@@ -114,6 +114,8 @@ struct Console {
     fleet: Arc<Fleet>,
     acks: AckStore,
     ctx: SessionContext,
+    /// Per tenant: a session whose tables hold only that tenant's rows ([`Console::session`]).
+    tenant_ctx: std::sync::Mutex<std::collections::HashMap<String, SessionContext>>,
     /// The aggregation with one row per device and window the device page charts.
     device_table: Option<String>,
 }
@@ -202,6 +204,7 @@ pub async fn serve(
         fleet: fleet.clone(),
         acks,
         ctx,
+        tenant_ctx: Default::default(),
         device_table,
     });
     let bound = crate::ops::serve(opts.listen, router(console)).await?;
@@ -277,6 +280,57 @@ impl Console {
         let v = self.viewer(headers).await?;
         self.auth.check_csrf(headers)?;
         Ok(v)
+    }
+}
+
+impl Console {
+    /// The session a viewer's SQL runs in. A tenant's viewer gets a session of its own in
+    /// which each table is a view of the lake's table filtered on the tenant field, built on
+    /// the table itself (not on its name), so no name in that session reaches another
+    /// tenant's rows: `UNION`, subqueries, CTEs or quoting reach only those views. Tables
+    /// without the tenant field (dead letters, alerts) are not in it.
+    async fn session(&self, scope: &Scope) -> Result<SessionContext, ApiError> {
+        let Scope::Tenant(tenant) = scope else {
+            return Ok(self.ctx.clone());
+        };
+        if let Some(ctx) = self.tenant_ctx.lock().expect("not poisoned").get(tenant) {
+            return Ok(ctx.clone());
+        }
+        let Some(field) = self.p.tenant_field() else {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "the schema has no tenant field, so tenant users cannot query",
+            ));
+        };
+        let scoped = SessionContext::new_with_config_rt(Default::default(), self.ctx.runtime_env());
+        let fail = |e: datafusion::error::DataFusionError| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("opening the tables: {e}"),
+            )
+        };
+        for name in self.p.table_names() {
+            let Ok(provider) = self.ctx.table_provider(name).await else {
+                continue;
+            };
+            if provider.schema().field_with_name(field).is_err() {
+                continue;
+            }
+            let df = self.ctx.table(name).await.map_err(fail)?;
+            let view = df
+                .filter(
+                    datafusion::prelude::col(format!("\"{field}\""))
+                        .eq(datafusion::prelude::lit(tenant.as_str())),
+                )
+                .map_err(fail)?
+                .into_view();
+            scoped.register_table(name, view).map_err(fail)?;
+        }
+        self.tenant_ctx
+            .lock()
+            .expect("not poisoned")
+            .insert(tenant.clone(), scoped.clone());
+        Ok(scoped)
     }
 }
 
@@ -557,6 +611,22 @@ async fn device(
         range(crate::columns::EVENT_TIME)
     ))
     .await?;
+    // The alerts table has no tenant column: a tenant's viewer sees the rows whose record
+    // names its tenant.
+    let alerts = match (&v.scope, c.p.tenant_field(), alerts) {
+        (Scope::Tenant(t), Some(f), serde_json::Value::Array(rows)) => serde_json::Value::Array(
+            rows.into_iter()
+                .filter(|r| {
+                    r["detail"]
+                        .as_str()
+                        .and_then(|d| serde_json::from_str::<serde_json::Value>(d).ok())
+                        .is_some_and(|d| d[f].as_str() == Some(t.as_str()))
+                })
+                .collect(),
+        ),
+        (Scope::Tenant(_), _, _) => serde_json::Value::Array(vec![]),
+        (_, _, a) => a,
+    };
     // A device of another tenant does not exist for this viewer.
     if live.is_none()
         && aggregates.as_array().is_none_or(|a| a.is_empty())
@@ -588,7 +658,7 @@ async fn run_query(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let _v = c.poster(&headers).await?;
+    let v = c.poster(&headers).await?;
     let q: QueryBody = serde_json::from_slice(&body).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -596,7 +666,8 @@ async fn run_query(
         )
     })?;
     let limit = q.limit.unwrap_or(c.opts.query_rows).min(c.opts.query_rows);
-    let answer = query::run(&c.ctx, &q.sql, limit, c.opts.query_timeout).await?;
+    let ctx = c.session(&v.scope).await?;
+    let answer = query::run(&ctx, &q.sql, limit, c.opts.query_timeout).await?;
     let accept = headers
         .get(header::ACCEPT)
         .and_then(|h| h.to_str().ok())

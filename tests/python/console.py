@@ -30,7 +30,7 @@ class ConsoleRun:
 
     def __init__(self, shardlake_bin: Path, agent_bin: Path, tmp: Path, *, devices: int = 20,
                  console_args: tuple[str, ...] = (), lake: str | None = None,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, extra: str = ""):
         self.bin, self.tmp = shardlake_bin, tmp
         # Readings of the last few minutes, so the windows and the page's ages are current.
         start = (datetime.now(timezone.utc) - timedelta(minutes=4)).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -38,7 +38,7 @@ class ConsoleRun:
                                 seed=23, spikes=0, malformed=0, start=start, jitter_ms=0)
         self.devices = devices
         self.pipeline = write_test_pipeline(tmp / "console.yaml", max_bytes="8MiB", max_age="1s",
-                                            lake=lake)
+                                            lake=lake, extra=extra)
         self.env = pipeline_env(tmp, env)
         self.ops = f"127.0.0.1:{free_port()}"
         self.listen = f"127.0.0.1:{free_port()}"
@@ -59,7 +59,8 @@ class ConsoleRun:
              "--worker", f"http://{self.ops}", *self.console_args],
             env=self.env, stdout=subprocess.DEVNULL,
             stderr=open(self.tmp / "console.log", "a"))
-        wait_until("the console to answer", lambda: get(f"{self.base}/api/me")[0] == 200,
+        # 200, or 401 with sign-in configured.
+        wait_until("the console to answer", lambda: get(f"{self.base}/api/me")[0] in (200, 401),
                    timeout=60)
 
     def stop_console(self):
@@ -82,18 +83,22 @@ class ConsoleRun:
         return rec
 
     def api(self, method: str, path: str, body: bytes | None = None,
-            headers: dict | None = None) -> tuple[int, dict, bytes]:
+            headers: dict | None = None, token: str | None = None) -> tuple[int, dict, bytes]:
+        headers = dict(headers or {})
+        if token:
+            headers["authorization"] = f"Bearer {token}"
         conn = http.client.HTTPConnection(self.listen, timeout=30)
         try:
-            conn.request(method, path, body=body, headers=headers or {})
+            conn.request(method, path, body=body, headers=headers)
             r = conn.getresponse()
             return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
         finally:
             conn.close()
 
-    def query(self, sql: str, accept: str = "application/json", **body) -> tuple[int, dict, bytes]:
+    def query(self, sql: str, accept: str = "application/json", token: str | None = None,
+              **body) -> tuple[int, dict, bytes]:
         return self.api("POST", "/api/query", json.dumps({"sql": sql, **body}).encode(),
-                        {"content-type": "application/json", "accept": accept})
+                        {"content-type": "application/json", "accept": accept}, token=token)
 
     def close(self):
         for p in (self.console, self.worker):

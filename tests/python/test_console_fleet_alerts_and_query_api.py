@@ -338,3 +338,64 @@ def test_acknowledgements_beside_an_s3_lake_survive_a_restart_and_the_first_stan
         assert status == 404, body
     finally:
         r.close()
+
+
+def test_each_tenant_sees_only_its_own_devices_alerts_and_rows(tmp_path, moto, shardlake_bin,
+                                                               agent_bin):
+    """Signed in through a Cognito pool on moto (Bearer access tokens; the tenant from
+    GetUser), a tenant's user sees its devices and alerts only, cannot acknowledge another
+    tenant's alert, and every attempt to reach other rows through the query API answers with
+    its own rows or a refusal."""
+    from oidc import CognitoPool
+    pool = CognitoPool.create(moto)
+    pool.add_user("ann", "Passw0rd!ann", tenant="acme")
+    pool.add_user("bob", "Passw0rd!bob", tenant="borealis", groups=["operators"])
+    r = ConsoleRun(shardlake_bin, agent_bin, tmp_path, devices=6, env=moto.env(),
+                   extra=pool.console_auth("http://127.0.0.1:1/auth/callback"))
+    try:
+        ann = pool.tokens("ann", "Passw0rd!ann")["AccessToken"]
+        bob = pool.tokens("bob", "Passw0rd!bob")["AccessToken"]
+        assert r.api("GET", "/api/fleet")[0] == 401
+
+        def fleet(token):
+            status, _, body = r.api("GET", "/api/fleet", token=token)
+            assert status == 200, body
+            return json.loads(body)
+        wait_until("ann's devices", lambda: len(fleet(ann)["devices"]) == 2, timeout=60)
+        assert {d["tenant"] for d in fleet(ann)["devices"]} == {"acme"}
+        assert {d["tenant"] for d in fleet(bob)["devices"]} == {"borealis"}
+
+        r.append("well-0003", pressure=9500.0, tenant="acme")
+        alert = wait_until("ann's alert", lambda: next(iter(fleet(ann)["alerts"]), None),
+                           timeout=60, every=0.2)
+        assert alert["device"] == "well-0003"
+        assert fleet(bob)["alerts"] == []
+        status, _, body = r.api("POST", f"/api/alerts/{alert['id']}/ack", token=bob)
+        assert status == 404, body
+        status, _, body = r.api("POST", f"/api/alerts/{alert['id']}/ack", token=ann)
+        assert status == 403 and "operator" in json.loads(body)["error"], body
+        assert r.api("GET", "/api/devices/well-0003", token=bob)[0] == 404
+        assert r.api("GET", "/api/devices/well-0003", token=ann)[0] == 200
+
+        wait_until("ann's rows committed", lambda: r.query(
+            "SELECT count(*) AS n FROM readings", token=ann)[0] == 200 and json.loads(r.query(
+                "SELECT count(*) AS n FROM readings", token=ann)[2])[0]["n"] > 0, timeout=60)
+        tenants_of = [
+            "SELECT DISTINCT tenant FROM readings",
+            "SELECT tenant FROM readings UNION SELECT tenant FROM well_1m",
+            "WITH x AS (SELECT * FROM readings) SELECT DISTINCT tenant FROM x",
+            "SELECT DISTINCT tenant FROM (SELECT * FROM \"readings\") /* tenant = 'borealis' */",
+            "SELECT DISTINCT tenant FROM readings WHERE tenant = 'borealis' OR 1 = 1",
+            "SELECT DISTINCT tenant FROM well_5m_hop",
+        ]
+        for sql in tenants_of:
+            status, _, body = r.query(sql, token=ann)
+            assert status == 200, (sql, body)
+            assert {row["tenant"] for row in json.loads(body)} == {"acme"}, (sql, body)
+        for sql in ["SELECT * FROM dead_letter", "SELECT * FROM alerts",
+                    "SELECT * FROM well_1m_parts", "SELECT * FROM information_schema.tables",
+                    f"SELECT * FROM '{tmp_path}/lake/readings'"]:
+            status, _, body = r.query(sql, token=ann)
+            assert status in (400, 403), (sql, status, body)
+    finally:
+        r.close()
