@@ -331,6 +331,9 @@ def test_acknowledgements_beside_an_s3_lake_survive_a_restart_and_the_first_stan
             a for a in json.loads(r.api("GET", "/api/fleet")[2])["acks"]
             if a["alert"] == alert["id"]], timeout=30)
         assert (acks[0]["by"], acks[0]["at_us"]) == (first["by"], first["at_us"])
+        wait_until("the alert back on the restarted console", lambda: any(
+            a["id"] == alert["id"] for a in json.loads(r.api("GET", "/api/fleet")[2])["alerts"]),
+            timeout=30)
         # Acknowledged again (another console, another user): the first one stands.
         status, _, body = r.api("POST", f"/api/alerts/{alert['id']}/ack")
         assert status == 200 and json.loads(body)["at_us"] == first["at_us"], body
