@@ -3,7 +3,8 @@
 //! `cargo bench --bench throughput -- [RECORDS]` (default 1,000,000). Prints records/s for
 //! decoding alone (one core) and for the whole pipeline (`shardlake run --drain` in process:
 //! decode, raw table, 1-minute and 5-minute-hop aggregations, alerts, zstd Parquet, commit),
-//! and the process's peak RSS. Figures and what bounds them: benches/README.md.
+//! and the process's peak RSS; `--live` keeps the worker's live state for the console too
+//! (its cost: run once with and once without). Figures and what bounds them: benches/README.md.
 
 mod arrow_json;
 mod canned_kinesis;
@@ -82,16 +83,18 @@ fn main() {
 
     // The whole pipeline first, so the peak RSS is its own (`--stages`: the stages alone).
     if !args.iter().any(|a| a == "--stages") {
-        whole_pipeline(&rt, &p);
+        // `--live`: the worker also keeps its live state for the console, as with `--listen`.
+        whole_pipeline(&rt, &p, args.iter().any(|a| a == "--live"));
     }
     stages(&p, &stream, opt(&args, "--repeat", 3) as usize);
 }
 
-fn whole_pipeline(rt: &tokio::runtime::Runtime, p: &shardlake::config::Pipeline) {
+fn whole_pipeline(rt: &tokio::runtime::Runtime, p: &shardlake::config::Pipeline, live: bool) {
     let metrics = Arc::new(Metrics::default());
     let t = Instant::now();
     let opts = RunOptions {
         drain: true,
+        live: live.then(shardlake::live::Live::new),
         ..Default::default()
     };
     rt.block_on(run(

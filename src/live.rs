@@ -170,9 +170,13 @@ impl Live {
             let newest = t >= d.row.event_us;
             if newest {
                 d.row.event_us = t;
-                d.row.tenant = tenants
-                    .and_then(|c| c.is_valid(i).then(|| c.value(i).to_string()))
-                    .or(d.row.tenant.take());
+                // Allocates only when the tenant changes (a device's rarely does).
+                if let Some(c) = tenants
+                    && c.is_valid(i)
+                    && d.row.tenant.as_deref() != Some(c.value(i))
+                {
+                    d.row.tenant = Some(c.value(i).to_string());
+                }
             }
             let minute = t.div_euclid(MINUTE_US) * MINUTE_US;
             for (name, col) in &fields {
@@ -202,6 +206,15 @@ impl Live {
                     add_minute(d.minutes.get_mut(*name).expect("inserted"), minute, v);
                 }
                 if newest {
+                    // Text that did not change (a status) is not copied again.
+                    if number.is_none()
+                        && let (Some(serde_json::Value::String(old)), DataType::Utf8) =
+                            (d.row.values.get(*name), col.data_type())
+                        && col.is_valid(i)
+                        && old == col.as_string::<i32>().value(i)
+                    {
+                        continue;
+                    }
                     let value = match number {
                         Some(v) => serde_json::Number::from_f64(v).map(serde_json::Value::Number),
                         None => text(*col, i).map(serde_json::Value::String),
