@@ -61,10 +61,13 @@ function fmtValue(v) {
   return v === undefined || v === null ? "" : String(v);
 }
 
-function openAlerts(device) {
-  let n = 0;
-  for (const a of state.alerts.values()) if (a.device === device && !state.acks.has(a.id)) n++;
-  return n;
+// Open (unacknowledged) alerts per device, counted once per render.
+function openAlertCounts() {
+  const counts = new Map();
+  for (const a of state.alerts.values()) {
+    if (a.device !== null && !state.acks.has(a.id)) counts.set(a.device, (counts.get(a.device) || 0) + 1);
+  }
+  return counts;
 }
 
 // ---- live data ----
@@ -187,11 +190,13 @@ function renderFleet() {
   const alertState = $("filter-alerts").value;
   const stale = $("filter-stale").value;
   const tenants = new Set();
+  const open = openAlertCounts();
+  const now = Date.now();
   let rows = [];
   for (const d of state.devices.values()) {
     if (d.tenant) tenants.add(d.tenant);
-    const isStale = Date.now() - d.event_us / 1000 > STALE_MS;
-    const n = openAlerts(d.device);
+    const isStale = now - d.event_us / 1000 > STALE_MS;
+    const n = open.get(d.device) || 0;
     if (text && !d.device.toLowerCase().includes(text)) continue;
     if (tenant && d.tenant !== tenant) continue;
     if (alertState === "open" && !n) continue;
