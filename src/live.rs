@@ -236,44 +236,16 @@ impl Live {
     }
 
     /// Takes in a batch of the alerts table's rows (rule, kind, event_time, key, detail);
-    /// `tenant_of` names the tenant field of the row (read from `detail`).
+    /// `tenant_field` names the tenant field of the row that fired (read from `detail`).
     pub fn alerts(&self, alerts: &RecordBatch, tenant_field: Option<&str>) {
-        let rule = alerts.column(0).as_string::<i32>();
-        let kind = alerts.column(1).as_string::<i32>();
-        let time = alerts.column(2).as_primitive::<TimestampMicrosecondType>();
-        let key = alerts.column(3).as_string::<i32>();
-        let detail = alerts.column(4).as_string::<i32>();
         let mut s = self.state.lock().expect("not poisoned");
-        for i in 0..alerts.num_rows() {
-            let device = key.is_valid(i).then(|| key.value(i).to_string());
-            let id = alert_id(
-                rule.value(i),
-                kind.value(i),
-                device.as_deref(),
-                time.value(i),
-                detail.value(i),
-            );
-            if s.alert_ids.contains_key(&id) {
+        for mut row in alert_rows(alerts, tenant_field) {
+            if s.alert_ids.contains_key(&row.id) {
                 continue;
             }
-            let tenant = tenant_field.and_then(|f| {
-                serde_json::from_str::<serde_json::Value>(detail.value(i))
-                    .ok()?
-                    .get(f)?
-                    .as_str()
-                    .map(str::to_string)
-            });
             s.version += 1;
-            let row = AlertRow {
-                id: id.clone(),
-                rule: rule.value(i).to_string(),
-                kind: kind.value(i).to_string(),
-                device,
-                tenant,
-                event_us: time.value(i),
-                detail: detail.value(i).to_string(),
-                version: s.version,
-            };
+            row.version = s.version;
+            let id = row.id.clone();
             s.alert_ids.insert(id, row.version);
             s.alerts.push_back(row);
             while s.alerts.len() > ALERTS_KEPT {
@@ -363,6 +335,46 @@ fn text(col: &dyn Array, i: usize) -> Option<String> {
             .ok()
             .map(|f| f.value(i).to_string()),
     }
+}
+
+/// The rows of an alerts-table batch (rule, kind, event_time, key, detail) as the console
+/// shows them (version 0: the holder numbers them).
+pub fn alert_rows(alerts: &RecordBatch, tenant_field: Option<&str>) -> Vec<AlertRow> {
+    let rule = alerts.column(0).as_string::<i32>();
+    let kind = alerts.column(1).as_string::<i32>();
+    let time = alerts.column(2).as_primitive::<TimestampMicrosecondType>();
+    let key = alerts.column(3).as_string::<i32>();
+    let detail = alerts.column(4).as_string::<i32>();
+    (0..alerts.num_rows())
+        .map(|i| {
+            let device = key.is_valid(i).then(|| key.value(i).to_string());
+            AlertRow {
+                id: alert_id(
+                    rule.value(i),
+                    kind.value(i),
+                    device.as_deref(),
+                    time.value(i),
+                    detail.value(i),
+                ),
+                rule: rule.value(i).to_string(),
+                kind: kind.value(i).to_string(),
+                device,
+                tenant: tenant_field.and_then(|f| tenant_of(detail.value(i), f)),
+                event_us: time.value(i),
+                detail: detail.value(i).to_string(),
+                version: 0,
+            }
+        })
+        .collect()
+}
+
+/// The tenant an alert's `detail` (the row that fired, as JSON) names in `field`.
+pub fn tenant_of(detail: &str, field: &str) -> Option<String> {
+    serde_json::from_str::<serde_json::Value>(detail)
+        .ok()?
+        .get(field)?
+        .as_str()
+        .map(str::to_string)
 }
 
 /// An alert's identity: the same row raised again (after a restart replayed its record)

@@ -46,6 +46,25 @@ fn s3_error(what: &str, e: impl std::error::Error) -> io::Error {
     io::Error::other(format!("{what}: {}", crate::aws::describe(&e)))
 }
 
+async fn read_object(
+    client: &aws_sdk_s3::Client,
+    bucket: &str,
+    key: &str,
+) -> io::Result<bytes::Bytes> {
+    Ok(client
+        .get_object()
+        .bucket(bucket)
+        .key(key)
+        .send()
+        .await
+        .map_err(|e| s3_error(&format!("reading the acknowledgement {key}"), e))?
+        .body
+        .collect()
+        .await
+        .map_err(io::Error::other)?
+        .into_bytes())
+}
+
 impl AckStore {
     pub fn local(dir: PathBuf) -> io::Result<Self> {
         std::fs::create_dir_all(&dir)?;
@@ -100,18 +119,7 @@ impl AckStore {
                     let page = page.map_err(|e| s3_error("listing acknowledgements", e))?;
                     for o in page.contents() {
                         let Some(key) = o.key() else { continue };
-                        let body = client
-                            .get_object()
-                            .bucket(bucket)
-                            .key(key)
-                            .send()
-                            .await
-                            .map_err(|e| s3_error("reading an acknowledgement", e))?
-                            .body
-                            .collect()
-                            .await
-                            .map_err(io::Error::other)?
-                            .into_bytes();
+                        let body = read_object(client, bucket, key).await?;
                         match serde_json::from_slice::<Ack>(&body) {
                             Ok(a) => acks.push(a),
                             Err(e) => {
@@ -164,18 +172,7 @@ impl AckStore {
                 match put {
                     Ok(_) => Ok(ack.clone()),
                     Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 412) => {
-                        let body = client
-                            .get_object()
-                            .bucket(bucket)
-                            .key(&key)
-                            .send()
-                            .await
-                            .map_err(|e| s3_error("reading the acknowledgement that stands", e))?
-                            .body
-                            .collect()
-                            .await
-                            .map_err(io::Error::other)?
-                            .into_bytes();
+                        let body = read_object(client, bucket, &key).await?;
                         Ok(serde_json::from_slice(&body)?)
                     }
                     Err(e) => Err(s3_error("keeping the acknowledgement", e)),

@@ -32,8 +32,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use arrow::array::{Array, AsArray, RecordBatch};
-use arrow::datatypes::TimestampMicrosecondType;
+use arrow::array::RecordBatch;
 use axum::Router;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -46,7 +45,7 @@ use serde::{Deserialize, Serialize};
 use tower_http::set_header::SetResponseHeaderLayer;
 
 use crate::config::{LakeLocation, Pipeline};
-use crate::live::{AlertRow, alert_id};
+use crate::live::AlertRow;
 use crate::tools::query as lake;
 use acks::AckStore;
 use auth::{Auth, Denied, Role};
@@ -619,8 +618,9 @@ async fn device(
                 .filter(|r| {
                     r["detail"]
                         .as_str()
-                        .and_then(|d| serde_json::from_str::<serde_json::Value>(d).ok())
-                        .is_some_and(|d| d[f].as_str() == Some(t.as_str()))
+                        .and_then(|d| crate::live::tenant_of(d, f))
+                        .as_deref()
+                        == Some(t.as_str())
                 })
                 .collect(),
         ),
@@ -752,41 +752,10 @@ async fn recent_alerts(p: &Pipeline, ctx: &SessionContext) -> anyhow::Result<Vec
         )
     );
     let batches: Vec<RecordBatch> = ctx.sql(&sql).await?.collect().await?;
-    let tenant_field = p.tenant_field();
-    let mut rows = Vec::new();
-    for b in &batches {
-        let rule = b.column(0).as_string::<i32>();
-        let kind = b.column(1).as_string::<i32>();
-        let time = b.column(2).as_primitive::<TimestampMicrosecondType>();
-        let key = b.column(3).as_string::<i32>();
-        let detail = b.column(4).as_string::<i32>();
-        for i in 0..b.num_rows() {
-            let device = key.is_valid(i).then(|| key.value(i).to_string());
-            let tenant = tenant_field.and_then(|f| {
-                serde_json::from_str::<serde_json::Value>(detail.value(i))
-                    .ok()?
-                    .get(f)?
-                    .as_str()
-                    .map(str::to_string)
-            });
-            rows.push(AlertRow {
-                id: alert_id(
-                    rule.value(i),
-                    kind.value(i),
-                    device.as_deref(),
-                    time.value(i),
-                    detail.value(i),
-                ),
-                rule: rule.value(i).to_string(),
-                kind: kind.value(i).to_string(),
-                device,
-                tenant,
-                event_us: time.value(i),
-                detail: detail.value(i).to_string(),
-                version: 0,
-            });
-        }
-    }
+    let mut rows: Vec<AlertRow> = batches
+        .iter()
+        .flat_map(|b| crate::live::alert_rows(b, p.tenant_field()))
+        .collect();
     rows.reverse();
     Ok(rows)
 }
