@@ -11,6 +11,9 @@ pub struct Metrics {
     pub records_read: AtomicU64,
     pub records_written: AtomicU64,
     pub dead_letters: AtomicU64,
+    /// Dead letters whose reason is `identity_mismatch` (a record claiming a device or tenant
+    /// its channel did not prove).
+    pub identity_mismatches: AtomicU64,
     pub late_records: AtomicU64,
     pub alerts: AtomicU64,
     pub windows_emitted: AtomicU64,

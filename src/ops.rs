@@ -93,7 +93,7 @@ struct Exposition(Arc<Metrics>);
 impl Collector for Exposition {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let m = &*self.0;
-        let counters: [(&str, &str, &AtomicU64); 25] = [
+        let counters: [(&str, &str, &AtomicU64); 26] = [
             (
                 "records_read",
                 "Records read from the source (KPL user records counted one by one)",
@@ -108,6 +108,11 @@ impl Collector for Exposition {
                 "dead_letters",
                 "Records sent to the dead-letter output",
                 &m.dead_letters,
+            ),
+            (
+                "identity_mismatches",
+                "Dead letters that claimed a device or tenant their channel did not prove",
+                &m.identity_mismatches,
             ),
             (
                 "late_records",

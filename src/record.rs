@@ -174,6 +174,10 @@ pub struct RawChunk {
     /// Each record's bytes within `data`.
     pub spans: Vec<Range<usize>>,
     pub seqs: SeqNos,
+    /// Each record's partition key, packed like `seqs`, when the source has them (Kinesis
+    /// does; a KPL user record has its own). Empty when it has none (the local stream): the
+    /// pipeline's `identity` check needs them.
+    pub keys: SeqNos,
     /// Records the source already knows are bad (a corrupt KPL aggregate), by index, with
     /// why: they go to dead-letter as they are.
     pub rejected: Vec<(usize, String)>,
@@ -192,6 +196,11 @@ impl RawChunk {
 
     pub fn record(&self, i: usize) -> &[u8] {
         &self.data[self.spans[i].clone()]
+    }
+
+    /// Record `i`'s partition key, if the source gave keys.
+    pub fn key(&self, i: usize) -> Option<&str> {
+        (self.keys.len() == self.seqs.len()).then(|| self.keys.get(i))
     }
 
     /// The position after the last record.

@@ -303,6 +303,7 @@ impl Feed {
             data,
             spans,
             seqs,
+            keys: Default::default(),
             arrival_us: self.clock.now_us(),
             rejected: Vec::new(),
         };

@@ -447,7 +447,7 @@ fn mqtt_config(base: &Path, m: MqttFile, device_id: &str, p: &mut Problems) -> M
         p.add(
             &at("topic"),
             format!("`{}` is not a publish topic for one device", m.topic),
-            "include {device_id} and no wildcards, e.g. sensors/{tenant}/{device_id}/telemetry (the IoT rule keys the stream by that level)",
+            "include {device_id} and no wildcards, e.g. sensors/{tenant}/{device_id}/telemetry (the IoT rule keys the stream by the tenant and device levels)",
         );
     }
     if !(1..=1000).contains(&m.max_publishes_per_s) {

@@ -52,7 +52,7 @@ enum Command {
         #[arg(long, default_value = "sensors/+/+/telemetry")]
         topic: String,
         /// IoT SQL substitution template, as the topic rule's Kinesis action has it.
-        #[arg(long, default_value = "${topic(3)}")]
+        #[arg(long, default_value = "${topic(2)}/${topic(3)}")]
         partition_key: String,
         #[arg(long, default_value = "shardlake-bridge")]
         client_id: String,

@@ -38,6 +38,28 @@ pub struct PipelineFile {
     /// The console (`shardlake console`): who may sign in, and with which role.
     #[serde(default)]
     pub console: ConsoleFile,
+    /// Which record fields the channel proves (the device's certificate, through the MQTT
+    /// topic its policy allows and the partition key the IoT rule makes of that topic). A
+    /// record that claims otherwise goes to dead-letter as `identity_mismatch`.
+    #[serde(default)]
+    pub identity: Option<IdentityFile>,
+}
+
+/// `identity:`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityFile {
+    /// Where the proof is: `partition_key`, the key each Kinesis record was put with (the IoT
+    /// rule's `PartitionKey`, or `shardlake bridge --partition-key`).
+    pub from: String,
+    /// How that key is made of record fields: `{field}` for a field's value, anything else
+    /// as written (default `{tenant}/{device_id}`, the rule's `${topic(2)}/${topic(3)}`).
+    #[serde(default = "default_identity_key")]
+    pub key: String,
+}
+
+fn default_identity_key() -> String {
+    "{tenant}/{device_id}".into()
 }
 
 /// `console:`.

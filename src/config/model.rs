@@ -43,7 +43,69 @@ pub struct Pipeline {
     pub notifiers: Vec<Notifier>,
     /// `shardlake console`: sign-in and roles.
     pub console: Console,
+    /// What the channel proves of each record (`identity:`), if set.
+    pub identity: Option<Identity>,
     pub lines: LineIndex,
+}
+
+/// `identity:`: the partition key's shape, which says which fields it proves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// As written, e.g. `{tenant}/{device_id}`.
+    pub key: String,
+    pub parts: Vec<KeyPart>,
+}
+
+/// A piece of the key's shape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyPart {
+    Text(String),
+    /// A string field of the schema, by its index there.
+    Field {
+        name: String,
+        index: usize,
+    },
+}
+
+impl Identity {
+    /// The field values `key` proves, as (schema index, value), into `out`; false when the key
+    /// does not have the shape (a text part missing, or a field's value empty).
+    pub fn prove<'k>(&self, key: &'k str, out: &mut Vec<(usize, &'k str)>) -> bool {
+        out.clear();
+        let mut rest = key;
+        let mut parts = self.parts.iter().peekable();
+        while let Some(part) = parts.next() {
+            match part {
+                KeyPart::Text(t) => match rest.strip_prefix(t.as_str()) {
+                    Some(r) => rest = r,
+                    None => return false,
+                },
+                KeyPart::Field { index, .. } => {
+                    // Up to the next text part (resolve keeps two fields from touching).
+                    let end = match parts.peek() {
+                        Some(KeyPart::Text(t)) => match rest.find(t.as_str()) {
+                            Some(e) => e,
+                            None => return false,
+                        },
+                        _ => rest.len(),
+                    };
+                    if end == 0 {
+                        return false;
+                    }
+                    out.push((*index, &rest[..end]));
+                    rest = &rest[end..];
+                }
+            }
+        }
+        rest.is_empty()
+    }
+
+    /// Whether the key proves field `name`.
+    pub fn proves(&self, name: &str) -> bool {
+        self.parts
+            .iter()
+            .any(|p| matches!(p, KeyPart::Field { name: n, .. } if n == name))
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -21,7 +21,7 @@ use arrow::array::{
 use arrow::datatypes::{DataType, Field as ArrowField, Schema, SchemaRef, TimeUnit};
 use serde::de::DeserializeSeed;
 
-use crate::config::{FieldType, Pipeline, TimeFormat};
+use crate::config::{FieldType, Identity, Pipeline, TimeFormat};
 use crate::record::{Position, RawChunk, SeqNo};
 use field::{FieldSpec, Kind, Name, Slot};
 
@@ -75,6 +75,8 @@ pub struct RecordDecoder {
     event_field: usize,
     max_record_bytes: usize,
     max_future_skew: i64,
+    /// What the partition key proves (`identity:`), checked against each record.
+    identity: Option<Arc<Identity>>,
     /// Whether the flat reader goes first (always, but for measuring the strict one alone).
     fast: bool,
 }
@@ -113,6 +115,7 @@ impl RecordDecoder {
             event_field,
             max_record_bytes: p.max_record_bytes,
             max_future_skew: p.max_future_skew,
+            identity: p.identity.clone().map(Arc::new),
             fast: true,
         }
     }
@@ -142,6 +145,7 @@ impl RecordDecoder {
         // per record; a record is then its slice of the text. (simdutf8 answers the same as
         // `str::from_utf8`, with SIMD.)
         let text = simdutf8::basic::from_utf8(&chunk.data).ok();
+        let mut proven = Vec::new();
         for i in 0..n {
             let rec = chunk.record(i);
             let result = match rejected.next_if(|(r, _)| *r == i) {
@@ -150,7 +154,7 @@ impl RecordDecoder {
                     // None when the chunk is not valid UTF-8 or the record does not start
                     // and end on character boundaries: the record is checked alone.
                     let checked = text.and_then(|t| t.get(chunk.spans[i].clone()));
-                    self.read(rec, checked, &mut slots, limit)
+                    self.read(rec, checked, chunk.key(i), &mut proven, &mut slots, limit)
                 }
             };
             match result {
@@ -187,11 +191,15 @@ impl RecordDecoder {
 
     /// Reads one record into `slots` (one per schema field), or says why it cannot go in.
     /// Syntax comes first, then the fields' types, timestamps, required fields, future skew.
-    /// `checked` is the record as text when the caller validated it already.
+    /// `checked` is the record as text when the caller validated it already; `key` its
+    /// partition key, for the identity check (which comes right after the syntax, and fills
+    /// a proven field the record left out). `proven` is scratch space for it.
     fn read<'a>(
         &self,
         rec: &'a [u8],
         checked: Option<&'a str>,
+        key: Option<&'a str>,
+        proven: &mut Vec<(usize, &'a str)>,
         slots: &mut Vec<Slot<'a>>,
         limit: i64,
     ) -> Result<(), Reason> {
@@ -211,6 +219,9 @@ impl RecordDecoder {
             return Err(Reason::Empty);
         }
         self.parse(text, slots, self.fast)?;
+        if let Some(id) = &self.identity {
+            self.check_identity(id, key, proven, slots)?;
+        }
         for (i, (f, slot)) in self.fields.iter().zip(slots.iter()).enumerate() {
             if let Slot::BadTime(value) = slot {
                 return Err(if i == self.event_field {
@@ -250,6 +261,43 @@ impl RecordDecoder {
 }
 
 impl RecordDecoder {
+    /// Compares the fields the key proves with what the record says; fills those it left out.
+    fn check_identity<'a>(
+        &self,
+        id: &Identity,
+        key: Option<&'a str>,
+        proven: &mut Vec<(usize, &'a str)>,
+        slots: &mut [Slot<'a>],
+    ) -> Result<(), Reason> {
+        let Some(key) = key else {
+            return Err(Reason::IdentityMismatch(
+                "the source gave no partition key, so nothing proves the record's identity".into(),
+            ));
+        };
+        if !id.prove(key, proven) {
+            return Err(Reason::IdentityMismatch(format!(
+                "partition key {key:?} does not have the shape {} (identity.key)",
+                id.key
+            )));
+        }
+        for &(index, value) in proven.iter() {
+            match &slots[index] {
+                Slot::Absent => slots[index] = Slot::Str(value.into()),
+                Slot::Str(claimed) if claimed.as_ref() == value => {}
+                Slot::Str(claimed) => {
+                    return Err(Reason::IdentityMismatch(format!(
+                        "field `{}` says {claimed:?} but the channel proves {value:?} \
+                         (partition key {key:?})",
+                        self.fields[index].name
+                    )));
+                }
+                // Resolve admits only string fields; a wrong type was reported by `parse`.
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
     /// Fills `slots` (one per field) from a record's JSON: the flat reader first (`fast`),
     /// the strict serde_json reader when it declines. Syntax and type errors come out here.
     fn parse<'a>(

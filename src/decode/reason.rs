@@ -34,6 +34,31 @@ pub enum Reason {
     /// A KPL aggregate (magic `F3 89 9A C2`) whose digest or protobuf body is wrong; the
     /// whole Kinesis record is kept as it came.
     CorruptAggregate(String),
+    /// The record claims an identity (device, tenant) its channel did not prove: a field's
+    /// value differs from what the partition key says, or the key has not the configured
+    /// shape. Never counted for either device.
+    IdentityMismatch(String),
+}
+
+impl Reason {
+    /// The stable first word of the text.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Reason::TooLarge { .. } => "too_large",
+            Reason::InvalidUtf8 { .. } => "invalid_utf8",
+            Reason::Empty => "empty",
+            Reason::InvalidJson(_) => "invalid_json",
+            Reason::NotAnObject(_) => "not_an_object",
+            Reason::MultipleValues(_) => "multiple_values",
+            Reason::WrongType(_) => "wrong_type",
+            Reason::MissingField(_) => "missing_field",
+            Reason::BadEventTime(_) => "bad_event_time",
+            Reason::FutureEventTime { .. } => "future_event_time",
+            Reason::BadTimestamp { .. } => "bad_timestamp",
+            Reason::CorruptAggregate(_) => "corrupt_aggregate",
+            Reason::IdentityMismatch(_) => "identity_mismatch",
+        }
+    }
 }
 
 impl fmt::Display for Reason {
@@ -69,6 +94,7 @@ impl fmt::Display for Reason {
                 f,
                 "corrupt_aggregate: a KPL aggregated record that cannot be unpacked: {m}"
             ),
+            Reason::IdentityMismatch(m) => write!(f, "identity_mismatch: {m}"),
             Reason::BadTimestamp { field, value } => write!(
                 f,
                 "bad_timestamp: field `{field}` value {value:?} is not an RFC 3339 timestamp"

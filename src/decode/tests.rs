@@ -36,6 +36,7 @@ fn chunk(records: &[&str]) -> RawChunk {
         data,
         spans,
         seqs: (0..records.len()).map(|i| i.to_string()).collect(),
+        keys: Default::default(),
         rejected: Vec::new(),
         arrival_us: NOW,
     }
@@ -397,4 +398,114 @@ fn the_fast_reader_agrees_with_the_strict_one() {
         accepted > 10_000 && declined > 10_000,
         "{accepted} accepted, {declined} declined"
     );
+}
+
+/// A decoder whose partition keys prove `tenant` and `id`, as `identity:` configures it.
+fn identity_decoder() -> RecordDecoder {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("s.yaml"),
+        "name: s\nfields:\n  - {name: ts, type: timestamp}\n  - {name: tenant, type: string}\n  - {name: id, type: string, required: true}\n  - {name: v, type: float64}\n",
+    )
+    .unwrap();
+    let pipe = dir.path().join("p.yaml");
+    std::fs::write(
+        &pipe,
+        "name: p\nschema: s.yaml\nsource: {kinesis: {stream: s}}\nlake: {local: {path: l}}\ncheckpoints: {local: {path: c}}\nevent_time: {field: ts}\nidentity: {from: partition_key, key: \"{tenant}/{id}\"}\n",
+    )
+    .unwrap();
+    RecordDecoder::new(&crate::config::load_pipeline(&pipe, &|_| None).unwrap())
+}
+
+#[test]
+fn the_partition_key_proves_tenant_and_device_and_a_spoof_goes_to_dead_letter() {
+    let records = [
+        // Honest.
+        (
+            r#"{"ts":"2026-01-05T09:00:00Z","tenant":"a","id":"pi-1","v":1}"#,
+            "a/pi-1",
+        ),
+        // Claims another device.
+        (
+            r#"{"ts":"2026-01-05T09:00:00Z","tenant":"a","id":"pi-2","v":2}"#,
+            "a/pi-1",
+        ),
+        // Claims another tenant.
+        (
+            r#"{"ts":"2026-01-05T09:00:00Z","tenant":"b","id":"pi-1","v":3}"#,
+            "a/pi-1",
+        ),
+        // Says nothing: both come from the key.
+        (r#"{"ts":"2026-01-05T09:00:00Z","v":4}"#, "b/pi-9"),
+        // A key of another shape.
+        (
+            r#"{"ts":"2026-01-05T09:00:00Z","tenant":"a","id":"pi-1","v":5}"#,
+            "pi-1",
+        ),
+        // An empty level.
+        (
+            r#"{"ts":"2026-01-05T09:00:00Z","id":"pi-1","v":6}"#,
+            "/pi-1",
+        ),
+        // Escaped JSON that says the same as the key (the strict reader's path).
+        (
+            r#"{"ts":"2026-01-05T09:00:00Z","tenant":"\u0061","id":"pi-1","v":7}"#,
+            "a/pi-1",
+        ),
+    ];
+    let mut c = chunk(&records.iter().map(|r| r.0).collect::<Vec<_>>());
+    c.keys = records.iter().map(|r| r.1).collect();
+    let d = identity_decoder().decode(&c, NOW);
+    let col = |name: &str, r: usize| {
+        array_value_to_string(d.batch.column_by_name(name).unwrap(), r).unwrap()
+    };
+    let good: Vec<(String, String, String)> = (0..d.batch.num_rows())
+        .map(|r| (col("tenant", r), col("id", r), col("v", r)))
+        .collect();
+    let s = |x: &str| x.to_string();
+    assert_eq!(
+        good,
+        [
+            (s("a"), s("pi-1"), s("1.0")),
+            (s("b"), s("pi-9"), s("4.0")),
+            (s("a"), s("pi-1"), s("7.0"))
+        ]
+    );
+    let dead: Vec<(u64, String)> = d
+        .dead
+        .iter()
+        .map(|x| (x.seq.as_u64().unwrap(), x.reason.to_string()))
+        .collect();
+    assert_eq!(dead.len(), 4, "{dead:?}");
+    assert!(
+        d.dead
+            .iter()
+            .all(|x| x.reason.kind() == "identity_mismatch")
+    );
+    assert_eq!(
+        dead[0],
+        (
+            1,
+            r#"identity_mismatch: field `id` says "pi-2" but the channel proves "pi-1" (partition key "a/pi-1")"#
+                .to_string()
+        )
+    );
+    assert!(
+        dead[1].1.contains(r#"field `tenant` says "b""#),
+        "{}",
+        dead[1].1
+    );
+    assert!(
+        dead[2].1.contains("does not have the shape {tenant}/{id}"),
+        "{}",
+        dead[2].1
+    );
+    assert_eq!(dead[3].0, 5);
+    // The raw bytes go along as they came.
+    assert_eq!(d.dead[0].raw, records[1].0.as_bytes());
+    // Without keys nothing is proven, and nothing is let through.
+    let c = chunk(&[records[0].0]);
+    let d = identity_decoder().decode(&c, NOW);
+    assert_eq!((d.batch.num_rows(), d.dead.len()), (0, 1));
+    assert!(d.dead[0].reason.to_string().contains("no partition key"));
 }

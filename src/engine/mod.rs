@@ -29,7 +29,7 @@ use crate::checkpoint::{CheckpointStore, Committed, ShardCheckpoint, StoreError}
 use crate::clock::Clock;
 use crate::columns;
 use crate::config::{ConfigError, Pipeline};
-use crate::decode::{DeadLetter, Decoded};
+use crate::decode::{DeadLetter, Decoded, Reason};
 use crate::failpoint;
 use crate::live::{self, Live};
 use crate::metrics::Metrics;
@@ -293,6 +293,11 @@ impl Engine {
             let batch = dead_letter_batch(&d.shard, d.arrival_us, &dead);
             self.dead.write(&batch, epoch, &self.worker, now).await?;
             Metrics::add(&self.metrics.dead_letters, dead.len() as u64);
+            let spoofed = dead
+                .iter()
+                .filter(|x| matches!(x.reason, Reason::IdentityMismatch(_)))
+                .count();
+            Metrics::add(&self.metrics.identity_mismatches, spoofed as u64);
         }
         let rules = self.compiled.record_rules.clone();
         let event_field = self.event_field;

@@ -58,6 +58,7 @@ pub(super) fn log_summary(metrics: &Metrics) {
     tracing::info!(
         records = g(&metrics.records_read),
         dead_letters = g(&metrics.dead_letters),
+        identity_mismatches = g(&metrics.identity_mismatches),
         commits = g(&metrics.commits),
         kinesis_throttled = g(&metrics.kinesis_throttled),
         kinesis_errors_retried = g(&metrics.kinesis_errors_retried),

@@ -130,6 +130,7 @@ impl LocalShardReader {
             data: std::mem::take(&mut self.buf),
             spans,
             seqs,
+            keys: SeqNos::default(),
             arrival_us: now_us,
             rejected: Vec::new(),
         }))
@@ -165,6 +166,7 @@ impl LocalShardReader {
             spans: std::iter::once(0..head.len()).collect(),
             data: head,
             seqs: [end.to_string()].into_iter().collect(),
+            keys: SeqNos::default(),
             arrival_us: now_us,
             rejected: Vec::new(),
         }))

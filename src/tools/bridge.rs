@@ -1,6 +1,7 @@
 //! `shardlake bridge`: the IoT Core rule's job on one machine. It subscribes to an MQTT broker
 //! (Mosquitto) and puts each message, whole, on a Kinesis stream with the partition key the
-//! rule in `deploy/` uses (`${topic(3)}`: the device), so the full path runs locally:
+//! rule in `deploy/` uses (`${topic(2)}/${topic(3)}`: the tenant and device levels, which the
+//! broker's ACL, like the IoT policy, pins to the certificate), so the full path runs locally:
 //! agent → Mosquitto → bridge → Kinesis (a local server) → pipeline.
 //!
 //! A message is acknowledged to the broker (QoS 1, manual acks) only after Kinesis accepted

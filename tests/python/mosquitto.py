@@ -66,7 +66,7 @@ class Mosquitto:
     """A broker on 127.0.0.1:`port` that can be stopped and started again (its persistence
     keeps a persistent subscriber's queued messages across the restart)."""
 
-    def __init__(self, dir: Path, pki: Path, port: int):
+    def __init__(self, dir: Path, pki: Path, port: int, extra: list[str] | None = None):
         self.dir, self.pki, self.port = dir, pki, port
         self.proc: subprocess.Popen | None = None
         conf = [
@@ -85,6 +85,7 @@ class Mosquitto:
             "log_type information",
             "connection_messages true",
             "max_queued_messages 0",
+            *(extra or []),
         ]
         if os.geteuid() == 0:
             # Started as root it would drop to the mosquitto user, who cannot read the keys.

@@ -210,7 +210,7 @@ def test_end_to_end_agent_mosquitto_bridge_kinesalite_pipeline(
     puts each message on kinesalite keyed as the IoT rule in deploy/ does, and the sensor
     pipeline (split_lines) writes every reading once to the lake."""
     template = (REPO / "deploy" / "shardlake.yaml").read_text()
-    assert 'PartitionKey: "${topic(3)}"' in template, "the bridge's default key is the rule's"
+    assert 'PartitionKey: "${topic(2)}/${topic(3)}"' in template, "the bridge's default key is the rule's"
     kinesis = kinesalite.client()
     stream = f"sensors-{uuid.uuid4().hex[:8]}"
     create_stream(kinesis, stream, 2)
@@ -245,8 +245,10 @@ def test_end_to_end_agent_mosquitto_bridge_kinesalite_pipeline(
 
     records = kinesis_records(kinesis, stream)
     for r in records:
-        inside = {json.loads(line)["device_id"] for line in r["Data"].splitlines() if line.strip()}
-        assert inside == {r["PartitionKey"]}, "keyed by the device, as the IoT rule does"
+        inside = {(json.loads(line)["tenant"], json.loads(line)["device_id"])
+                  for line in r["Data"].splitlines() if line.strip()}
+        assert inside == {tuple(r["PartitionKey"].split("/"))}, \
+            "keyed by tenant/device, the topic's levels, as the IoT rule does"
     per_record = len(lines()) / len(records)
     print(f"\n[e2e] {sum(sent.values())} readings from {len(devices)} agents in "
           f"{bridged['messages']} MQTT messages ({per_record:.0f} readings each) → "
@@ -258,6 +260,8 @@ def test_end_to_end_agent_mosquitto_bridge_kinesalite_pipeline(
     text = text.replace("  local:\n    path: ${SHARDLAKE_DATA:-shardlake-data}/stream",
                         f"  kinesis: {{stream: {stream}, split_lines: true, poll_interval: 100ms}}")
     assert "split_lines" in text
+    # Every line checked against the key its message came with: honest devices lose nothing.
+    text += "\nidentity: {from: partition_key, key: \"{tenant}/{device_id}\"}\n"
     pipeline = tmp_path / "sensor-fleet-kinesis.yaml"
     pipeline.write_text(text)
     data_env = pipeline_env(tmp_path / "data", kinesalite.env())

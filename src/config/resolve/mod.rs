@@ -7,6 +7,7 @@ mod alerts;
 mod checkpoint;
 mod console;
 mod event_time;
+mod identity;
 mod lake;
 mod limits;
 mod notifiers;
@@ -49,6 +50,10 @@ pub(super) fn resolve_pipeline(
     let notifiers = notifiers::resolve_notifiers(p, &f.notifiers, &rule_names);
     let outputs = outputs::resolve_outputs(p, &f.outputs, aggregations, &lake, &rollover);
     let console = console::resolve_console(p, f.console);
+    let identity = f
+        .identity
+        .as_ref()
+        .and_then(|i| identity::resolve_identity(p, i, schema.as_ref(), &source));
 
     Some(Pipeline {
         file: path.to_path_buf(),
@@ -66,6 +71,7 @@ pub(super) fn resolve_pipeline(
         notifiers,
         alerts,
         console,
+        identity,
         lines,
     })
 }

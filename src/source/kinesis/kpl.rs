@@ -16,10 +16,11 @@
 //! }
 //! ```
 //!
-//! Only `data` matters downstream (the partition key is the device id, which the record holds
-//! too), so this reads the wire format directly: a dozen lines instead of a protobuf code
-//! generator in the build. Each user record gets the aggregate's sequence number and its
-//! index as sub-sequence number, as the KCL does.
+//! Each user record keeps its own partition key (from `partition_key_table`), which the
+//! pipeline's `identity` check compares with the record's fields; the explicit hash keys and
+//! tags are skipped. This reads the wire format directly: a few dozen lines instead of a
+//! protobuf code generator in the build. Each user record gets the aggregate's sequence
+//! number and its index as sub-sequence number, as the KCL does.
 
 use md5::{Digest, Md5};
 
@@ -31,10 +32,18 @@ const DIGEST_LEN: usize = 16;
 pub enum Unpacked<'a> {
     /// Not an aggregate: one user record, the Kinesis record's data.
     Plain,
-    /// The user records' data, in order.
-    Records(Vec<&'a [u8]>),
+    /// The user records, in order.
+    Records(Vec<User<'a>>),
     /// Starts with the magic but its digest or body is wrong.
     Corrupt(String),
+}
+
+/// One user record of an aggregate.
+#[derive(Debug, PartialEq, Eq)]
+pub struct User<'a> {
+    pub data: &'a [u8],
+    /// Its partition key, from the aggregate's key table.
+    pub key: &'a str,
 }
 
 /// Unpacks a Kinesis record's data.
@@ -59,44 +68,59 @@ pub fn unpack(data: &[u8]) -> Unpacked<'_> {
     }
 }
 
-/// The `data` of every `records` entry of an `AggregatedRecord`.
-fn records(body: &[u8]) -> Result<Vec<&[u8]>, String> {
+/// Every `records` entry of an `AggregatedRecord`, with its key from `partition_key_table`.
+fn records(body: &[u8]) -> Result<Vec<User<'_>>, String> {
+    let mut keys = Vec::new();
     let mut out = Vec::new();
     let mut r = Wire(body);
     while !r.0.is_empty() {
         let (field, kind) = r.key()?;
         match (field, kind) {
+            (1, LEN) => {
+                let key = std::str::from_utf8(r.bytes()?)
+                    .map_err(|_| format!("partition key {} is not UTF-8", keys.len()))?;
+                keys.push(key);
+            }
             (3, LEN) => {
                 let record = r.bytes()?;
                 out.push(record_data(record).map_err(|e| format!("record {}: {e}", out.len()))?);
             }
-            (1 | 2, LEN) => {
-                r.bytes()?;
-            }
             _ => r.skip(kind)?,
         }
     }
-    Ok(out)
+    out.into_iter()
+        .enumerate()
+        .map(|(i, (data, k))| {
+            let key = usize::try_from(k)
+                .ok()
+                .and_then(|k| keys.get(k))
+                .ok_or_else(|| {
+                    format!(
+                        "record {i}: partition_key_index {k} is beyond the table's {} keys",
+                        keys.len()
+                    )
+                })?;
+            Ok(User { data, key })
+        })
+        .collect()
 }
 
-fn record_data(record: &[u8]) -> Result<&[u8], String> {
+/// A record's `data` and `partition_key_index`.
+fn record_data(record: &[u8]) -> Result<(&[u8], u64), String> {
     let mut r = Wire(record);
-    let (mut data, mut key) = (None, false);
+    let (mut data, mut key) = (None, None);
     while !r.0.is_empty() {
         let (field, kind) = r.key()?;
         match (field, kind) {
-            (1, VARINT) => {
-                r.varint()?;
-                key = true;
-            }
+            (1, VARINT) => key = Some(r.varint()?),
             (3, LEN) => data = Some(r.bytes()?),
             _ => r.skip(kind)?,
         }
     }
     match (data, key) {
-        (Some(d), true) => Ok(d),
+        (Some(d), Some(k)) => Ok((d, k)),
         (None, _) => Err("no `data` field".into()),
-        (_, false) => Err("no `partition_key_index` field".into()),
+        (_, None) => Err("no `partition_key_index` field".into()),
     }
 }
 
@@ -207,9 +231,14 @@ pub(crate) mod tests {
     #[test]
     fn unpacks_user_records_in_order() {
         let agg = aggregate(&[("a", b"{\"n\":1}"), ("b", b"{\"n\":2}"), ("a", b"")]);
+        let user = |key, data: &'static [u8]| User { data, key };
         assert_eq!(
             unpack(&agg),
-            Unpacked::Records(vec![b"{\"n\":1}".as_slice(), b"{\"n\":2}", b""])
+            Unpacked::Records(vec![
+                user("a", b"{\"n\":1}"),
+                user("b", b"{\"n\":2}"),
+                user("a", b"")
+            ])
         );
         assert_eq!(unpack(b"{\"n\":1}"), Unpacked::Plain);
         assert_eq!(unpack(&MAGIC[..3]), Unpacked::Plain);
@@ -231,5 +260,17 @@ pub(crate) mod tests {
         let mut empty = MAGIC.to_vec();
         empty.extend_from_slice(&Md5::digest(b""));
         assert!(matches!(unpack(&empty), Unpacked::Corrupt(m) if m.contains("no records")));
+        // A record whose key index is past the table.
+        let mut body = Vec::new();
+        field(1, b"a", &mut body);
+        let mut r = Vec::new();
+        varint(1 << 3, &mut r);
+        varint(5, &mut r);
+        field(3, b"{}", &mut r);
+        field(3, &r, &mut body);
+        let mut bad = MAGIC.to_vec();
+        bad.extend_from_slice(&body);
+        bad.extend_from_slice(&Md5::digest(&body));
+        assert!(matches!(unpack(&bad), Unpacked::Corrupt(m) if m.contains("beyond the table")));
     }
 }

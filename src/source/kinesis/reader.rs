@@ -110,24 +110,24 @@ impl KinesisShardReader {
         let metrics = &self.stream.metrics;
         let mut chunk = Chunk::with_capacity(bytes, out.records().len());
         for r in out.records() {
-            let (b, seq) = (r.data().as_ref(), r.sequence_number());
+            let (b, seq, key) = (r.data().as_ref(), r.sequence_number(), r.partition_key());
             match kpl::unpack(b) {
                 kpl::Unpacked::Plain if self.stream.split_lines && lines(b).nth(1).is_some() => {
                     for (k, line) in lines(b).enumerate() {
-                        chunk.push(line, seq, Some(k as u64), &self.position);
+                        chunk.push(line, seq, key, Some(k as u64), &self.position);
                     }
                 }
-                kpl::Unpacked::Plain => chunk.push(b, seq, None, &self.position),
+                kpl::Unpacked::Plain => chunk.push(b, seq, key, None, &self.position),
                 kpl::Unpacked::Records(users) => {
                     Metrics::add(&metrics.kpl_aggregates, 1);
                     for (k, user) in users.into_iter().enumerate() {
-                        chunk.push(user, seq, Some(k as u64), &self.position);
+                        chunk.push(user.data, seq, user.key, Some(k as u64), &self.position);
                     }
                 }
                 kpl::Unpacked::Corrupt(why) => {
                     tracing::warn!(shard_id = %self.shard, sequence_number = seq, reason = %why, "corrupt KPL aggregate; the record goes to dead-letter");
                     chunk.rejected.push((chunk.spans.len(), why));
-                    chunk.push(b, seq, None, &self.position);
+                    chunk.push(b, seq, key, None, &self.position);
                 }
             }
         }
@@ -173,6 +173,7 @@ impl ShardReader for KinesisShardReader {
                 data: chunk.data,
                 spans: chunk.spans,
                 seqs: chunk.seqs,
+                keys: chunk.keys,
                 rejected: chunk.rejected,
                 arrival_us: now_us,
             }));
@@ -192,6 +193,8 @@ struct Chunk {
     data: Vec<u8>,
     spans: Vec<std::ops::Range<usize>>,
     seqs: SeqNos,
+    /// Each record's partition key (a KPL user record's own).
+    keys: SeqNos,
     rejected: Vec<(usize, String)>,
 }
 
@@ -201,13 +204,14 @@ impl Chunk {
             data: Vec::with_capacity(bytes),
             spans: Vec::with_capacity(records),
             seqs: SeqNos::with_capacity(records, records * 56),
+            keys: SeqNos::with_capacity(records, records * 24),
             rejected: Vec::new(),
         }
     }
 
     /// Adds a record unless it is at or before `after` (an aggregate read again from its
     /// start after a restart part-way through it). `sub` is a user record's index in its aggregate (or line in a multi-line record).
-    fn push(&mut self, b: &[u8], seq: &str, sub: Option<u64>, after: &Position) {
+    fn push(&mut self, b: &[u8], seq: &str, key: &str, sub: Option<u64>, after: &Position) {
         match sub {
             Some(sub) => self.seqs.push_sub(seq, sub),
             None => self.seqs.push(seq),
@@ -225,6 +229,7 @@ impl Chunk {
             }
             return;
         }
+        self.keys.push(key);
         self.spans.push(self.data.len()..self.data.len() + b.len());
         self.data.extend_from_slice(b);
     }
@@ -249,15 +254,26 @@ mod tests {
         let after: Position = Some(SeqNo("200:1".into()));
         let mut c = Chunk::with_capacity(64, 4);
         for sub in 0..3 {
-            c.push(format!("u{sub}").as_bytes(), "200", Some(sub), &after);
+            c.push(
+                format!("u{sub}").as_bytes(),
+                "200",
+                &format!("k{sub}"),
+                Some(sub),
+                &after,
+            );
         }
-        c.push(b"next", "300", None, &after);
+        c.push(b"next", "300", "k", None, &after);
         let seqs: Vec<String> = (0..c.seqs.len())
             .map(|i| c.seqs.get(i).to_string())
             .collect();
         assert_eq!(seqs, ["200:2", "300"]);
         let records: Vec<&[u8]> = c.spans.iter().map(|s| &c.data[s.clone()]).collect();
         assert_eq!(records, [&b"u2"[..], &b"next"[..]]);
+        assert_eq!(
+            c.keys.iter().collect::<Vec<_>>(),
+            ["k2", "k"],
+            "keys go with their records"
+        );
     }
 
     #[test]
@@ -265,10 +281,10 @@ mod tests {
         let after: Position = Some(SeqNo("100".into()));
         let mut c = Chunk::with_capacity(16, 2);
         c.rejected.push((c.spans.len(), "corrupt".into()));
-        c.push(b"x", "100", None, &after);
+        c.push(b"x", "100", "k", None, &after);
         assert!(c.rejected.is_empty() && c.spans.is_empty());
         c.rejected.push((c.spans.len(), "corrupt".into()));
-        c.push(b"y", "101", None, &after);
+        c.push(b"y", "101", "k", None, &after);
         assert_eq!(c.rejected, [(0, "corrupt".to_string())]);
     }
 }
