@@ -1,11 +1,14 @@
 """The deployment files, checked here since they cannot be deployed from this machine:
-deploy/shardlake.yaml passes cfn-lint; the task role grants exactly the actions shardlake's
-code calls; the task runs a pipeline whose variables it sets; and the Dockerfile copies files
-that exist, builds with the lock file as it is, and runs commands the binary accepts.
+deploy/shardlake.yaml passes cfn-lint; the worker's and the console's task roles grant exactly
+the actions their code calls; each task runs a pipeline whose variables it sets; the console is
+reached only through its HTTPS load balancer and signs users in through the stack's user pool;
+and the Dockerfile copies files that exist, builds with the lock file as it is, and runs
+commands the binary accepts.
 
 Exercises no Rust module at run time: deploy/shardlake.yaml and the Dockerfile are checked
-against the SDK calls in src/source/kinesis/, src/checkpoint/dynamodb/, src/sink/s3.rs and
-src/notify.rs, and against the subcommands of src/bin/shardlake.rs.
+against the SDK calls in src/source/kinesis/, src/checkpoint/dynamodb/, src/sink/s3.rs,
+src/notify.rs and src/console/, against the console's routes and acknowledgement keys, and
+against the subcommands of src/bin/shardlake.rs.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from harness import REPO, check_run
 TEMPLATE = REPO / "deploy" / "shardlake.yaml"
 DOCKERFILE = REPO / "Dockerfile"
 
-# Which service each source file's SDK client talks to.
+# Which service each source file's SDK client talks to: the worker's (TaskRole) ...
 CLIENT_FILES = {
     "src/source/kinesis/api.rs": "kinesis",
     "src/checkpoint/dynamodb/manager.rs": "dynamodb",
@@ -31,14 +34,18 @@ CLIENT_FILES = {
     "src/sink/s3.rs": "s3",
     "src/notify.rs": "sns",
 }
-# Files whose SDK calls never run in the ECS task: `shardlake bridge` stands in for the IoT
-# rule on one machine (in AWS the rule's own role puts the records).
-# The bridge runs only locally and the agent on the devices: neither is in the ECS task.
-# The console (`shardlake console`: the lease-table scan that finds the workers, and the
-# acknowledgements beside the lake) runs as a service of its own with a role of its own, not
-# in the worker's task.
-NOT_IN_THE_TASK = {"src/tools/bridge.rs", "src/agent/transport/kinesis.rs",
-                   "src/console/workers.rs", "src/console/acks.rs"}
+# ... and the console's (`shardlake console`, a service of its own with ConsoleTaskRole): the
+# lease-table scan that finds the workers, and the acknowledgements beside the lake. (The
+# console reads the lake's tables through object_store, not the SDK: GetObject and ListBucket,
+# which the acknowledgements need as well.)
+CONSOLE_CLIENT_FILES = {
+    "src/console/workers.rs": "dynamodb",
+    "src/console/acks.rs": "s3",
+}
+# Files whose SDK calls never run in an ECS task: `shardlake bridge` stands in for the IoT
+# rule on one machine (in AWS the rule's own role puts the records), and the agent runs on
+# the devices.
+NOT_IN_THE_TASK = {"src/tools/bridge.rs", "src/agent/transport/kinesis.rs"}
 # SDK operations whose IAM action is not named after them.
 ACTION_OF = {
     ("s3", "head_bucket"): ["s3:ListBucket"],
@@ -47,6 +54,7 @@ ACTION_OF = {
     ("s3", "upload_part"): ["s3:PutObject"],
     ("s3", "complete_multipart_upload"): ["s3:PutObject"],
     ("s3", "list_multipart_uploads"): ["s3:ListBucketMultipartUploads"],
+    ("s3", "list_objects_v2"): ["s3:ListBucket"],
     # The transaction holds only Update items (each needs UpdateItem on the table).
     ("dynamodb", "transact_write_items"): ["dynamodb:UpdateItem"],
 }
@@ -69,56 +77,351 @@ def sdk_calls() -> dict[str, set[str]]:
     builder chain breaks the line after `client`."""
     calls: dict[str, set[str]] = {}
     for path in sorted((REPO / "src").rglob("*.rs")):
-        ops = set(re.findall(r"\bclient\s*\.\s*([a-z_]+)\(\)", path.read_text())) - {"clone"}
+        ops = set(re.findall(r"\bclient\s*\.\s*([a-z0-9_]+)\(\)", path.read_text())) - {"clone"}
         if ops:
             calls[str(path.relative_to(REPO))] = ops
     return calls
 
 
-def test_task_role_grants_exactly_what_the_code_calls():
-    calls = {f: ops for f, ops in sdk_calls().items() if f not in NOT_IN_THE_TASK}
-    unknown = set(calls) - set(CLIENT_FILES)
-    assert not unknown, f"SDK calls in files this test does not map to a service: {unknown}"
+def resources() -> dict:
+    return template()["Resources"]
+
+
+def needed_actions(files: dict[str, str], calls: dict[str, set[str]]) -> set[str]:
     needed = set()
-    for file, ops in calls.items():
-        service = CLIENT_FILES[file]
-        for op in ops:
+    for file, service in files.items():
+        for op in calls.get(file, set()):
             needed |= set(ACTION_OF.get((service, op), [
                 f"{service}:{''.join(w.title() for w in op.split('_'))}"]))
-    role = template()["Resources"]["TaskRole"]["Properties"]
-    granted = set()
+    return needed
+
+
+def statements(role_name: str) -> list[dict]:
+    """The role's statements, each checked to allow named actions on named resources."""
+    role = resources()[role_name]["Properties"]
+    assert "ManagedPolicyArns" not in role, f"{role_name}: a managed policy grants what no test sees"
+    out = []
     for policy in role["Policies"]:
         for st in policy["PolicyDocument"]["Statement"]:
             assert st["Effect"] == "Allow", st
+            assert not {"NotAction", "NotResource"} & set(st), st
             assert st["Resource"] != "*", f"{st['Sid']}: not scoped to a resource"
             actions = st["Action"] if isinstance(st["Action"], list) else [st["Action"]]
             assert not any("*" in a for a in actions), st
-            granted |= set(actions)
+            out.append(st)
+    return out
+
+
+def granted_actions(role_name: str) -> set[str]:
+    granted = set()
+    for st in statements(role_name):
+        granted |= set(st["Action"] if isinstance(st["Action"], list) else [st["Action"]])
+    return granted
+
+
+def test_every_file_with_sdk_calls_is_mapped():
+    unknown = set(sdk_calls()) - set(CLIENT_FILES) - set(CONSOLE_CLIENT_FILES) - NOT_IN_THE_TASK
+    assert not unknown, f"SDK calls in files this test does not map to a service: {unknown}"
+
+
+def test_task_role_grants_exactly_what_the_code_calls():
+    needed = needed_actions(CLIENT_FILES, sdk_calls())
+    granted = granted_actions("TaskRole")
     assert granted - needed == set(), f"granted but never called: {sorted(granted - needed)}"
     assert needed - granted == set(), f"called but not granted: {sorted(needed - granted)}"
     # The ones a worker cannot do without, so the mapping above stays honest.
     assert {"kinesis:GetRecords", "dynamodb:UpdateItem", "s3:PutObject", "sns:Publish"} <= needed
 
 
-def test_the_task_sets_every_variable_its_pipeline_reads(shardlake_bin):
-    container = template()["Resources"]["TaskDefinition"]["Properties"]["ContainerDefinitions"][0]
-    env = {e["Name"] for e in container["Environment"]}
-    command = container["Command"]
-    assert command[0] == "run"
+def acks_key_prefix() -> str:
+    """Where the console keeps acknowledgements in the AWS pipeline's lake:
+    `<lake.s3.prefix>/<ACKS_PREFIX>/` (src/console/acks.rs; the alerts output has no sink of
+    its own there)."""
+    code = (REPO / "src" / "console" / "acks.rs").read_text()
+    acks = re.search(r'pub const ACKS_PREFIX: &str = "([^"]+)";', code).group(1)
+    assert re.search(r"prefix: loc\.object_key\(ACKS_PREFIX\)", code), \
+        "the acknowledgements' key layout changed; check ConsoleTaskRole's KeepAcknowledgements"
+    pipeline = pipeline_doc(pipeline_of("ConsoleTaskDefinition"))
+    assert "sink" not in pipeline["outputs"].get("alerts", {})
+    return f"{pipeline['lake']['s3']['prefix']}/{acks}/"
+
+
+def test_console_task_role_grants_exactly_what_the_console_calls():
+    needed = needed_actions(CONSOLE_CLIENT_FILES, sdk_calls())
+    assert {"dynamodb:Scan", "s3:PutObject", "s3:GetObject", "s3:ListBucket"} <= needed, needed
+    granted = granted_actions("ConsoleTaskRole")
+    assert granted - needed == set(), f"granted but never called: {sorted(granted - needed)}"
+    assert needed - granted == set(), f"called but not granted: {sorted(needed - granted)}"
+    # And on nothing beyond what the console touches: one statement per action, each on
+    # exactly these resources.
+    acks = acks_key_prefix()
+    assert acks.startswith("lake/"), acks  # read back and listed under lake/ (below)
+    expected = {
+        "dynamodb:Scan": ({"Fn::GetAtt": ["LeaseTable", "Arn"]}, None),
+        "s3:ListBucket": ({"Fn::GetAtt": ["LakeBucket", "Arn"]},
+                          {"StringLike": {"s3:prefix": ["lake/*"]}}),
+        "s3:GetObject": ({"Fn::Sub": "${LakeBucket.Arn}/lake/*"}, None),
+        "s3:PutObject": ({"Fn::Sub": f"${{LakeBucket.Arn}}/{acks}*"}, None),
+    }
+    got = {}
+    for st in statements("ConsoleTaskRole"):
+        actions = st["Action"] if isinstance(st["Action"], list) else [st["Action"]]
+        for a in actions:
+            assert a not in got, f"{a} granted twice"
+            got[a] = (st["Resource"], st.get("Condition"))
+    assert got == expected
+    # Each task runs with its own role.
+    assert resources()["ConsoleTaskDefinition"]["Properties"]["TaskRoleArn"] == \
+        {"Fn::GetAtt": ["ConsoleTaskRole", "Arn"]}
+    assert resources()["TaskDefinition"]["Properties"]["TaskRoleArn"] == \
+        {"Fn::GetAtt": ["TaskRole", "Arn"]}
+
+
+def container_of(task_definition: str) -> dict:
+    containers = resources()[task_definition]["Properties"]["ContainerDefinitions"]
+    assert len(containers) == 1, containers
+    return containers[0]
+
+
+def env_of(task_definition: str) -> dict:
+    """The container's environment, its secrets included (by name, with where they come
+    from)."""
+    c = container_of(task_definition)
+    env = {e["Name"]: e["Value"] for e in c.get("Environment", [])}
+    for s in c.get("Secrets", []):
+        assert s["Name"] not in env, f"{s['Name']} set twice"
+        env[s["Name"]] = {"secret": s["ValueFrom"]}
+    return env
+
+
+def pipeline_of(task_definition: str) -> Path:
+    command = container_of(task_definition)["Command"]
     baked = Path(command[1])
     assert baked.parts[:3] == ("/", "etc", "shardlake"), command
     pipeline = REPO.joinpath(*baked.parts[3:])
     assert pipeline.is_file(), f"{baked} is not a file of the repository copied into the image"
+    return pipeline
+
+
+def pipeline_text(pipeline: Path) -> str:
     # A variable in a comment is not read.
-    text = "\n".join(line for line in pipeline.read_text().splitlines()
+    return "\n".join(line for line in pipeline.read_text().splitlines()
                      if not line.lstrip().startswith("#"))
-    used = set(re.findall(r"\$\{([A-Z0-9_]+)", text))
-    assert used and used <= env, f"the pipeline reads {sorted(used - env)} which the task does not set"
-    check_run([str(shardlake_bin), "validate", str(pipeline)])
+
+
+def pipeline_doc(pipeline: Path) -> dict:
+    return yaml.safe_load(pipeline_text(pipeline))
+
+
+def variables(node) -> set[str]:
+    if isinstance(node, dict):
+        return set().union(set(), *(variables(v) for v in node.values()))
+    if isinstance(node, list):
+        return set().union(set(), *(variables(v) for v in node))
+    return set(re.findall(r"\$\{([A-Z0-9_]+)", node)) if isinstance(node, str) else set()
+
+
+def test_each_task_sets_the_variables_its_part_of_the_pipeline_reads():
+    pipeline = pipeline_of("TaskDefinition")
+    assert pipeline_of("ConsoleTaskDefinition") == pipeline
+    assert container_of("TaskDefinition")["Command"][0] == "run"
+    assert container_of("ConsoleTaskDefinition")["Command"][0] == "console"
+    doc = pipeline_doc(pipeline)
+    text = pipeline_text(pipeline)
+    assert variables(doc) == set(re.findall(r"\$\{([A-Z0-9_]+)", text))
+    console = variables(doc.get("console", {}))
+    assert {"CONSOLE_USER_POOL_ID", "CONSOLE_CLIENT_ID", "CONSOLE_CLIENT_SECRET",
+            "CONSOLE_DOMAIN", "CONSOLE_URL"} <= console, console
+    # The workers read everything but the console section ...
+    worker_reads = variables({k: v for k, v in doc.items() if k != "console"})
+    worker_env = set(env_of("TaskDefinition"))
+    assert worker_reads and worker_reads <= worker_env, \
+        f"the pipeline reads {sorted(worker_reads - worker_env)} which the worker's task does not set"
+    # ... and load the console section too, with its defaults.
+    for var in variables(doc) - worker_env:
+        assert re.search(r"\$\{" + var + r":-[^}]+\}", text), \
+            f"{var}: the worker's task does not set it and the pipeline gives no default"
+    # The console reads its section, and the lake and lease table it shows.
+    console_reads = console | variables(doc["lake"]) | variables(doc["checkpoints"])
+    console_env = env_of("ConsoleTaskDefinition")
+    assert console_reads <= set(console_env), \
+        f"the pipeline reads {sorted(console_reads - set(console_env))} which the console's task does not set"
+    assert {k for k, v in console_env.items() if isinstance(v, dict) and "secret" in v} == \
+        {"CONSOLE_CLIENT_SECRET"}
+
+
+def test_the_task_runs_a_pipeline_that_validates(shardlake_bin):
+    container = container_of("TaskDefinition")
+    check_run([str(shardlake_bin), "validate", str(pipeline_of("TaskDefinition"))])
+    check_run([str(shardlake_bin), "console", "--help"])
     health = container["HealthCheck"]["Command"]
     assert health[:2] == ["CMD", "/usr/local/bin/shardlake"] and health[2:] == ["health"]
     assert container["StopTimeout"] == 30 and {"Name": "SHARDLAKE_SHUTDOWN_BUDGET", "Value": "25"} \
         in container["Environment"]
+
+
+def rules_into(group: str, inline_key: str, resource_type: str) -> list[dict]:
+    """Every rule of a security group in one direction: inline and as resources of their own."""
+    res = resources()
+    rules = list(res[group]["Properties"].get(inline_key, []))
+    rules += [r["Properties"] for r in res.values() if r["Type"] == resource_type
+              and r["Properties"]["GroupId"] == {"Ref": group}]
+    return rules
+
+
+def test_the_console_is_reached_only_through_its_load_balancer():
+    res = resources()
+    ingress = rules_into("ConsoleSecurityGroup", "SecurityGroupIngress",
+                         "AWS::EC2::SecurityGroupIngress")
+    assert ingress, "nothing may reach the console"
+    for rule in ingress:
+        assert {k: rule[k] for k in ("IpProtocol", "FromPort", "ToPort")} == \
+            {"IpProtocol": "tcp", "FromPort": 8080, "ToPort": 8080}, rule
+        assert rule.get("SourceSecurityGroupId") == {"Ref": "ConsoleLoadBalancerSecurityGroup"}, rule
+        assert not {"CidrIp", "CidrIpv6", "SourcePrefixListId"} & set(rule), rule
+    # The console listens where its rule and its target group say.
+    listen = env_of("ConsoleTaskDefinition")["SHARDLAKE_CONSOLE_LISTEN"]
+    assert listen == "0.0.0.0:8080"
+    assert container_of("ConsoleTaskDefinition")["PortMappings"][0]["ContainerPort"] == 8080
+    assert res["ConsoleTargetGroup"]["Properties"]["Port"] == 8080
+    # Out: HTTPS (AWS APIs, the Cognito domain) and the workers' live state.
+    egress = rules_into("ConsoleSecurityGroup", "SecurityGroupEgress", "AWS::EC2::SecurityGroupEgress")
+    assert sorted((r["FromPort"], r.get("CidrIp"), str(r.get("DestinationSecurityGroupId")))
+                  for r in egress) == [
+        (443, "0.0.0.0/0", "None"), (9090, None, str({"Ref": "WorkerSecurityGroup"}))]
+    # The load balancer: 443 and 80 from ConsoleCidr, out only to the console.
+    lb_in = rules_into("ConsoleLoadBalancerSecurityGroup", "SecurityGroupIngress",
+                       "AWS::EC2::SecurityGroupIngress")
+    assert sorted((r["FromPort"], r["ToPort"]) for r in lb_in) == [(80, 80), (443, 443)]
+    assert all(r["CidrIp"] == {"Ref": "ConsoleCidr"} for r in lb_in), lb_in
+    lb_out = rules_into("ConsoleLoadBalancerSecurityGroup", "SecurityGroupEgress",
+                        "AWS::EC2::SecurityGroupEgress")
+    assert [(r["FromPort"], r["ToPort"], r.get("DestinationSecurityGroupId")) for r in lb_out] == \
+        [(8080, 8080, {"Ref": "ConsoleSecurityGroup"})]
+    lb = res["ConsoleLoadBalancer"]["Properties"]
+    assert lb["Scheme"] == "internet-facing" and lb["Subnets"] == {"Ref": "PublicSubnets"}
+    # The workers: only the console, only on their --listen port.
+    worker_in = rules_into("WorkerSecurityGroup", "SecurityGroupIngress",
+                           "AWS::EC2::SecurityGroupIngress")
+    assert [(r["FromPort"], r["ToPort"], r.get("SourceSecurityGroupId"), set(r) & {"CidrIp", "CidrIpv6"})
+            for r in worker_in] == [(9090, 9090, {"Ref": "ConsoleSecurityGroup"}, set())]
+    assert env_of("TaskDefinition")["SHARDLAKE_LISTEN"].endswith(":9090")
+    # The service runs in the tasks' subnets with the console's group, behind the target group.
+    svc = res["ConsoleService"]["Properties"]
+    assert svc["NetworkConfiguration"]["AwsvpcConfiguration"]["SecurityGroups"] == \
+        [{"Ref": "ConsoleSecurityGroup"}]
+    assert svc["LoadBalancers"] == [{"ContainerName": "console", "ContainerPort": 8080,
+                                     "TargetGroupArn": {"Ref": "ConsoleTargetGroup"}}]
+
+
+def listeners() -> dict[int, dict]:
+    out = {}
+    for r in resources().values():
+        if r["Type"] == "AWS::ElasticLoadBalancingV2::Listener":
+            p = r["Properties"]
+            assert p["LoadBalancerArn"] == {"Ref": "ConsoleLoadBalancer"}
+            assert p["Port"] not in out
+            out[p["Port"]] = p
+    return out
+
+
+def test_port_80_only_redirects_to_https():
+    by_port = listeners()
+    assert sorted(by_port) == [80, 443]
+    http = by_port[80]
+    assert http["Protocol"] == "HTTP"
+    assert len(http["DefaultActions"]) == 1
+    action = http["DefaultActions"][0]
+    assert action["Type"] == "redirect" and set(action) == {"Type", "RedirectConfig"}, action
+    redirect = action["RedirectConfig"]
+    assert redirect["Protocol"] == "HTTPS" and redirect["Port"] == "443"
+    assert redirect["StatusCode"] in ("HTTP_301", "HTTP_302")
+    # No rule on it forwards anything anywhere.
+    assert not [r for r in resources().values()
+                if r["Type"] == "AWS::ElasticLoadBalancingV2::ListenerRule"]
+
+
+def test_https_listener_uses_the_certificate_parameter_and_forwards_to_the_console():
+    t = template()
+    https = listeners()[443]
+    assert https["Protocol"] == "HTTPS"
+    assert https["Certificates"] == [{"CertificateArn": {"Ref": "CertificateArn"}}]
+    assert "CertificateArn" in t["Parameters"]
+    assert https["SslPolicy"].startswith("ELBSecurityPolicy-TLS13-"), https["SslPolicy"]
+    assert https["DefaultActions"] == [{"Type": "forward",
+                                        "TargetGroupArn": {"Ref": "ConsoleTargetGroup"}}]
+    # The health check asks for a page the console serves without sign-in.
+    tg = t["Resources"]["ConsoleTargetGroup"]["Properties"]
+    path = tg["HealthCheckPath"]
+    router = (REPO / "src" / "console" / "mod.rs").read_text()
+    route = re.search(r'\.route\(\s*"' + re.escape(path) + r'",\s*get\(page\(', router)
+    assert route, f"{path} is not a static page of the console's router"
+    assert tg["Matcher"] == {"HttpCode": "200"}
+
+
+def test_user_pool_has_the_tenant_attribute_and_the_console_groups():
+    res = resources()
+    doc = pipeline_doc(pipeline_of("ConsoleTaskDefinition"))["console"]
+    pool = res["ConsoleUserPool"]["Properties"]
+    tenant = [a for a in pool["Schema"] if f"custom:{a['Name']}" == doc["claims"]["tenant"]]
+    assert doc["claims"]["tenant"] == "custom:tenant"
+    assert len(tenant) == 1 and tenant[0]["AttributeDataType"] == "String", pool["Schema"]
+    assert pool["AdminCreateUserConfig"]["AllowAdminCreateUserOnly"] is True
+    assert pool["MfaConfiguration"] in ("OPTIONAL", "ON")
+    pw = pool["Policies"]["PasswordPolicy"]
+    assert pw["MinimumLength"] >= 12 and all(
+        pw[k] is True for k in ("RequireLowercase", "RequireUppercase", "RequireNumbers", "RequireSymbols"))
+    groups = {r["Properties"]["GroupName"] for r in res.values()
+              if r["Type"] == "AWS::Cognito::UserPoolGroup"
+              and r["Properties"]["UserPoolId"] == {"Ref": "ConsoleUserPool"}}
+    roles = doc["roles"]
+    assert groups == {"operators", "platform-admins"}
+    assert set(roles["operator"]) | set(roles["admin"]) == groups, roles
+    assert doc["claims"]["groups"] == "cognito:groups"
+    # The console's task names this pool, in this region, and its hosted UI domain.
+    env = env_of("ConsoleTaskDefinition")
+    assert env["CONSOLE_USER_POOL_ID"] == {"Ref": "ConsoleUserPool"}
+    assert env["CONSOLE_REGION"] == {"Ref": "AWS::Region"}
+    assert env["CONSOLE_DOMAIN"] == \
+        {"Fn::Sub": "${ConsoleUserPoolDomain}.auth.${AWS::Region}.amazoncognito.com"}
+    assert res["ConsoleUserPoolDomain"]["Properties"]["Domain"] == {"Ref": "ConsoleDomainPrefix"}
+
+
+def test_app_client_uses_the_code_flow_with_a_secret_and_calls_back_to_the_console():
+    res = resources()
+    client = res["ConsoleUserPoolClient"]["Properties"]
+    assert client["UserPoolId"] == {"Ref": "ConsoleUserPool"}
+    assert client["AllowedOAuthFlows"] == ["code"]
+    assert client["AllowedOAuthFlowsUserPoolClient"] is True
+    assert client["GenerateSecret"] is True
+    assert client["SupportedIdentityProviders"] == ["COGNITO"]
+    assert "openid" in client["AllowedOAuthScopes"]
+    assert not {"ALLOW_USER_PASSWORD_AUTH", "ALLOW_ADMIN_USER_PASSWORD_AUTH"} & \
+        set(client.get("ExplicitAuthFlows", ["default"])), client.get("ExplicitAuthFlows")
+    assert client["CallbackURLs"] == [{"Fn::Sub": "${ConsoleUrl}/auth/callback"}]
+    assert all(u["Fn::Sub"].startswith("${ConsoleUrl}/") for u in client["LogoutURLs"])
+    # Users cannot move themselves to another tenant; the console reads the attribute.
+    assert "custom:tenant" in client["ReadAttributes"]
+    assert "custom:tenant" not in client.get("WriteAttributes", ["custom:tenant"])
+    # The console sends users back to the same URL, on the path it serves the callback on.
+    cognito = pipeline_doc(pipeline_of("ConsoleTaskDefinition"))["console"]["auth"]["cognito"]
+    assert re.fullmatch(r"\$\{CONSOLE_URL:-[^}]+\}/auth/callback", cognito["redirect_url"])
+    model = (REPO / "src" / "config" / "model.rs").read_text()
+    assert re.search(r'CALLBACK_PATH: &\'static str = "/auth/callback"', model)
+    env = env_of("ConsoleTaskDefinition")
+    assert env["CONSOLE_URL"] == {"Ref": "ConsoleUrl"}
+    assert env["CONSOLE_CLIENT_ID"] == {"Ref": "ConsoleUserPoolClient"}
+    # The secret reaches the task from Secrets Manager, never as a plain value, and only the
+    # console's execution role may read it.
+    assert env["CONSOLE_CLIENT_SECRET"] == {"secret": {"Ref": "ConsoleClientSecret"}}
+    assert res["ConsoleClientSecret"]["Properties"]["SecretString"] == \
+        {"Fn::GetAtt": ["ConsoleUserPoolClient", "ClientSecret"]}
+    assert resources()["ConsoleTaskDefinition"]["Properties"]["ExecutionRoleArn"] == \
+        {"Fn::GetAtt": ["ConsoleExecutionRole", "Arn"]}
+    [st] = [st for p in res["ConsoleExecutionRole"]["Properties"]["Policies"]
+            for st in p["PolicyDocument"]["Statement"]]
+    assert (st["Action"], st["Resource"]) == ("secretsmanager:GetSecretValue", {"Ref": "ConsoleClientSecret"})
+    assert "Policies" not in res["ExecutionRole"]["Properties"]
 
 
 def dockerfile_instructions() -> list[tuple[str, str]]:
