@@ -157,6 +157,15 @@ enum Command {
         /// The lake's S3 location, e.g. s3://my-bucket/lake.
         #[arg(long, default_value = "s3://CHANGE-ME/lake")]
         location: String,
+        /// The first year the lake holds (default: this year): the `year` projection runs
+        /// from it to NOW, so a query without a time filter enumerates only those years.
+        #[arg(long)]
+        first_year: Option<i32>,
+        /// The tenants, comma-separated: `tenant` becomes an enum projection, and each tenant
+        /// gets a database `<database>_<tenant>` of views over its rows only. Without it the
+        /// projection is `injected`: every query must say `WHERE tenant = '...'`.
+        #[arg(long, value_delimiter = ',')]
+        tenants: Vec<String>,
     },
 }
 
@@ -318,12 +327,19 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             pipeline,
             database,
             location,
+            first_year,
+            tenants,
         } => {
             let p = load(&pipeline, &process_env).await?;
             let schemas = query::output_schemas(&p).await?;
+            let opts = athena::DdlOptions {
+                first_year: first_year
+                    .unwrap_or_else(|| chrono::Datelike::year(&chrono::Utc::now())),
+                tenants,
+            };
             print!(
                 "{}",
-                athena::athena_ddl(&p.name, &database, &location, &schemas)
+                athena::athena_ddl(&p.name, &database, &location, &schemas, &opts)
                     .map_err(anyhow::Error::msg)?
             );
             Ok(ExitCode::SUCCESS)

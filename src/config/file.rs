@@ -474,6 +474,12 @@ pub struct OutputsFile {
     /// Windowed aggregations.
     #[serde(default)]
     pub aggregations: Vec<AggregationFile>,
+    /// `[tenant]`: every table with a `tenant` column is partitioned by it before time,
+    /// `<table>/tenant=<t>/year=…/`, so a tenant's files can be granted, read and pruned
+    /// apart. The tenant must be one `identity:` proves; dead letters (unproven) and alerts
+    /// stay unpartitioned.
+    #[serde(default)]
+    pub partition_by: Vec<String>,
 }
 
 impl Default for OutputsFile {
@@ -484,6 +490,7 @@ impl Default for OutputsFile {
             late: default_late(),
             alerts: default_alerts(),
             aggregations: Vec::new(),
+            partition_by: Vec::new(),
         }
     }
 }

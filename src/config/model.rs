@@ -291,6 +291,19 @@ pub struct Outputs {
     pub rollover: std::collections::BTreeMap<String, Rollover>,
     /// Every table's lake, by table name (its own `sink`, else the pipeline's `lake`).
     pub sinks: std::collections::BTreeMap<String, LakeLocation>,
+    /// The column that partitions tables before time (`tenant`), if any: see
+    /// [`Outputs::partitioned_by`].
+    pub partition_by: Option<String>,
+}
+
+impl Outputs {
+    /// The column that partitions `table`'s files before time, if any: `partition_by` for
+    /// every table but dead letters and alerts (whose rows are not a tenant's own data).
+    pub fn partitioned_by(&self, table: &str) -> Option<&str> {
+        (table != self.dead_letter && table != self.alerts)
+            .then_some(self.partition_by.as_deref())
+            .flatten()
+    }
 }
 
 #[derive(Debug, Clone)]

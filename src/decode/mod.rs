@@ -77,6 +77,9 @@ pub struct RecordDecoder {
     max_future_skew: i64,
     /// What the partition key proves (`identity:`), checked against each record.
     identity: Option<Arc<Identity>>,
+    /// The field whose value names a partition directory (`outputs.partition_by`), by index:
+    /// a value unsafe in a path sends its record to dead-letter.
+    partition_field: Option<usize>,
     /// Whether the flat reader goes first (always, but for measuring the strict one alone).
     fast: bool,
 }
@@ -116,6 +119,11 @@ impl RecordDecoder {
             max_record_bytes: p.max_record_bytes,
             max_future_skew: p.max_future_skew,
             identity: p.identity.clone().map(Arc::new),
+            partition_field: p
+                .outputs
+                .partition_by
+                .as_ref()
+                .and_then(|by| p.schema.fields.iter().position(|f| &f.name == by)),
             fast: true,
         }
     }
@@ -221,6 +229,16 @@ impl RecordDecoder {
         self.parse(text, slots, self.fast)?;
         if let Some(id) = &self.identity {
             self.check_identity(id, key, proven, slots)?;
+        }
+        if let Some(i) = self.partition_field
+            && let Slot::Str(v) = &slots[i]
+            && let Some(why) = crate::sink::partition::unsafe_in_path(v)
+        {
+            return Err(Reason::UnsafePartitionValue(format!(
+                "field `{}` value {v:?} {why}, so it cannot name a partition directory \
+                 (outputs.partition_by)",
+                self.fields[i].name
+            )));
         }
         for (i, (f, slot)) in self.fields.iter().zip(slots.iter()).enumerate() {
             if let Slot::BadTime(value) = slot {

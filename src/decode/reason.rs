@@ -38,6 +38,8 @@ pub enum Reason {
     /// value differs from what the partition key says, or the key has not the configured
     /// shape. Never counted for either device.
     IdentityMismatch(String),
+    /// The value of the partition-by field (`tenant`) cannot be a directory name.
+    UnsafePartitionValue(String),
 }
 
 impl Reason {
@@ -57,6 +59,7 @@ impl Reason {
             Reason::BadTimestamp { .. } => "bad_timestamp",
             Reason::CorruptAggregate(_) => "corrupt_aggregate",
             Reason::IdentityMismatch(_) => "identity_mismatch",
+            Reason::UnsafePartitionValue(_) => "unsafe_partition_value",
         }
     }
 }
@@ -95,6 +98,7 @@ impl fmt::Display for Reason {
                 "corrupt_aggregate: a KPL aggregated record that cannot be unpacked: {m}"
             ),
             Reason::IdentityMismatch(m) => write!(f, "identity_mismatch: {m}"),
+            Reason::UnsafePartitionValue(m) => write!(f, "unsafe_partition_value: {m}"),
             Reason::BadTimestamp { field, value } => write!(
                 f,
                 "bad_timestamp: field `{field}` value {value:?} is not an RFC 3339 timestamp"

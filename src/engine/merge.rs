@@ -54,7 +54,12 @@ impl Mergeable {
     }
 
     fn over_parts(&self, items: &[String], parts: &str, partition_columns: &[&str]) -> String {
-        let extra: Vec<String> = partition_columns.iter().map(|c| q(c)).collect();
+        // A partition column that is a group already (the tenant) is not added twice.
+        let extra: Vec<String> = partition_columns
+            .iter()
+            .map(|c| q(c))
+            .filter(|c| !self.groups.contains(c))
+            .collect();
         let groups = [self.groups.clone(), extra.clone()].concat().join(", ");
         let select = [items.to_vec(), extra].concat().join(", ");
         let from = if self.means.is_empty() {

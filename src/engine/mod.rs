@@ -139,7 +139,10 @@ impl Engine {
                 .expect("every table has a schema");
             let rollover = p.outputs.rollover[name].clone();
             let lake = lakes.get(name).map_err(EngineError::Lake)?.clone();
-            Ok(OutputWriter::new(name, schema, col, rollover, lake, kind))
+            let by = p.outputs.partitioned_by(name);
+            Ok(OutputWriter::new(
+                name, schema, col, by, rollover, lake, kind,
+            ))
         };
         let mut aggs = Vec::new();
         for (i, a) in p.outputs.aggregations.iter().enumerate() {

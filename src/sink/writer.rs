@@ -1,12 +1,15 @@
-//! One output's open Parquet files, one per hour partition. Rows go to the partition of a
-//! timestamp column (event time, window start or arrival time); `stage` closes every file
-//! and returns what was written, for the commit.
+//! One output's open Parquet files, one per hour partition (and tenant, in a lake partitioned
+//! by tenant). Rows go to the partition of a timestamp column (event time, window start or
+//! arrival time) and, when partitioned by tenant, of their `tenant` value: that column then
+//! lives in the path (`tenant=<t>/year=…`), not in the files, as Hive, Athena and DuckDB
+//! expect of a partition column. `stage` closes every file and returns what was written, for
+//! the commit.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use arrow::array::{Array, BooleanArray, RecordBatch, TimestampMicrosecondArray};
-use arrow::compute::filter_record_batch;
+use arrow::array::{Array, BooleanArray, RecordBatch, StringArray, TimestampMicrosecondArray};
+use arrow::compute::{cast, filter_record_batch};
 use arrow::datatypes::{DataType, SchemaRef};
 use bytes::Bytes;
 use futures::future::BoxFuture;
@@ -17,7 +20,7 @@ use parquet::errors::ParquetError;
 use parquet::file::properties::WriterProperties;
 use parquet::schema::types::ColumnPath;
 
-use super::partition::{file_key, hour_of};
+use super::partition::{file_key, hour_of, partition_value};
 use super::{Lake, StagedFile, Staging};
 use crate::config::Rollover;
 use crate::decode::SEQ_COL;
@@ -71,11 +74,18 @@ pub enum Table {
 
 pub struct OutputWriter {
     pub name: String,
+    /// The rows' schema (what `write` takes).
     schema: SchemaRef,
+    /// The files' schema: `schema` without the partition-by column.
+    file_schema: SchemaRef,
     /// Column whose hour decides the partition.
     time_column: usize,
+    /// The column whose value partitions the files before time (`tenant`), by index in
+    /// `schema`, with its name.
+    partition_by: Option<(usize, String)>,
     props: WriterProperties,
-    open: BTreeMap<i64, OpenFile>,
+    /// Open files by (partition value, or "" when not partitioned; hour).
+    open: BTreeMap<(String, i64), OpenFile>,
     rollover: Rollover,
     lake: Arc<dyn Lake>,
     /// Wall clock of the first write since the files were last staged.
@@ -83,10 +93,13 @@ pub struct OutputWriter {
 }
 
 impl OutputWriter {
+    /// `partition_by`: a column of `schema` whose value partitions the files before time
+    /// (`tenant`); ignored when the schema has no such column.
     pub fn new(
         name: &str,
         schema: SchemaRef,
         time_column: &str,
+        partition_by: Option<&str>,
         rollover: Rollover,
         lake: Arc<dyn Lake>,
         kind: Table,
@@ -94,6 +107,19 @@ impl OutputWriter {
         let time_column = schema
             .index_of(time_column)
             .expect("partition column exists");
+        let partition_by =
+            partition_by.and_then(|c| schema.index_of(c).ok().map(|i| (i, c.to_string())));
+        let file_schema = match &partition_by {
+            Some((i, _)) => {
+                let mut fields: Vec<_> = schema.fields().iter().cloned().collect();
+                fields.remove(*i);
+                Arc::new(arrow::datatypes::Schema::new_with_metadata(
+                    fields,
+                    schema.metadata().clone(),
+                ))
+            }
+            None => schema.clone(),
+        };
         let mut props = WriterProperties::builder()
             .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).expect("level 1")))
             .set_max_row_group_row_count(Some(256 * 1024))
@@ -119,7 +145,9 @@ impl OutputWriter {
         Self {
             name: name.to_string(),
             schema,
+            file_schema,
             time_column,
+            partition_by,
             props,
             open: BTreeMap::new(),
             rollover,
@@ -180,30 +208,54 @@ impl OutputWriter {
                 })
             })
             .collect();
-        let first = hours[0];
-        if hours.iter().all(|&h| h == first) {
+        let values: Option<Vec<String>> = self.partition_by.as_ref().map(|(i, _)| {
+            let col = cast(batch.column(*i), &DataType::Utf8).expect("any column casts to text");
+            let col = col.as_any().downcast_ref::<StringArray>().expect("utf8");
+            (0..col.len())
+                .map(|r| partition_value(col.is_valid(r).then(|| col.value(r))))
+                .collect()
+        });
+        let part_of = |r: usize| values.as_ref().map_or("", |v| v[r].as_str());
+        let first = (part_of(0), hours[0]);
+        if (0..hours.len()).all(|r| (part_of(r), hours[r]) == first) {
+            let first = (first.0.to_string(), first.1);
             return self.write_to(first, batch, commit, worker).await;
         }
-        let mut distinct = hours.clone();
+        let mut distinct: Vec<(String, i64)> = (0..hours.len())
+            .map(|r| (part_of(r).to_string(), hours[r]))
+            .collect();
         distinct.sort_unstable();
         distinct.dedup();
-        for hour in distinct {
-            let mask: BooleanArray = hours.iter().map(|&h| Some(h == hour)).collect();
-            let part = filter_record_batch(batch, &mask).expect("filter");
-            self.write_to(hour, &part, commit, worker).await?;
+        for part in distinct {
+            let mask: BooleanArray = (0..hours.len())
+                .map(|r| Some(part_of(r) == part.0 && hours[r] == part.1))
+                .collect();
+            let rows = filter_record_batch(batch, &mask).expect("filter");
+            self.write_to(part, &rows, commit, worker).await?;
         }
         Ok(())
     }
 
     async fn write_to(
         &mut self,
-        hour: i64,
+        part: (String, i64),
         batch: &RecordBatch,
         commit: u64,
         worker: &str,
     ) -> Result<(), WriteError> {
-        if !self.open.contains_key(&hour) {
-            let key = file_key(&self.name, hour, commit, worker, self.open.len());
+        if !self.open.contains_key(&part) {
+            let partition = self
+                .partition_by
+                .as_ref()
+                .map(|(_, name)| (name.as_str(), part.0.as_str()));
+            let key = file_key(
+                &self.name,
+                partition,
+                part.1,
+                commit,
+                worker,
+                self.open.len(),
+            );
             let staging = self
                 .lake
                 .stage(&key)
@@ -214,7 +266,7 @@ impl OutputWriter {
                 })?;
             let writer = AsyncArrowWriter::try_new(
                 ToStaging(staging),
-                self.schema.clone(),
+                self.file_schema.clone(),
                 Some(self.props.clone()),
             )
             .map_err(|source| WriteError::Parquet {
@@ -222,7 +274,7 @@ impl OutputWriter {
                 source,
             })?;
             self.open.insert(
-                hour,
+                part.clone(),
                 OpenFile {
                     key,
                     writer,
@@ -230,13 +282,12 @@ impl OutputWriter {
                 },
             );
         }
-        let f = self.open.get_mut(&hour).expect("opened");
-        let batch = if batch.schema() == self.schema {
-            batch.clone()
-        } else {
-            RecordBatch::try_new(self.schema.clone(), batch.columns().to_vec())
-                .expect("same columns")
-        };
+        let f = self.open.get_mut(&part).expect("opened");
+        let mut columns = batch.columns().to_vec();
+        if let Some((i, _)) = &self.partition_by {
+            columns.remove(*i);
+        }
+        let batch = RecordBatch::try_new(self.file_schema.clone(), columns).expect("same columns");
         f.writer
             .write(&batch)
             .await
@@ -309,7 +360,15 @@ mod tests {
             max_bytes: 64 << 10,
             max_age: Duration::from_secs(60),
         };
-        let mut w = OutputWriter::new("t", schema.clone(), "t", rollover, lake, Table::Records);
+        let mut w = OutputWriter::new(
+            "t",
+            schema.clone(),
+            "t",
+            None,
+            rollover,
+            lake,
+            Table::Records,
+        );
         assert!(!w.due(0), "nothing written");
         let batch = |n: i64| {
             let t: ArrayRef =

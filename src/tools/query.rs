@@ -1,5 +1,7 @@
 //! `shardlake query`: SQL over the lake with DataFusion, every output registered as a table
-//! partitioned by year/month/day/hour (so `WHERE day = '07'` prunes directories).
+//! partitioned by year/month/day/hour (so `WHERE day = '07'` prunes directories), and before
+//! them by tenant in a lake partitioned so (`WHERE tenant = 'acme'` reads no other tenant's
+//! files).
 
 use std::sync::Arc;
 
@@ -29,9 +31,37 @@ pub struct Table {
     /// For an aggregation stored as parts: how they are merged (readers see the merge under
     /// the output's name, the files as `<name>_parts`).
     pub merge: Option<Mergeable>,
+    /// The column in its paths before time (`tenant`), not in its files.
+    pub partition_by: Option<String>,
 }
 
 impl Table {
+    /// Its partition columns, outermost first: the partition-by column, then time.
+    pub fn partition_columns(&self) -> Vec<&str> {
+        self.partition_by
+            .as_deref()
+            .into_iter()
+            .chain(PARTITION_COLUMNS)
+            .collect()
+    }
+
+    /// The schema of its files: `schema` without the partition-by column.
+    pub fn file_schema(&self) -> SchemaRef {
+        match &self.partition_by {
+            Some(c) => {
+                let fields: Vec<_> = self
+                    .schema
+                    .fields()
+                    .iter()
+                    .filter(|f| f.name() != c)
+                    .cloned()
+                    .collect();
+                Arc::new(arrow::datatypes::Schema::new(fields))
+            }
+            None => self.schema.clone(),
+        }
+    }
+
     /// The name its files are registered under.
     pub fn files_name(&self) -> String {
         match self.merge {
@@ -52,6 +82,11 @@ pub async fn output_schemas(p: &Pipeline) -> std::result::Result<Vec<Table>, Con
     Ok(sql::output_tables(p, &compiled)
         .into_iter()
         .map(|(name, schema, merge)| Table {
+            partition_by: p
+                .outputs
+                .partitioned_by(&name)
+                .filter(|c| schema.field_with_name(c).is_ok())
+                .map(str::to_string),
             name,
             schema,
             merge,
@@ -76,7 +111,7 @@ pub async fn lake_session(p: &Pipeline, tables: &[Table]) -> Result<SessionConte
     let ctx = SessionContext::new_with_config_rt(Default::default(), runtime);
     let mut buckets = Vec::new();
     for t in tables {
-        let (name, schema) = (&t.name, &t.schema);
+        let name = &t.name;
         let lake = &p.outputs.sinks[name];
         let url = lake.table_url(name);
         match lake {
@@ -91,21 +126,22 @@ pub async fn lake_session(p: &Pipeline, tables: &[Table]) -> Result<SessionConte
                 }
             }
         }
+        let partitions = t.partition_columns();
         let opts = ListingOptions::new(Arc::new(ParquetFormat::default()))
             .with_file_extension(".parquet")
             .with_table_partition_cols(
-                PARTITION_COLUMNS
+                partitions
                     .iter()
                     .map(|c| (c.to_string(), DataType::Utf8))
                     .collect(),
             );
         let config = ListingTableConfig::new(ListingTableUrl::parse(&url)?)
             .with_listing_options(opts)
-            .with_schema(schema.clone());
+            .with_schema(t.file_schema());
         ctx.register_table(t.files_name(), Arc::new(ListingTable::try_new(config)?))?;
         if let Some(m) = &t.merge {
             let view = ctx
-                .sql(&m.merge_sql(&t.files_name(), &PARTITION_COLUMNS))
+                .sql(&m.merge_sql(&t.files_name(), &partitions))
                 .await?
                 .into_view();
             ctx.register_table(name.as_str(), view)?;

@@ -8,24 +8,37 @@ compares every record with its key. A publish on another tenant's or device's to
 by the broker; a payload on the device's own topic that claims another device or tenant goes to
 dead-letter as `identity_mismatch`; honest devices' counts are exact.
 
+A lake partitioned by the proven tenant (`outputs.partition_by: [tenant]`) holds every output
+right (checked by DuckDB with hive partitioning against the input), keeps `tenant` in its paths
+and out of its files, and `WHERE tenant = ...` reads no other tenant's file; `athena-ddl`
+declares the tenant projection and a database of views per tenant.
+
 Exercises src/decode/mod.rs (check_identity), src/config/resolve/identity.rs,
-src/source/kinesis/ (keys per record, KPL and split_lines) and src/tools/bridge.rs.
+src/source/kinesis/ (keys per record, KPL and split_lines), src/tools/bridge.rs,
+src/sink/writer.rs and src/sink/partition.rs (tenant partitions), src/tools/query.rs and
+src/tools/athena.rs.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import uuid
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
+import sqlglot
+from sqlglot import exp
 
-from harness import REPO, check_run, free_port, pipeline_env, run_log, wait_until
-from lake import duck, lake_source
+from harness import (REPO, check_run, free_port, kinesis_pipeline, pipeline_env, run_log,
+                     simulate, wait_until)
+from lake import check_lake_against_put, duck, lake_source, parquet_files
 from mosquitto import Mosquitto, _leaf, make_pki
-from servers import create_stream
+from servers import create_stream, put_lines, tenant_device_key
+from streamdata import interleave
 
 # thing name -> tenant, as the registry (thing attributes) knows them.
 DEVICES = {"acme-1": "acme", "acme-2": "acme", "globex-1": "globex"}
@@ -223,3 +236,126 @@ def test_identity_config_errors_name_the_field_and_fix(shardlake_bin, tmp_path):
     r = subprocess.run([str(shardlake_bin), "validate", str(p)], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode != 0 and "keeps no partition keys" in r.stderr, r.stderr
+
+
+def tenant_lake_pipeline(tmp_path: Path, stream: str) -> Path:
+    p = kinesis_pipeline(tmp_path, stream, max_bytes="64MiB", max_age="1h",
+                         extra="\nidentity: {from: partition_key}\n")
+    text = p.read_text()
+    text, n = re.subn(r"(?m)^outputs:\n", "outputs:\n  partition_by: [tenant]\n", text)
+    assert n == 1
+    p.write_text(text)
+    return p
+
+
+def test_a_lake_partitioned_by_tenant_is_right_and_prunes_other_tenants(
+        shardlake_bin, agent_bin, tmp_path, kinesalite):
+    summary = simulate(agent_bin, tmp_path / "sim", shards=2, devices=30, readings=600, seed=4,
+                       spikes=3, malformed=4)
+    kinesis = kinesalite.client()
+    stream = f"tenants-{uuid.uuid4().hex[:8]}"
+    create_stream(kinesis, stream, 2)
+    put = put_lines(kinesis, stream, interleave(tmp_path / "sim" / "stream"), key=tenant_device_key)
+    pipeline = tenant_lake_pipeline(tmp_path, stream)
+    env = pipeline_env(tmp_path / "data", kinesalite.env())
+    check_run([str(shardlake_bin), "run", str(pipeline), "--drain"], env=env, timeout=300)
+    lake = tmp_path / "data" / "lake"
+
+    # Every output, read by DuckDB with hive partitioning (tenant from the path), is right.
+    con = check_lake_against_put(put, summary, lake)
+    tenants = sorted({r[0] for r in con.execute("SELECT DISTINCT tenant FROM src").fetchall()})
+    assert len(tenants) == 3, tenants
+
+    # tenant=<t>/ comes before the hours in the tenant's tables, and not in the files.
+    for output in ("readings", "well_1m", "well_5m_hop"):
+        files = parquet_files(lake, output)
+        assert files, output
+        for f in files:
+            rel = Path(f).relative_to(lake / output).as_posix()
+            assert re.match(r"tenant=[a-z]+/year=\d{4}/month=\d\d/day=\d\d/hour=\d\d/", rel), rel
+            assert "tenant" not in pq.read_schema(f).names, f"{f}: tenant is a partition column"
+    for output in ("dead_letter", "alerts"):
+        for f in parquet_files(lake, output):
+            assert "tenant=" not in f, f"{output} is not a tenant's own data: {f}"
+
+    # shardlake query agrees with DuckDB, per tenant, through the merged views too.
+    def query(sql: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(shardlake_bin), "query", str(pipeline), sql], env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    for t in tenants:
+        out = query(f"SELECT count(*) AS n, sum(readings) AS r FROM well_1m WHERE tenant = '{t}'")
+        assert out.returncode == 0, out.stderr
+        n, r = [c.strip() for c in out.stdout.splitlines()[3].strip("|").split("|")]
+        want = con.execute(
+            "SELECT count(DISTINCT (device_id, date_trunc('minute', ts))), count(*) FROM src "
+            "WHERE tenant = ?", [t]).fetchone()
+        assert (int(n), int(r)) == want, (t, out.stdout, want)
+
+    # Pruning: a corrupt file in another tenant's partition is never opened by a query that
+    # names one tenant; without the filter, the same query trips on it.
+    hour_dir = Path(parquet_files(lake, "readings")[0]).parent.relative_to(lake / "readings" / f"tenant={tenants[0]}")
+    planted = lake / "readings" / f"tenant={tenants[1]}" / hour_dir / "part-9999999999-x-0000.parquet"
+    planted.parent.mkdir(parents=True, exist_ok=True)
+    planted.write_bytes(b"not parquet at all")
+    ok = query(f"SELECT count(*) FROM readings WHERE tenant = '{tenants[0]}'")
+    assert ok.returncode == 0, ok.stderr
+    want = con.execute("SELECT count(*) FROM src WHERE tenant = ?", [tenants[0]]).fetchone()[0]
+    assert f"| {want}" in ok.stdout, (ok.stdout, want)
+    bad = query("SELECT count(*) FROM readings")
+    assert bad.returncode != 0, "the planted file must be read when nothing prunes it"
+    planted.unlink()
+
+    # Athena: tenant first, injected by default, an enum (and a database of views per tenant)
+    # when the tenants are given; the year projection bounded from --first-year to NOW.
+    for extra, kind in (([], "injected"), (["--tenants", ",".join(tenants)], "enum")):
+        ddl = check_run([str(shardlake_bin), "athena-ddl", str(pipeline), "--location",
+                         "s3://b/lake", "--database", "wells", "--first-year", "2025", *extra],
+                        env=env).stdout
+        statements = []
+        for text in (t.strip() for t in ddl.split(";\n")):
+            if text:
+                try:
+                    statements.append(sqlglot.parse_one(text, read="athena"))
+                except sqlglot.errors.ParseError:
+                    statements.append(sqlglot.parse_one(text, read="hive"))
+        creates = {s.this.this.name: s for s in statements
+                   if isinstance(s, exp.Create) and s.kind == "TABLE"}
+        readings = creates["well_telemetry_readings"]
+        props = readings.args["properties"].expressions
+        part = next(p for p in props if isinstance(p, exp.PartitionedByProperty))
+        assert [c.name for c in part.this.expressions] == ["tenant", "year", "month", "day", "hour"]
+        assert "tenant" not in [c.name for c in readings.this.expressions]
+        tbl = {p.this.name: p.args["value"].name for p in props if type(p) is exp.Property}
+        assert tbl["projection.tenant.type"] == kind, tbl
+        assert tbl["projection.year.type"] == "date" and tbl["projection.year.range"] == "2025,NOW"
+        assert tbl["storage.location.template"].startswith(
+            "s3://b/lake/readings/tenant=${tenant}/year=${year}/"), tbl
+        dead = creates["well_telemetry_dead_letter"]
+        dead_part = next(p for p in dead.args["properties"].expressions
+                         if isinstance(p, exp.PartitionedByProperty))
+        assert [c.name for c in dead_part.this.expressions] == ["year", "month", "day", "hour"]
+        views = [s for s in statements if isinstance(s, exp.Create) and s.kind == "VIEW"]
+        tenant_views = [v for v in views if v.this.db != "wells"]
+        if kind == "enum":
+            assert tbl["projection.tenant.values"] == ",".join(tenants)
+            assert {v.this.db for v in tenant_views} == {f"wells_{t}" for t in tenants}
+            for v in tenant_views:
+                where = v.expression.args["where"].sql()
+                assert where == f"WHERE \"tenant\" = '{v.this.db.removeprefix('wells_')}'", where
+        else:
+            assert not tenant_views
+    bad = subprocess.run([str(shardlake_bin), "athena-ddl", str(pipeline), "--tenants", "a'b"],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "--tenants" in bad.stderr, bad.stderr
+
+
+def test_partition_by_tenant_needs_a_proven_tenant(shardlake_bin, tmp_path):
+    p = kinesis_pipeline(tmp_path, "s", max_bytes="64MiB", max_age="1h")
+    text, n = re.subn(r"(?m)^outputs:\n", "outputs:\n  partition_by: [tenant]\n", p.read_text())
+    assert n == 1
+    p.write_text(text)
+    r = subprocess.run([str(shardlake_bin), "validate", str(p)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode != 0, r.stdout
+    assert "outputs.partition_by" in r.stderr and "identity" in r.stderr, r.stderr

@@ -127,8 +127,8 @@ def athena_type(t: pa.DataType) -> str:
 def test_athena_ddl_matches_parquet(tmp_path, agent_bin, shardlake_bin):
     lake, files, _ = small_lake_with_every_output(tmp_path, agent_bin, shardlake_bin)
     location = "s3://bucket/lake"
-    ddl = check_run([str(shardlake_bin), "athena-ddl", str(PIPELINE), "--location", location],
-                    env=pipeline_env(tmp_path)).stdout
+    ddl = check_run([str(shardlake_bin), "athena-ddl", str(PIPELINE), "--location", location,
+                     "--first-year", "2026"], env=pipeline_env(tmp_path)).stdout
     # The athena dialect parses Hive DDL with TBLPROPERTIES (sqlglot 30); "hive" is the fallback
     # for tables. Views are Trino SQL, which the athena dialect must parse as is.
     statements = []
@@ -205,18 +205,20 @@ def test_athena_ddl_matches_parquet(tmp_path, agent_bin, shardlake_bin):
 
         tbl = {p.this.name: p.args["value"].name for p in props if type(p) is exp.Property}
         assert tbl.get("projection.enabled") == "true", tbl
-        for unit, lo, hi in (("year", None, None), ("month", 1, 12), ("day", 1, 31),
-                             ("hour", 0, 23)):
+        for unit, lo, hi in (("month", 1, 12), ("day", 1, 31), ("hour", 0, 23)):
             assert tbl.get(f"projection.{unit}.type") == "integer", (unit, tbl)
-            rng = tbl.get(f"projection.{unit}.range", "")
-            assert re.fullmatch(r"\d+,\d+", rng), (unit, rng)
-            if lo is not None:
-                assert rng == f"{lo},{hi}", (unit, rng)
-                assert tbl.get(f"projection.{unit}.digits") == "2", (unit, tbl)
-        year_lo, year_hi = map(int, tbl["projection.year.range"].split(","))
+            assert tbl.get(f"projection.{unit}.range") == f"{lo},{hi}", (unit, tbl)
+            assert tbl.get(f"projection.{unit}.digits") == "2", (unit, tbl)
+        # Years from the first one to NOW, one a year: a query without a time filter
+        # enumerates only the years so far, not the 81 of a fixed 2020-2100 range.
+        assert (tbl.get("projection.year.type"), tbl.get("projection.year.format"),
+                tbl.get("projection.year.range"), tbl.get("projection.year.interval"),
+                tbl.get("projection.year.interval.unit")) == (
+                    "date", "yyyy", "2026,NOW", "1", "YEARS"), tbl
         for f in files[output]:
             year = int(re.search(r"/year=(\d{4})/", f).group(1))
-            assert year_lo <= year <= year_hi, f"{f}: year outside the projection's range"
+            assert 2026 <= year <= dt.datetime.now(dt.timezone.utc).year, (
+                f"{f}: year outside the projection's range")
         assert tbl.get("storage.location.template") == (
             f"{location}/{output}/year=${{year}}/month=${{month}}/day=${{day}}/hour=${{hour}}/"
         ), tbl.get("storage.location.template")

@@ -54,6 +54,18 @@ pub(super) fn resolve_pipeline(
         .identity
         .as_ref()
         .and_then(|i| identity::resolve_identity(p, i, schema.as_ref(), &source));
+    if let Some(by) = &outputs.partition_by
+        && !identity.as_ref().is_some_and(|i| i.proves(by))
+    {
+        p.add(
+            "outputs.partition_by",
+            format!("`{by}` would come from each record's own say-so: no `identity:` proves it"),
+            format!(
+                "add `identity: {{from: partition_key, key: \"{{{by}}}/{{device_id}}\"}}` \
+                 (the IoT rule's key), so a device cannot write into another {by}'s partition"
+            ),
+        );
+    }
 
     Some(Pipeline {
         file: path.to_path_buf(),

@@ -141,5 +141,22 @@ pub(super) fn resolve_outputs(
         aggregations,
         rollover: per_table,
         sinks,
+        partition_by: resolve_partition_by(p, &o.partition_by),
+    }
+}
+
+/// `outputs.partition_by`: `[]` or `[tenant]`.
+fn resolve_partition_by(p: &mut Problems, by: &[String]) -> Option<String> {
+    match by {
+        [] => None,
+        [c] if c == crate::columns::TENANT => Some(c.clone()),
+        _ => {
+            p.add(
+                "outputs.partition_by",
+                format!("{by:?}: only the tenant partitions tables"),
+                "write `partition_by: [tenant]`, or leave it out",
+            );
+            None
+        }
     }
 }
