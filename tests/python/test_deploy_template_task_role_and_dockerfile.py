@@ -13,12 +13,15 @@ against the subcommands of src/bin/shardlake.rs.
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
+import pytest
 import yaml
 
 from harness import REPO, check_run
@@ -60,8 +63,39 @@ ACTION_OF = {
 }
 
 
-def template() -> dict:
-    return yaml.safe_load(TEMPLATE.read_text())
+TENANTS = ("acme", "borealis")
+
+
+def _for_each(node, name: str, value: str):
+    """`node` with the loop variable `name` replaced, as AWS::LanguageExtensions does:
+    `{Ref: name}`, `${name}` in Fn::Sub strings and `&{name}` in keys."""
+    if isinstance(node, dict):
+        if node == {"Ref": name}:
+            return value
+        return {k.replace(f"&{{{name}}}", value): _for_each(v, name, value)
+                for k, v in node.items()}
+    if isinstance(node, list):
+        return [_for_each(v, name, value) for v in node]
+    if isinstance(node, str):
+        return node.replace(f"${{{name}}}", value)
+    return node
+
+
+def template(tenants=TENANTS) -> dict:
+    """The template as CloudFormation sees it after its transform, with `Tenants` set to
+    `tenants`: each Fn::ForEach loop expanded into its resources."""
+    t = yaml.safe_load(TEMPLATE.read_text())
+    resources = {}
+    for key, value in t["Resources"].items():
+        if key.startswith("Fn::ForEach::"):
+            name, over, body = value
+            assert over == {"Ref": "Tenants"}, over
+            for tenant in tenants:
+                resources.update(_for_each(body, name, tenant))
+        else:
+            resources[key] = value
+    t["Resources"] = resources
+    return t
 
 
 def test_cfn_lint_passes():
@@ -462,3 +496,126 @@ def test_dockerfile_copies_what_exists_and_builds_locked(shardlake_bin):
     pipeline_env = [rest for word, rest in steps if word == "ENV"]
     baked = re.search(r"SHARDLAKE_PIPELINE=(\S+)", " ".join(pipeline_env)).group(1)
     assert (REPO / Path(baked).relative_to("/etc/shardlake")).is_file(), baked
+
+
+# --------------------------------------------------------------------------------------------
+# Tenants: a role and an Athena workgroup each
+
+STACK = {"AWS::Partition": "aws", "AWS::Region": "us-east-1", "AWS::AccountId": "123456789012",
+         "AWS::StackName": "wells", "LakeBucket": "wells-lake", "LakeBucket.Arn":
+         "arn:aws:s3:::wells-lake", "GlueDatabase": "wells_lake"}
+
+
+def resolve(node):
+    """Fn::Sub and Fn::GetAtt of the stack's own names, as CloudFormation resolves them."""
+    if isinstance(node, dict):
+        if "Fn::Sub" in node:
+            return re.sub(r"\$\{([^}!]+)\}", lambda m: STACK[m.group(1)], node["Fn::Sub"])
+        if node == {"Fn::GetAtt": ["LakeBucket", "Arn"]}:
+            return STACK["LakeBucket.Arn"]
+        return {k: resolve(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [resolve(v) for v in node]
+    return node
+
+
+def tenant_policy(tenant: str) -> dict:
+    role = template()["Resources"][f"TenantRole{tenant}"]
+    [policy] = role["Properties"]["Policies"]
+    return resolve(policy["PolicyDocument"])
+
+
+def test_a_tenant_role_grants_nothing_outside_its_tenant():
+    res = template()["Resources"]
+    for tenant in TENANTS:
+        doc = tenant_policy(tenant)
+        for st in doc["Statement"]:
+            assert st["Effect"] == "Allow", st
+            actions = st["Action"] if isinstance(st["Action"], list) else [st["Action"]]
+            resources = st["Resource"] if isinstance(st["Resource"], list) else [st["Resource"]]
+            assert not any("*" in a for a in actions), st
+            for r in resources:
+                if r.startswith("arn:aws:s3:::wells-lake/"):
+                    key = r.removeprefix("arn:aws:s3:::wells-lake/")
+                    assert key in (f"lake/*/tenant={tenant}/*", f"athena-results/{tenant}/*"), r
+                elif r.startswith("arn:aws:athena:"):
+                    assert r.endswith(f":workgroup/wells-{tenant}"), r
+                elif r.startswith("arn:aws:glue:"):
+                    assert actions and all(a.startswith("glue:Get") for a in actions), st
+                else:
+                    assert r == "arn:aws:s3:::wells-lake", r
+                    if "s3:ListBucket" in actions:
+                        prefixes = st["Condition"]["StringLike"]["s3:prefix"]
+                        assert prefixes == [f"lake/*/tenant={tenant}/*",
+                                            f"athena-results/{tenant}/*"], prefixes
+        assert res[f"TenantRole{tenant}"]["Properties"]["Tags"] == [
+            {"Key": "tenant", "Value": tenant}]
+        wg = res[f"TenantWorkGroup{tenant}"]["Properties"]
+        assert wg["Name"] == {"Fn::Sub": f"${{AWS::StackName}}-{tenant}"}
+        conf = wg["WorkGroupConfiguration"]
+        assert conf["EnforceWorkGroupConfiguration"] is True
+        assert conf["BytesScannedCutoffPerQuery"] == {"Ref": "TenantQueryBytesLimit"}
+        assert resolve(conf["ResultConfiguration"]["OutputLocation"]) == (
+            f"s3://wells-lake/athena-results/{tenant}/")
+
+
+@pytest.fixture
+def moto_iam(tmp_path_factory):
+    """A moto server of this test's own, whose IAM access control is switched on once the
+    test has set it up (every request after that is checked against the caller's policies)."""
+    from servers import serve_moto
+    yield from serve_moto(tmp_path_factory)
+
+
+def test_moto_refuses_a_tenant_role_another_tenants_objects(moto_iam):
+    """The policy proven, not only read: moto evaluates each S3 request against the tenant's
+    policy (the role's, as an IAM user's, since moto checks users' and assumed roles' policies
+    alike; the ListBucket prefix condition is not one moto evaluates, so it is checked above)."""
+    import boto3
+    from botocore.exceptions import ClientError
+
+    s3 = moto_iam.client("s3")
+    s3.create_bucket(Bucket="wells-lake")
+    keys = {t: f"lake/well-telemetry/readings/tenant={t}/year=2026/month=01/day=05/hour=10/"
+               f"part-0000000001-w0-0000.parquet" for t in TENANTS}
+    for key in keys.values():
+        s3.put_object(Bucket="wells-lake", Key=key, Body=b"rows")
+    s3.put_object(Bucket="wells-lake", Key="lake/well-telemetry/dead_letter/year=2026/x.parquet",
+                  Body=b"unproven rows")
+    iam = moto_iam.client("iam")
+    creds = {}
+    for tenant in TENANTS:
+        iam.create_user(UserName=tenant)
+        iam.put_user_policy(UserName=tenant, PolicyName="tenant-lake",
+                            PolicyDocument=json.dumps(tenant_policy(tenant)))
+        k = iam.create_access_key(UserName=tenant)["AccessKey"]
+        creds[tenant] = (k["AccessKeyId"], k["SecretAccessKey"])
+    req = urllib.request.Request(f"{moto_iam.url}/moto-api/reset-auth", data=b"0", method="POST",
+                                 headers={"Content-Type": "text/plain"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        assert r.status == 200
+
+    def as_tenant(tenant):
+        key_id, secret = creds[tenant]
+        return boto3.client("s3", endpoint_url=moto_iam.url, region_name="us-east-1",
+                            aws_access_key_id=key_id, aws_secret_access_key=secret)
+
+    def refused(call) -> bool:
+        try:
+            call()
+        except ClientError as e:
+            assert e.response["Error"]["Code"] in ("AccessDenied", "403"), e.response
+            return True
+        return False
+
+    for tenant in TENANTS:
+        other = next(t for t in TENANTS if t != tenant)
+        c = as_tenant(tenant)
+        assert c.get_object(Bucket="wells-lake", Key=keys[tenant])["Body"].read() == b"rows"
+        assert refused(lambda: c.get_object(Bucket="wells-lake", Key=keys[other]))
+        assert refused(lambda: c.get_object(
+            Bucket="wells-lake", Key="lake/well-telemetry/dead_letter/year=2026/x.parquet"))
+        c.put_object(Bucket="wells-lake", Key=f"athena-results/{tenant}/q1.csv", Body=b"r")
+        assert refused(lambda: c.put_object(Bucket="wells-lake",
+                                            Key=f"athena-results/{other}/q1.csv", Body=b"r"))
+        assert refused(lambda: c.put_object(Bucket="wells-lake", Key=keys[tenant], Body=b"x"))
