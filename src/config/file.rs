@@ -76,6 +76,32 @@ pub struct ConsoleFile {
     /// Which groups make a user a viewer, an operator or a platform admin.
     #[serde(default)]
     pub roles: RolesFile,
+    /// Limits of the query API per tenant, beyond `shardlake console`'s `--query-rows` and
+    /// `--query-timeout` (which bound everyone): e.g. `{tenants: {acme: {max_rows: 1000,
+    /// timeout: 5s}}}`.
+    #[serde(default)]
+    pub query: ConsoleQueryFile,
+}
+
+/// `console.query:`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleQueryFile {
+    /// Per tenant (as the tenant claim names it): its own, lower, limits.
+    #[serde(default)]
+    pub tenants: std::collections::BTreeMap<String, TenantQueryFile>,
+}
+
+/// `console.query.tenants.<tenant>:`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantQueryFile {
+    /// Rows a query of this tenant returns at most.
+    #[serde(default)]
+    pub max_rows: Option<u64>,
+    /// How long a query of this tenant may run (e.g. `5s`).
+    #[serde(default)]
+    pub timeout: Option<String>,
 }
 
 /// `console.auth:` — exactly one kind.

@@ -25,8 +25,8 @@ pub use load::{Env, expand, load_file, process_env};
 pub use model::{
     Aggregation, AlertRule, Checkpoints, Console, ConsoleAuth, Endpoints, EventTime, Field,
     Identity, Issuer, IssuerKind, KeyPart, KinesisSource, LakeLocation, LeaseTable, Notifier,
-    NotifyTarget, Outputs, Pipeline, RESERVED_COLUMNS, RecordSchema, RoleGroups, Rollover,
-    S3Location, STORAGE_CLASSES, Secret, Source, StartAt,
+    NotifyTarget, Outputs, Pipeline, QueryLimits, RESERVED_COLUMNS, RecordSchema, RoleGroups,
+    Rollover, S3Location, STORAGE_CLASSES, Secret, Source, StartAt,
 };
 pub use problem::{ConfigError, Problem, Problems, is_ident, parse_bytes};
 pub use yaml_index::LineIndex;

@@ -330,6 +330,15 @@ pub struct AlertRule {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Console {
     pub auth: ConsoleAuth,
+    /// Per tenant: the query API's limits (rows, time), each `None` for the console's own.
+    pub tenant_limits: std::collections::BTreeMap<String, QueryLimits>,
+}
+
+/// A tenant's query limits (`console.query.tenants`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueryLimits {
+    pub max_rows: Option<usize>,
+    pub timeout: Option<Duration>,
 }
 
 /// How console users sign in, and how their tenant and role are read from their tokens.

@@ -283,6 +283,22 @@ impl Console {
 }
 
 impl Console {
+    /// The query API's row and time limits for `scope`: the console's own, lowered by the
+    /// tenant's `console.query.tenants` entry (a tenant cannot raise them).
+    fn limits(&self, scope: &Scope) -> (usize, Duration) {
+        let (rows, timeout) = (self.opts.query_rows, self.opts.query_timeout);
+        match scope {
+            Scope::Tenant(t) => match self.p.console.tenant_limits.get(t) {
+                Some(l) => (
+                    l.max_rows.map_or(rows, |r| r.min(rows)),
+                    l.timeout.map_or(timeout, |d| d.min(timeout)),
+                ),
+                None => (rows, timeout),
+            },
+            Scope::All => (rows, timeout),
+        }
+    }
+
     /// The session a viewer's SQL runs in. A tenant's viewer gets a session of its own in
     /// which each table is a view of the lake's table filtered on the tenant field, built on
     /// the table itself (not on its name), so no name in that session reaches another
@@ -570,10 +586,11 @@ async fn device(
             literal(&to.to_rfc3339())
         )
     };
+    let timeout = c.limits(&v.scope).1;
     let run = |sql: String| {
         let c = c.clone();
         async move {
-            let a = query::run(&c.ctx, &sql, 5_000, c.opts.query_timeout).await?;
+            let a = query::run(&c.ctx, &sql, 5_000, timeout).await?;
             Ok::<_, ApiError>(
                 serde_json::from_slice::<serde_json::Value>(&query::to_json(&a.batches)?)
                     .unwrap_or_default(),
@@ -665,9 +682,10 @@ async fn run_query(
             format!("the body must be JSON like {{\"sql\": \"SELECT ...\", \"limit\": 100}}: {e}"),
         )
     })?;
-    let limit = q.limit.unwrap_or(c.opts.query_rows).min(c.opts.query_rows);
+    let (rows, timeout) = c.limits(&v.scope);
+    let limit = q.limit.unwrap_or(rows).min(rows);
     let ctx = c.session(&v.scope).await?;
-    let answer = query::run(&ctx, &q.sql, limit, c.opts.query_timeout).await?;
+    let answer = query::run(&ctx, &q.sql, limit, timeout).await?;
     let accept = headers
         .get(header::ACCEPT)
         .and_then(|h| h.to_str().ok())

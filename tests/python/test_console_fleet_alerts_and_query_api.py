@@ -354,7 +354,8 @@ def test_each_tenant_sees_only_its_own_devices_alerts_and_rows(tmp_path, moto, s
     pool.add_user("ann", "Passw0rd!ann", tenant="acme")
     pool.add_user("bob", "Passw0rd!bob", tenant="borealis", groups=["operators"])
     r = ConsoleRun(shardlake_bin, agent_bin, tmp_path, devices=6, env=moto.env(),
-                   extra=pool.console_auth("http://127.0.0.1:1/auth/callback"))
+                   extra=pool.console_auth("http://127.0.0.1:1/auth/callback")
+                   + "  query: {tenants: {acme: {max_rows: 3, timeout: 20s}}}\n")
     try:
         ann = pool.tokens("ann", "Passw0rd!ann")["AccessToken"]
         bob = pool.tokens("bob", "Passw0rd!bob")["AccessToken"]
@@ -395,6 +396,13 @@ def test_each_tenant_sees_only_its_own_devices_alerts_and_rows(tmp_path, moto, s
             status, _, body = r.query(sql, token=ann)
             assert status == 200, (sql, body)
             assert {row["tenant"] for row in json.loads(body)} == {"acme"}, (sql, body)
+        # Each tenant's own limits: acme's queries return 3 rows at most (and say so);
+        # borealis keeps the console's.
+        status, headers, body = r.query("SELECT * FROM readings", token=ann)
+        assert status == 200 and len(json.loads(body)) == 3, body
+        assert headers.get("x-shardlake-truncated") == "true", headers
+        wait_until("more than 3 of bob's rows", lambda: len(json.loads(r.query(
+            "SELECT * FROM readings LIMIT 10", token=bob)[2])) > 3, timeout=60)
         for sql in ["SELECT * FROM dead_letter", "SELECT * FROM alerts",
                     "SELECT * FROM well_1m_parts", "SELECT * FROM information_schema.tables",
                     f"SELECT * FROM '{tmp_path}/lake/readings'"]:

@@ -6,7 +6,7 @@ use crate::config::file::{
     ClaimsFile, CognitoFile, ConsoleAuthFile, ConsoleFile, OidcFile, RolesFile,
 };
 use crate::config::{
-    Console, ConsoleAuth, Endpoints, Issuer, IssuerKind, Problems, RoleGroups, Secret,
+    Console, ConsoleAuth, Endpoints, Issuer, IssuerKind, Problems, QueryLimits, RoleGroups, Secret,
 };
 
 /// The path the console serves the sign-in callback on; `redirect_url` must end in it.
@@ -23,6 +23,32 @@ pub(super) fn resolve_console(p: &mut Problems, f: ConsoleFile) -> Console {
     let ClaimsFile { tenant, groups } = f.claims;
     let tenant_claim = claim_name(p, "console.claims.tenant", tenant, "custom:tenant");
     let groups_claim = claim_name(p, "console.claims.groups", groups, default_groups);
+    let mut tenant_limits = std::collections::BTreeMap::new();
+    for (tenant, l) in f.query.tenants {
+        let at = |k: &str| format!("console.query.tenants.{tenant}.{k}");
+        if l.max_rows == Some(0) {
+            p.add(
+                &at("max_rows"),
+                "must be more than zero",
+                "write the most rows a query of this tenant may return, e.g. 1000",
+            );
+        }
+        let timeout = l.timeout.as_deref().map(|t| p.duration(&at("timeout"), t));
+        if timeout.is_some_and(|t| t.is_zero()) {
+            p.add(
+                &at("timeout"),
+                "must be more than zero",
+                "write how long a query may run, e.g. 5s",
+            );
+        }
+        tenant_limits.insert(
+            tenant,
+            QueryLimits {
+                max_rows: l.max_rows.map(|n| n as usize),
+                timeout,
+            },
+        );
+    }
     Console {
         auth: ConsoleAuth {
             issuer,
@@ -30,6 +56,7 @@ pub(super) fn resolve_console(p: &mut Problems, f: ConsoleFile) -> Console {
             groups_claim,
             roles: resolve_roles(p, f.roles),
         },
+        tenant_limits,
     }
 }
 
