@@ -14,6 +14,8 @@ import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import pytest
+
 from harness import free_port, get, pipeline_env, simulate, wait_until, write_test_pipeline
 
 CHROMIUM = "/usr/bin/chromium"
@@ -30,7 +32,8 @@ class ConsoleRun:
 
     def __init__(self, shardlake_bin: Path, agent_bin: Path, tmp: Path, *, devices: int = 20,
                  console_args: tuple[str, ...] = (), lake: str | None = None,
-                 env: dict[str, str] | None = None, extra: str = ""):
+                 env: dict[str, str] | None = None, extra: str = "",
+                 listen: str | None = None):
         self.bin, self.tmp = shardlake_bin, tmp
         # Readings of the last few minutes, so the windows and the page's ages are current.
         start = (datetime.now(timezone.utc) - timedelta(minutes=4)).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -41,7 +44,7 @@ class ConsoleRun:
                                             lake=lake, extra=extra)
         self.env = pipeline_env(tmp, env)
         self.ops = f"127.0.0.1:{free_port()}"
-        self.listen = f"127.0.0.1:{free_port()}"
+        self.listen = listen or f"127.0.0.1:{free_port()}"
         self.base = f"http://{self.listen}"
         self.console_args = console_args
         self.seq = 10_000
@@ -66,6 +69,18 @@ class ConsoleRun:
     def stop_console(self):
         self.console.send_signal(signal.SIGTERM)
         self.console.wait(timeout=30)
+
+    def tenants(self) -> dict[str, str]:
+        """Each simulated device's tenant, from the stream."""
+        out = {}
+        for f in sorted((self.tmp / "stream").glob("shardId-*.ndjson")):
+            for line in f.read_text().splitlines():
+                try:
+                    r = json.loads(line)
+                except ValueError:
+                    continue
+                out[r["device_id"]] = r["tenant"]
+        return out
 
     def append(self, device: str, *, pressure: float = 2000.0, tenant: str = "acme",
                shard: int = 0, **extra) -> dict:
@@ -181,3 +196,31 @@ def wait_in_page(driver, what: str, script: str, timeout: float = 30.0):
 
 def time_ms() -> float:
     return time.monotonic() * 1000
+
+
+def browser_sign_in(driver, start_url: str, login: str, console_base: str, timeout: float = 60):
+    """Opens `start_url` in Chromium and signs in through oidc-provider's own login and
+    consent pages, as a person would: types the login and a password, presses the buttons,
+    until the browser is back on the console."""
+    from selenium.webdriver.common.by import By
+    driver.get(start_url)
+    deadline = time.monotonic() + timeout
+    while True:
+        url = driver.current_url
+        if url.startswith(console_base) and "/auth/" not in url:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"the sign-in of {login} did not come back to the console: {url}")
+        logins = driver.find_elements(By.NAME, "login")
+        buttons = driver.find_elements(By.CSS_SELECTOR, "form button[type=submit]")
+        if logins:
+            logins[0].send_keys(login)
+            driver.find_element(By.NAME, "password").send_keys("any-password")
+            driver.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
+            wait_until("the login page to go", lambda: driver.current_url != url or not
+                       driver.find_elements(By.NAME, "login"), timeout=30)
+        elif buttons:
+            buttons[0].click()
+            wait_until("the consent page to go", lambda: driver.current_url != url, timeout=30)
+        else:
+            time.sleep(0.1)  # a redirect in flight: look again

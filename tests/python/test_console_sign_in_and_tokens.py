@@ -168,3 +168,54 @@ def test_cognito_access_tokens_from_moto_and_the_ones_refused(tmp_path, shardlak
         status, _, _ = call(f"{base}/auth/logout", method="POST", data={},
                             headers={"Cookie": "shardlake_session=whatever"})
         assert status == 403
+
+
+def test_in_the_browser_each_tenant_signs_in_and_sees_only_its_fleet_and_alerts(
+        tmp_path, shardlake_bin, agent_bin, oidc_provider):
+    """Two people sign in with Chromium through oidc-provider's login and consent pages: the
+    operator of tenant acme sees acme's devices and alert only, the viewer of borealis only
+    borealis' devices and no alert, each with their name on the page."""
+    from console import ConsoleRun, browser_sign_in, chromium_driver, shoot, wait_in_page
+    listen = f"127.0.0.1:{free_port()}"
+    base = f"http://{listen}"
+    provider = oidc_provider([f"{base}/auth/callback"])
+    r = ConsoleRun(shardlake_bin, agent_bin, tmp_path, devices=6, listen=listen,
+                   env={"OIDC_CLIENT_SECRET": provider.client_secret},
+                   extra=provider.console_auth())
+    drivers = []
+    try:
+        tenants = {t: sorted(d for d, tt in r.tenants().items() if tt == t)
+                   for t in ("acme", "borealis")}
+        assert all(tenants.values()), tenants
+        pages = {}
+        for tenant, login in (("acme", "alice@acme:operators"), ("borealis", "bob@borealis")):
+            d = chromium_driver()
+            drivers.append(d)
+            browser_sign_in(d, f"{base}/#/fleet", login, base)
+            pages[tenant] = d
+        for tenant, page in pages.items():
+            wait_in_page(page, f"{tenant}'s devices",
+                         "[...document.querySelectorAll('#fleet-body tr')].map(tr => "
+                         f"tr.dataset.device).sort().join(',') === '{','.join(tenants[tenant])}'",
+                         timeout=60)
+            shoot(page, tmp_path, f"fleet-{tenant}")
+        r.append(tenants["acme"][0], pressure=9500.0, tenant="acme")
+        for tenant, page in pages.items():
+            page.execute_script("location.hash = '#/alerts'")
+        wait_in_page(pages["acme"], "acme's alert",
+                     "[...document.querySelectorAll('#alerts-body tr')].some(tr => "
+                     f"tr.children[2].textContent === '{tenants['acme'][0]}')", timeout=60)
+        # The alert reached every page that may see it; borealis' page had the same time
+        # and its feed stays empty.
+        assert pages["borealis"].execute_script(
+            "return document.querySelectorAll('#alerts-body tr[data-alert]').length") == 0
+        shoot(pages["acme"], tmp_path, "alerts-acme")
+        shoot(pages["borealis"], tmp_path, "alerts-borealis")
+        # The page shows who is signed in.
+        who = "return document.getElementById('whoami').textContent"
+        assert pages["acme"].execute_script(who) == "alice · acme · operator"
+        assert pages["borealis"].execute_script(who) == "bob · borealis · viewer"
+    finally:
+        for d in drivers:
+            d.quit()
+        r.close()
