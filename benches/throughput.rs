@@ -249,6 +249,7 @@ fn kinesis(args: &[String]) {
             poll_interval: Duration::from_millis(200),
             max_records: 10_000,
             split_lines: false,
+            fan_out: None,
         };
         let stream = KinesisStream::connect(&src, Arc::new(Metrics::default())).await;
         let before = canned_kinesis::cpu_seconds("consumer");
@@ -256,7 +257,7 @@ fn kinesis(args: &[String]) {
         let deadline = t + Duration::from_secs(seconds);
         let tasks: Vec<_> = (0..shards)
             .map(|s| {
-                let mut reader = stream.reader(canned_kinesis::shard_id(s).into(), &None);
+                let mut reader = stream.poller(canned_kinesis::shard_id(s).into(), &None);
                 tokio::spawn(async move {
                     let (mut records, mut bytes) = (0u64, 0u64);
                     while Instant::now() < deadline {

@@ -41,6 +41,14 @@ pub struct Metrics {
     pub dynamodb_errors_retried: AtomicU64,
     pub s3_throttled: AtomicU64,
     pub s3_errors_retried: AtomicU64,
+    /// Enhanced fan-out: subscriptions opened, renewed (after `renew_after` or Kinesis' 5
+    /// minutes), retried (ResourceInUse, LimitExceeded, throttling, 5xx), event streams that
+    /// failed mid-way, and events received.
+    pub fanout_subscriptions: AtomicU64,
+    pub fanout_renewals: AtomicU64,
+    pub fanout_subscribe_retries: AtomicU64,
+    pub fanout_stream_errors: AtomicU64,
+    pub fanout_events: AtomicU64,
     /// KPL aggregated records unpacked into their user records.
     pub kpl_aggregates: AtomicU64,
     /// Leases (shards) this worker holds now.

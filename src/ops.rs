@@ -93,7 +93,7 @@ struct Exposition(Arc<Metrics>);
 impl Collector for Exposition {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let m = &*self.0;
-        let counters: [(&str, &str, &AtomicU64); 26] = [
+        let counters: [(&str, &str, &AtomicU64); 31] = [
             (
                 "records_read",
                 "Records read from the source (KPL user records counted one by one)",
@@ -108,6 +108,31 @@ impl Collector for Exposition {
                 "dead_letters",
                 "Records sent to the dead-letter output",
                 &m.dead_letters,
+            ),
+            (
+                "fanout_subscriptions",
+                "Enhanced fan-out subscriptions opened (SubscribeToShard)",
+                &m.fanout_subscriptions,
+            ),
+            (
+                "fanout_renewals",
+                "Enhanced fan-out subscriptions renewed after their lifetime",
+                &m.fanout_renewals,
+            ),
+            (
+                "fanout_subscribe_retries",
+                "SubscribeToShard calls retried (ResourceInUse, LimitExceeded, throttling, 5xx)",
+                &m.fanout_subscribe_retries,
+            ),
+            (
+                "fanout_stream_errors",
+                "Enhanced fan-out event streams that failed mid-way (subscribed again)",
+                &m.fanout_stream_errors,
+            ),
+            (
+                "fanout_events",
+                "Enhanced fan-out events received",
+                &m.fanout_events,
             ),
             (
                 "identity_mismatches",

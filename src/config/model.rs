@@ -143,6 +143,15 @@ pub struct KinesisSource {
     pub max_records: usize,
     /// Each line of a record is a record of its own.
     pub split_lines: bool,
+    /// Enhanced fan-out instead of polling.
+    pub fan_out: Option<FanOut>,
+}
+
+/// `source.kinesis.fan_out`: the stream consumer and how often its subscriptions renew.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FanOut {
+    pub consumer: String,
+    pub renew_after: Duration,
 }
 
 /// Where a shard without a checkpoint starts.

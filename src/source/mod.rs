@@ -127,7 +127,7 @@ impl Stream {
                 poll_interval: *poll_interval,
             },
             Self::Kinesis(stream) => OpenedShard {
-                reader: Box::new(stream.reader(shard, from)),
+                reader: stream.reader(shard, from),
                 max_records: stream.max_records(),
                 poll_interval: Duration::ZERO,
             },

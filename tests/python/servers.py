@@ -157,7 +157,12 @@ def serve_until_done(name: str, server, proc, log, log_path: Path):
         yield server
     finally:
         proc.terminate()
-        proc.wait(timeout=10)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            # kinesis-local can linger on open SubscribeToShard streams.
+            proc.kill()
+            proc.wait()
         log.close()
 
 

@@ -32,6 +32,7 @@ DOCKERFILE = REPO / "Dockerfile"
 # Which service each source file's SDK client talks to: the worker's (TaskRole) ...
 CLIENT_FILES = {
     "src/source/kinesis/api.rs": "kinesis",
+    "src/source/kinesis/fanout.rs": "kinesis",
     "src/checkpoint/dynamodb/manager.rs": "dynamodb",
     "src/checkpoint/dynamodb/store.rs": "dynamodb",
     "src/sink/s3.rs": "s3",
@@ -130,13 +131,25 @@ def needed_actions(files: dict[str, str], calls: dict[str, set[str]]) -> set[str
     return needed
 
 
-def statements(role_name: str) -> list[dict]:
-    """The role's statements, each checked to allow named actions on named resources."""
+# Granted only when the stack's FanOutConsumer is set (condition FanOut).
+FAN_OUT_ONLY = {"kinesis:DescribeStreamSummary", "kinesis:RegisterStreamConsumer",
+                "kinesis:DescribeStreamConsumer", "kinesis:SubscribeToShard"}
+
+
+def statements(role_name: str, conditions: frozenset = frozenset({"FanOut"})) -> list[dict]:
+    """The role's statements, each checked to allow named actions on named resources; a
+    statement under `Fn::If` counts when its condition is in `conditions`."""
     role = resources()[role_name]["Properties"]
     assert "ManagedPolicyArns" not in role, f"{role_name}: a managed policy grants what no test sees"
     out = []
     for policy in role["Policies"]:
         for st in policy["PolicyDocument"]["Statement"]:
+            if "Fn::If" in st:
+                cond, yes, no = st["Fn::If"]
+                assert no == {"Ref": "AWS::NoValue"}, st
+                if cond not in conditions:
+                    continue
+                st = yes
             assert st["Effect"] == "Allow", st
             assert not {"NotAction", "NotResource"} & set(st), st
             assert st["Resource"] != "*", f"{st['Sid']}: not scoped to a resource"
@@ -165,6 +178,14 @@ def test_task_role_grants_exactly_what_the_code_calls():
     assert needed - granted == set(), f"called but not granted: {sorted(needed - granted)}"
     # The ones a worker cannot do without, so the mapping above stays honest.
     assert {"kinesis:GetRecords", "dynamodb:UpdateItem", "s3:PutObject", "sns:Publish"} <= needed
+    # Without a fan-out consumer, none of the consumer actions.
+    polling = set()
+    for st in statements("TaskRole", conditions=frozenset()):
+        polling |= set(st["Action"] if isinstance(st["Action"], list) else [st["Action"]])
+    assert polling == granted - FAN_OUT_ONLY, sorted(granted - polling)
+    assert FAN_OUT_ONLY <= needed
+    subscribe = next(st for st in statements("TaskRole") if "kinesis:SubscribeToShard" in st["Action"])
+    assert subscribe["Resource"] == {"Fn::Sub": "${Stream.Arn}/consumer/${FanOutConsumer}:*"}
 
 
 def acks_key_prefix() -> str:

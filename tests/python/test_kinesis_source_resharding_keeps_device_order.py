@@ -3,7 +3,11 @@ split and two others merged while a producer writes and a run reads; every recor
 lake once, and each device's records in the order they were put, across parent and child
 shards.
 
-Exercises src/source/kinesis/ (child shards read after their parents).
+Run twice: polling GetRecords, and with enhanced fan-out (SubscribeToShard; a shard ends at
+the event that names its children).
+
+Exercises src/source/kinesis/ (child shards read after their parents; reader.rs and
+fanout.rs).
 """
 
 from __future__ import annotations
@@ -12,15 +16,18 @@ import signal
 import subprocess
 import uuid
 
-from harness import check_run, kinesis_pipeline, pipeline_env, simulate
+import pytest
+
+from harness import check_run, kinesis_pipeline, pipeline_env, simulate, write_test_pipeline
 from lake import check_lake_against_put
 from servers import create_stream, put_while_resharding
 from streamdata import interleave
 
 
+@pytest.mark.parametrize("read", ["polling", "fan_out"])
 def test_split_and_merge_while_producing_keep_each_device_in_order(tmp_path, kinesis_local,
                                                                   agent_bin, shardlake_bin,
-                                                                  capsys):
+                                                                  capsys, read):
     """kinesis-local (it reshards as AWS does): one shard is split and two others merged
     while a producer writes and a run reads. Every record must reach the lake once, and each
     device's records in the order they were put, across the parent and child shards."""
@@ -30,7 +37,12 @@ def test_split_and_merge_while_producing_keep_each_device_in_order(tmp_path, kin
     summary = simulate(agent_bin, tmp_path / "sim", shards=3, devices=60, readings=50,
                        seed=37, spikes=2, malformed=6)
     lines = interleave(tmp_path / "sim" / "stream")
-    pipeline = kinesis_pipeline(tmp_path, name, max_bytes="1MiB", max_age="1s")
+    if read == "fan_out":
+        pipeline = write_test_pipeline(
+            tmp_path / "fan-out.yaml", max_bytes="1MiB", max_age="1s",
+            source=f"{{kinesis: {{stream: {name}, fan_out: {{consumer: reshard, renew_after: 3s}}}}}}")
+    else:
+        pipeline = kinesis_pipeline(tmp_path, name, max_bytes="1MiB", max_age="1s")
     env = pipeline_env(tmp_path, kinesis_local.env())
     run = subprocess.Popen([str(shardlake_bin), "run", str(pipeline)], env=env,
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -38,6 +50,7 @@ def test_split_and_merge_while_producing_keep_each_device_in_order(tmp_path, kin
         put, ids = put_while_resharding(kinesis, name, lines)
         run.send_signal(signal.SIGTERM)
         stderr = run.communicate(timeout=60)[1]
+        (tmp_path / "run.log").write_text(stderr)
         assert run.returncode == 0, f"the run did not stop cleanly:\n{stderr[-3000:]}"
     finally:
         if run.poll() is None:
@@ -45,7 +58,9 @@ def test_split_and_merge_while_producing_keep_each_device_in_order(tmp_path, kin
             run.wait()
 
     # A second run reads what the first did not reach (the children it had not listed yet).
-    check_run([str(shardlake_bin), "run", str(pipeline), "--drain"], env=env, timeout=300)
+    drained = check_run([str(shardlake_bin), "run", str(pipeline), "--drain"], env=env,
+                        timeout=300)
+    (tmp_path / "drain.log").write_text(drained.stderr)
     lake = tmp_path / "lake"
     con = check_lake_against_put(put, summary, lake)
 
@@ -68,6 +83,6 @@ def test_split_and_merge_while_producing_keep_each_device_in_order(tmp_path, kin
     assert moved >= 10, f"only {moved} devices moved to a child shard: the test proves little"
     assert out_of_order == 0, f"{out_of_order} records reached the lake before an earlier one of their device"
     with capsys.disabled():
-        print(f"\n[reshard, kinesis-local] {len(put)} records; split {ids[0]}, merged {ids[1]} "
+        print(f"\n[reshard, kinesis-local, {read}] {len(put)} records; split {ids[0]}, merged {ids[1]} "
               f"and {ids[2]} while producing; {moved} devices read across parent and child "
               "shards, all in order")

@@ -3,7 +3,7 @@
 
 use crate::config::Problems;
 use crate::config::file::SourceFile;
-use crate::config::{KinesisSource, Source, StartAt};
+use crate::config::{FanOut, KinesisSource, Source, StartAt};
 
 pub(super) fn resolve_source(p: &mut Problems, f: SourceFile) -> Source {
     match f {
@@ -25,6 +25,7 @@ pub(super) fn resolve_source(p: &mut Problems, f: SourceFile) -> Source {
             poll_interval,
             max_records,
             split_lines,
+            fan_out,
         } => {
             let at = |k: &str| format!("source.kinesis.{k}");
             if !(1..=10_000).contains(&max_records) {
@@ -48,6 +49,33 @@ pub(super) fn resolve_source(p: &mut Problems, f: SourceFile) -> Source {
                 );
             }
             let start = start_at(p, &start, timestamp.as_ref());
+            let fan_out = fan_out.map(|f| {
+                let consumer_ok = !f.consumer.is_empty()
+                    && f.consumer.len() <= 128
+                    && f
+                        .consumer
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+                if !consumer_ok {
+                    p.add(
+                        &at("fan_out.consumer"),
+                        format!("`{}` is not a stream consumer name", f.consumer),
+                        "use 1-128 letters, digits, `_`, `.`, `-`, e.g. the pipeline's name",
+                    );
+                }
+                let renew_after = p.duration(&at("fan_out.renew_after"), &f.renew_after);
+                if renew_after.is_zero() || renew_after > std::time::Duration::from_secs(300) {
+                    p.add(
+                        &at("fan_out.renew_after"),
+                        format!("{} is outside a subscription's life", f.renew_after),
+                        "use more than 0 and at most 5m (Kinesis ends a subscription after 5 minutes)",
+                    );
+                }
+                FanOut {
+                    consumer: f.consumer,
+                    renew_after,
+                }
+            });
             Source::Kinesis(KinesisSource {
                 stream,
                 region,
@@ -55,6 +83,7 @@ pub(super) fn resolve_source(p: &mut Problems, f: SourceFile) -> Source {
                 poll_interval: p.duration(&at("poll_interval"), &poll_interval),
                 max_records: max_records.clamp(1, 10_000) as usize,
                 split_lines,
+                fan_out,
             })
         }
     }

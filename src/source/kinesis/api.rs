@@ -110,6 +110,22 @@ pub(super) async fn get_records(
         .await
 }
 
+/// The stream's ARN ([DescribeStreamSummary](https://docs.aws.amazon.com/kinesis/latest/APIReference/API_DescribeStreamSummary.html)),
+/// which the fan-out calls name it by.
+pub(super) async fn stream_arn(s: &KinesisStream) -> Result<String, String> {
+    let out = retrying(&s.metrics, || {
+        s.client
+            .describe_stream_summary()
+            .stream_name(&s.stream)
+            .send()
+    })
+    .await
+    .map_err(|e| permanent("describing the stream", &e))?;
+    out.stream_description_summary()
+        .map(|d| d.stream_arn().to_string())
+        .ok_or_else(|| "DescribeStreamSummary returned no description".into())
+}
+
 /// Counts a retried fault by kind.
 pub(super) fn count(metrics: &Metrics, fault: Fault) {
     match fault {

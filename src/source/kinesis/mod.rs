@@ -8,10 +8,16 @@
 //! for as long as it lasts (a consumer has nothing better to do). Errors that retrying cannot
 //! fix (no stream, no permission) end the run with the SDK's message.
 //!
+//! With `fan_out`, records are pushed instead ([`fanout`]): the same positions, KPL and
+//! `split_lines` handling, and leases; each shard's subscription to the pipeline's stream
+//! consumer replaces its polling.
+//!
 //! Files: this one holds the stream (its client and settings); [`api`] one function per AWS
-//! call; [`reader`] one shard's reader; [`kpl`] the KPL aggregate format.
+//! call; [`reader`] one shard's polling reader; [`fanout`] one shard's subscription; [`kpl`]
+//! the KPL aggregate format.
 
 pub mod api;
+pub mod fanout;
 pub mod kpl;
 pub mod reader;
 
@@ -24,7 +30,7 @@ use tokio::time::Instant;
 
 use super::SourceError;
 use crate::aws;
-use crate::config::{KinesisSource, StartAt};
+use crate::config::{FanOut, KinesisSource, StartAt};
 use crate::metrics::Metrics;
 use crate::record::Position;
 
@@ -50,6 +56,9 @@ pub struct KinesisStream {
     poll_interval: Duration,
     max_records: usize,
     split_lines: bool,
+    fan_out: Option<FanOut>,
+    /// The stream consumer's ARN, once registered (fan-out only).
+    consumer: Arc<tokio::sync::OnceCell<String>>,
     metrics: Arc<Metrics>,
 }
 
@@ -70,8 +79,18 @@ impl KinesisStream {
             poll_interval: src.poll_interval,
             max_records: src.max_records,
             split_lines: src.split_lines,
+            fan_out: src.fan_out.clone(),
+            consumer: Default::default(),
             metrics,
         }
+    }
+
+    /// The stream consumer's ARN: registered (and waited for) once per process.
+    pub(crate) async fn consumer_arn(&self, name: &str) -> Result<String, String> {
+        self.consumer
+            .get_or_try_init(|| fanout::consumer_arn(self, name))
+            .await
+            .cloned()
     }
 
     pub fn max_records(&self) -> usize {
@@ -112,8 +131,23 @@ impl KinesisStream {
         }
     }
 
-    /// A reader of `shard` after `after` (or from the configured start).
-    pub fn reader(&self, shard: Arc<str>, after: &Position) -> KinesisShardReader {
+    /// A reader of `shard` after `after` (or from the configured start): its subscription
+    /// with fan-out, its GetRecords poller without.
+    pub fn reader(&self, shard: Arc<str>, after: &Position) -> Box<dyn crate::source::ShardReader> {
+        match &self.fan_out {
+            Some(f) => Box::new(fanout::FanOutShardReader::new(
+                self.clone(),
+                shard,
+                after.clone(),
+                f.consumer.clone(),
+                f.renew_after,
+            )),
+            None => Box::new(self.poller(shard, after)),
+        }
+    }
+
+    /// A GetRecords reader of `shard` after `after`.
+    pub fn poller(&self, shard: Arc<str>, after: &Position) -> KinesisShardReader {
         KinesisShardReader {
             stream: self.clone(),
             shard,

@@ -8,6 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use aws_sdk_kinesis::error::ProvideErrorMetadata;
 use aws_sdk_kinesis::operation::get_records::GetRecordsOutput;
+use aws_sdk_kinesis::types::Record;
 use tokio::time::Instant;
 
 use super::{KinesisStream, api, kpl};
@@ -103,36 +104,6 @@ impl KinesisShardReader {
             return Ok((out, bytes));
         }
     }
-
-    /// The user records of an answer, KPL aggregates and `split_lines` records unpacked;
-    /// what is at or before the position (read before) left out.
-    fn unpack(&self, out: &GetRecordsOutput, bytes: usize) -> Chunk {
-        let metrics = &self.stream.metrics;
-        let mut chunk = Chunk::with_capacity(bytes, out.records().len());
-        for r in out.records() {
-            let (b, seq, key) = (r.data().as_ref(), r.sequence_number(), r.partition_key());
-            match kpl::unpack(b) {
-                kpl::Unpacked::Plain if self.stream.split_lines && lines(b).nth(1).is_some() => {
-                    for (k, line) in lines(b).enumerate() {
-                        chunk.push(line, seq, key, Some(k as u64), &self.position);
-                    }
-                }
-                kpl::Unpacked::Plain => chunk.push(b, seq, key, None, &self.position),
-                kpl::Unpacked::Records(users) => {
-                    Metrics::add(&metrics.kpl_aggregates, 1);
-                    for (k, user) in users.into_iter().enumerate() {
-                        chunk.push(user.data, seq, user.key, Some(k as u64), &self.position);
-                    }
-                }
-                kpl::Unpacked::Corrupt(why) => {
-                    tracing::warn!(shard_id = %self.shard, sequence_number = seq, reason = %why, "corrupt KPL aggregate; the record goes to dead-letter");
-                    chunk.rejected.push((chunk.spans.len(), why));
-                    chunk.push(b, seq, key, None, &self.position);
-                }
-            }
-        }
-        chunk
-    }
 }
 
 #[async_trait]
@@ -160,23 +131,25 @@ impl ShardReader for KinesisShardReader {
                 continue;
             }
             Metrics::add(&self.stream.metrics.kinesis_bytes_read, bytes);
-            let chunk = self.unpack(&out, bytes as usize);
+            let chunk = unpack(
+                out.records(),
+                bytes as usize,
+                self.stream.split_lines,
+                &self.stream.metrics,
+                &self.shard,
+                &self.position,
+            );
             if chunk.seqs.is_empty() {
                 // Only the part of an aggregate that was read before: go on after it.
                 continue;
             }
             let last = chunk.seqs.last().map(|s| SeqNo(s.to_string()));
             let resume_from = std::mem::replace(&mut self.position, last);
-            return Ok(Some(RawChunk {
-                shard: self.shard.clone(),
+            return Ok(Some(chunk.into_raw(
+                self.shard.clone(),
                 resume_from,
-                data: chunk.data,
-                spans: chunk.spans,
-                seqs: chunk.seqs,
-                keys: chunk.keys,
-                rejected: chunk.rejected,
-                arrival_us: now_us,
-            }));
+                now_us,
+            )));
         }
     }
 }
@@ -188,14 +161,66 @@ fn lines(b: &[u8]) -> impl Iterator<Item = &[u8]> {
         .filter(|l| l.iter().any(|c| !c.is_ascii_whitespace()))
 }
 
+/// The user records of one GetRecords answer (or one fan-out event), KPL aggregates and
+/// `split_lines` records unpacked; what is at or before `after` (read before) left out.
+pub(super) fn unpack(
+    records: &[Record],
+    bytes: usize,
+    split_lines: bool,
+    metrics: &Metrics,
+    shard: &str,
+    after: &Position,
+) -> Chunk {
+    let mut chunk = Chunk::with_capacity(bytes, records.len());
+    for r in records {
+        let (b, seq, key) = (r.data().as_ref(), r.sequence_number(), r.partition_key());
+        match kpl::unpack(b) {
+            kpl::Unpacked::Plain if split_lines && lines(b).nth(1).is_some() => {
+                for (k, line) in lines(b).enumerate() {
+                    chunk.push(line, seq, key, Some(k as u64), after);
+                }
+            }
+            kpl::Unpacked::Plain => chunk.push(b, seq, key, None, after),
+            kpl::Unpacked::Records(users) => {
+                Metrics::add(&metrics.kpl_aggregates, 1);
+                for (k, user) in users.into_iter().enumerate() {
+                    chunk.push(user.data, seq, user.key, Some(k as u64), after);
+                }
+            }
+            kpl::Unpacked::Corrupt(why) => {
+                tracing::warn!(shard_id = %shard, sequence_number = seq, reason = %why, "corrupt KPL aggregate; the record goes to dead-letter");
+                chunk.rejected.push((chunk.spans.len(), why));
+                chunk.push(b, seq, key, None, after);
+            }
+        }
+    }
+    chunk
+}
+
 /// The user records of one GetRecords answer, KPL aggregates unpacked.
-struct Chunk {
-    data: Vec<u8>,
-    spans: Vec<std::ops::Range<usize>>,
-    seqs: SeqNos,
+pub(super) struct Chunk {
+    pub(super) data: Vec<u8>,
+    pub(super) spans: Vec<std::ops::Range<usize>>,
+    pub(super) seqs: SeqNos,
     /// Each record's partition key (a KPL user record's own).
-    keys: SeqNos,
-    rejected: Vec<(usize, String)>,
+    pub(super) keys: SeqNos,
+    pub(super) rejected: Vec<(usize, String)>,
+}
+
+impl Chunk {
+    /// The chunk as the pipeline takes it, read at `now_us`, after `resume_from`.
+    pub(super) fn into_raw(self, shard: Arc<str>, resume_from: Position, now_us: i64) -> RawChunk {
+        RawChunk {
+            shard,
+            resume_from,
+            data: self.data,
+            spans: self.spans,
+            seqs: self.seqs,
+            keys: self.keys,
+            rejected: self.rejected,
+            arrival_us: now_us,
+        }
+    }
 }
 
 impl Chunk {
