@@ -1,8 +1,9 @@
 """Enhanced fan-out on kinesis-local (it serves SubscribeToShard): the pipeline registers its
 stream consumer, subscribes to each shard it holds and renews the subscriptions (every 2 s
-here, 5 minutes on AWS) without a gap or a double; a split and a merge are followed; a
-polling pipeline and a fan-out pipeline read one stream side by side, each every record
-once.
+here, 5 minutes on AWS) without a gap or a double; a restart and a SIGKILL resume from the
+checkpoints; a polling pipeline and a fan-out pipeline read one stream side by side, each
+every record once. The split-and-merge test (test_kinesis_source_resharding_keeps_device_order.py)
+and the KPL test (test_kinesis_source_kpl_aggregates.py) run with fan-out too.
 
 Exercises src/source/kinesis/fanout.rs (and reader.rs's unpacking, shared with polling).
 """
@@ -111,3 +112,36 @@ def test_a_restart_subscribes_after_its_checkpoints_and_a_sigkill_loses_nothing(
     (tmp_path / "drain.log").write_text(drained.stderr)
     assert "AfterSequenceNumber" in drained.stderr, "the last run subscribed from checkpoints"
     check_lake_against_put(put, summary, tmp_path / "lake")
+
+
+def test_a_polling_and_a_fan_out_pipeline_read_one_stream_side_by_side(
+        tmp_path, kinesis_local, agent_bin, shardlake_bin):
+    """Two pipelines with lakes and checkpoints of their own on one stream, at once: one polls
+    GetRecords, one subscribes through its consumer. Each gets every record once; neither is
+    throttled by the other."""
+    kinesis = kinesis_local.client()
+    name = f"side-{uuid.uuid4().hex[:8]}"
+    create_stream(kinesis, name, 2)
+    summary = simulate(agent_bin, tmp_path / "sim", shards=2, devices=20, readings=80,
+                       seed=11, spikes=2, malformed=3)
+    put = put_lines(kinesis, name, interleave(tmp_path / "sim" / "stream"))
+    polling = write_test_pipeline(
+        tmp_path / "polling.yaml", max_bytes="1MiB", max_age="1s",
+        source=f"{{kinesis: {{stream: {name}, poll_interval: 200ms}}}}")
+    pushed = fan_out_pipeline(tmp_path, name, consumer="side")
+    runs = []
+    for pipeline, data in ((polling, tmp_path / "a"), (pushed, tmp_path / "b")):
+        runs.append(subprocess.Popen(
+            [str(shardlake_bin), "run", str(pipeline), "--drain"],
+            env=pipeline_env(data, kinesis_local.env()), stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True))
+    outs = [r.communicate(timeout=300) for r in runs]
+    for r, (out, err) in zip(runs, outs):
+        assert r.returncode == 0, err[-3000:]
+    stats = [finished(subprocess.CompletedProcess([], 0, out, err)) for out, err in outs]
+    assert stats[0]["fanout_subscriptions"] == 0 and stats[1]["fanout_subscriptions"] >= 2
+    for s in stats:
+        assert s["kinesis_throttled"] == 0, s
+    for data in (tmp_path / "a", tmp_path / "b"):
+        check_lake_against_put(put, summary, data / "lake")
+

@@ -1,7 +1,8 @@
 """KPL aggregated records on the Kinesis source (kinesalite): aggregates written by
 aws_kinesis_agg come out as their user records, a run stopped part-way resumes inside an
 aggregate (from the local checkpoint store or the DynamoDB lease table), and corrupt
-aggregates go to dead_letter whole.
+aggregates go to dead_letter whole. Also with enhanced fan-out (kinesis-local): the same
+aggregates pushed by SubscribeToShard, resumed inside one by `AT_SEQUENCE_NUMBER`.
 
 Exercises src/source/kinesis/kpl.rs and src/source/kinesis/ (positions inside an aggregate in
 src/checkpoint/ and src/checkpoint/dynamodb/).
@@ -17,7 +18,7 @@ import uuid
 import pytest
 
 from harness import (check_run, kinesis_pipeline, pipeline_env, run_log,
-                     run_until_read_then_sigterm, simulate)
+                     run_until_read_then_sigterm, simulate, write_test_pipeline)
 from lake import check_whole_lake, duck
 from servers import AWS_TEST_ENV, create_stream
 from streamdata import interleave, stream_data
@@ -78,14 +79,15 @@ def _key(line: bytes) -> str:
     return key if isinstance(key, str) and key else "unparseable"
 
 
-@pytest.mark.parametrize("store", ["local", "dynamodb"])
-def test_kpl_aggregated_records_come_out_one_by_one(tmp_path, kinesalite, agent_bin,
-                                                    shardlake_bin, capsys, request, store):
+@pytest.mark.parametrize("store", ["local", "dynamodb", "local-fan-out"])
+def test_kpl_aggregated_records_come_out_one_by_one(tmp_path, agent_bin, shardlake_bin, capsys,
+                                                    request, store):
     """Aggregated records (magic, protobuf, MD5) are unpacked into their user records; a run
     stopped part-way resumes inside an aggregate by its sub-sequence number, kept in the local
     checkpoint store or in the lease table (`checkpointSubSequenceNumber` and our state);
     corrupt aggregates go to dead-letter whole."""
-    kinesis = kinesalite.client()
+    server = request.getfixturevalue("kinesis_local" if store == "local-fan-out" else "kinesalite")
+    kinesis = server.client()
     name = f"wells-{uuid.uuid4().hex[:8]}"
     create_stream(kinesis, name, 2)
     summary = simulate(agent_bin, tmp_path / "sim", shards=2, devices=30, readings=200,
@@ -94,20 +96,25 @@ def test_kpl_aggregated_records_come_out_one_by_one(tmp_path, kinesalite, agent_
     lines = sorted(interleave(tmp_path / "sim" / "stream"), key=_key)
     put, aggregates, corrupt = put_aggregated(kinesis, name, lines, random.Random(5))
     assert aggregates >= 100
-    if store == "local":
+    if store == "local-fan-out":
+        pipeline = write_test_pipeline(
+            tmp_path / "fan-out.yaml", max_bytes="1MiB", max_age="1s",
+            source=f"{{kinesis: {{stream: {name}, fan_out: {{consumer: kpl, renew_after: 2s}}}}}}")
+        env = pipeline_env(tmp_path, server.env())
+    elif store == "local":
         pipeline = kinesis_pipeline(tmp_path, name, max_bytes="1MiB", max_age="1s")
-        env = pipeline_env(tmp_path, kinesalite.env())
+        env = pipeline_env(tmp_path, server.env())
     else:
         moto = request.getfixturevalue("moto")
         table = f"shardlake-leases-{uuid.uuid4().hex[:8]}"
         pipeline = kinesis_pipeline(tmp_path, name, max_bytes="1MiB", max_age="1s",
                                     checkpoints=f"{{dynamodb: {{table: {table}}}}}")
-        env = pipeline_env(tmp_path, {**kinesalite.env(), **AWS_TEST_ENV,
+        env = pipeline_env(tmp_path, {**server.env(), **AWS_TEST_ENV,
                                       "AWS_ENDPOINT_URL_DYNAMODB": moto.url})
     # Stopped after about half: the windowed outputs' checkpoints stop at the first record of
     # their oldest open window, which is mostly inside an aggregate.
     run_until_read_then_sigterm(shardlake_bin, pipeline, env, len(put) // 2, at_least=True)
-    if store == "local":
+    if store != "dynamodb":
         state = "".join(p.read_text() for p in (tmp_path / "state").rglob("*") if p.is_file())
         sub_sequences = "n/a"
     else:
