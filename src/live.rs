@@ -74,8 +74,8 @@ pub struct Changes {
 #[derive(Debug)]
 struct Device {
     row: DeviceRow,
-    /// Per field: `(minute, sum, count)`.
-    minutes: HashMap<String, VecDeque<(i64, f64, u32)>>,
+    /// Per field: `(minute, sum, count, version of the minute's last change)`.
+    minutes: HashMap<String, VecDeque<(i64, f64, u32, u64)>>,
 }
 
 #[derive(Debug, Default)]
@@ -203,7 +203,12 @@ impl Live {
                     if !d.minutes.contains_key(*name) {
                         d.minutes.insert(name.to_string(), VecDeque::new());
                     }
-                    add_minute(d.minutes.get_mut(*name).expect("inserted"), minute, v);
+                    add_minute(
+                        d.minutes.get_mut(*name).expect("inserted"),
+                        minute,
+                        v,
+                        d.row.version,
+                    );
                 }
                 if newest {
                     // Text that did not change (a status) is not copied again.
@@ -259,7 +264,9 @@ impl Live {
     }
 
     /// Everything that changed after version `since` (0: everything kept, with each
-    /// device's whole history; otherwise only the newest minute of its history).
+    /// device's whole history; otherwise the minutes of its history that changed after
+    /// `since`: usually the newest alone, but every minute read since when the worker
+    /// catches up, or a minute that turned between two reads).
     pub fn since(&self, since: u64) -> Changes {
         let s = self.state.lock().expect("not poisoned");
         let devices = s
@@ -272,20 +279,16 @@ impl Live {
                     .minutes
                     .iter()
                     .map(|(f, m)| {
-                        // A snapshot carries the whole history; an update only the newest
-                        // minute (the reader keeps the rest).
-                        let skip = if since == 0 {
-                            0
-                        } else {
-                            m.len().saturating_sub(1)
-                        };
-                        let points = m
+                        // A snapshot carries the whole history; an update only the minutes
+                        // that changed after `since` (the reader keeps the rest).
+                        let points: Vec<(i64, f64)> = m
                             .iter()
-                            .skip(skip)
-                            .map(|&(t, sum, n)| (t, sum / f64::from(n)))
+                            .filter(|p| p.3 > since)
+                            .map(|&(t, sum, n, _)| (t, sum / f64::from(n)))
                             .collect();
                         (f.clone(), points)
                     })
+                    .filter(|(_, points)| !points.is_empty())
                     .collect();
                 row
             })
@@ -305,18 +308,19 @@ impl Live {
     }
 }
 
-fn add_minute(m: &mut VecDeque<(i64, f64, u32)>, minute: i64, v: f64) {
-    match m.iter_mut().rev().find(|(t, _, _)| *t == minute) {
+fn add_minute(m: &mut VecDeque<(i64, f64, u32, u64)>, minute: i64, v: f64, version: u64) {
+    match m.iter_mut().rev().find(|(t, _, _, _)| *t == minute) {
         Some(slot) => {
             slot.1 += v;
             slot.2 += 1;
+            slot.3 = version;
         }
         None => {
-            let at = m.partition_point(|(t, _, _)| *t < minute);
+            let at = m.partition_point(|(t, _, _, _)| *t < minute);
             if at == 0 && m.len() >= HISTORY_MINUTES {
                 return; // older than everything kept
             }
-            m.insert(at, (minute, v, 1));
+            m.insert(at, (minute, v, 1, version));
             while m.len() > HISTORY_MINUTES {
                 m.pop_front();
             }
@@ -493,6 +497,33 @@ mod tests {
             ["b"]
         );
         assert!(!c.devices[0].values.contains_key("pressure"));
+    }
+
+    #[test]
+    fn an_update_carries_every_minute_that_changed() {
+        let live = Live::new();
+        live.observe(&batch(&[("a", MINUTE_US, Some(1.0))]), &cols());
+        let seen = live.since(0).version;
+        // Read between two polls: the rest of minute 1, then minutes 2 and 3.
+        live.observe(
+            &batch(&[
+                ("a", MINUTE_US + 1, Some(3.0)),
+                ("a", 2 * MINUTE_US, Some(5.0)),
+                ("a", 3 * MINUTE_US, Some(7.0)),
+            ]),
+            &cols(),
+        );
+        let c = live.since(seen);
+        assert_eq!(
+            c.devices[0].history["pressure"],
+            vec![(MINUTE_US, 2.0), (2 * MINUTE_US, 5.0), (3 * MINUTE_US, 7.0)]
+        );
+        live.observe(&batch(&[("a", 3 * MINUTE_US + 1, Some(9.0))]), &cols());
+        let c2 = live.since(c.version);
+        assert_eq!(
+            c2.devices[0].history["pressure"],
+            vec![(3 * MINUTE_US, 8.0)]
+        );
     }
 
     #[test]

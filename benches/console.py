@@ -1,0 +1,418 @@
+#!/usr/bin/env python3
+"""The console under load (issue 23): a release worker over a local stream with its live state
+on (`shardlake run --listen`), a release `shardlake console --worker` following it, records
+appended to the stream at a paced rate, and clients of the page's event stream (`/api/events`).
+
+    python3 benches/console.py freshness [--devices 10000] [--rate 100000] [--seconds 90]
+    python3 benches/console.py clients   [--devices 10000] [--changed 100] [--clients 100,500,1000,2000]
+
+`freshness`: every record carries its append wall-clock in `barrels_per_s`; one event-stream
+client takes, for each record of every tenth device, the time from its append to the first
+event that shows that device at that reading or a newer one (p50/p99/max). Then the console's
+peak RSS (VmHWM) and the fleet snapshot (`GET /api/fleet`): its size and time.
+
+`clients`: the stream gets `--changed` readings (as many devices) in one burst per second, so
+each client gets about one update a second; N clients are opened in steps and the console's
+CPU time (/proc/PID/stat utime + stime) is read over `--interval` seconds at each step.
+
+Both start with `--history` minutes of readings per device already in the stream (one a
+minute), so the snapshot carries each device's full sparkline history. Stdlib only.
+Figures and what bounds them: benches/README.md ("The console").
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import http.client
+import json
+import multiprocessing as mp
+import os
+import re
+import selectors
+import signal
+import socket
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARDS = 4
+TENANTS = ["acme", "borealis", "cascade"]
+MARK_EVERY = 10  # the devices whose readings are timed: every tenth
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def rfc3339(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + ".%03dZ" % int((t % 1) * 1000)
+
+
+class Lines:
+    """Per device: the constant parts of its NDJSON line."""
+
+    def __init__(self, devices: int):
+        self.devices = devices
+        self.prefix = [f'{{"device_id":"well-{d:05d}","tenant":"{TENANTS[d % 3]}","seq":'
+                       for d in range(devices)]
+        self.suffix = [f'"pressure_psi":{1500 + d % 1000}.5,"temp_c":70.25,"status":"ok"}}\n'
+                       for d in range(devices)]
+
+    def chunks(self, i0: int, n: int, seq0: int, t: float, stamp: float) -> list[bytes]:
+        """Records i0..i0+n (record i is device i % devices, seq seq0 + i // devices), event
+        time t, `barrels_per_s` = stamp, one bytes object per shard (device % SHARDS)."""
+        mid = f',"ts":"{rfc3339(t)}","barrels_per_s":{stamp!r},'
+        per = [[] for _ in range(SHARDS)]
+        D, pre, suf = self.devices, self.prefix, self.suffix
+        for i in range(i0, i0 + n):
+            d = i % D
+            per[d % SHARDS].append(pre[d] + str(seq0 + i // D) + mid + suf[d])
+        return ["".join(p).encode() for p in per]
+
+
+def create_stream(stream: Path, lines: Lines, history: int) -> int:
+    """The stream with `history` minutes of one reading per device and minute; returns the
+    next seq."""
+    stream.mkdir(parents=True)
+    (stream / "stream.json").write_text(json.dumps({"shards": SHARDS}))
+    files = [open(stream / f"shardId-{s:012d}.ndjson", "ab") for s in range(SHARDS)]
+    now = time.time()
+    for m in range(history):
+        t = now - (history - m) * 60
+        for s, b in enumerate(lines.chunks(m * lines.devices, lines.devices, 1, t, 0.0)):
+            files[s].write(b)
+    for f in files:
+        f.close()
+    return 1 + history
+
+
+def writer(stream: str, devices: int, rate: float, batch_s: float, seconds: float, seq0: int,
+           conn) -> None:
+    """Appends `rate` records/s in batches every `batch_s` until `seconds` have passed; sends
+    back (append time, first record, count) of each batch."""
+    lines = Lines(devices)
+    fds = [os.open(f"{stream}/shardId-{s:012d}.ndjson", os.O_WRONLY | os.O_APPEND)
+           for s in range(SHARDS)]
+    n = max(1, round(rate * batch_s))
+    log, i, k = [], 0, 0
+    t0 = time.time() + 0.05
+    while True:
+        due = t0 + k * batch_s
+        if due - t0 >= seconds:
+            break
+        wait = due - time.time()
+        if wait > 0:
+            time.sleep(wait)
+        # Built first, then stamped: the stamp is taken just before the bytes are written.
+        a = time.time()
+        for fd, b in zip(fds, lines.chunks(i, n, seq0, a, a)):
+            if b:
+                os.write(fd, b)
+        log.append((a, i, n))
+        i += n
+        k += 1
+    conn.send(log)
+    conn.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get(url: str, timeout: float = 60) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read()
+    except OSError:
+        return 0, b""
+
+
+def wait_until(what: str, check, timeout: float = 120.0):
+    deadline = time.monotonic() + timeout
+    while not (v := check()):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out waiting for {what}")
+        time.sleep(0.1)
+    return v
+
+
+def proc_status(pid: int, key: str) -> float:
+    """A /proc/PID/status figure in MiB (VmHWM:, VmRSS:)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+class Setup:
+    """A worker and a console over a fresh local stream and lake."""
+
+    def __init__(self, args, tmp: Path):
+        self.tmp, self.args = tmp, args
+        self.lines = Lines(args.devices)
+        t = time.monotonic()
+        self.seq0 = create_stream(tmp / "stream", self.lines, args.history)
+        print(f"stream: {args.devices} devices, {args.history} minutes of history "
+              f"({args.devices * args.history} records) in {time.monotonic() - t:.1f}s", flush=True)
+        text = (REPO / "pipelines" / "well-telemetry.yaml").read_text()
+        text, n = re.subn(r"(?m)^schema:.*$", f"schema: {REPO / 'schemas' / 'well-reading.yaml'}", text)
+        assert n == 1
+        self.pipeline = tmp / "console.yaml"
+        self.pipeline.write_text(text)
+        env = dict(os.environ, SHARDLAKE_DATA=str(tmp), SHARDLAKE_LOG_FORMAT="json", RUST_LOG="warn")
+        self.ops = f"127.0.0.1:{free_port()}"
+        self.listen = f"127.0.0.1:{free_port()}"
+        self.base = f"http://{self.listen}"
+        self.worker = subprocess.Popen(
+            [args.shardlake, "run", str(self.pipeline), "--listen", self.ops],
+            env=env, stdout=subprocess.DEVNULL, stderr=open(tmp / "worker.log", "w"))
+        wait_until("the worker", lambda: get(f"http://{self.ops}/healthz", 2)[0] == 200)
+        self.console = subprocess.Popen(
+            [args.shardlake, "console", str(self.pipeline), "--listen", self.listen,
+             "--worker", f"http://{self.ops}"],
+            env=env, stdout=subprocess.DEVNULL, stderr=open(tmp / "console.log", "w"))
+        wait_until("the console", lambda: get(f"{self.base}/api/me", 2)[0] == 200)
+        t = time.monotonic()
+        wait_until("every device on the console", lambda: self.snapshot()["devices"] == args.devices)
+        print(f"console shows {args.devices} devices {time.monotonic() - t:.1f}s after it answered",
+              flush=True)
+
+    def snapshot(self) -> dict:
+        t = time.perf_counter()
+        status, body = get(f"{self.base}/api/fleet")
+        took = time.perf_counter() - t
+        if status != 200:
+            return {"devices": 0}
+        j = json.loads(body)
+        return {"devices": len(j["devices"]), "bytes": len(body), "seconds": took,
+                "cursor": j["cursor"]}
+
+    def start_writer(self, rate: float, batch_s: float, seconds: float):
+        recv, send = mp.Pipe(duplex=False)
+        p = mp.Process(target=writer, args=(str(self.tmp / "stream"), self.args.devices, rate,
+                                            batch_s, seconds, self.seq0, send))
+        p.start()
+        return p, recv
+
+    def close(self):
+        for p in (self.console, self.worker):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in (self.console, self.worker):
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def read_events(listen: str, since: str, until: float, seen: dict, stats: dict):
+    """Reads /api/events until `until` (monotonic); for each marked device in a `changes`
+    event, appends (stamp, arrival wall-clock) to seen[device]."""
+    conn = http.client.HTTPConnection(listen, timeout=30)
+    conn.request("GET", f"/api/events?since={since}", headers={"accept": "text/event-stream"})
+    r = conn.getresponse()
+    assert r.status == 200, r.status
+    name = None
+    while time.monotonic() < until:
+        line = r.fp.readline()
+        if not line:
+            break
+        if line.startswith(b"event:"):
+            name = line[6:].strip().decode()
+        elif line.startswith(b"data:") and name == "changes":
+            t = time.time()
+            data = json.loads(line[5:])
+            stats["events"] += 1
+            stats["bytes"] += len(line)
+            stats["rows"] += len(data["devices"])
+            for d in data["devices"]:
+                dev = int(d["device"][5:])
+                if dev % MARK_EVERY == 0:
+                    seen.setdefault(dev, ([], []))
+                    s = d["values"].get("barrels_per_s")
+                    if s:
+                        seen[dev][0].append(s)
+                        seen[dev][1].append(t)
+        elif line.startswith(b"data:") and name == "reset":
+            stats["resets"] += 1
+    conn.close()
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def freshness(args):
+    with tempfile.TemporaryDirectory(prefix="console-bench-") as d:
+        s = Setup(args, Path(d))
+        try:
+            start = s.snapshot()
+            print(f"snapshot before the run: {start['bytes'] / 1e6:.1f} MB in {start['seconds']:.3f}s",
+                  flush=True)
+            w, logs = s.start_writer(args.rate, 0.01, args.seconds)
+            seen, stats = {}, {"events": 0, "bytes": 0, "rows": 0, "resets": 0}
+            c0 = {p.pid: cpu_seconds(p.pid) for p in (s.worker, s.console)}
+            t0 = time.monotonic()
+            read_events(s.listen, start["cursor"], t0 + args.seconds + 3, seen, stats)
+            el = time.monotonic() - t0
+            cpu = {p.pid: (cpu_seconds(p.pid) - c0[p.pid]) / el for p in (s.worker, s.console)}
+            log = logs.recv()
+            w.join()
+            hwm_run = proc_status(s.console.pid, "VmHWM:")
+            snaps = [s.snapshot() for _ in range(5)]
+            hwm = proc_status(s.console.pid, "VmHWM:")
+            rss = proc_status(s.console.pid, "VmRSS:")
+            whwm = proc_status(s.worker.pid, "VmHWM:")
+        finally:
+            s.close()
+    # Each marked record: the first event showing its device at its reading or a newer one.
+    a_first = log[0][0]
+    lat, missed, appended = [], 0, 0
+    for a, i0, n in log:
+        if a - a_first < args.warmup or a - a_first > args.seconds - 2:
+            continue
+        appended += n
+        D = args.devices
+        for i in range(i0, i0 + n):
+            dev = i % D
+            if dev % MARK_EVERY:
+                continue
+            stamps, times = seen.get(dev, ([], []))
+            k = bisect.bisect_left(stamps, a)
+            if k == len(stamps):
+                missed += 1
+            else:
+                lat.append(times[k] - a)
+    span = log[-1][0] - log[0][0]
+    total = sum(n for _, _, n in log)
+    print(f"appended {total} records in {span:.1f}s ({total / span:.0f}/s); timed "
+          f"{len(lat)} readings of {args.devices // MARK_EVERY} devices appended after the "
+          f"first {args.warmup:.0f}s ({appended} records), {missed} not seen")
+    print(f"events: {stats['events']} ({stats['events'] / el:.2f}/s), {stats['rows'] / max(1, stats['events']):.0f} "
+          f"devices and {stats['bytes'] / max(1, stats['events']) / 1e6:.2f} MB each, {stats['resets']} resets")
+    print(f"event -> page p50 / p99 / max: {pct(lat, 0.5):.3f} / {pct(lat, 0.99):.3f} / {max(lat):.3f} s")
+    print(f"CPU during the run: worker {cpu[s.worker.pid]:.2f} cores, console {cpu[s.console.pid]:.2f} cores")
+    print(f"console peak RSS (VmHWM): {hwm_run:.0f} MiB during the run, {hwm:.0f} MiB after 5 "
+          f"snapshots (RSS now {rss:.0f} MiB); worker peak RSS {whwm:.0f} MiB")
+    print(f"snapshot GET /api/fleet ({snaps[0]['devices']} devices): {statistics.median(x['bytes'] for x in snaps) / 1e6:.1f} MB, "
+          f"median {statistics.median(x['seconds'] for x in snaps):.3f}s "
+          f"(min {min(x['seconds'] for x in snaps):.3f}, max {max(x['seconds'] for x in snaps):.3f})")
+
+
+class Clients:
+    """Many event-stream clients on one selector thread: each counts its `changes` events."""
+
+    def __init__(self, listen: str):
+        self.host, port = listen.split(":")
+        self.port = int(port)
+        self.sel = selectors.DefaultSelector()
+        self.pending: list[socket.socket] = []
+        self.lock = threading.Lock()
+        self.events = 0
+        self.bytes = 0
+        self.closed = 0
+        self.n = 0
+        self.stop = False
+        self.thread = threading.Thread(target=self.loop, daemon=True)
+        self.thread.start()
+
+    def open(self, count: int, since: str):
+        req = (f"GET /api/events?since={since} HTTP/1.1\r\nHost: {self.host}\r\n"
+               "Accept: text/event-stream\r\n\r\n").encode()
+        for _ in range(count):
+            sock = socket.create_connection((self.host, self.port))
+            sock.sendall(req)
+            sock.setblocking(False)
+            with self.lock:
+                self.pending.append(sock)
+            self.n += 1
+
+    def loop(self):
+        tail = {}
+        marker = b"event: changes"
+        while not self.stop:
+            with self.lock:
+                new, self.pending = self.pending, []
+            for sock in new:
+                self.sel.register(sock, selectors.EVENT_READ)
+                tail[sock] = b""
+            for key, _ in self.sel.select(timeout=0.05):
+                sock = key.fileobj
+                try:
+                    b = sock.recv(1 << 20)
+                except BlockingIOError:
+                    continue
+                if not b:
+                    self.sel.unregister(sock)
+                    sock.close()
+                    self.closed += 1
+                    continue
+                self.bytes += len(b)
+                buf = tail[sock] + b
+                self.events += buf.count(marker)
+                tail[sock] = buf[-(len(marker) - 1):]
+
+
+def clients(args):
+    steps = [int(x) for x in args.clients.split(",")]
+    with tempfile.TemporaryDirectory(prefix="console-bench-") as d:
+        s = Setup(args, Path(d))
+        try:
+            w, logs = s.start_writer(args.changed, 1.0, 10_000)
+            time.sleep(3)
+            cl = Clients(s.listen)
+            rows = []
+            for n in [0] + steps:
+                cl.open(n - cl.n, s.snapshot()["cursor"])
+                time.sleep(args.settle)
+                c0, e0, b0, t0 = cpu_seconds(s.console.pid), cl.events, cl.bytes, time.monotonic()
+                time.sleep(args.interval)
+                el = time.monotonic() - t0
+                cpu = (cpu_seconds(s.console.pid) - c0) / el
+                ev = (cl.events - e0) / el
+                by = (cl.bytes - b0) / el
+                rows.append((n, cpu, ev, by))
+                per = f"{ev / n:.2f} updates/s per client, {by / max(ev, 1) / 1e3:.1f} kB each" if n else ""
+                print(f"{n:>5} clients: console {cpu:.3f} cores; {per}; closed {cl.closed}; "
+                      f"RSS {proc_status(s.console.pid, 'VmRSS:'):.0f} MiB", flush=True)
+            cl.stop = True
+            w.terminate()
+        finally:
+            s.close()
+    base = rows[0][1]
+    print("clients | console CPU (cores) | clients per core (N / CPU) | per client, above 0 clients")
+    for n, cpu, ev, by in rows[1:]:
+        print(f"{n} | {cpu:.3f} | {n / cpu:.0f} | {(cpu - base) / n * 1e3:.3f} ms CPU per second")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("mode", choices=["freshness", "clients"])
+    ap.add_argument("--shardlake", default=str(REPO / "target/release/shardlake"))
+    ap.add_argument("--devices", type=int, default=10_000)
+    ap.add_argument("--history", type=int, default=30, help="minutes of readings already in the stream")
+    ap.add_argument("--rate", type=float, default=100_000, help="freshness: records/s")
+    ap.add_argument("--seconds", type=float, default=90, help="freshness: seconds of appends")
+    ap.add_argument("--warmup", type=float, default=15, help="freshness: seconds not timed")
+    ap.add_argument("--changed", type=int, default=100, help="clients: readings per 1 s burst")
+    ap.add_argument("--clients", default="100,500,1000,2000")
+    ap.add_argument("--settle", type=float, default=5)
+    ap.add_argument("--interval", type=float, default=20)
+    args = ap.parse_args()
+    (freshness if args.mode == "freshness" else clients)(args)
+
+
+if __name__ == "__main__":
+    main()
