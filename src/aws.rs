@@ -42,6 +42,62 @@ pub fn custom_endpoint(service: &str) -> Option<String> {
     .find_map(|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
 }
 
+/// An object_store client of `bucket` with the SDK's credentials (the default chain: the ECS
+/// task role, profiles, SSO), region and endpoint (`AWS_ENDPOINT_URL_S3`): what `shardlake
+/// query` reads an S3 lake through, and what the S3 source reads objects with.
+#[cfg(feature = "pipeline")]
+pub async fn s3_object_store(
+    bucket: &str,
+    region: Option<&str>,
+) -> object_store::Result<object_store::aws::AmazonS3> {
+    use object_store::aws::AmazonS3Builder;
+    let conf = sdk_config(region).await;
+    let mut b = AmazonS3Builder::new().with_bucket_name(bucket).with_region(
+        conf.region()
+            .map(|r| r.to_string())
+            .unwrap_or_else(|| "us-east-1".into()),
+    );
+    if let Some(provider) = conf.credentials_provider() {
+        b = b.with_credentials(std::sync::Arc::new(SdkCredentials(provider)));
+    }
+    if let Some(endpoint) = custom_endpoint("S3") {
+        b = b
+            .with_allow_http(endpoint.starts_with("http://"))
+            .with_virtual_hosted_style_request(false)
+            .with_endpoint(endpoint);
+    }
+    b.build()
+}
+
+/// object_store's view of the AWS SDK's credential chain, so that object_store clients use
+/// the credentials the SDK clients do.
+#[cfg(feature = "pipeline")]
+#[derive(Debug)]
+struct SdkCredentials(aws_sdk_s3::config::SharedCredentialsProvider);
+
+#[cfg(feature = "pipeline")]
+#[async_trait::async_trait]
+impl object_store::CredentialProvider for SdkCredentials {
+    type Credential = object_store::aws::AwsCredential;
+
+    async fn get_credential(&self) -> object_store::Result<std::sync::Arc<Self::Credential>> {
+        use aws_sdk_s3::config::ProvideCredentials;
+        let c = self
+            .0
+            .provide_credentials()
+            .await
+            .map_err(|e| object_store::Error::Generic {
+                store: "S3",
+                source: Box::new(e),
+            })?;
+        Ok(std::sync::Arc::new(object_store::aws::AwsCredential {
+            key_id: c.access_key_id().to_string(),
+            secret_key: c.secret_access_key().to_string(),
+            token: c.session_token().map(str::to_string),
+        }))
+    }
+}
+
 /// An SDK error as [`crate::retry`] classifies it: by the service's error code and HTTP status;
 /// no answer (a timeout, a lost connection, a response that did not parse) is transient; a
 /// request that could not even be built is permanent.

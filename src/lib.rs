@@ -9,7 +9,8 @@
 //!   shardlake adds to a table.
 //! - **Source** — [`source`]: a [`source::Stream`] lists its shards and opens a reader per
 //!   shard: the local stream ([`source::local`], the files [`localstream`] defines) or
-//!   Kinesis ([`source::kinesis`], with KPL de-aggregation in [`source::kinesis::kpl`]);
+//!   Kinesis ([`source::kinesis`], with KPL de-aggregation in [`source::kinesis::kpl`]),
+//!   or objects in S3 and files in a directory ([`source::objects`]);
 //!   [`source::task`] is the one place a shard's task is spawned (children after parents).
 //! - **Decode** — [`decode`]: JSON to Arrow against the record schema; records that do not
 //!   fit become dead letters with a reason.

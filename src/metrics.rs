@@ -49,6 +49,10 @@ pub struct Metrics {
     pub fanout_subscribe_retries: AtomicU64,
     pub fanout_stream_errors: AtomicU64,
     pub fanout_events: AtomicU64,
+    /// Objects (S3 or files) read to their end, and objects gone or overwritten between
+    /// their listing and their reading (the new version is listed on its own).
+    pub objects_read: AtomicU64,
+    pub objects_vanished: AtomicU64,
     /// KPL aggregated records unpacked into their user records.
     pub kpl_aggregates: AtomicU64,
     /// Leases (shards) this worker holds now.

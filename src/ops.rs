@@ -93,7 +93,7 @@ struct Exposition(Arc<Metrics>);
 impl Collector for Exposition {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let m = &*self.0;
-        let counters: [(&str, &str, &AtomicU64); 31] = [
+        let counters: [(&str, &str, &AtomicU64); 33] = [
             (
                 "records_read",
                 "Records read from the source (KPL user records counted one by one)",
@@ -133,6 +133,16 @@ impl Collector for Exposition {
                 "fanout_events",
                 "Enhanced fan-out events received",
                 &m.fanout_events,
+            ),
+            (
+                "objects_read",
+                "Objects (S3 or files) read to their end",
+                &m.objects_read,
+            ),
+            (
+                "objects_vanished",
+                "Objects deleted or overwritten between their listing and their reading",
+                &m.objects_vanished,
             ),
             (
                 "identity_mismatches",

@@ -160,6 +160,21 @@ impl<S: AsRef<str>> FromIterator<S> for SeqNos {
     }
 }
 
+/// Why a source rejected a record before it was decoded (the dead letter's reason kind).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// A KPL aggregate that cannot be unpacked.
+    CorruptAggregate,
+    /// A CSV row with another number of cells than its header.
+    BadCsvRow,
+    /// A compressed object that ends early or does not decompress.
+    CorruptObject,
+    /// An object above `max_object_bytes`: dead-lettered whole, unread.
+    ObjectTooLarge,
+    /// An object whose format its key's extension does not tell.
+    UnknownFormat,
+}
+
 /// A reading position in a shard: after this sequence number, or (None) from the start.
 pub type Position = Option<SeqNo>;
 
@@ -178,11 +193,23 @@ pub struct RawChunk {
     /// does; a KPL user record has its own). Empty when it has none (the local stream): the
     /// pipeline's `identity` check needs them.
     pub keys: SeqNos,
-    /// Records the source already knows are bad (a corrupt KPL aggregate), by index, with
+    /// Records the source already knows are bad (a corrupt KPL aggregate, a CSV row that
+    /// does not fit its header, the damaged end of a compressed object), by index, with
     /// why: they go to dead-letter as they are.
-    pub rejected: Vec<(usize, String)>,
+    pub rejected: Vec<(usize, Rejection, String)>,
     /// Wall-clock time the chunk was read (microseconds since the epoch).
     pub arrival_us: i64,
+    /// Each record as it was in the source, when the source rewrote it (a CSV row, turned
+    /// into a JSON object): a dead letter keeps these bytes. Empty when records are as read.
+    pub as_read: AsRead,
+}
+
+/// Records' bytes as they were read, when the records handed on differ (see
+/// [`RawChunk::as_read`]).
+#[derive(Debug, Clone, Default)]
+pub struct AsRead {
+    pub data: Vec<u8>,
+    pub spans: Vec<Range<usize>>,
 }
 
 impl RawChunk {
@@ -196,6 +223,14 @@ impl RawChunk {
 
     pub fn record(&self, i: usize) -> &[u8] {
         &self.data[self.spans[i].clone()]
+    }
+
+    /// Record `i` as it was in the source: what a dead letter keeps.
+    pub fn as_read(&self, i: usize) -> &[u8] {
+        match self.as_read.spans.get(i) {
+            Some(span) => &self.as_read.data[span.clone()],
+            None => self.record(i),
+        }
     }
 
     /// Record `i`'s partition key, if the source gave keys.

@@ -305,6 +305,7 @@ impl Feed {
             seqs,
             keys: Default::default(),
             arrival_us: self.clock.now_us(),
+            as_read: Default::default(),
             rejected: Vec::new(),
         };
         self.decoder.decode(&chunk, self.clock.now_us())

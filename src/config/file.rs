@@ -267,6 +267,70 @@ pub enum SourceFile {
         #[serde(default)]
         fan_out: Option<FanOutFile>,
     },
+    /// Objects under a prefix of an S3 bucket (`bucket`, `prefix`, `region`), each read once
+    /// as a stream of records (a backfill, a gateway's upload, a historian's export). The
+    /// endpoint comes from `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL`, credentials from the
+    /// default chain.
+    S3(ObjectsFile),
+    /// Files under a local directory (`path`, recursively), read like `s3` objects: the same
+    /// formats, positions and exactly-once per file.
+    Files(ObjectsFile),
+}
+
+/// How `source.s3` and `source.files` read their objects.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ObjectsFile {
+    /// `s3` only: the bucket.
+    #[serde(default)]
+    pub bucket: Option<String>,
+    /// `s3` only: only keys under this prefix (default: the whole bucket).
+    #[serde(default)]
+    pub prefix: String,
+    /// `s3` only: the region (default: from the environment, `AWS_REGION` or the profile).
+    #[serde(default)]
+    pub region: Option<String>,
+    /// `files` only: the directory.
+    #[serde(default)]
+    pub path: Option<String>,
+    /// `ndjson` (one JSON record per line; shardlake-agent's batches), `csv` (a header row
+    /// naming schema fields), or `auto` (the default: by the key's extension once a
+    /// compression suffix is taken off: `.ndjson`, `.jsonl`, `.json`, `.txt` are NDJSON,
+    /// `.csv` is CSV; any other object goes to dead-letter whole as `unknown_format`).
+    #[serde(default = "default_auto")]
+    pub format: String,
+    /// `none`, `gzip`, `zstd`, or `auto` (the default: `.gz` is gzip, `.zst`/`.zstd` zstd).
+    #[serde(default = "default_auto")]
+    pub compression: String,
+    /// Only keys after this one, in key order (default: all).
+    #[serde(default)]
+    pub start_after: Option<String>,
+    /// Objects read at once (default 4).
+    #[serde(default = "default_object_concurrency")]
+    pub concurrency: u32,
+    /// How often the prefix is listed again for new objects (default `30s`).
+    #[serde(default = "default_list_interval")]
+    pub poll_interval: String,
+    /// An object whose stored size is above this goes to dead-letter whole as
+    /// `object_too_large` (default `10GiB`). Memory does not depend on it: objects stream.
+    #[serde(default = "default_max_object_bytes")]
+    pub max_object_bytes: String,
+}
+
+fn default_auto() -> String {
+    "auto".into()
+}
+
+fn default_object_concurrency() -> u32 {
+    4
+}
+
+fn default_list_interval() -> String {
+    "30s".into()
+}
+
+fn default_max_object_bytes() -> String {
+    "10GiB".into()
 }
 
 /// `source.kinesis.fan_out:`.

@@ -130,6 +130,46 @@ pub enum Source {
         poll_interval: Duration,
     },
     Kinesis(KinesisSource),
+    /// `source.s3` or `source.files`.
+    Objects(ObjectSource),
+}
+
+/// Objects (S3) or files (a local directory), each read once as a stream of records.
+#[derive(Debug, Clone)]
+pub struct ObjectSource {
+    pub store: ObjectStoreAt,
+    /// None: by each key's extension.
+    pub format: Option<ObjectFormat>,
+    /// None: by each key's extension.
+    pub compression: Option<Compression>,
+    pub start_after: Option<String>,
+    pub concurrency: usize,
+    pub poll_interval: Duration,
+    pub max_object_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ObjectStoreAt {
+    S3 {
+        bucket: String,
+        /// Without a leading `/`; empty for the whole bucket.
+        prefix: String,
+        region: Option<String>,
+    },
+    Files(PathBuf),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ObjectFormat {
+    Ndjson,
+    Csv,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    Gzip,
+    Zstd,
 }
 
 #[derive(Debug, Clone)]

@@ -156,8 +156,8 @@ impl RecordDecoder {
         let mut proven = Vec::new();
         for i in 0..n {
             let rec = chunk.record(i);
-            let result = match rejected.next_if(|(r, _)| *r == i) {
-                Some((_, why)) => Err(Reason::CorruptAggregate(why.clone())),
+            let result = match rejected.next_if(|(r, _, _)| *r == i) {
+                Some((_, kind, why)) => Err(Reason::rejected(*kind, why)),
                 None => {
                     // None when the chunk is not valid UTF-8 or the record does not start
                     // and end on character boundaries: the record is checked alone.
@@ -176,7 +176,7 @@ impl RecordDecoder {
                 Err(reason) => dead.push(DeadLetter {
                     seq: SeqNo(chunk.seqs.get(i).to_string()),
                     reason,
-                    raw: rec.to_vec(),
+                    raw: chunk.as_read(i).to_vec(),
                 }),
             }
         }

@@ -40,6 +40,14 @@ pub enum Reason {
     IdentityMismatch(String),
     /// The value of the partition-by field (`tenant`) cannot be a directory name.
     UnsafePartitionValue(String),
+    /// A CSV row whose cells do not match the header.
+    BadCsvRow(String),
+    /// A compressed object ended early or did not decompress; what came before was read.
+    CorruptObject(String),
+    /// An object bigger than the source's `max_object_bytes`, left unread.
+    ObjectTooLarge(String),
+    /// An object whose key's extension names no format the source reads.
+    UnknownFormat(String),
 }
 
 impl Reason {
@@ -60,6 +68,25 @@ impl Reason {
             Reason::CorruptAggregate(_) => "corrupt_aggregate",
             Reason::IdentityMismatch(_) => "identity_mismatch",
             Reason::UnsafePartitionValue(_) => "unsafe_partition_value",
+            Reason::BadCsvRow(_) => "bad_csv_row",
+            Reason::CorruptObject(_) => "corrupt_object",
+            Reason::ObjectTooLarge(_) => "object_too_large",
+            Reason::UnknownFormat(_) => "unknown_format",
+        }
+    }
+}
+
+impl Reason {
+    /// A source's rejection as a dead letter's reason.
+    pub fn rejected(kind: crate::record::Rejection, why: &str) -> Self {
+        use crate::record::Rejection as R;
+        let why = why.to_string();
+        match kind {
+            R::CorruptAggregate => Reason::CorruptAggregate(why),
+            R::BadCsvRow => Reason::BadCsvRow(why),
+            R::CorruptObject => Reason::CorruptObject(why),
+            R::ObjectTooLarge => Reason::ObjectTooLarge(why),
+            R::UnknownFormat => Reason::UnknownFormat(why),
         }
     }
 }
@@ -99,6 +126,10 @@ impl fmt::Display for Reason {
             ),
             Reason::IdentityMismatch(m) => write!(f, "identity_mismatch: {m}"),
             Reason::UnsafePartitionValue(m) => write!(f, "unsafe_partition_value: {m}"),
+            Reason::BadCsvRow(m) => write!(f, "bad_csv_row: {m}"),
+            Reason::CorruptObject(m) => write!(f, "corrupt_object: {m}"),
+            Reason::ObjectTooLarge(m) => write!(f, "object_too_large: {m}"),
+            Reason::UnknownFormat(m) => write!(f, "unknown_format: {m}"),
             Reason::BadTimestamp { field, value } => write!(
                 f,
                 "bad_timestamp: field `{field}` value {value:?} is not an RFC 3339 timestamp"

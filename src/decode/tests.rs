@@ -39,6 +39,7 @@ fn chunk(records: &[&str]) -> RawChunk {
         keys: Default::default(),
         rejected: Vec::new(),
         arrival_us: NOW,
+        as_read: Default::default(),
     }
 }
 

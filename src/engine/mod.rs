@@ -242,6 +242,14 @@ impl Engine {
         from
     }
 
+    /// The shard's checkpoint says it ended and nothing of it is needed for an open window.
+    pub fn finished(&self, shard: &str) -> bool {
+        self.committed
+            .shards
+            .get(shard)
+            .is_some_and(|cp| cp.finished(self.aggs.iter().map(|a| a.name.as_str())))
+    }
+
     /// The shard has nothing more to read for now; after `idle_shard_timeout` of that, it
     /// stops holding the watermark.
     pub fn shard_caught_up(&mut self, shard: &Arc<str>) {

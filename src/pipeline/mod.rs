@@ -153,7 +153,7 @@ impl Worker {
         clock: Arc<dyn Clock>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, RunError> {
-        let source = Stream::open(&p.source, &metrics).await;
+        let source = Stream::open(&p, &metrics).await?;
         let leases = match (&p.checkpoints, &source, &p.source) {
             (Checkpoints::Dynamodb(table), Stream::Kinesis(stream), Source::Kinesis(k)) => {
                 // A fresh identity per process: file names and commit ids never repeat, even

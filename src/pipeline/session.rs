@@ -19,14 +19,10 @@ use crate::checkpoint::dynamodb::Generation;
 use crate::checkpoint::{CheckpointStore, StoreError};
 use crate::decode::RecordDecoder;
 use crate::engine::Engine;
-use crate::source::{ShardEvent, ShardTasks, Stream, show};
+use crate::source::{ShardEvent, ShardTasks, show};
 
 /// Decoded chunks queued for the engine, at most.
 const MAX_QUEUED_CHUNKS: usize = 8;
-
-/// How often a Kinesis source without leases lists its shards again (new shards after a
-/// split or merge start a new session).
-const RELIST_INTERVAL: Duration = Duration::from_secs(60);
 
 /// How often the engine looks at the clock without a chunk (idle shards, rollover by age).
 const TICK: Duration = Duration::from_millis(250);
@@ -50,7 +46,10 @@ pub(super) enum SessionEnd {
 pub(super) struct Session<'w> {
     worker: &'w Worker,
     engine: Engine,
+    /// Every shard listed, read or not.
     shards: Vec<(Arc<str>, Vec<String>)>,
+    /// Shards read (objects read to their end in an earlier run are not).
+    reading: usize,
     rx: mpsc::Receiver<ShardEvent>,
     tasks: ShardTasks,
     /// The lease generation when the session started (None without leases).
@@ -86,7 +85,12 @@ impl<'w> Session<'w> {
         // chunks of at most `max_records`, whatever the backlog.
         let (tx, rx) = mpsc::channel((2 * shards.len()).clamp(2, MAX_QUEUED_CHUNKS));
         let mut tasks = ShardTasks::new(RecordDecoder::new(&worker.p), worker.clock.clone(), tx);
+        let mut reading = 0;
         for (shard, parents) in &shards {
+            if worker.source.skips_finished() && engine.finished(shard) {
+                continue;
+            }
+            reading += 1;
             let from = engine.add_shard(shard.clone());
             tracing::info!(shard_id = %shard, from = %show(&from), "reading shard");
             let opened = worker.source.open_shard(shard.clone(), &from);
@@ -103,6 +107,7 @@ impl<'w> Session<'w> {
             worker,
             engine,
             shards,
+            reading,
             rx,
             tasks,
             start_gen: generation.map(|g| *g.borrow()),
@@ -121,17 +126,20 @@ impl<'w> Session<'w> {
             }
             None => std::future::pending().await,
         };
-        let mut relist = tokio::time::interval_at(
-            tokio::time::Instant::now() + RELIST_INTERVAL,
-            RELIST_INTERVAL,
-        );
-        let relisting = generation.is_none() && matches!(self.worker.source, Stream::Kinesis(_));
+        let every = self.worker.source.relist_interval();
+        let relisting = generation.is_none() && every.is_some();
+        let every = every.unwrap_or(Duration::from_secs(3600));
+        let mut relist = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        // No shard to read (every object was read before): nothing will arrive, but new
+        // objects may be listed.
+        let mut open = self.reading > 0 || !relisting;
         let mut caught_up: HashSet<Arc<str>> = HashSet::new();
         let mut tick = tokio::time::interval(TICK);
         loop {
             tokio::select! {
-                event = self.rx.recv() => match event {
+                event = self.rx.recv(), if open => match event {
                     Some(event) => self.handle(event, &mut caught_up).await?,
+                    None if relisting && self.reading == 0 => open = false,
                     None => return Ok(SessionEnd::Done),
                 },
                 _ = tick.tick() => self.engine.tick().await?,
@@ -153,7 +161,7 @@ impl<'w> Session<'w> {
                     return Ok(SessionEnd::Done);
                 }
             }
-            if self.worker.opts.drain && caught_up.len() == self.shards.len() {
+            if self.worker.opts.drain && caught_up.len() == self.reading {
                 tracing::info!("every shard is caught up: emitting open windows");
                 self.engine.finish().await?;
                 return Ok(SessionEnd::Done);

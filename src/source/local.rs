@@ -132,6 +132,7 @@ impl LocalShardReader {
             seqs,
             keys: SeqNos::default(),
             arrival_us: now_us,
+            as_read: Default::default(),
             rejected: Vec::new(),
         }))
     }
@@ -168,6 +169,7 @@ impl LocalShardReader {
             seqs: [end.to_string()].into_iter().collect(),
             keys: SeqNos::default(),
             arrival_us: now_us,
+            as_read: Default::default(),
             rejected: Vec::new(),
         }))
     }

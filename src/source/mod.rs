@@ -4,18 +4,20 @@
 
 pub mod kinesis;
 pub mod local;
+pub mod objects;
 pub mod task;
 
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::Source;
+use crate::config::{Pipeline, Source};
 use crate::decode::Decoded;
 use crate::metrics::Metrics;
 use crate::record::{Position, RawChunk};
 use kinesis::KinesisStream;
 use local::LocalShardReader;
+use objects::ObjectStream;
 
 pub use task::ShardTasks;
 
@@ -69,6 +71,8 @@ pub enum Stream {
     /// A directory of per-shard files, polled at the interval.
     Local(std::path::PathBuf, Duration),
     Kinesis(KinesisStream),
+    /// Objects in S3 or files in a directory: each object a shard.
+    Objects(ObjectStream),
 }
 
 /// A shard's reader, and how its task calls it.
@@ -82,13 +86,32 @@ pub struct OpenedShard {
 }
 
 impl Stream {
-    pub async fn open(source: &Source, metrics: &std::sync::Arc<Metrics>) -> Self {
-        match source {
+    pub async fn open(
+        p: &Pipeline,
+        metrics: &std::sync::Arc<Metrics>,
+    ) -> Result<Self, SourceError> {
+        Ok(match &p.source {
             Source::Local {
                 path,
                 poll_interval,
             } => Self::Local(path.clone(), *poll_interval),
             Source::Kinesis(k) => Self::Kinesis(KinesisStream::connect(k, metrics.clone()).await),
+            Source::Objects(o) => Self::Objects(ObjectStream::open(o, p, metrics.clone()).await?),
+        })
+    }
+
+    /// Shards whose checkpoints say they ended are not read again (objects: one read each).
+    /// A Kinesis shard is, and ends again at once: its children wait for that.
+    pub fn skips_finished(&self) -> bool {
+        matches!(self, Self::Objects(_))
+    }
+
+    /// How often a session without leases lists the shards again (None: never).
+    pub fn relist_interval(&self) -> Option<Duration> {
+        match self {
+            Self::Local(..) => None,
+            Self::Kinesis(_) => Some(KINESIS_RELIST_INTERVAL),
+            Self::Objects(o) => Some(o.poll_interval()),
         }
     }
 
@@ -115,6 +138,12 @@ impl Stream {
                     })
                     .collect()
             }
+            Self::Objects(objects) => objects
+                .list_shards()
+                .await?
+                .into_iter()
+                .map(|id| (id, Vec::new()))
+                .collect(),
         })
     }
 
@@ -131,9 +160,18 @@ impl Stream {
                 max_records: stream.max_records(),
                 poll_interval: Duration::ZERO,
             },
+            Self::Objects(objects) => OpenedShard {
+                reader: objects.reader(shard, from),
+                max_records: LOCAL_MAX_RECORDS,
+                poll_interval: objects.poll_interval(),
+            },
         }
     }
 }
+
+/// How often a Kinesis source without leases lists its shards again (new shards after a
+/// split or merge start a new session).
+const KINESIS_RELIST_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Records per read of a local shard file.
 const LOCAL_MAX_RECORDS: usize = 10_000;

@@ -153,55 +153,10 @@ pub async fn lake_session(p: &Pipeline, tables: &[Table]) -> Result<SessionConte
 /// An object store for an S3 lake, with the same credentials (the SDK's default chain),
 /// region and endpoint as the writer.
 async fn s3_store(loc: &crate::config::S3Location) -> Result<Arc<dyn object_store::ObjectStore>> {
-    use object_store::aws::AmazonS3Builder;
-    let conf = crate::aws::sdk_config(loc.region.as_deref()).await;
-    let mut b = AmazonS3Builder::new()
-        .with_bucket_name(&loc.bucket)
-        .with_region(
-            conf.region()
-                .map(|r| r.to_string())
-                .unwrap_or_else(|| "us-east-1".into()),
-        );
-    if let Some(provider) = conf.credentials_provider() {
-        b = b.with_credentials(Arc::new(SdkCredentials(provider)));
-    }
-    if let Some(endpoint) = crate::aws::custom_endpoint("S3") {
-        b = b
-            .with_allow_http(endpoint.starts_with("http://"))
-            .with_virtual_hosted_style_request(false)
-            .with_endpoint(endpoint);
-    }
-    let store = b
-        .build()
+    let store = crate::aws::s3_object_store(&loc.bucket, loc.region.as_deref())
+        .await
         .map_err(|e| datafusion::error::DataFusionError::External(e.into()))?;
     Ok(Arc::new(store))
-}
-
-/// object_store's view of the AWS SDK's credential chain (profiles, SSO, the ECS task
-/// role...), so that queries use the credentials the pipeline does.
-#[derive(Debug)]
-struct SdkCredentials(aws_sdk_s3::config::SharedCredentialsProvider);
-
-#[async_trait::async_trait]
-impl object_store::CredentialProvider for SdkCredentials {
-    type Credential = object_store::aws::AwsCredential;
-
-    async fn get_credential(&self) -> object_store::Result<Arc<Self::Credential>> {
-        use aws_sdk_s3::config::ProvideCredentials;
-        let c = self
-            .0
-            .provide_credentials()
-            .await
-            .map_err(|e| object_store::Error::Generic {
-                store: "S3",
-                source: Box::new(e),
-            })?;
-        Ok(Arc::new(object_store::aws::AwsCredential {
-            key_id: c.access_key_id().to_string(),
-            secret_key: c.secret_access_key().to_string(),
-            token: c.session_token().map(str::to_string),
-        }))
-    }
 }
 
 pub async fn query(ctx: &SessionContext, sql: &str) -> Result<Vec<RecordBatch>> {

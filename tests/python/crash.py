@@ -23,7 +23,7 @@ from lake import S3LakeView, lake_count, lake_source
 FAILPOINTS = ["after_stage", "after_prepare", "after_publish_file", "after_publish", "after_commit"]
 
 
-def _no_core_dumps():
+def no_core_dumps():
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
@@ -124,7 +124,7 @@ def crash_runs(shardlake_bin: Path, pipeline: Path, data_dir: Path, con, lake, *
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(cmd, env=pipeline_env(data_dir, extra), cwd=data_dir,
                                     stdout=log, stderr=subprocess.STDOUT,
-                                    preexec_fn=_no_core_dumps)
+                                    preexec_fn=no_core_dumps)
             try:
                 rc = proc.wait(timeout=delay)
             except subprocess.TimeoutExpired:

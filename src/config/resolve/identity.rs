@@ -19,10 +19,13 @@ pub(super) fn resolve_identity(
         );
         return None;
     }
-    if let Source::Local { .. } = source {
+    if let Source::Local { .. } | Source::Objects(_) = source {
         p.add(
             "identity.from",
-            "the local stream keeps no partition keys, so nothing proves a record's identity",
+            match source {
+                Source::Local { .. } => "the local stream keeps no partition keys, so nothing proves a record's identity",
+                _ => "objects and files have no partition keys, so nothing proves a record's identity",
+            },
             "use a Kinesis source (the IoT rule or `shardlake bridge` puts the keys), or leave \
              `identity` out",
         );

@@ -1,9 +1,11 @@
-//! `source:`: a local stream directory or a Kinesis stream, and where a Kinesis shard without
-//! a checkpoint starts.
+//! `source:`: a local stream directory, a Kinesis stream (and where a shard without a
+//! checkpoint starts), or objects in S3 / files in a directory (how each is read).
 
 use crate::config::Problems;
-use crate::config::file::SourceFile;
-use crate::config::{FanOut, KinesisSource, Source, StartAt};
+use crate::config::file::{ObjectsFile, SourceFile};
+use crate::config::{
+    Compression, FanOut, KinesisSource, ObjectFormat, ObjectSource, ObjectStoreAt, Source, StartAt,
+};
 
 pub(super) fn resolve_source(p: &mut Problems, f: SourceFile) -> Source {
     match f {
@@ -86,6 +88,114 @@ pub(super) fn resolve_source(p: &mut Problems, f: SourceFile) -> Source {
                 fan_out,
             })
         }
+        SourceFile::S3(f) => Source::Objects(resolve_objects(p, "s3", f)),
+        SourceFile::Files(f) => Source::Objects(resolve_objects(p, "files", f)),
+    }
+}
+
+/// `source.s3` or `source.files` (`kind`): where the objects are and how each is read.
+fn resolve_objects(p: &mut Problems, kind: &str, f: ObjectsFile) -> ObjectSource {
+    let at = |k: &str| format!("source.{kind}.{k}");
+    let store = if kind == "s3" {
+        if let Some(path) = &f.path {
+            p.add(
+                &at("path"),
+                format!("`path: {path}` is for `source.files`"),
+                "name the objects with `bucket` and `prefix`, or use `source: {files: {path: ...}}`",
+            );
+        }
+        let bucket = f.bucket.unwrap_or_default();
+        let valid = (3..=63).contains(&bucket.len())
+            && bucket
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b".-".contains(&b));
+        if !valid {
+            p.add(
+                &at("bucket"),
+                format!("`{bucket}` is not an S3 bucket name"),
+                "use the bucket's name (3-63 lowercase letters, digits, `.`, `-`), without s3://",
+            );
+        }
+        ObjectStoreAt::S3 {
+            bucket,
+            prefix: f.prefix.trim_start_matches('/').to_string(),
+            region: f.region,
+        }
+    } else {
+        for (name, set) in [
+            ("bucket", f.bucket.is_some()),
+            ("prefix", !f.prefix.is_empty()),
+            ("region", f.region.is_some()),
+        ] {
+            if set {
+                p.add(
+                    &at(name),
+                    format!("`{name}` is for `source.s3`"),
+                    "a directory is named by `path` alone",
+                );
+            }
+        }
+        let path = f.path.unwrap_or_default();
+        if path.is_empty() {
+            p.add(
+                &at("path"),
+                "no directory",
+                "add `path: <directory>`: every file under it is read",
+            );
+        }
+        ObjectStoreAt::Files(path.into())
+    };
+    let format = match f.format.as_str() {
+        "auto" => None,
+        "ndjson" => Some(ObjectFormat::Ndjson),
+        "csv" => Some(ObjectFormat::Csv),
+        other => {
+            p.add(
+                &at("format"),
+                format!("`{other}` is not an object format"),
+                "use ndjson, csv or auto (by each key's extension)",
+            );
+            None
+        }
+    };
+    let compression = match f.compression.as_str() {
+        "auto" => None,
+        "none" => Some(Compression::None),
+        "gzip" => Some(Compression::Gzip),
+        "zstd" => Some(Compression::Zstd),
+        other => {
+            p.add(
+                &at("compression"),
+                format!("`{other}` is not a compression"),
+                "use none, gzip, zstd or auto (by each key's extension: .gz, .zst)",
+            );
+            None
+        }
+    };
+    if !(1..=64).contains(&f.concurrency) {
+        p.add(
+            &at("concurrency"),
+            format!("{} objects at once is outside 1 to 64", f.concurrency),
+            "use e.g. 4 (each object read at once holds a connection and a chunk or two)",
+        );
+    }
+    let poll_interval = p.duration(&at("poll_interval"), &f.poll_interval);
+    if poll_interval.is_zero() && humantime::parse_duration(&f.poll_interval).is_ok() {
+        p.add(
+            &at("poll_interval"),
+            "listing again without pause",
+            "use e.g. 30s",
+        );
+    }
+    let max_object_bytes = p.bytes(&at("max_object_bytes"), &f.max_object_bytes);
+    ObjectSource {
+        store,
+        format,
+        compression,
+        start_after: f.start_after,
+        concurrency: f.concurrency.clamp(1, 64) as usize,
+        poll_interval,
+        max_object_bytes,
     }
 }
 

@@ -217,8 +217,11 @@ impl Chunk {
             spans: self.spans,
             seqs: self.seqs,
             keys: self.keys,
-            rejected: self.rejected,
+            rejected: (self.rejected.into_iter())
+                .map(|(i, why)| (i, crate::record::Rejection::CorruptAggregate, why))
+                .collect(),
             arrival_us: now_us,
+            as_read: Default::default(),
         }
     }
 }
