@@ -173,6 +173,9 @@ pub enum Rejection {
     ObjectTooLarge,
     /// An object whose format its key's extension does not tell.
     UnknownFormat,
+    /// An object whose notification came back too often without it being read (a poison
+    /// object): the rest of it, unread.
+    ObjectUnreadable,
 }
 
 /// A reading position in a shard: after this sequence number, or (None) from the start.

@@ -315,6 +315,34 @@ pub struct ObjectsFile {
     /// `object_too_large` (default `10GiB`). Memory does not depend on it: objects stream.
     #[serde(default = "default_max_object_bytes")]
     pub max_object_bytes: String,
+    /// `s3` only: take the objects to read from S3 event notifications in an SQS queue
+    /// instead of listing the prefix.
+    #[serde(default)]
+    pub notifications: Option<NotificationsFile>,
+}
+
+/// `source.s3.notifications:`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotificationsFile {
+    /// The queue's URL (or name) that the bucket's event notifications go to.
+    pub queue: String,
+    /// How long a message stays invisible to other receivers; extended while its objects are
+    /// read (default `5m`).
+    #[serde(default = "default_visibility_timeout")]
+    pub visibility_timeout: String,
+    /// A message received this many times without its objects committed is given up: its
+    /// objects go to dead-letter whole, the message is deleted (default 5).
+    #[serde(default = "default_max_receives")]
+    pub max_receives: u32,
+}
+
+fn default_visibility_timeout() -> String {
+    "5m".into()
+}
+
+fn default_max_receives() -> u32 {
+    5
 }
 
 fn default_auto() -> String {

@@ -146,6 +146,17 @@ pub struct ObjectSource {
     pub concurrency: usize,
     pub poll_interval: Duration,
     pub max_object_bytes: u64,
+    /// Objects named by S3 event notifications in an SQS queue, instead of a listing.
+    pub notifications: Option<ObjectNotifications>,
+}
+
+/// `source.s3.notifications`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectNotifications {
+    /// The queue's URL, or its name (looked up at start).
+    pub queue: String,
+    pub visibility_timeout: Duration,
+    pub max_receives: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

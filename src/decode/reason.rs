@@ -48,6 +48,8 @@ pub enum Reason {
     ObjectTooLarge(String),
     /// An object whose key's extension names no format the source reads.
     UnknownFormat(String),
+    /// An object given up on after its notification came back `max_receives` times.
+    ObjectUnreadable(String),
 }
 
 impl Reason {
@@ -72,6 +74,7 @@ impl Reason {
             Reason::CorruptObject(_) => "corrupt_object",
             Reason::ObjectTooLarge(_) => "object_too_large",
             Reason::UnknownFormat(_) => "unknown_format",
+            Reason::ObjectUnreadable(_) => "object_unreadable",
         }
     }
 }
@@ -87,6 +90,7 @@ impl Reason {
             R::CorruptObject => Reason::CorruptObject(why),
             R::ObjectTooLarge => Reason::ObjectTooLarge(why),
             R::UnknownFormat => Reason::UnknownFormat(why),
+            R::ObjectUnreadable => Reason::ObjectUnreadable(why),
         }
     }
 }
@@ -130,6 +134,7 @@ impl fmt::Display for Reason {
             Reason::CorruptObject(m) => write!(f, "corrupt_object: {m}"),
             Reason::ObjectTooLarge(m) => write!(f, "object_too_large: {m}"),
             Reason::UnknownFormat(m) => write!(f, "unknown_format: {m}"),
+            Reason::ObjectUnreadable(m) => write!(f, "object_unreadable: {m}"),
             Reason::BadTimestamp { field, value } => write!(
                 f,
                 "bad_timestamp: field `{field}` value {value:?} is not an RFC 3339 timestamp"

@@ -250,6 +250,21 @@ impl Engine {
             .is_some_and(|cp| cp.finished(self.aggs.iter().map(|a| a.name.as_str())))
     }
 
+    /// The shard's records are committed to its end (its windows may still be open).
+    pub fn committed_to_end(&self, shard: &str) -> bool {
+        self.committed.shards.get(shard).is_some_and(|cp| cp.ended)
+    }
+
+    /// Committed shards that still have to be read: not to their end, or with records an
+    /// open window needs.
+    pub fn unfinished(&self) -> Vec<Arc<str>> {
+        let aggs = || self.aggs.iter().map(|a| a.name.as_str());
+        (self.committed.shards.iter())
+            .filter(|(_, cp)| !cp.finished(aggs()))
+            .map(|(id, _)| Arc::from(id.as_str()))
+            .collect()
+    }
+
     /// The shard has nothing more to read for now; after `idle_shard_timeout` of that, it
     /// stops holding the watermark.
     pub fn shard_caught_up(&mut self, shard: &Arc<str>) {

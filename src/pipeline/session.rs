@@ -19,7 +19,9 @@ use crate::checkpoint::dynamodb::Generation;
 use crate::checkpoint::{CheckpointStore, StoreError};
 use crate::decode::RecordDecoder;
 use crate::engine::Engine;
-use crate::source::{ShardEvent, ShardTasks, show};
+use crate::source::objects::ObjectStream;
+use crate::source::objects::queue::{Message, Pending, Polled};
+use crate::source::{ShardEvent, ShardTasks, Stream, show};
 
 /// Decoded chunks queued for the engine, at most.
 const MAX_QUEUED_CHUNKS: usize = 8;
@@ -54,6 +56,51 @@ pub(super) struct Session<'w> {
     tasks: ShardTasks,
     /// The lease generation when the session started (None without leases).
     start_gen: Option<Generation>,
+    /// With S3 event notifications: the objects they name are added as the session runs.
+    notified: Option<Notified>,
+}
+
+/// A session's S3 event notifications: what the queue hands over, and the messages whose
+/// objects are not committed yet.
+struct Notified {
+    objects: ObjectStream,
+    inbox: mpsc::Receiver<Polled>,
+    pending: Pending,
+    /// The last receive found the queue empty (`--drain` may end).
+    empty: bool,
+    reading: HashSet<Arc<str>>,
+    /// Deletes under way (awaited when the session closes).
+    deleting: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Deletes the messages whose objects are committed to their end, in the background (a
+/// slow queue never holds the data path; the session waits for the deletes when it closes).
+fn acknowledge(notified: &mut Option<Notified>, engine: &Engine) {
+    let Some(n) = notified.as_mut() else { return };
+    n.deleting.retain(|d| !d.is_finished());
+    let done = n.pending.done(|s| engine.committed_to_end(s));
+    if let Some(queue) = n.objects.queue().filter(|_| !done.is_empty()) {
+        let queue = queue.clone();
+        n.deleting
+            .push(tokio::spawn(async move { queue.delete(done).await }));
+    }
+}
+
+/// The next thing the queue's poller hands over (never, without notifications).
+async fn next_polled(n: &mut Option<Notified>) -> Polled {
+    match n {
+        Some(n) => match n.inbox.recv().await {
+            Some(p) => p,
+            // The poller stopped after it sent a failure.
+            None => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
+}
+
+/// How long a receive waits for a message: less with `--drain`, which ends at an empty queue.
+fn long_poll(drain: bool) -> Duration {
+    Duration::from_secs(if drain { 1 } else { 20 })
 }
 
 impl<'w> Session<'w> {
@@ -83,10 +130,37 @@ impl<'w> Session<'w> {
         // processing. Not more per shard: with many shards, each reader also holds the chunk
         // it is decoding or waiting to send, so what is in memory is about (8 + shards)
         // chunks of at most `max_records`, whatever the backlog.
-        let (tx, rx) = mpsc::channel((2 * shards.len()).clamp(2, MAX_QUEUED_CHUNKS));
+        let mut notified = match &worker.source {
+            Stream::Objects(o) => o
+                .receive(long_poll(worker.opts.drain))
+                .map(|inbox| Notified {
+                    objects: (**o).clone(),
+                    inbox,
+                    pending: Pending::default(),
+                    empty: false,
+                    reading: HashSet::new(),
+                    deleting: Vec::new(),
+                }),
+            _ => None,
+        };
+        let capacity = match notified {
+            Some(_) => MAX_QUEUED_CHUNKS,
+            None => (2 * shards.len()).clamp(2, MAX_QUEUED_CHUNKS),
+        };
+        let (tx, rx) = mpsc::channel(capacity);
         let mut tasks = ShardTasks::new(RecordDecoder::new(&worker.p), worker.clock.clone(), tx);
         let mut reading = 0;
-        for (shard, parents) in &shards {
+        // Notified objects read in part (or with records open windows need) before a restart:
+        // their messages come back too, but the windows need them now.
+        let unfinished = match &mut notified {
+            Some(n) => {
+                let ids = engine.unfinished();
+                n.reading.extend(ids.iter().cloned());
+                ids.into_iter().map(|id| (id, Vec::new())).collect()
+            }
+            None => Vec::new(),
+        };
+        for (shard, parents) in shards.iter().chain(&unfinished) {
             if worker.source.skips_finished() && engine.finished(shard) {
                 continue;
             }
@@ -102,7 +176,9 @@ impl<'w> Session<'w> {
                 parents.clone(),
             );
         }
-        tasks.spawned();
+        if notified.is_none() {
+            tasks.spawned();
+        }
         Ok(Self {
             worker,
             engine,
@@ -111,7 +187,49 @@ impl<'w> Session<'w> {
             rx,
             tasks,
             start_gen: generation.map(|g| *g.borrow()),
+            notified,
         })
+    }
+
+    /// A message of the queue: its objects are read (unless committed already), and it is
+    /// deleted once they are committed.
+    fn notification(&mut self, m: Message) {
+        let Some(n) = &mut self.notified else { return };
+        n.empty = false;
+        let Some(queue) = n.objects.queue() else {
+            return;
+        };
+        let max_receives = queue.max_receives();
+        let mut shards = Vec::new();
+        for meta in m.objects {
+            let id = n.objects.admit(meta);
+            if !self.engine.committed_to_end(&id) && n.reading.insert(id.clone()) {
+                if m.receives > max_receives {
+                    tracing::warn!(shard_id = %id, receives = m.receives, "a notification came back too often: the object goes to dead-letter");
+                    n.objects.give_up(
+                        &id,
+                        format!(
+                            "its notification was received {} times without the object read to its end (max_receives {max_receives})",
+                            m.receives
+                        ),
+                    );
+                }
+                let from = self.engine.add_shard(id.clone());
+                tracing::info!(shard_id = %id, from = %show(&from), "reading object");
+                let opened = self.worker.source.open_shard(id.clone(), &from);
+                self.tasks.spawn(
+                    id.clone(),
+                    opened.reader,
+                    opened.max_records,
+                    opened.poll_interval,
+                    Vec::new(),
+                );
+                self.reading += 1;
+            }
+            shards.push(id);
+        }
+        n.pending.add(m.receipt, shards);
+        acknowledge(&mut self.notified, &self.engine);
     }
 
     /// Feeds the engine until the session ends; commits on rollover.
@@ -135,8 +253,28 @@ impl<'w> Session<'w> {
         let mut open = self.reading > 0 || !relisting;
         let mut caught_up: HashSet<Arc<str>> = HashSet::new();
         let mut tick = tokio::time::interval(TICK);
+        // Messages being worked on stay invisible: extended at half their timeout.
+        let visibility = (self.notified.as_ref())
+            .and_then(|n| n.objects.queue())
+            .map(|q| q.visibility_timeout() / 2);
+        let half = visibility.unwrap_or(Duration::from_secs(3600));
+        let mut extend = tokio::time::interval_at(tokio::time::Instant::now() + half, half);
         loop {
             tokio::select! {
+                polled = next_polled(&mut self.notified) => match polled {
+                    Polled::Message(m) => self.notification(m),
+                    Polled::Empty => if let Some(n) = &mut self.notified { n.empty = true },
+                    Polled::Failed(e) => return Err(e.into()),
+                },
+                _ = extend.tick(), if visibility.is_some() => {
+                    if let Some(n) = &self.notified
+                        && let Some(q) = n.objects.queue()
+                        && !n.pending.is_empty()
+                    {
+                        let (q, receipts) = (q.clone(), n.pending.receipts());
+                        tokio::spawn(async move { q.extend(receipts).await });
+                    }
+                }
                 event = self.rx.recv(), if open => match event {
                     Some(event) => self.handle(event, &mut caught_up).await?,
                     None if relisting && self.reading == 0 => open = false,
@@ -161,13 +299,15 @@ impl<'w> Session<'w> {
                     return Ok(SessionEnd::Done);
                 }
             }
-            if self.worker.opts.drain && caught_up.len() == self.reading {
+            let queue_empty = self.notified.as_ref().is_none_or(|n| n.empty);
+            if self.worker.opts.drain && caught_up.len() == self.reading && queue_empty {
                 tracing::info!("every shard is caught up: emitting open windows");
                 self.engine.finish().await?;
                 return Ok(SessionEnd::Done);
             }
             if self.engine.should_commit() {
                 self.engine.commit().await?;
+                acknowledge(&mut self.notified, &self.engine);
             }
         }
     }
@@ -216,17 +356,23 @@ impl<'w> Session<'w> {
 
     /// Stops the readers, then commits what was read unless the session failed (a lost
     /// lease's uncommitted work is the new owner's to read again).
+    /// Then deletes the messages whose objects that commit finished.
     pub async fn close(self, result: Result<SessionEnd, RunError>) -> Result<SessionEnd, RunError> {
         let Self {
             mut engine,
             rx,
             tasks,
+            mut notified,
             ..
         } = self;
         drop(rx);
         tasks.stop().await;
         if result.is_ok() {
             engine.commit().await?;
+            acknowledge(&mut notified, &engine);
+            for deleting in notified.into_iter().flat_map(|n| n.deleting) {
+                let _ = deleting.await;
+            }
         }
         result
     }

@@ -72,7 +72,7 @@ pub enum Stream {
     Local(std::path::PathBuf, Duration),
     Kinesis(KinesisStream),
     /// Objects in S3 or files in a directory: each object a shard.
-    Objects(ObjectStream),
+    Objects(Box<ObjectStream>),
 }
 
 /// A shard's reader, and how its task calls it.
@@ -96,7 +96,9 @@ impl Stream {
                 poll_interval,
             } => Self::Local(path.clone(), *poll_interval),
             Source::Kinesis(k) => Self::Kinesis(KinesisStream::connect(k, metrics.clone()).await),
-            Source::Objects(o) => Self::Objects(ObjectStream::open(o, p, metrics.clone()).await?),
+            Source::Objects(o) => {
+                Self::Objects(Box::new(ObjectStream::open(o, p, metrics.clone()).await?))
+            }
         })
     }
 
@@ -111,6 +113,7 @@ impl Stream {
         match self {
             Self::Local(..) => None,
             Self::Kinesis(_) => Some(KINESIS_RELIST_INTERVAL),
+            Self::Objects(o) if o.queue().is_some() => None,
             Self::Objects(o) => Some(o.poll_interval()),
         }
     }

@@ -4,7 +4,8 @@
 use crate::config::Problems;
 use crate::config::file::{ObjectsFile, SourceFile};
 use crate::config::{
-    Compression, FanOut, KinesisSource, ObjectFormat, ObjectSource, ObjectStoreAt, Source, StartAt,
+    Compression, FanOut, KinesisSource, ObjectFormat, ObjectNotifications, ObjectSource,
+    ObjectStoreAt, Source, StartAt,
 };
 
 pub(super) fn resolve_source(p: &mut Problems, f: SourceFile) -> Source {
@@ -188,6 +189,50 @@ fn resolve_objects(p: &mut Problems, kind: &str, f: ObjectsFile) -> ObjectSource
         );
     }
     let max_object_bytes = p.bytes(&at("max_object_bytes"), &f.max_object_bytes);
+    let notifications = f.notifications.map(|n| {
+        if kind != "s3" {
+            p.add(
+                &at("notifications"),
+                "event notifications come from S3",
+                "use `source.s3` with `notifications`, or list the directory (leave it out)",
+            );
+        }
+        if n.queue.is_empty() {
+            p.add(
+                &at("notifications.queue"),
+                "no queue",
+                "name the SQS queue the bucket's event notifications go to (its URL or name)",
+            );
+        }
+        let visibility_timeout = p.duration(
+            &at("notifications.visibility_timeout"),
+            &n.visibility_timeout,
+        );
+        if !(std::time::Duration::from_secs(10)..=std::time::Duration::from_secs(12 * 3600))
+            .contains(&visibility_timeout)
+        {
+            p.add(
+                &at("notifications.visibility_timeout"),
+                format!(
+                    "{} is outside SQS's visibility timeouts used here",
+                    n.visibility_timeout
+                ),
+                "use 10s to 12h, e.g. 5m (it is extended while the objects are read)",
+            );
+        }
+        if n.max_receives == 0 {
+            p.add(
+                &at("notifications.max_receives"),
+                "a message must be received at least once",
+                "use e.g. 5",
+            );
+        }
+        ObjectNotifications {
+            queue: n.queue,
+            visibility_timeout,
+            max_receives: n.max_receives.max(1),
+        }
+    });
     ObjectSource {
         store,
         format,
@@ -196,6 +241,7 @@ fn resolve_objects(p: &mut Problems, kind: &str, f: ObjectsFile) -> ObjectSource
         concurrency: f.concurrency.clamp(1, 64) as usize,
         poll_interval,
         max_object_bytes,
+        notifications,
     }
 }
 

@@ -15,10 +15,15 @@
 //! blocking task ([`read`]) that streams the body through the decompressor and hands
 //! chunks over a channel of two: memory depends on the chunk size, not the object's.
 //!
+//! With `notifications` ([`queue`]), the objects come from S3 event notifications in an
+//! SQS queue instead of a listing; the session adds each as a shard while it runs and
+//! deletes a message once its objects are committed.
+//!
 //! Both stores are `object_store`'s (`AmazonS3`, `LocalFileSystem`), the crate `shardlake
 //! query` reads S3 lakes with; the S3 client has the SDK's credentials and endpoint
 //! ([`crate::aws::s3_object_store`]).
 
+pub mod queue;
 mod read;
 
 use std::collections::HashMap;
@@ -45,8 +50,12 @@ pub struct ObjectStream {
     /// The schema's fields, so that CSV cells become JSON values of the schema's types.
     fields: Arc<HashMap<String, FieldType>>,
     permits: Arc<Semaphore>,
-    /// The last listing: shard id to its object.
+    /// The last listing (or the objects notifications named): shard id to its object.
     listed: Arc<Mutex<HashMap<String, ObjectMeta>>>,
+    /// Objects given up on (a poison object's notification came back too often): why.
+    poisoned: Arc<Mutex<HashMap<String, String>>>,
+    /// With `notifications`: the queue.
+    queue: Option<queue::Queue>,
     metrics: Arc<Metrics>,
 }
 
@@ -64,6 +73,7 @@ impl ObjectStream {
         p: &Pipeline,
         metrics: Arc<Metrics>,
     ) -> Result<Self, SourceError> {
+        let mut queue = None;
         let (store, what, prefix): (Arc<dyn ObjectStore>, _, _) =
             match &cfg.store {
                 ObjectStoreAt::S3 {
@@ -78,6 +88,9 @@ impl ObjectStream {
                             path: what.clone(),
                             message: e.to_string(),
                         })?;
+                    if let Some(n) = &cfg.notifications {
+                        queue = Some(queue::Queue::connect(n, bucket, region.as_deref()).await?);
+                    }
                     (Arc::new(store), what, prefix.clone())
                 }
                 ObjectStoreAt::Files(dir) => {
@@ -106,8 +119,41 @@ impl ObjectStream {
             fields: Arc::new(fields),
             permits: Arc::new(Semaphore::new(cfg.concurrency)),
             listed: Arc::default(),
+            poisoned: Arc::default(),
+            queue,
             metrics,
         })
+    }
+
+    /// With `notifications`: starts receiving (`wait`: the long poll) and hands the messages
+    /// over a channel of one.
+    pub fn receive(&self, wait: std::time::Duration) -> Option<mpsc::Receiver<queue::Polled>> {
+        let queue = self.queue.clone()?;
+        let (tx, rx) = mpsc::channel(1);
+        tokio::spawn(queue.poll(self.store.clone(), self.prefix.clone(), wait, tx));
+        Some(rx)
+    }
+
+    pub fn queue(&self) -> Option<&queue::Queue> {
+        self.queue.as_ref()
+    }
+
+    /// An object a notification named: its shard, readable by [`ObjectStream::reader`].
+    pub fn admit(&self, meta: ObjectMeta) -> Arc<str> {
+        let id = shard_id(&meta);
+        self.listed
+            .lock()
+            .expect("not poisoned")
+            .insert(id.clone(), meta);
+        Arc::from(id)
+    }
+
+    /// The rest of `shard` goes to dead-letter unread, with `why`.
+    pub fn give_up(&self, shard: &str, why: String) {
+        self.poisoned
+            .lock()
+            .expect("not poisoned")
+            .insert(shard.to_string(), why);
     }
 
     /// How often the prefix is listed again.
@@ -116,7 +162,11 @@ impl ObjectStream {
     }
 
     /// Every object under the prefix after `start_after`, in key order, as shards.
+    /// With `notifications`: none (the queue names them).
     pub async fn list_shards(&self) -> Result<Vec<Arc<str>>, SourceError> {
+        if self.queue.is_some() {
+            return Ok(Vec::new());
+        }
         // object_store lists by whole path segments: list the prefix's folder, keep the keys
         // that start with the prefix (`uploads/2026-` is a prefix of keys, not a folder).
         let folder = self
@@ -159,9 +209,11 @@ impl ObjectStream {
             .expect("not poisoned")
             .get(&*shard)
             .cloned();
+        let poison = self.poisoned.lock().expect("not poisoned").remove(&*shard);
         Box::new(ObjectReader {
             shard,
             meta,
+            poison,
             from: from.as_ref().and_then(SeqNo::as_u64).unwrap_or(0),
             stream: self.clone(),
             rx: None,
@@ -185,8 +237,9 @@ type Produced = Result<RawChunk, SourceError>;
 
 struct ObjectReader {
     shard: Arc<str>,
-    /// None: the object was not in the last listing.
+    /// None: the object was not listed (it is looked up by its key).
     meta: Option<ObjectMeta>,
+    poison: Option<String>,
     from: u64,
     stream: ObjectStream,
     rx: Option<mpsc::Receiver<Produced>>,
@@ -203,16 +256,13 @@ impl ShardReader for ObjectReader {
         if self.ended {
             return Ok(None);
         }
-        let Some(meta) = self.meta.clone() else {
-            self.ended = true;
-            return Ok(None);
-        };
         let stream = &self.stream;
         let rx = self.rx.get_or_insert_with(|| {
             let (tx, rx) = mpsc::channel(2);
             let job = read::Job {
                 shard: self.shard.clone(),
-                meta,
+                meta: self.meta.take(),
+                poison: self.poison.take(),
                 from: self.from,
                 store: stream.store.clone(),
                 cfg: stream.cfg.clone(),

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use bytes::{Buf, Bytes};
 use futures::StreamExt;
 use futures::stream::BoxStream;
-use object_store::{GetOptions, GetRange, ObjectMeta, ObjectStore};
+use object_store::{GetOptions, GetRange, ObjectMeta, ObjectStore, ObjectStoreExt};
 use tokio::runtime::Handle;
 use tokio::sync::mpsc;
 
@@ -39,7 +39,10 @@ const BUFFER: usize = 256 << 10;
 /// One object to read.
 pub(super) struct Job {
     pub shard: Arc<str>,
-    pub meta: ObjectMeta,
+    /// None: looked up here (an object read again after a restart, not listed).
+    pub meta: Option<ObjectMeta>,
+    /// Given up on (a poison object): the rest of it goes to dead-letter with this reason.
+    pub poison: Option<String>,
     /// Records ending at or before this offset were committed.
     pub from: u64,
     pub store: Arc<dyn ObjectStore>,
@@ -50,14 +53,37 @@ pub(super) struct Job {
 
 /// Reads the object and sends its chunks; returns when it is read, when the reader hangs
 /// up, or after sending the error that stopped it.
-pub(super) fn produce(job: Job, tx: &mpsc::Sender<Produced>, rt: &Handle) {
-    let key = job.meta.location.to_string();
+pub(super) fn produce(mut job: Job, tx: &mpsc::Sender<Produced>, rt: &Handle) {
+    let (key, version) = job.shard.rsplit_once('@').unwrap_or((&job.shard, ""));
+    let key = key.to_string();
     let mut out = Chunker::new(job.shard.clone(), job.from, tx);
+    if let Some(why) = job.poison.take() {
+        out.reject_whole(Rejection::ObjectUnreadable, why);
+        return;
+    }
+    let meta = match job.meta.take() {
+        Some(meta) => meta,
+        None => {
+            let path = object_store::path::Path::from(key.as_str());
+            match rt.block_on(job.store.head(&path)) {
+                Ok(meta) if super::shard_id(&meta).ends_with(&format!("@{version}")) => meta,
+                Ok(_) | Err(object_store::Error::NotFound { .. }) => {
+                    Metrics::add(&job.metrics.objects_vanished, 1);
+                    tracing::warn!(object = %key, "the object is gone or was overwritten since it was read in part: skipped");
+                    return;
+                }
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(io_error(&job.shard, std::io::Error::other(e))));
+                    return;
+                }
+            }
+        }
+    };
     let (format, compression) = kinds(&key, &job.cfg);
-    if job.meta.size > job.cfg.max_object_bytes {
+    if meta.size > job.cfg.max_object_bytes {
         let why = format!(
             "{key} is {} bytes; source max_object_bytes is {}",
-            job.meta.size, job.cfg.max_object_bytes
+            meta.size, job.cfg.max_object_bytes
         );
         out.reject_whole(Rejection::ObjectTooLarge, why);
         return;
@@ -72,21 +98,21 @@ pub(super) fn produce(job: Job, tx: &mpsc::Sender<Produced>, rt: &Handle) {
     // Uncompressed NDJSON resumes with a ranged GET; anything else is read from its start
     // and the committed records are skipped.
     let ranged = format == ObjectFormat::Ndjson && compression == Compression::None;
-    let start = if ranged && job.from > 0 && job.from < job.meta.size {
+    let start = if ranged && job.from > 0 && job.from < meta.size {
         job.from
     } else {
         0
     };
-    if ranged && job.from >= job.meta.size && job.meta.size > 0 {
+    if ranged && job.from >= meta.size && meta.size > 0 {
         done(&job, &key);
         return;
     }
     let opts = GetOptions {
-        if_match: job.meta.e_tag.clone(),
+        if_match: meta.e_tag.clone(),
         range: (start > 0).then_some(GetRange::Offset(start)),
         ..GetOptions::default()
     };
-    let got = rt.block_on(job.store.get_opts(&job.meta.location, opts));
+    let got = rt.block_on(job.store.get_opts(&meta.location, opts));
     let body = match got {
         Ok(got) => Body {
             rt: rt.clone(),
@@ -436,12 +462,13 @@ impl<'a> Chunker<'a> {
         self.push(start..self.data.len());
     }
 
-    /// The whole object, unread, as one dead letter (at offset 1, after nothing).
+    /// The whole object, unread, as one dead letter (at offset 1, after nothing), or the rest
+    /// of it after what was committed.
     fn reject_whole(&mut self, kind: Rejection, why: String) {
-        if self.from > 0 {
+        if self.from > 0 && kind != Rejection::ObjectUnreadable {
             return;
         }
-        self.offset = 1;
+        self.offset = self.from + 1;
         self.reject(Vec::new(), kind, why);
         self.flush();
     }

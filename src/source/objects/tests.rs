@@ -17,6 +17,7 @@ fn cfg() -> ObjectSource {
         concurrency: 1,
         poll_interval: std::time::Duration::from_secs(1),
         max_object_bytes: 1 << 30,
+        notifications: None,
     }
 }
 
@@ -39,8 +40,9 @@ fn chunks(name: &str, content: &[u8], from: u64, cfg: ObjectSource) -> Vec<RawCh
     .map(|(n, t)| (n.to_string(), t))
     .collect();
     let job = Job {
-        shard: Arc::from(name),
-        meta,
+        shard: Arc::from(super::super::shard_id(&meta)),
+        meta: Some(meta),
+        poison: None,
         from,
         store,
         cfg,
