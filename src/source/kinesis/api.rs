@@ -70,29 +70,52 @@ pub(super) async fn get_shard_iterator(
         } else {
             req.stream_name(&s.stream)
         };
-        req = match (position, s.start) {
-            (Some(seq), _) if seq.sub().is_some() => req
-                .shard_iterator_type(ShardIteratorType::AtSequenceNumber)
-                .starting_sequence_number(seq.record()),
-            (Some(seq), _) => req
-                .shard_iterator_type(ShardIteratorType::AfterSequenceNumber)
-                .starting_sequence_number(&seq.0),
-            (None, StartAt::TrimHorizon) => req.shard_iterator_type(ShardIteratorType::TrimHorizon),
-            (None, StartAt::Latest) => req.shard_iterator_type(ShardIteratorType::Latest),
-            (None, StartAt::AtTimestamp(us)) => req
-                .shard_iterator_type(ShardIteratorType::AtTimestamp)
-                .timestamp(DateTime::from_secs_and_nanos(
-                    us.div_euclid(1_000_000),
-                    (us.rem_euclid(1_000_000) * 1_000) as u32,
-                )),
-        };
-        req.send()
+        let at = start_at(position, s.start);
+        req.shard_iterator_type(at.kind)
+            .set_starting_sequence_number(at.sequence.map(str::to_string))
+            .set_timestamp(at.timestamp)
+            .send()
     })
     .await
     .map_err(|e| permanent("getting a shard iterator", &e))?;
     out.shard_iterator()
         .map(str::to_string)
         .ok_or_else(|| "GetShardIterator returned no iterator".into())
+}
+
+/// Where reading a shard from `position` starts, for GetShardIterator and SubscribeToShard
+/// alike.
+pub(super) struct StartFrom<'a> {
+    pub kind: ShardIteratorType,
+    pub sequence: Option<&'a str>,
+    pub timestamp: Option<DateTime>,
+}
+
+/// At the record of a checkpoint inside a KPL aggregate or a `split_lines` record (the parts
+/// read are skipped), after any other checkpoint, or where the stream's `start` says.
+pub(super) fn start_at(position: &Position, start: StartAt) -> StartFrom<'_> {
+    let (kind, sequence, timestamp) = match (position, start) {
+        (Some(seq), _) if seq.sub().is_some() => (
+            ShardIteratorType::AtSequenceNumber,
+            Some(seq.record()),
+            None,
+        ),
+        (Some(seq), _) => (ShardIteratorType::AfterSequenceNumber, Some(&*seq.0), None),
+        (None, StartAt::TrimHorizon) => (ShardIteratorType::TrimHorizon, None, None),
+        (None, StartAt::Latest) => (ShardIteratorType::Latest, None, None),
+        (None, StartAt::AtTimestamp(us)) => {
+            let at = DateTime::from_secs_and_nanos(
+                us.div_euclid(1_000_000),
+                (us.rem_euclid(1_000_000) * 1_000) as u32,
+            );
+            (ShardIteratorType::AtTimestamp, None, Some(at))
+        }
+    };
+    StartFrom {
+        kind,
+        sequence,
+        timestamp,
+    }
 }
 
 /// [GetRecords](https://docs.aws.amazon.com/kinesis/latest/APIReference/API_GetRecords.html),

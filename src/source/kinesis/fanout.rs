@@ -25,9 +25,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_sdk_kinesis::error::ProvideErrorMetadata;
-use aws_sdk_kinesis::primitives::DateTime;
 use aws_sdk_kinesis::types::{
-    ConsumerStatus, Record, ShardIteratorType, StartingPosition, SubscribeToShardEventStream,
+    ConsumerStatus, Record, StartingPosition, SubscribeToShardEventStream,
 };
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -35,7 +34,6 @@ use tokio::time::Instant;
 use super::reader::unpack;
 use super::{KinesisStream, api};
 use crate::aws;
-use crate::config::StartAt;
 use crate::metrics::Metrics;
 use crate::record::{Position, RawChunk, SeqNo};
 use crate::retry::Fault;
@@ -408,24 +406,12 @@ impl Subscriber {
 
     /// After the last record handed on, or the configured start.
     fn starting_position(&self) -> StartingPosition {
-        let b = StartingPosition::builder();
-        let b = match (&self.after, self.stream.start) {
-            (Some(seq), _) if seq.sub().is_some() => b
-                .r#type(ShardIteratorType::AtSequenceNumber)
-                .sequence_number(seq.record()),
-            (Some(seq), _) => b
-                .r#type(ShardIteratorType::AfterSequenceNumber)
-                .sequence_number(&seq.0),
-            (None, StartAt::TrimHorizon) => b.r#type(ShardIteratorType::TrimHorizon),
-            (None, StartAt::Latest) => b.r#type(ShardIteratorType::Latest),
-            (None, StartAt::AtTimestamp(us)) => {
-                b.r#type(ShardIteratorType::AtTimestamp)
-                    .timestamp(DateTime::from_secs_and_nanos(
-                        us.div_euclid(1_000_000),
-                        (us.rem_euclid(1_000_000) * 1_000) as u32,
-                    ))
-            }
-        };
-        b.build().expect("type is set")
+        let at = api::start_at(&self.after, self.stream.start);
+        StartingPosition::builder()
+            .r#type(at.kind)
+            .set_sequence_number(at.sequence.map(str::to_string))
+            .set_timestamp(at.timestamp)
+            .build()
+            .expect("type is set")
     }
 }
