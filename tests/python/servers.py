@@ -245,6 +245,21 @@ def tenant_device_key(line: bytes) -> str:
         return "unparseable"
 
 
+def kinesis_records(kinesis, stream: str) -> list[dict]:
+    """Every record of every shard of `stream`, from the start."""
+    out = []
+    for shard in kinesis.list_shards(StreamName=stream)["Shards"]:
+        it = kinesis.get_shard_iterator(StreamName=stream, ShardId=shard["ShardId"],
+                                        ShardIteratorType="TRIM_HORIZON")["ShardIterator"]
+        while it:
+            page = kinesis.get_records(ShardIterator=it, Limit=10000)
+            out.extend(page["Records"])
+            if not page["Records"] and page.get("MillisBehindLatest", 0) == 0:
+                break
+            it = page.get("NextShardIterator")
+    return out
+
+
 def put_lines(kinesis, stream: str, lines: list[bytes], key=None) -> list[tuple[bytes, str, str]]:
     """Puts records keyed by device (as the IoT rule does; `key` makes another key of a
     line), 500 a call, in order; returns each record's (bytes, shard id, sequence number) as

@@ -24,7 +24,7 @@ from faultproxy import FaultProxy
 from harness import REPO, check_run, free_port, pipeline_env, wait_until
 from lake import duck, lake_count
 from mosquitto import Mosquitto, Subscriber, make_pki
-from servers import create_stream
+from servers import create_stream, kinesis_records
 
 
 @pytest.fixture(scope="module")
@@ -187,21 +187,6 @@ def test_mqtt_broker_outage_and_sigkill_lose_nothing(agent_bin, tmp_path, broker
     rest = order[last_first:]
     assert rest[0] >= killed["reserved_seq"]
     assert rest == list(range(rest[0], last + 1)), "the second run lost readings"
-
-
-def kinesis_records(kinesis, stream: str) -> list[dict]:
-    """Every record of every shard, from the start."""
-    out = []
-    for shard in kinesis.list_shards(StreamName=stream)["Shards"]:
-        it = kinesis.get_shard_iterator(StreamName=stream, ShardId=shard["ShardId"],
-                                        ShardIteratorType="TRIM_HORIZON")["ShardIterator"]
-        while it:
-            page = kinesis.get_records(ShardIterator=it, Limit=10000)
-            out.extend(page["Records"])
-            if not page["Records"] and page.get("MillisBehindLatest", 0) == 0:
-                break
-            it = page.get("NextShardIterator")
-    return out
 
 
 def test_end_to_end_agent_mosquitto_bridge_kinesalite_pipeline(

@@ -37,7 +37,7 @@ from harness import (REPO, check_run, free_port, kinesis_pipeline, pipeline_env,
                      simulate, wait_until)
 from lake import check_lake_against_put, duck, lake_source, parquet_files
 from mosquitto import Mosquitto, _leaf, make_pki
-from servers import create_stream, put_lines, tenant_device_key
+from servers import create_stream, kinesis_records, put_lines, tenant_device_key
 from streamdata import interleave
 
 # thing name -> tenant, as the registry (thing attributes) knows them.
@@ -86,20 +86,6 @@ def reading(device: str, tenant: str, seq: int, **extra) -> str:
          "value": 20.0 + seq, "unit": "C"}
     r.update(extra)
     return json.dumps(r, separators=(",", ":"))
-
-
-def kinesis_records(kinesis, stream: str) -> list[dict]:
-    out = []
-    for shard in kinesis.list_shards(StreamName=stream)["Shards"]:
-        it = kinesis.get_shard_iterator(StreamName=stream, ShardId=shard["ShardId"],
-                                        ShardIteratorType="TRIM_HORIZON")["ShardIterator"]
-        while it:
-            page = kinesis.get_records(ShardIterator=it, Limit=1000)
-            out.extend(page["Records"])
-            if not page["Records"] and page.get("MillisBehindLatest", 0) == 0:
-                break
-            it = page.get("NextShardIterator")
-    return out
 
 
 def identity_pipeline(tmp_path: Path, stream: str) -> Path:
