@@ -9,11 +9,38 @@ use serde::{Deserialize, Serialize};
 
 use super::{CheckpointStore, Committed, Intent, StoreError, StoreState};
 
-/// The file's content.
+/// The file's content (the S3 store's object holds the same).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-struct StoreFile {
+pub(super) struct StoreFile {
     committed: Committed,
     pending: Option<Intent>,
+}
+
+impl StoreFile {
+    pub(super) fn prepared(committed: &Committed, intent: &Intent) -> Self {
+        Self {
+            committed: committed.clone(),
+            pending: Some(intent.clone()),
+        }
+    }
+
+    pub(super) fn committed(intent: &Intent) -> Self {
+        Self {
+            committed: intent.next.clone(),
+            pending: None,
+        }
+    }
+
+    /// What a store holding this reports: the state once a pending intent is done.
+    pub(super) fn state(self) -> StoreState {
+        StoreState {
+            committed: self
+                .pending
+                .as_ref()
+                .map_or(self.committed, |i| i.next.clone()),
+            pending: self.pending.into_iter().collect(),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -77,27 +104,15 @@ impl CheckpointStore for LocalStore {
                 });
             }
         };
-        Ok(StoreState {
-            committed: file
-                .pending
-                .as_ref()
-                .map_or(file.committed, |i| i.next.clone()),
-            pending: file.pending.into_iter().collect(),
-        })
+        Ok(file.state())
     }
 
     async fn prepare(&self, committed: &Committed, intent: &Intent) -> Result<(), StoreError> {
-        self.write(&StoreFile {
-            committed: committed.clone(),
-            pending: Some(intent.clone()),
-        })
+        self.write(&StoreFile::prepared(committed, intent))
     }
 
     async fn commit(&self, intent: &Intent) -> Result<(), StoreError> {
-        self.write(&StoreFile {
-            committed: intent.next.clone(),
-            pending: None,
-        })
+        self.write(&StoreFile::committed(intent))
     }
 }
 

@@ -12,6 +12,7 @@
 pub mod commit;
 pub mod dynamodb;
 pub mod local;
+pub mod s3;
 
 use std::collections::BTreeMap;
 
@@ -100,6 +101,11 @@ pub enum StoreError {
     /// Another process holds this checkpoint store.
     #[error("{0} is in use by another shardlake process (one worker per local state directory)")]
     Locked(String),
+    /// An S3 checkpoint object was written by another worker since this one read it.
+    #[error(
+        "{0}: another worker wrote these checkpoints since this one read them: the newest worker on an S3 checkpoint object takes it over; run one worker per pipeline, or give each its own prefix"
+    )]
+    Conflict(String),
     /// The store could not be read or written.
     #[error("checkpoint store {path}: {source}")]
     Io {

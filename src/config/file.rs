@@ -500,6 +500,17 @@ pub enum CheckpointsFile {
         #[serde(default = "default_max_leases")]
         max_leases: u32,
     },
+    /// One object, `<prefix>/<pipeline>/checkpoint.json`, in an S3 bucket: a single worker's
+    /// checkpoints that outlive its machine (an ECS task reading objects). Written with
+    /// conditional puts, so a second worker on the same checkpoints fails at its first
+    /// commit instead of overwriting the first's.
+    S3 {
+        bucket: String,
+        #[serde(default)]
+        prefix: String,
+        #[serde(default)]
+        region: Option<String>,
+    },
 }
 
 fn default_failover_time() -> String {

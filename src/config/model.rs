@@ -310,8 +310,17 @@ pub struct Notifier {
 
 #[derive(Debug, Clone)]
 pub enum Checkpoints {
-    Local { path: PathBuf },
+    Local {
+        path: PathBuf,
+    },
     Dynamodb(LeaseTable),
+    /// `checkpoints: s3:`: one conditional-put object per pipeline.
+    S3 {
+        bucket: String,
+        /// Without leading or trailing `/`.
+        prefix: String,
+        region: Option<String>,
+    },
 }
 
 /// `checkpoints: dynamodb:`.

@@ -47,6 +47,8 @@ impl Workers {
                 table: t.table.clone(),
             },
             Checkpoints::Local { path } => Workers::LocalDir(path.join(crate::pipeline::LIVE_DIR)),
+            // One worker, no table of workers: the console is told where it is (`--worker`).
+            Checkpoints::S3 { .. } => Workers::Fixed(Vec::new()),
         }
     }
 

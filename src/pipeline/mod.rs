@@ -13,9 +13,11 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+use crate::checkpoint::CheckpointStore;
 use crate::checkpoint::StoreError;
 use crate::checkpoint::dynamodb::{Generation, LeaseManager};
 use crate::checkpoint::local::LocalStore;
+use crate::checkpoint::s3::S3Store;
 use crate::clock::Clock;
 use crate::config::{Checkpoints, Pipeline, Source};
 use crate::engine::EngineError;
@@ -154,6 +156,11 @@ impl Worker {
         metrics: Arc<Metrics>,
     ) -> Result<Self, RunError> {
         let source = Stream::open(&p, &metrics).await?;
+        if let Checkpoints::S3 { .. } = &p.checkpoints {
+            // No lock keeps a second worker off these checkpoints (its first write fails):
+            // until then, its staged files must not take the first's names.
+            opts.worker = format!("{}-{:08x}", opts.worker, fastrand::u32(..));
+        }
         let leases = match (&p.checkpoints, &source, &p.source) {
             (Checkpoints::Dynamodb(table), Stream::Kinesis(stream), Source::Kinesis(k)) => {
                 // A fresh identity per process: file names and commit ids never repeat, even
@@ -236,16 +243,20 @@ impl Worker {
         }
     }
 
-    /// Without leases: every shard of the stream, checkpointed in the local store.
+    /// Without leases: every shard of the stream, checkpointed in the local store or one S3
+    /// object.
     async fn local_plan(&self) -> Result<Plan, RunError> {
         let shards = self.source.list_shards().await?;
-        let Checkpoints::Local { path: state } = &self.p.checkpoints else {
-            unreachable!("validated: leases need a Kinesis source")
+        let store: Box<dyn CheckpointStore> = match &self.p.checkpoints {
+            Checkpoints::Local { path } => Box::new(LocalStore::open(path, &self.p.name)?),
+            Checkpoints::S3 {
+                bucket,
+                prefix,
+                region,
+            } => Box::new(S3Store::open(bucket, prefix, region.as_deref(), &self.p.name).await?),
+            Checkpoints::Dynamodb(_) => unreachable!("validated: leases need a Kinesis source"),
         };
-        Ok(Plan {
-            shards,
-            store: Box::new(LocalStore::open(state, &self.p.name)?),
-        })
+        Ok(Plan { shards, store })
     }
 }
 

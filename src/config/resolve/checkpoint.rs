@@ -14,6 +14,24 @@ pub(super) fn resolve_checkpoints(
 ) -> Checkpoints {
     match f {
         CheckpointsFile::Local { path } => Checkpoints::Local { path: path.into() },
+        CheckpointsFile::S3 {
+            bucket,
+            prefix,
+            region,
+        } => {
+            if !super::lake::is_bucket_name(&bucket) {
+                p.add(
+                    "checkpoints.s3.bucket",
+                    format!("`{bucket}` is not an S3 bucket name"),
+                    "give the bucket's name only (3-63 lowercase letters, digits, `.` and `-`); put the path in `prefix`",
+                );
+            }
+            Checkpoints::S3 {
+                bucket,
+                prefix: prefix.trim_matches('/').to_string(),
+                region,
+            }
+        }
         CheckpointsFile::Dynamodb {
             table,
             region,

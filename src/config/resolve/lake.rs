@@ -60,7 +60,7 @@ pub(super) fn resolve_lake(p: &mut Problems, field: &str, f: LakeFile) -> LakeLo
     }
 }
 
-fn is_bucket_name(b: &str) -> bool {
+pub(super) fn is_bucket_name(b: &str) -> bool {
     (3..=63).contains(&b.len())
         && b.chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' || c == '-')

@@ -106,11 +106,7 @@ fn resolve_objects(p: &mut Problems, kind: &str, f: ObjectsFile) -> ObjectSource
             );
         }
         let bucket = f.bucket.unwrap_or_default();
-        let valid = (3..=63).contains(&bucket.len())
-            && bucket
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b".-".contains(&b));
-        if !valid {
+        if !super::lake::is_bucket_name(&bucket) {
             p.add(
                 &at("bucket"),
                 format!("`{bucket}` is not an S3 bucket name"),
