@@ -38,6 +38,19 @@ def timed(fn, repeat: int) -> float:
     return best
 
 
+def simulate(agent: Path, where: Path, records: int, devices: int, malformed: int,
+             shards: int = 4) -> int:
+    """The input every engine reads: `records` readings of `devices` wells over 2 hours in
+    `shards` local shards under `where/stream` (`shardlake-agent simulate`, seeded: the same
+    every run), `malformed` of them malformed. Returns the number of readings written."""
+    readings = records // devices
+    subprocess.run([str(agent), "simulate", "--stream", str(where / "stream"), "--shards", str(shards),
+                    "--devices", str(devices), "--readings", str(readings),
+                    "--interval-ms", str(7_200_000 // readings), "--start", "2026-01-05T10:00:00Z",
+                    "--malformed", str(malformed), "--spikes", "20"], check=True, stdout=subprocess.DEVNULL)
+    return devices * readings
+
+
 def run_shardlake(binary: Path, data: Path, cores: str | None, pipeline: str = "compare.yaml") -> None:
     shutil.rmtree(data / "lake", ignore_errors=True)
     shutil.rmtree(data / "state", ignore_errors=True)
@@ -142,18 +155,9 @@ def main() -> None:
     args = ap.parse_args()
     data = Path(tempfile.mkdtemp(prefix="shardlake-compare-"))
     bad = data / "with-bad-records"
-    readings = args.records // args.devices
-
-    def simulate(where: Path, malformed: int) -> None:
-        subprocess.run([str(args.agent), "simulate", "--stream", str(where / "stream"), "--shards", "4",
-                        "--devices", str(args.devices), "--readings", str(readings),
-                        "--interval-ms", str(7_200_000 // readings), "--start", "2026-01-05T10:00:00Z",
-                        "--malformed", str(malformed), "--spikes", "20"], check=True, stdout=subprocess.DEVNULL)
-
-    simulate(data, 0)
+    n = simulate(args.agent, data, args.records, args.devices, 0)
     # The same readings with 1 in 1,000 records malformed (six kinds, each its own reason).
-    simulate(bad, args.records // 1000)
-    n = args.devices * readings
+    simulate(args.agent, bad, args.records, args.devices, args.records // 1000)
     size = sum(f.stat().st_size for f in (data / "stream").glob("*.ndjson"))
     print(f"input: {n} records, {size / n:.0f} bytes each, 2 hours, {args.devices} devices, 4 shards")
     sl = args.shardlake
