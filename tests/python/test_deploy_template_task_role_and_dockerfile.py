@@ -50,6 +50,10 @@ CONSOLE_CLIENT_FILES = {
 # rule on one machine (in AWS the rule's own role puts the records), and the agent runs on
 # the devices.
 NOT_IN_THE_TASK = {"src/tools/bridge.rs", "src/agent/transport/kinesis.rs"}
+# ... and the objects source's S3 event notifications (SQS): the template deploys no objects
+# worker yet (it needs its own service and role; the shipped task runs the Kinesis pipeline),
+# so no role of the stack may grant these.
+NOT_DEPLOYED_YET = {"src/source/objects/queue.rs": "sqs"}
 # SDK operations whose IAM action is not named after them.
 ACTION_OF = {
     ("s3", "head_bucket"): ["s3:ListBucket"],
@@ -167,8 +171,14 @@ def granted_actions(role_name: str) -> set[str]:
 
 
 def test_every_file_with_sdk_calls_is_mapped():
-    unknown = set(sdk_calls()) - set(CLIENT_FILES) - set(CONSOLE_CLIENT_FILES) - NOT_IN_THE_TASK
+    unknown = (set(sdk_calls()) - set(CLIENT_FILES) - set(CONSOLE_CLIENT_FILES)
+               - NOT_IN_THE_TASK - set(NOT_DEPLOYED_YET))
     assert not unknown, f"SDK calls in files this test does not map to a service: {unknown}"
+    # Nothing the stack deploys grants what only the undeployed worker calls.
+    undeployed = needed_actions(NOT_DEPLOYED_YET, sdk_calls())
+    assert undeployed, "the notification worker's SQS calls are found"
+    for role in ("TaskRole", "ConsoleTaskRole"):
+        assert not undeployed & granted_actions(role), (role, sorted(undeployed & granted_actions(role)))
 
 
 def test_task_role_grants_exactly_what_the_code_calls():
