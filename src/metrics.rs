@@ -16,6 +16,10 @@ pub struct Metrics {
     pub identity_mismatches: AtomicU64,
     pub late_records: AtomicU64,
     pub alerts: AtomicU64,
+    /// Detector series forgotten to stay within `limits.detector_series`.
+    pub detector_series_evicted: AtomicU64,
+    /// Detector state snapshots published with commits.
+    pub detector_snapshots: AtomicU64,
     pub windows_emitted: AtomicU64,
     pub files_written: AtomicU64,
     pub bytes_written: AtomicU64,

@@ -93,7 +93,7 @@ struct Exposition(Arc<Metrics>);
 impl Collector for Exposition {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let m = &*self.0;
-        let counters: [(&str, &str, &AtomicU64); 33] = [
+        let counters: [(&str, &str, &AtomicU64); 35] = [
             (
                 "records_read",
                 "Records read from the source (KPL user records counted one by one)",
@@ -155,6 +155,16 @@ impl Collector for Exposition {
                 &m.late_records,
             ),
             ("alerts", "Alert rows written", &m.alerts),
+            (
+                "detector_series_evicted",
+                "Detector series forgotten (least recently seen first) to stay within limits.detector_series",
+                &m.detector_series_evicted,
+            ),
+            (
+                "detector_snapshots",
+                "Detector state snapshots published with commits",
+                &m.detector_snapshots,
+            ),
             (
                 "windows_emitted",
                 "Window rows (or parts) written by the aggregations",

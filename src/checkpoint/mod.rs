@@ -40,6 +40,10 @@ pub struct ShardCheckpoint {
     /// The shard is closed and every record of it is committed (Kinesis `SHARD_END`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub ended: bool,
+    /// The detectors' state after `records`: the key of its snapshot in the lake
+    /// (`_state/…`, see [`crate::engine::detect`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detectors: Option<String>,
 }
 
 impl ShardCheckpoint {

@@ -572,6 +572,10 @@ pub struct LimitsFile {
     /// whatever the read rate. A SELECT that cannot be merged keeps its open windows' records.
     #[serde(default = "default_window_buffer")]
     pub window_buffer_records: u64,
+    /// Series the detectors track per worker (default 100000); past it, the least recently
+    /// seen are forgotten (and counted).
+    #[serde(default = "default_detector_series")]
+    pub detector_series: u64,
 }
 
 impl Default for LimitsFile {
@@ -580,6 +584,7 @@ impl Default for LimitsFile {
             max_record_bytes: default_max_record(),
             max_future_skew: default_future(),
             window_buffer_records: default_window_buffer(),
+            detector_series: default_detector_series(),
         }
     }
 }
@@ -717,10 +722,58 @@ pub struct AlertFile {
     pub name: String,
     /// A SQL predicate. Without `aggregation`, over each record's fields; with it, over each
     /// emitted window row of that aggregation (e.g. a z-score of the window's max).
-    pub when: String,
+    #[serde(default)]
+    pub when: Option<String>,
     /// Name of the aggregation whose rows this rule checks.
     #[serde(default)]
     pub aggregation: Option<String>,
+    /// A detector that learns each series (instead of `when`).
+    #[serde(default)]
+    pub detect: Option<DetectFile>,
+}
+
+/// `alerts[].detect`: a detector kind and its parameters. Every parameter is optional; the
+/// ones that do not belong to the kind are refused when the rule is resolved.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DetectFile {
+    /// `zscore`, `mad`, `cusum`, `stuck`, `silent` or `rate`.
+    pub kind: String,
+    /// A SQL expression over the record: the value the detector watches.
+    #[serde(default)]
+    pub value: Option<String>,
+    /// A SQL condition: which records feed the detector (default: every record).
+    #[serde(default, rename = "where")]
+    pub filter: Option<String>,
+    /// Columns that split a device into several series (e.g. `[sensor, field]`).
+    #[serde(default)]
+    pub by: Vec<String>,
+    /// Readings of a series before it may alert.
+    #[serde(default)]
+    pub warmup: Option<u64>,
+    /// Event time between two alerts of one series.
+    #[serde(default)]
+    pub cooldown: Option<String>,
+    #[serde(default)]
+    pub half_life: Option<f64>,
+    #[serde(default)]
+    pub threshold: Option<f64>,
+    #[serde(default)]
+    pub window: Option<u64>,
+    #[serde(default)]
+    pub k: Option<f64>,
+    #[serde(default)]
+    pub h: Option<f64>,
+    #[serde(default, rename = "for")]
+    pub for_: Option<String>,
+    #[serde(default)]
+    pub readings: Option<u64>,
+    #[serde(default)]
+    pub epsilon: Option<f64>,
+    #[serde(default)]
+    pub after: Option<String>,
+    #[serde(default)]
+    pub max_per_second: Option<f64>,
 }
 
 /// A record schema file (`schemas/*.yaml`).
@@ -779,6 +832,10 @@ fn default_max_record() -> String {
 fn default_future() -> String {
     "1h".into()
 }
+fn default_detector_series() -> u64 {
+    100_000
+}
+
 fn default_window_buffer() -> u64 {
     100_000
 }

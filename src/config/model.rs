@@ -37,6 +37,8 @@ pub struct Pipeline {
     pub max_future_skew: i64,
     /// Records an aggregation buffers before folding them into per-window states.
     pub window_buffer_records: usize,
+    /// Series the detectors track per worker before forgetting the least recently seen.
+    pub detector_series: usize,
     pub rollover: Rollover,
     pub outputs: Outputs,
     pub alerts: Vec<AlertRule>,
@@ -390,9 +392,69 @@ pub struct AlertRule {
     /// Position in the file's `alerts:` list, for error messages.
     pub index: usize,
     pub name: String,
-    pub when: String,
+    pub check: Check,
     /// Index into `outputs.aggregations` for a window rule.
     pub aggregation: Option<usize>,
+}
+
+/// What makes an alert rule fire.
+#[derive(Debug, Clone)]
+pub enum Check {
+    /// A SQL predicate over each record (or each emitted window row).
+    When(String),
+    /// A detector that learns each series of records.
+    Detect(Detector),
+}
+
+/// `alerts[].detect`, checked: one state per series (the schema's key plus `by`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Detector {
+    pub kind: DetectorKind,
+    /// SQL over the record; `None` for `silent`, which watches arrivals only.
+    pub value: Option<String>,
+    /// SQL condition: which records feed the detector.
+    pub filter: Option<String>,
+    /// Columns besides the key that name a series.
+    pub by: Vec<String>,
+    /// Readings of a series before it may alert.
+    pub warmup: u64,
+    /// Microseconds of event time between two alerts of one series.
+    pub cooldown: i64,
+}
+
+/// The detector kinds and their parameters. Durations are microseconds of event time.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DetectorKind {
+    /// |value − EWMA mean| / EWMA std above `threshold`.
+    Zscore { half_life: f64, threshold: f64 },
+    /// |value − median| / (1.4826 MAD) of the last `window` readings above `threshold`.
+    Mad { window: usize, threshold: f64 },
+    /// Two-sided CUSUM in baseline standard deviations.
+    Cusum { k: f64, h: f64 },
+    /// The value moved by at most `epsilon` for `duration` or for `readings`.
+    Stuck {
+        duration: Option<i64>,
+        readings: Option<u64>,
+        epsilon: f64,
+    },
+    /// A series seen before sent nothing for `after`, judged by the watermark.
+    Silent { after: i64 },
+    /// |Δvalue| per second of event time between consecutive readings above this.
+    Rate { max_per_second: f64 },
+}
+
+impl DetectorKind {
+    /// The name written in the alerts table's `kind` column.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Zscore { .. } => "zscore",
+            Self::Mad { .. } => "mad",
+            Self::Cusum { .. } => "cusum",
+            Self::Stuck { .. } => "stuck",
+            Self::Silent { .. } => "silent",
+            Self::Rate { .. } => "rate",
+        }
+    }
 }
 
 /// `console:`.

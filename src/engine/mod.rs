@@ -6,12 +6,16 @@
 //! [`Engine::commit`] makes everything durable with the two-phase commit of
 //! [`crate::checkpoint::commit`].
 //!
+//! Detector rules ([`detect`]) learn per series; their state is snapshotted with each
+//! commit and restored from it.
+//!
 //! Replay is how open windows survive a restart: each aggregation's checkpoint is where the
 //! records of its oldest open window start, buffered or folded. Every output skips what it
 //! already committed (the record outputs by sequence number; an aggregation by
 //! `emitted_through`), so reading the same records again never writes them twice.
 
 mod aggregate;
+pub mod detect;
 pub mod merge;
 pub mod sql;
 mod tables;
@@ -36,10 +40,11 @@ use crate::metrics::Metrics;
 use crate::notify::Notifications;
 use crate::record::{Position, SeqNo};
 use crate::sink::writer::{OutputWriter, Table, WriteError};
-use crate::sink::{Lakes, StagedFile};
+use crate::sink::{Lakes, STATE_OUTPUT, StagedFile};
 use aggregate::AggState;
+use detect::{Detectors, Raised};
 use sql::{Compiled, Rule, WINDOW_START};
-use tables::{alert_batch, dead_letter_batch, with_aggregation};
+use tables::{alert_batch, dead_letter_batch, detect_alert_batch, with_aggregation};
 use window::Watermark;
 
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +106,8 @@ pub struct Engine {
     dead: OutputWriter,
     late: OutputWriter,
     alerts: OutputWriter,
+    /// `None` without `detect:` rules.
+    detect: Option<Detectors>,
     event_field: usize,
     key_field: Option<String>,
     /// Wall clock of the oldest uncommitted read.
@@ -158,7 +165,13 @@ impl Engine {
                 );
             }
         }
+        let detect = Detectors::new(
+            compiled.detectors.clone(),
+            p.schema.key.as_deref(),
+            p.detector_series,
+        );
         Ok(Self {
+            detect,
             raw: match &p.outputs.raw {
                 Some(name) => Some(writer(name, &event_name, Table::Records)?),
                 None => None,
@@ -329,6 +342,12 @@ impl Engine {
         let event_field = self.event_field;
         self.run_rules(&rules, "record", &fresh, event_field, now)
             .await?;
+        if self.detect.is_some() {
+            self.restore_detectors(&d.shard).await?;
+            let detect = self.detect.as_mut().expect("checked");
+            let raised = detect.observe(&d.shard, &fresh, event_field);
+            self.raise(raised, now).await?;
+        }
 
         let ts = event_times(&d.batch, self.event_field);
         let late_schema = self.late.schema().clone();
@@ -415,7 +434,65 @@ impl Engine {
             }
             self.aggs[i].emitted(hi);
         }
+        if let (Some(wm), Some(_)) = (wm, &self.detect) {
+            // A shard with nothing new since its checkpoint still has series that can go
+            // silent: every shard's state is here before the watermark judges them.
+            let shards: Vec<Arc<str>> = self.shards.keys().cloned().collect();
+            for shard in &shards {
+                self.restore_detectors(shard).await?;
+            }
+            let raised = self.detect.as_mut().expect("checked").watermark(wm);
+            self.raise(raised, now).await?;
+        }
         Ok(())
+    }
+
+    /// Reads the shard's detector state from the snapshot its checkpoint names, once.
+    async fn restore_detectors(&mut self, shard: &Arc<str>) -> Result<(), EngineError> {
+        let Some(detect) = self.detect.as_mut() else {
+            return Ok(());
+        };
+        if detect.has(shard) {
+            return Ok(());
+        }
+        let key = self
+            .committed
+            .shards
+            .get(&**shard)
+            .and_then(|c| c.detectors.clone());
+        match key {
+            None => detect.start(shard.clone()),
+            Some(key) => {
+                let lake = self.lakes.get(STATE_OUTPUT).map_err(EngineError::Lake)?;
+                let bytes = lake.read(&key).await.map_err(|e| {
+                    EngineError::Lake(std::io::Error::new(
+                        e.kind(),
+                        format!("the detector state the checkpoint of shard {shard} names: {e}"),
+                    ))
+                })?;
+                detect.restore(shard.clone(), &bytes).map_err(|e| {
+                    EngineError::Lake(std::io::Error::new(
+                        e.kind(),
+                        format!("the detector state snapshot {key} is damaged: {e}"),
+                    ))
+                })?;
+                tracing::debug!(%shard, %key, series = detect.len(), "restored detector state");
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the detectors' alerts (to the table, the notifiers and the console).
+    async fn raise(&mut self, raised: Vec<Raised>, now: i64) -> Result<(), EngineError> {
+        let Some(detect) = &mut self.detect else {
+            return Ok(());
+        };
+        Metrics::add(&self.metrics.detector_series_evicted, detect.take_evicted());
+        if raised.is_empty() {
+            return Ok(());
+        }
+        let batch = detect_alert_batch(self.alerts.schema(), detect, &raised);
+        self.deliver(&batch, now).await
     }
     async fn run_rules(
         &mut self,
@@ -456,17 +533,22 @@ impl Engine {
                 time_col,
                 self.key_field.as_deref(),
             );
-            Metrics::add(&self.metrics.alerts, alerts.num_rows() as u64);
-            if let Some(n) = &self.notify {
-                n.offer(&alerts);
-            }
-            if let Some((live, cols)) = &self.live {
-                live.alerts(&alerts, cols.tenant.as_deref());
-            }
-            self.alerts
-                .write(&alerts, self.committed.commit_id + 1, &self.worker, now)
-                .await?;
+            self.deliver(&alerts, now).await?;
         }
+        Ok(())
+    }
+
+    async fn deliver(&mut self, alerts: &RecordBatch, now: i64) -> Result<(), EngineError> {
+        Metrics::add(&self.metrics.alerts, alerts.num_rows() as u64);
+        if let Some(n) = &self.notify {
+            n.offer(alerts);
+        }
+        if let Some((live, cols)) = &self.live {
+            live.alerts(alerts, cols.tenant.as_deref());
+        }
+        self.alerts
+            .write(alerts, self.committed.commit_id + 1, &self.worker, now)
+            .await?;
         Ok(())
     }
 
@@ -503,8 +585,9 @@ impl Engine {
         for w in self.writers() {
             files.extend(w.stage().await?);
         }
+        let snapshots = self.stage_snapshots(&mut files).await?;
         failpoint::hit("after_stage");
-        let next = self.next_state();
+        let next = self.next_state(&snapshots);
         let intent = commit::commit(
             &self.lakes,
             self.store.as_ref(),
@@ -515,17 +598,11 @@ impl Engine {
         )
         .await?;
         Metrics::add(&self.metrics.commits, 1);
-        Metrics::add(&self.metrics.files_written, intent.files.len() as u64);
-        Metrics::add(
-            &self.metrics.bytes_written,
-            intent.files.iter().map(|f| f.bytes).sum(),
-        );
-        self.metrics.committed(
-            intent
-                .files
-                .iter()
-                .map(|f| (f.output.as_str(), f.rows, f.bytes)),
-        );
+        let tables = || intent.files.iter().filter(|f| f.output != STATE_OUTPUT);
+        Metrics::add(&self.metrics.files_written, tables().count() as u64);
+        Metrics::add(&self.metrics.bytes_written, tables().map(|f| f.bytes).sum());
+        self.metrics
+            .committed(tables().map(|f| (f.output.as_str(), f.rows, f.bytes)));
         self.metrics
             .commit_seconds
             .lock()
@@ -537,13 +614,71 @@ impl Engine {
             rows = intent.files.iter().map(|f| f.rows).sum::<u64>(),
             "committed"
         );
+        let replaced: Vec<String> = snapshots
+            .keys()
+            .filter_map(|shard| self.committed.shards.get(&**shard)?.detectors.clone())
+            .collect();
         self.committed = intent.next.clone();
         self.uncommitted_since = None;
         commit::sweep(&self.lakes, &self.worker).await;
-        Ok(intent.files)
+        // No checkpoint names the snapshots this commit replaced.
+        if let Ok(lake) = self.lakes.get(STATE_OUTPUT) {
+            for key in replaced {
+                if let Err(e) = lake.remove(&key).await {
+                    tracing::warn!(%key, error = %e, "could not remove a replaced detector snapshot (nothing names it)");
+                }
+            }
+        }
+        Ok(intent
+            .files
+            .into_iter()
+            .filter(|f| f.output != STATE_OUTPUT)
+            .collect())
     }
 
-    fn next_state(&mut self) -> Committed {
+    /// Stages a snapshot of every shard whose detector state changed; returns their keys.
+    async fn stage_snapshots(
+        &mut self,
+        files: &mut Vec<StagedFile>,
+    ) -> Result<BTreeMap<Arc<str>, String>, EngineError> {
+        let mut keys = BTreeMap::new();
+        let Some(detect) = self.detect.as_mut() else {
+            return Ok(keys);
+        };
+        let snapshots = detect.snapshots();
+        if snapshots.is_empty() {
+            return Ok(keys);
+        }
+        let lake = self.lakes.get(STATE_OUTPUT).map_err(EngineError::Lake)?;
+        let commit = self.committed.commit_id + 1;
+        for (shard, bytes) in snapshots {
+            let key = format!(
+                "{STATE_OUTPUT}/{}/{}/state-{commit:010}-{}-0000.json.zst",
+                self.p.name,
+                path_safe(&shard),
+                self.worker
+            );
+            let size = bytes.len() as u64;
+            let mut staging = lake.stage(&key).await.map_err(EngineError::Lake)?;
+            staging
+                .write(bytes::Bytes::from(bytes))
+                .await
+                .map_err(EngineError::Lake)?;
+            let upload = staging.finish().await.map_err(EngineError::Lake)?;
+            files.push(StagedFile {
+                output: STATE_OUTPUT.to_string(),
+                key: key.clone(),
+                rows: 0,
+                bytes: size,
+                upload,
+            });
+            Metrics::add(&self.metrics.detector_snapshots, 1);
+            keys.insert(shard, key);
+        }
+        Ok(keys)
+    }
+
+    fn next_state(&mut self, snapshots: &BTreeMap<Arc<str>, String>) -> Committed {
         let mut shards = BTreeMap::new();
         for (shard, run) in &self.shards {
             let before = self
@@ -579,6 +714,7 @@ impl Engine {
                 aggregations,
                 max_event_time: self.watermark.max_event(shard),
                 emitted_through,
+                detectors: snapshots.get(shard).cloned().or(before.detectors),
             };
             shards.insert(shard.to_string(), cp);
         }
@@ -598,6 +734,19 @@ impl Engine {
             watermark: self.watermark.current(now),
         }
     }
+}
+
+/// A shard id as one path segment: every byte but `[A-Za-z0-9._-]` as `%XX`.
+fn path_safe(shard: &str) -> String {
+    let mut out = String::with_capacity(shard.len());
+    for b in shard.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-') || (b == b'.' && !out.is_empty()) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 fn partition_point(n: usize, pred: impl Fn(usize) -> bool) -> usize {

@@ -21,7 +21,7 @@ use datafusion::physical_plan::{ExecutionPlan, PhysicalExpr, collect};
 use datafusion::prelude::SessionContext;
 
 use crate::columns;
-use crate::config::{ConfigError, Pipeline, Problem};
+use crate::config::{Check, ConfigError, Pipeline, Problem};
 use crate::decode::{SEQ_COL, SHARD_COL, record_schema};
 use crate::engine::merge::{self, Mergeable};
 
@@ -57,6 +57,18 @@ pub struct Compiled {
     pub record_rules: Vec<Rule>,
     /// Per aggregation.
     pub window_rules: Vec<Vec<Rule>>,
+    /// The `detect:` rules, in file order.
+    pub detectors: Vec<DetectRule>,
+}
+
+/// A compiled `detect:` rule: its value and filter as expressions over the records.
+#[derive(Debug, Clone)]
+pub struct DetectRule {
+    pub name: String,
+    pub detector: crate::config::Detector,
+    /// Evaluates to Float64; `None` for `silent`.
+    pub value: Option<Arc<dyn PhysicalExpr>>,
+    pub filter: Option<Arc<dyn PhysicalExpr>>,
 }
 
 /// Dead-letter table columns.
@@ -167,6 +179,7 @@ pub async fn compile(p: &Pipeline, ctx: &SessionContext) -> Result<Compiled, Con
     }
 
     let (record_rules, window_rules) = compile_rules(p, ctx, &records, &agg_finals, &mut problems);
+    let detectors = compile_detectors(p, ctx, &records, &mut problems);
     if problems.is_empty() {
         Ok(Compiled {
             records,
@@ -176,6 +189,7 @@ pub async fn compile(p: &Pipeline, ctx: &SessionContext) -> Result<Compiled, Con
             agg_merge,
             record_rules,
             window_rules,
+            detectors,
         })
     } else {
         Err(ConfigError { problems })
@@ -223,11 +237,14 @@ fn compile_rules(
     let mut record_rules = Vec::new();
     let mut window_rules = vec![Vec::new(); p.outputs.aggregations.len()];
     for r in &p.alerts {
+        let Check::When(when) = &r.check else {
+            continue;
+        };
         let schema = match r.aggregation {
             Some(a) => agg_finals[a].clone(),
             None => records.clone(),
         };
-        match predicate(ctx, &schema, &r.when) {
+        match predicate(ctx, &schema, when) {
             Ok(expr) => {
                 let rule = Rule {
                     name: r.name.clone(),
@@ -249,6 +266,84 @@ fn compile_rules(
         }
     }
     (record_rules, window_rules)
+}
+
+/// The `detect:` rules' value and `where` expressions, planned over the records.
+fn compile_detectors(
+    p: &Pipeline,
+    ctx: &SessionContext,
+    records: &SchemaRef,
+    problems: &mut Vec<Problem>,
+) -> Vec<DetectRule> {
+    let mut out = Vec::new();
+    for r in &p.alerts {
+        let Check::Detect(d) = &r.check else {
+            continue;
+        };
+        let at = |f: &str| format!("alerts[{}].detect.{f}", r.index);
+        let value = d
+            .value
+            .as_ref()
+            .and_then(|v| match numeric(ctx, records, v) {
+                Ok(e) => Some(e),
+                Err(e) => {
+                    problems.push(p.problem(
+                        &at("value"),
+                        e,
+                        format!(
+                            "write a numeric SQL expression over these columns: {}",
+                            columns(records)
+                        ),
+                    ));
+                    None
+                }
+            });
+        let filter = d
+            .filter
+            .as_ref()
+            .and_then(|f| match predicate(ctx, records, f) {
+                Ok(e) => Some(e),
+                Err(e) => {
+                    problems.push(p.problem(
+                        &at("where"),
+                        e,
+                        format!(
+                            "write a SQL condition over these columns: {}",
+                            columns(records)
+                        ),
+                    ));
+                    None
+                }
+            });
+        out.push(DetectRule {
+            name: r.name.clone(),
+            detector: d.clone(),
+            value,
+            filter,
+        });
+    }
+    out
+}
+
+/// A numeric SQL expression, planned to evaluate as Float64.
+fn numeric(
+    ctx: &SessionContext,
+    schema: &SchemaRef,
+    sql: &str,
+) -> Result<Arc<dyn PhysicalExpr>, String> {
+    let df_schema = DFSchema::try_from(schema.as_ref().clone()).map_err(|e| first_line(&e))?;
+    let expr = ctx
+        .parse_sql_expr(sql, &df_schema)
+        .map_err(|e| format!("the value does not parse: {}", first_line(&e)))?;
+    let ty = expr
+        .get_type(&df_schema)
+        .map_err(|e| format!("the value does not plan: {}", first_line(&e)))?;
+    if !ty.is_numeric() {
+        return Err(format!("the value is of type {ty}, not a number"));
+    }
+    let expr = datafusion::logical_expr::cast(expr, DataType::Float64);
+    ctx.create_physical_expr(expr, &df_schema)
+        .map_err(|e| format!("the value does not plan: {}", first_line(&e)))
 }
 
 /// A schema's column names, for a fix that lists them.

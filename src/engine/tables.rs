@@ -75,3 +75,34 @@ pub(super) fn alert_batch(
     )
     .expect("alerts schema")
 }
+
+/// The alerts table's rows for what the detectors raised: `kind` is the detector's kind.
+pub(super) fn detect_alert_batch(
+    schema: &SchemaRef,
+    detect: &super::detect::Detectors,
+    raised: &[super::detect::Raised],
+) -> RecordBatch {
+    let rules: StringArray = raised
+        .iter()
+        .map(|r| Some(detect.rule_name(r.rule)))
+        .collect();
+    let kinds: StringArray = raised
+        .iter()
+        .map(|r| Some(detect.rule_kind(r.rule)))
+        .collect();
+    let time = TimestampMicrosecondArray::from_iter_values(raised.iter().map(|r| r.event_time))
+        .with_timezone("UTC");
+    let keys: StringArray = raised.iter().map(|r| Some(r.key.as_str())).collect();
+    let detail: StringArray = raised.iter().map(|r| Some(r.detail.as_str())).collect();
+    RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            Arc::new(rules),
+            Arc::new(kinds),
+            Arc::new(time),
+            Arc::new(keys),
+            Arc::new(detail),
+        ],
+    )
+    .expect("alerts schema")
+}

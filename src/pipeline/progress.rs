@@ -59,6 +59,8 @@ pub(super) fn log_summary(metrics: &Metrics) {
         records = g(&metrics.records_read),
         dead_letters = g(&metrics.dead_letters),
         identity_mismatches = g(&metrics.identity_mismatches),
+        alerts = g(&metrics.alerts),
+        detector_series_evicted = g(&metrics.detector_series_evicted),
         commits = g(&metrics.commits),
         kinesis_throttled = g(&metrics.kinesis_throttled),
         kinesis_errors_retried = g(&metrics.kinesis_errors_retried),

@@ -79,6 +79,20 @@ impl Lake for LocalLake {
         }
     }
 
+    async fn read(&self, key: &str) -> io::Result<Bytes> {
+        let path = self.root.join(key);
+        fs::read(&path)
+            .map(Bytes::from)
+            .map_err(|e| io::Error::new(e.kind(), format!("reading {}: {e}", path.display())))
+    }
+
+    async fn remove(&self, key: &str) -> io::Result<()> {
+        match fs::remove_file(self.root.join(key)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
     async fn remove_orphans(&self, outputs: &[&str], worker: &str) -> io::Result<usize> {
         let mut removed = 0;
         for output in outputs {

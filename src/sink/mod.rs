@@ -21,6 +21,10 @@ use crate::metrics::Metrics;
 use local::LocalLake;
 use s3::S3Lake;
 
+/// The pseudo-output of detector state snapshots: `_state/<pipeline>/<shard>/state-….json.zst`
+/// in the alerts' lake. Staged, published and swept like a table's files, never queried.
+pub const STATE_OUTPUT: &str = "_state";
+
 /// A file written but not yet visible, named in a commit intent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StagedFile {
@@ -62,6 +66,10 @@ pub trait Lake: Send + Sync + std::fmt::Debug {
     /// Removes `worker`'s staged files of `outputs` (call with no intent pending: none of
     /// them is named by a commit).
     async fn remove_orphans(&self, outputs: &[&str], worker: &str) -> io::Result<usize>;
+    /// A published file's bytes (detector state snapshots are read back this way).
+    async fn read(&self, key: &str) -> io::Result<Bytes>;
+    /// Removes a published file no checkpoint names any more; a missing one is no error.
+    async fn remove(&self, key: &str) -> io::Result<()>;
     /// Whether staging can leave orphans behind while the worker runs, so that they must be
     /// swept after each commit too (S3: a `CreateMultipartUpload` whose answer was lost and
     /// that the SDK retried).
@@ -101,6 +109,10 @@ impl Lakes {
                 }
             };
             by_output.insert(output.clone(), lake);
+        }
+        // Detector state snapshots live beside the alerts they explain.
+        if let Some(lake) = by_output.get(&p.outputs.alerts).cloned() {
+            by_output.insert(STATE_OUTPUT.to_string(), lake);
         }
         Ok(Self::new(by_output))
     }

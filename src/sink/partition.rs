@@ -105,7 +105,11 @@ pub fn file_worker(name: &str) -> Option<&str> {
     let name = name.rsplit('/').next()?;
     let name = name.strip_prefix('.').unwrap_or(name);
     let name = name.strip_suffix(".inprogress").unwrap_or(name);
-    let rest = name.strip_prefix("part-")?.strip_suffix(".parquet")?;
+    // Data files, and detector state snapshots (`state-…` beside the lake's tables).
+    let rest = (name
+        .strip_prefix("part-")
+        .and_then(|n| n.strip_suffix(".parquet")))
+    .or_else(|| name.strip_prefix("state-")?.strip_suffix(".json.zst"))?;
     let (commit, rest) = rest.split_once('-')?;
     let (worker, n) = rest.rsplit_once('-')?;
     let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());

@@ -314,6 +314,34 @@ impl Lake for S3Lake {
         true
     }
 
+    async fn read(&self, key: &str) -> io::Result<Bytes> {
+        let object = self.object_key(key);
+        let context = || format!("reading s3://{}/{object}", self.loc.bucket);
+        let got = self
+            .client
+            .get_object()
+            .bucket(&self.loc.bucket)
+            .key(&object)
+            .send()
+            .await
+            .map_err(|e| io_err(context(), e))?;
+        let body = got.body.collect().await.map_err(|e| io_err(context(), e))?;
+        Ok(body.into_bytes())
+    }
+
+    async fn remove(&self, key: &str) -> io::Result<()> {
+        let object = self.object_key(key);
+        // S3 answers a delete of a missing key with success too.
+        self.client
+            .delete_object()
+            .bucket(&self.loc.bucket)
+            .key(&object)
+            .send()
+            .await
+            .map_err(|e| io_err(format!("removing s3://{}/{object}", self.loc.bucket), e))?;
+        Ok(())
+    }
+
     async fn remove_orphans(&self, outputs: &[&str], worker: &str) -> io::Result<usize> {
         let prefix = self.key_prefix();
         let mut removed = 0;

@@ -10,6 +10,7 @@ pub(super) struct Limits {
     /// Microseconds.
     pub max_future_skew: i64,
     pub window_buffer_records: usize,
+    pub detector_series: usize,
 }
 
 pub(super) fn resolve_limits(p: &mut Problems, f: &LimitsFile) -> Limits {
@@ -29,7 +30,15 @@ pub(super) fn resolve_limits(p: &mut Problems, f: &LimitsFile) -> Limits {
             "leave it out for the default (100000), or write a smaller count to use less memory",
         );
     }
+    if f.detector_series == 0 {
+        p.add(
+            "limits.detector_series",
+            "must be more than zero",
+            "leave it out for the default (100000), or write the number of series (device × rule × `by` values) one worker may track",
+        );
+    }
     Limits {
+        detector_series: f.detector_series as usize,
         max_record_bytes: max_record_bytes as usize,
         max_future_skew: max_future_skew.as_micros() as i64,
         window_buffer_records: f.window_buffer_records as usize,

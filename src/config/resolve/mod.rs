@@ -46,7 +46,7 @@ pub(super) fn resolve_pipeline(
     );
     outputs::check_table_names(p, &f.outputs);
     let aggregations = outputs::resolve_aggregations(p, &f.outputs);
-    let (alerts, rule_names) = alerts::resolve_alerts(p, &f.alerts, &aggregations);
+    let (alerts, rule_names) = alerts::resolve_alerts(p, &f.alerts, &aggregations, schema.as_ref());
     let notifiers = notifiers::resolve_notifiers(p, &f.notifiers, &rule_names);
     let outputs = outputs::resolve_outputs(p, &f.outputs, aggregations, &lake, &rollover);
     let console = console::resolve_console(p, f.console);
@@ -77,6 +77,7 @@ pub(super) fn resolve_pipeline(
         event_time,
         max_record_bytes: limits.max_record_bytes,
         window_buffer_records: limits.window_buffer_records,
+        detector_series: limits.detector_series,
         max_future_skew: limits.max_future_skew,
         rollover,
         outputs,

@@ -1,0 +1,837 @@
+//! Detectors: alert rules that learn each series (a device, or a device and the `by` columns)
+//! from its own readings, and whose learned state is part of every commit.
+//!
+//! # Kinds
+//!
+//! - `zscore`: the distance of a reading from an exponentially weighted mean, in exponentially
+//!   weighted standard deviations (`half_life` in readings). A reading above `threshold` is
+//!   clipped to it before it updates the baseline, so one spike does not blind the detector
+//!   for the next.
+//! - `mad`: the distance from the median of the last `window` readings, in scaled median
+//!   absolute deviations (1.4826 × MAD, a standard deviation for normal noise); robust to
+//!   noisy sensors and outliers in the baseline.
+//! - `cusum`: two-sided cumulative sums of standardised readings minus `k`, alerting above
+//!   `h`: a level shift or a slow drift. The baseline (mean and deviation) is learned over
+//!   the warm-up and then follows in-control readings only; after an alert it is learned
+//!   again, so a shift alerts once and the new level becomes normal.
+//! - `stuck`: the value moved by at most `epsilon` for `for` (event time) or `readings`.
+//! - `silent`: a series seen before sent nothing for `after` of event time. It is judged by
+//!   the watermark (never the wall clock), so a replay or a lagging shard does not make a
+//!   fleet silent: the watermark waits for the slowest shard. The same gap is also found
+//!   when the next reading arrives, so either way the alert is the same row (event time =
+//!   last reading + `after`).
+//! - `rate`: |Δvalue| per second of event time between consecutive readings above
+//!   `max_per_second`.
+//!
+//! `zscore`, `mad` and `rate` alert when a series enters the condition (the first reading
+//! over the threshold), not on every reading while it holds; `stuck` and `silent` once per
+//! episode; `cusum` when a sum crosses `h`. No series alerts before `warmup` readings, nor
+//! within `cooldown` (event time) of its previous alert. Each alert's `detail` explains it:
+//! the series, the value, the baseline, the score, the threshold and how long the
+//! condition has held.
+//!
+//! # State that survives
+//!
+//! A device's records stay on one shard, in order, so the state is kept per shard. Only
+//! records after a shard's committed `records` position feed the detectors (replays for
+//! open windows do not), so the state is a function of the committed records. At each
+//! commit, every shard whose state changed writes a snapshot, `_state/<pipeline>/<shard>/
+//! state-<commit>-<worker>-0000.json.zst`, staged and published with the commit's files;
+//! the shard's checkpoint names it ([`crate::checkpoint::ShardCheckpoint::detectors`]). A
+//! restart, a SIGKILL at any point or a lease that moves to another worker reads the
+//! snapshot the checkpoint names and goes on from the same records: the alerts are those
+//! of an uninterrupted run. The snapshot a newer commit replaced is removed after that
+//! commit (one left behind by a crash in between is harmless: nothing names it).
+//!
+//! # Bounded memory
+//!
+//! `limits.detector_series` bounds the series one worker tracks. Past it, the least
+//! recently seen are forgotten (counted in `shardlake_detector_series_evicted_total`): a
+//! forgotten series starts again with its warm-up. Eviction depends on the order in which
+//! shards are read, so a worker at its bound gives up the exact-replay guarantee for the
+//! series it evicts, never more.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::io;
+use std::sync::Arc;
+
+use arrow::array::{Array, AsArray, RecordBatch, StringArray};
+use arrow::compute::cast;
+use arrow::datatypes::{DataType, Float64Type};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::sql::DetectRule;
+use crate::config::DetectorKind;
+use crate::decode::fmt_us;
+
+/// An alert a detector raised; the engine writes it to the alerts table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Raised {
+    pub rule: usize,
+    pub event_time: i64,
+    pub key: String,
+    pub detail: String,
+}
+
+/// Everything the detectors learned, per shard.
+pub struct Detectors {
+    rules: Vec<DetectRule>,
+    key: String,
+    shards: HashMap<Arc<str>, ShardState>,
+    /// Series tracked over every shard, and the bound.
+    len: usize,
+    limit: usize,
+    /// Increases with every reading: what "least recently seen" compares.
+    tick: u64,
+    evicted: u64,
+    /// No `silent` series is due before this watermark (a lower bound; `None`: none tracked).
+    silent_due: Option<i64>,
+}
+
+#[derive(Default)]
+struct ShardState {
+    /// Per rule (as `rules`): series key → state.
+    series: Vec<HashMap<Box<str>, Series>>,
+    /// Changed since the last snapshot.
+    dirty: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+struct Series {
+    /// Readings seen.
+    n: u64,
+    /// Newest event time seen.
+    last: i64,
+    /// Event time of the last alert.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    alerted: Option<i64>,
+    state: State,
+    /// When it was last seen, in readings of the worker (for eviction).
+    #[serde(skip)]
+    touched: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum State {
+    Zscore {
+        mean: f64,
+        var: f64,
+        since: Option<i64>,
+    },
+    Mad {
+        recent: VecDeque<f64>,
+        since: Option<i64>,
+    },
+    Cusum {
+        /// Readings in the baseline, its mean and M2 (Welford).
+        base: u64,
+        mean: f64,
+        m2: f64,
+        pos: f64,
+        neg: f64,
+        since: Option<i64>,
+    },
+    Stuck {
+        value: f64,
+        since: i64,
+        count: u64,
+        fired: bool,
+    },
+    Silent {
+        fired: bool,
+    },
+    Rate {
+        prev: Option<(i64, f64)>,
+        since: Option<i64>,
+    },
+}
+
+/// What a snapshot file holds: per rule name, its kind and its series.
+#[derive(Serialize, Deserialize)]
+struct Snapshot {
+    rules: BTreeMap<String, RuleSnapshot>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct RuleSnapshot {
+    kind: String,
+    series: Vec<(String, Series)>,
+}
+
+const SEP: char = '\u{1f}';
+
+impl Detectors {
+    /// `None` when the pipeline has no `detect:` rule.
+    pub fn new(rules: Vec<DetectRule>, key: Option<&str>, limit: usize) -> Option<Self> {
+        if rules.is_empty() {
+            return None;
+        }
+        Some(Self {
+            rules,
+            key: key
+                .expect("detectors need a key (checked by the config)")
+                .to_string(),
+            shards: HashMap::new(),
+            len: 0,
+            limit: limit.max(1),
+            tick: 0,
+            evicted: 0,
+            silent_due: None,
+        })
+    }
+
+    pub fn rule_name(&self, i: usize) -> &str {
+        &self.rules[i].name
+    }
+
+    pub fn rule_kind(&self, i: usize) -> &'static str {
+        self.rules[i].detector.kind.name()
+    }
+
+    /// Series forgotten to stay within `limits.detector_series` since the last call.
+    pub fn take_evicted(&mut self) -> u64 {
+        std::mem::take(&mut self.evicted)
+    }
+
+    /// Series tracked now.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the shard's state is here (restored or started).
+    pub fn has(&self, shard: &str) -> bool {
+        self.shards.contains_key(shard)
+    }
+
+    /// Starts a shard with nothing learned.
+    pub fn start(&mut self, shard: Arc<str>) {
+        let n = self.rules.len();
+        self.shards.entry(shard).or_insert_with(|| ShardState {
+            series: vec![HashMap::new(); n],
+            dirty: false,
+        });
+    }
+
+    /// Restores a shard from its snapshot. Rules the snapshot does not know start empty;
+    /// a rule whose kind changed since starts again too.
+    pub fn restore(&mut self, shard: Arc<str>, bytes: &[u8]) -> io::Result<()> {
+        let json = zstd::decode_all(bytes)?;
+        let mut snap: Snapshot = serde_json::from_slice(&json)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let mut state = ShardState {
+            series: vec![HashMap::new(); self.rules.len()],
+            dirty: false,
+        };
+        for (i, r) in self.rules.iter().enumerate() {
+            let Some(rs) = snap.rules.remove(&r.name) else {
+                continue;
+            };
+            if rs.kind != r.detector.kind.name() {
+                tracing::warn!(rule = %r.name, was = %rs.kind, "the rule's detector kind changed: it learns again");
+                continue;
+            }
+            for (k, mut s) in rs.series {
+                self.tick += 1;
+                s.touched = self.tick;
+                if let (DetectorKind::Silent { after }, State::Silent { fired: false }) =
+                    (&r.detector.kind, &s.state)
+                {
+                    self.silent_due = Some(
+                        self.silent_due
+                            .map_or(s.last + after, |d| d.min(s.last + after)),
+                    );
+                }
+                state.series[i].insert(k.into_boxed_str(), s);
+            }
+        }
+        self.len += state.series.iter().map(HashMap::len).sum::<usize>();
+        if let Some(old) = self.shards.insert(shard, state) {
+            self.len -= old.series.iter().map(HashMap::len).sum::<usize>();
+        }
+        self.evict();
+        Ok(())
+    }
+
+    /// Snapshots of every shard whose state changed since the last call.
+    pub fn snapshots(&mut self) -> Vec<(Arc<str>, Vec<u8>)> {
+        let mut out = Vec::new();
+        for (shard, st) in &mut self.shards {
+            if !st.dirty {
+                continue;
+            }
+            st.dirty = false;
+            let snap = Snapshot {
+                rules: self
+                    .rules
+                    .iter()
+                    .zip(&st.series)
+                    .map(|(r, m)| {
+                        let mut series: Vec<(String, Series)> =
+                            m.iter().map(|(k, s)| (k.to_string(), s.clone())).collect();
+                        series.sort_by(|a, b| a.0.cmp(&b.0));
+                        let kind = r.detector.kind.name().to_string();
+                        (r.name.clone(), RuleSnapshot { kind, series })
+                    })
+                    .collect(),
+            };
+            let json = serde_json::to_vec(&snap).expect("detector state serialises");
+            let bytes = zstd::encode_all(json.as_slice(), 3).expect("zstd in memory");
+            out.push((shard.clone(), bytes));
+        }
+        out
+    }
+
+    /// Feeds a shard's fresh records (in stream order) to every detector.
+    pub fn observe(
+        &mut self,
+        shard: &Arc<str>,
+        batch: &RecordBatch,
+        event_col: usize,
+    ) -> Vec<Raised> {
+        let mut raised = Vec::new();
+        let n = batch.num_rows();
+        if n == 0 {
+            return raised;
+        }
+        self.start(shard.clone());
+        let key_col = utf8(batch, &self.key);
+        let times = super::event_times(batch, event_col);
+        let mut key = String::new();
+        let mut added = 0usize;
+        for (i, rule) in self.rules.iter().enumerate() {
+            let values = match &rule.value {
+                Some(expr) => match expr.evaluate(batch).and_then(|v| v.into_array(n)) {
+                    Ok(v) => Some(v),
+                    Err(e) => {
+                        tracing::warn!(rule = %rule.name, error = %e, "a detector's value failed on a batch; its rows are not observed");
+                        continue;
+                    }
+                },
+                None => None,
+            };
+            let values = values.as_ref().map(|v| v.as_primitive::<Float64Type>());
+            let mask = match &rule.filter {
+                Some(expr) => match expr.evaluate(batch).and_then(|v| v.into_array(n)) {
+                    Ok(v) => Some(v),
+                    Err(e) => {
+                        tracing::warn!(rule = %rule.name, error = %e, "a detector's `where` failed on a batch; its rows are not observed");
+                        continue;
+                    }
+                },
+                None => None,
+            };
+            let mask = mask.as_ref().map(|m| m.as_boolean());
+            let by: Vec<StringArray> = rule.detector.by.iter().map(|c| utf8(batch, c)).collect();
+            let st = self.shards.get_mut(shard).expect("started");
+            let map = &mut st.series[i];
+            for row in 0..n {
+                if mask.is_some_and(|m| !m.is_valid(row) || !m.value(row))
+                    || key_col.is_null(row)
+                    || times.is_null(row)
+                {
+                    continue;
+                }
+                let x = match values {
+                    Some(v) if v.is_null(row) || !v.value(row).is_finite() => continue,
+                    Some(v) => v.value(row),
+                    None => 0.0,
+                };
+                key.clear();
+                key.push_str(key_col.value(row));
+                for b in &by {
+                    key.push(SEP);
+                    key.push_str(if b.is_null(row) { "" } else { b.value(row) });
+                }
+                let ts = times.value(row);
+                self.tick += 1;
+                if !map.contains_key(key.as_str()) {
+                    added += 1;
+                    let s = Series::new(&rule.detector.kind, ts);
+                    map.insert(key.clone().into_boxed_str(), s);
+                }
+                let series = map.get_mut(key.as_str()).expect("inserted");
+                series.touched = self.tick;
+                if let Some(hit) = step(&rule.detector, series, ts, x) {
+                    raised.push(Raised {
+                        rule: i,
+                        event_time: hit.at,
+                        key: key_col.value(row).to_string(),
+                        detail: detail(
+                            &self.key,
+                            key_col.value(row),
+                            &rule.detector.by,
+                            &by,
+                            row,
+                            hit,
+                        ),
+                    });
+                }
+                if let DetectorKind::Silent { after } = rule.detector.kind {
+                    let due = series.last + after;
+                    self.silent_due = Some(self.silent_due.map_or(due, |d| d.min(due)));
+                }
+            }
+            st.dirty = true;
+        }
+        self.len += added;
+        self.evict();
+        raised
+    }
+
+    /// The watermark moved: every `silent` series whose last reading plus `after` it passed
+    /// alerts (once per silence).
+    pub fn watermark(&mut self, wm: i64) -> Vec<Raised> {
+        let mut raised = Vec::new();
+        if self.silent_due.is_none_or(|d| d >= wm) {
+            return raised;
+        }
+        let mut next: Option<i64> = None;
+        for st in self.shards.values_mut() {
+            for (i, rule) in self.rules.iter().enumerate() {
+                let DetectorKind::Silent { after } = rule.detector.kind else {
+                    continue;
+                };
+                for (k, s) in st.series[i].iter_mut() {
+                    let State::Silent { fired } = &mut s.state else {
+                        continue;
+                    };
+                    if *fired {
+                        continue;
+                    }
+                    let due = s.last + after;
+                    if due >= wm {
+                        next = Some(next.map_or(due, |d| d.min(due)));
+                        continue;
+                    }
+                    *fired = true;
+                    st.dirty = true;
+                    if s.n < rule.detector.warmup.max(1) || cooling(&rule.detector, s, due) {
+                        continue;
+                    }
+                    s.alerted = Some(due);
+                    let mut parts = k.split(SEP);
+                    let device = parts.next().unwrap_or_default();
+                    let series = series_json(&self.key, device, &rule.detector.by, parts);
+                    raised.push(Raised {
+                        rule: i,
+                        event_time: due,
+                        key: device.to_string(),
+                        detail: silent_detail(series, s.last, after),
+                    });
+                }
+            }
+        }
+        self.silent_due = next;
+        raised.sort_by(|a, b| (a.event_time, &a.key).cmp(&(b.event_time, &b.key)));
+        raised
+    }
+
+    /// Forgets the least recently seen series beyond the bound (and 1% more, so that a flood
+    /// of new series does not scan everything at every reading).
+    fn evict(&mut self) {
+        if self.len <= self.limit {
+            return;
+        }
+        let target = self.limit - self.limit / 100;
+        let mut touched: Vec<u64> = (self.shards.values())
+            .flat_map(|st| st.series.iter().flat_map(|m| m.values().map(|s| s.touched)))
+            .collect();
+        let drop = touched.len() - target;
+        let (_, cutoff, _) = touched.select_nth_unstable(drop - 1);
+        let cutoff = *cutoff;
+        let mut removed = 0;
+        for st in self.shards.values_mut() {
+            for m in &mut st.series {
+                let before = m.len();
+                m.retain(|_, s| s.touched > cutoff);
+                if m.len() != before {
+                    st.dirty = true;
+                }
+                removed += before - m.len();
+            }
+        }
+        self.len -= removed;
+        self.evicted += removed as u64;
+    }
+}
+
+impl Series {
+    fn new(kind: &DetectorKind, ts: i64) -> Self {
+        let state = match kind {
+            DetectorKind::Zscore { .. } => State::Zscore {
+                mean: 0.0,
+                var: 0.0,
+                since: None,
+            },
+            DetectorKind::Mad { window, .. } => State::Mad {
+                recent: VecDeque::with_capacity(*window),
+                since: None,
+            },
+            DetectorKind::Cusum { .. } => State::Cusum {
+                base: 0,
+                mean: 0.0,
+                m2: 0.0,
+                pos: 0.0,
+                neg: 0.0,
+                since: None,
+            },
+            DetectorKind::Stuck { .. } => State::Stuck {
+                value: f64::NAN,
+                since: ts,
+                count: 0,
+                fired: false,
+            },
+            DetectorKind::Silent { .. } => State::Silent { fired: false },
+            DetectorKind::Rate { .. } => State::Rate {
+                prev: None,
+                since: None,
+            },
+        };
+        Self {
+            n: 0,
+            last: ts,
+            alerted: None,
+            state,
+            touched: 0,
+        }
+    }
+}
+
+/// Why a reading alerted.
+#[derive(Debug, Clone, PartialEq)]
+struct Hit {
+    at: i64,
+    value: f64,
+    baseline: Value,
+    score: f64,
+    threshold: f64,
+    held_us: i64,
+}
+
+fn cooling(d: &crate::config::Detector, s: &Series, at: i64) -> bool {
+    s.alerted.is_some_and(|t| at < t + d.cooldown)
+}
+
+/// One reading through one series' detector: updates the state, returns an alert if due.
+fn step(d: &crate::config::Detector, s: &mut Series, ts: i64, x: f64) -> Option<Hit> {
+    let warm = s.n >= d.warmup;
+    let first = s.n == 0;
+    let mut hit = None;
+    match (&d.kind, &mut s.state) {
+        (
+            DetectorKind::Zscore {
+                half_life,
+                threshold,
+            },
+            State::Zscore { mean, var, since },
+        ) => {
+            if first {
+                *mean = x;
+            } else {
+                let std = var.sqrt();
+                let diff = x - *mean;
+                let score = if std > 0.0 { diff.abs() / std } else { 0.0 };
+                let over = std > 0.0 && score > *threshold;
+                if over {
+                    if since.is_none() && warm {
+                        hit = Some(Hit {
+                            at: ts,
+                            value: x,
+                            baseline: json!({"mean": *mean, "std": std}),
+                            score,
+                            threshold: *threshold,
+                            held_us: 0,
+                        });
+                    }
+                    since.get_or_insert(ts);
+                } else {
+                    *since = None;
+                }
+                // An outlier moves the baseline no more than a reading at the threshold.
+                let diff = if over {
+                    diff.signum() * threshold * std
+                } else {
+                    diff
+                };
+                let alpha = 1.0 - 0.5f64.powf(1.0 / half_life);
+                *mean += alpha * diff;
+                *var = (1.0 - alpha) * (*var + alpha * diff * diff);
+            }
+        }
+        (DetectorKind::Mad { window, threshold }, State::Mad { recent, since }) => {
+            if recent.len() >= 5.min(*window) {
+                let (median, scale) = median_scale(recent);
+                let score = if scale > 0.0 {
+                    (x - median).abs() / scale
+                } else {
+                    0.0
+                };
+                if score > *threshold {
+                    if since.is_none() && warm {
+                        hit = Some(Hit {
+                            at: ts,
+                            value: x,
+                            baseline: json!({"median": median, "scaled_mad": scale}),
+                            score,
+                            threshold: *threshold,
+                            held_us: 0,
+                        });
+                    }
+                    since.get_or_insert(ts);
+                } else {
+                    *since = None;
+                }
+            }
+            if recent.len() == *window {
+                recent.pop_front();
+            }
+            recent.push_back(x);
+        }
+        (
+            DetectorKind::Cusum { k, h },
+            State::Cusum {
+                base,
+                mean,
+                m2,
+                pos,
+                neg,
+                since,
+            },
+        ) => {
+            // The baseline is learned over `warmup` readings (at least 2) after the start
+            // and after every alert.
+            let learn = d.warmup.max(2);
+            let sd = if *base >= 2 {
+                (*m2 / (*base - 1) as f64).sqrt()
+            } else {
+                0.0
+            };
+            if *base < learn || sd <= 0.0 {
+                *base += 1;
+                let delta = x - *mean;
+                *mean += delta / *base as f64;
+                *m2 += delta * (x - *mean);
+            } else {
+                let z = (x - *mean) / sd;
+                let was_zero = *pos == 0.0 && *neg == 0.0;
+                *pos = (*pos + z - k).max(0.0);
+                *neg = (*neg - z - k).max(0.0);
+                if *pos == 0.0 && *neg == 0.0 {
+                    *since = None;
+                    // In control: the baseline follows slow, normal change.
+                    let alpha = 1.0 / (4 * learn) as f64;
+                    let delta = x - *mean;
+                    *mean += alpha * delta;
+                    let var = *m2 / (*base - 1) as f64;
+                    *m2 = ((1.0 - alpha) * (var + alpha * delta * delta)) * (*base - 1) as f64;
+                } else if was_zero {
+                    *since = Some(ts);
+                }
+                let score = pos.max(*neg);
+                if score > *h {
+                    let started = since.unwrap_or(ts);
+                    if warm {
+                        hit = Some(Hit {
+                            at: ts,
+                            value: x,
+                            baseline: json!({
+                                "mean": *mean,
+                                "std": sd,
+                                "direction": if *pos >= *neg { "up" } else { "down" },
+                            }),
+                            score,
+                            threshold: *h,
+                            held_us: ts - started,
+                        });
+                    }
+                    // The new level becomes the baseline, learned again.
+                    (*base, *mean, *m2, *pos, *neg, *since) = (0, 0.0, 0.0, 0.0, 0.0, None);
+                }
+            }
+        }
+        (
+            DetectorKind::Stuck {
+                duration,
+                readings,
+                epsilon,
+            },
+            State::Stuck {
+                value,
+                since,
+                count,
+                fired,
+            },
+        ) => {
+            if first || (x - *value).abs() > *epsilon {
+                (*value, *since, *count, *fired) = (x, ts, 1, false);
+            } else {
+                *count += 1;
+                let held = ts - *since;
+                let by_count = readings.is_some_and(|r| *count >= r);
+                let by_time = duration.is_some_and(|t| held >= t);
+                if !*fired && (by_count || by_time) {
+                    *fired = true;
+                    if warm {
+                        hit = Some(Hit {
+                            at: ts,
+                            value: x,
+                            baseline: json!({"value": *value, "readings": *count}),
+                            score: *count as f64,
+                            threshold: readings.map_or(f64::NAN, |r| r as f64),
+                            held_us: held,
+                        });
+                    }
+                }
+            }
+        }
+        (DetectorKind::Silent { after }, State::Silent { fired }) => {
+            // A gap longer than `after` found by the reading that ends it: the same alert
+            // the watermark raises when it passes first.
+            if *fired {
+                *fired = false;
+            } else if !first && ts > s.last + after && s.n >= d.warmup.max(1) {
+                hit = Some(Hit {
+                    at: s.last + after,
+                    value: f64::NAN,
+                    baseline: json!({"last_seen": fmt_us(s.last)}),
+                    score: (ts - s.last) as f64 / 1e6,
+                    threshold: *after as f64 / 1e6,
+                    held_us: *after,
+                });
+            }
+        }
+        (DetectorKind::Rate { max_per_second }, State::Rate { prev, since }) => {
+            if let Some((t0, x0)) = *prev
+                && ts > t0
+            {
+                let rate = (x - x0).abs() / ((ts - t0) as f64 / 1e6);
+                if rate > *max_per_second {
+                    if since.is_none() && warm {
+                        hit = Some(Hit {
+                            at: ts,
+                            value: x,
+                            baseline: json!({"previous": x0, "seconds": (ts - t0) as f64 / 1e6}),
+                            score: rate,
+                            threshold: *max_per_second,
+                            held_us: 0,
+                        });
+                    }
+                    since.get_or_insert(ts);
+                } else {
+                    *since = None;
+                }
+            }
+            if prev.is_none_or(|(t0, _)| ts >= t0) {
+                *prev = Some((ts, x));
+            }
+        }
+        _ => unreachable!("a series' state matches its rule's kind"),
+    }
+    s.n += 1;
+    s.last = s.last.max(ts);
+    let hit = hit.filter(|h| !cooling(d, s, h.at));
+    if let Some(h) = &hit {
+        s.alerted = Some(h.at);
+    }
+    hit
+}
+
+/// Median and scaled MAD (1.4826 × MAD; the mean absolute deviation × 1.2533 when more
+/// than half the readings are equal, so that a quantised sensor still has a scale).
+fn median_scale(recent: &VecDeque<f64>) -> (f64, f64) {
+    let mut v: Vec<f64> = recent.iter().copied().collect();
+    let median = median_of(&mut v);
+    let mut dev: Vec<f64> = recent.iter().map(|x| (x - median).abs()).collect();
+    let mad = median_of(&mut dev);
+    if mad > 0.0 {
+        return (median, 1.4826 * mad);
+    }
+    let mean_ad = dev.iter().sum::<f64>() / dev.len() as f64;
+    (median, 1.2533 * mean_ad)
+}
+
+fn median_of(v: &mut [f64]) -> f64 {
+    let n = v.len();
+    let mid = n / 2;
+    let (_, m, _) = v.select_nth_unstable_by(mid, f64::total_cmp);
+    let m = *m;
+    if n % 2 == 1 {
+        m
+    } else {
+        let lower = v[..mid].iter().copied().fold(f64::MIN, f64::max);
+        (lower + m) / 2.0
+    }
+}
+
+fn utf8(batch: &RecordBatch, col: &str) -> StringArray {
+    let c = batch.column_by_name(col).expect("validated column");
+    cast(c, &DataType::Utf8)
+        .expect("any column casts to text")
+        .as_string::<i32>()
+        .clone()
+}
+
+fn series_json<'a>(
+    key: &str,
+    device: &str,
+    by: &[String],
+    values: impl Iterator<Item = &'a str>,
+) -> Value {
+    let mut m = serde_json::Map::new();
+    m.insert(key.to_string(), json!(device));
+    for (c, v) in by.iter().zip(values) {
+        m.insert(c.clone(), json!(v));
+    }
+    Value::Object(m)
+}
+
+fn number(x: f64) -> Value {
+    serde_json::Number::from_f64(x).map_or(Value::Null, Value::Number)
+}
+
+fn detail(
+    key: &str,
+    device: &str,
+    by_names: &[String],
+    by: &[StringArray],
+    row: usize,
+    h: Hit,
+) -> String {
+    let series = series_json(
+        key,
+        device,
+        by_names,
+        by.iter()
+            .map(|b| if b.is_null(row) { "" } else { b.value(row) }),
+    );
+    if h.value.is_nan() && h.baseline.get("last_seen").is_some() {
+        return silent_detail(series, h.at - h.held_us, h.held_us);
+    }
+    json!({
+        "series": series,
+        "value": number(h.value),
+        "baseline": h.baseline,
+        "score": number(h.score),
+        "threshold": number(h.threshold),
+        "held_for_s": h.held_us as f64 / 1e6,
+    })
+    .to_string()
+}
+
+/// The same row whether the watermark or the next reading found the silence.
+fn silent_detail(series: Value, last: i64, after: i64) -> String {
+    json!({
+        "series": series,
+        "value": Value::Null,
+        "baseline": {"last_seen": fmt_us(last)},
+        "score": Value::Null,
+        "threshold": after as f64 / 1e6,
+        "held_for_s": after as f64 / 1e6,
+    })
+    .to_string()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,385 @@
+use super::*;
+use crate::config::Detector;
+
+const S: i64 = 1_000_000;
+
+fn detector(kind: DetectorKind, warmup: u64, cooldown: i64) -> Detector {
+    Detector {
+        kind,
+        value: Some("v".into()),
+        filter: None,
+        by: Vec::new(),
+        warmup,
+        cooldown,
+    }
+}
+
+/// Feeds `xs` (one reading per second from t = 0) through one series; returns the indexes
+/// of the readings that alerted, with their alerts.
+fn run(d: &Detector, xs: &[f64]) -> Vec<(usize, Hit)> {
+    let mut s = Series::new(&d.kind, 0);
+    xs.iter()
+        .enumerate()
+        .filter_map(|(i, &x)| step(d, &mut s, i as i64 * S, x).map(|h| (i, h)))
+        .collect()
+}
+
+fn at(hits: &[(usize, Hit)]) -> Vec<usize> {
+    hits.iter().map(|(i, _)| *i).collect()
+}
+
+/// Seeded noise in [-1, 1) with a period no test reaches.
+fn noise(n: usize, seed: u64) -> Vec<f64> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    (0..n).map(|_| rng.f64() * 2.0 - 1.0).collect()
+}
+
+fn zscore() -> DetectorKind {
+    DetectorKind::Zscore {
+        half_life: 50.0,
+        threshold: 6.0,
+    }
+}
+
+#[test]
+fn zscore_fires_on_a_spike_once_and_not_on_noise() {
+    let mut xs: Vec<f64> = noise(400, 1).iter().map(|n| 100.0 + n).collect();
+    xs[200] = 130.0;
+    let hits = run(&detector(zscore(), 30, 0), &xs);
+    assert_eq!(at(&hits), vec![200]);
+    let h = &hits[0].1;
+    assert_eq!(h.value, 130.0);
+    assert!(h.score > 6.0 && h.threshold == 6.0, "{h:?}");
+    let mean = h.baseline["mean"].as_f64().unwrap();
+    assert!((mean - 100.0).abs() < 0.5, "{h:?}");
+    // The spike was clipped into the baseline: a second one soon after is found too.
+    xs[210] = 130.0;
+    assert_eq!(at(&run(&detector(zscore(), 30, 0), &xs)), vec![200, 210]);
+}
+
+#[test]
+fn zscore_respects_warmup_and_cooldown() {
+    let mut xs: Vec<f64> = noise(400, 2).iter().map(|n| 100.0 + n).collect();
+    xs[20] = 150.0;
+    xs[200] = 150.0;
+    xs[230] = 150.0;
+    // Warm-up 30: the spike at 20 does not alert (it still teaches the baseline, clipped).
+    assert_eq!(at(&run(&detector(zscore(), 30, 0), &xs)), vec![200, 230]);
+    // Cooldown 60 s: the spike 30 s after an alert is held back.
+    assert_eq!(at(&run(&detector(zscore(), 30, 60 * S), &xs)), vec![200]);
+    // Without warm-up the early spike alerts (and so do the first readings, whose baseline
+    // is two or three readings: what the warm-up is for).
+    assert!(at(&run(&detector(zscore(), 0, 0), &xs)).contains(&20));
+}
+
+#[test]
+fn zscore_alerts_once_for_a_level_shift_then_learns_the_new_level() {
+    let xs: Vec<f64> = noise(1200, 3)
+        .iter()
+        .enumerate()
+        .map(|(i, n)| if i < 300 { 100.0 + n } else { 120.0 + n })
+        .collect();
+    assert_eq!(at(&run(&detector(zscore(), 30, 0), &xs)), vec![300]);
+}
+
+#[test]
+fn mad_ignores_outliers_in_its_baseline() {
+    let mut xs: Vec<f64> = noise(300, 4).iter().map(|n| 50.0 + n).collect();
+    // A burst of outliers inside the window does not hide the next one (it would for a
+    // mean and standard deviation over the same readings).
+    for i in [100, 104, 108] {
+        xs[i] = 90.0;
+    }
+    let d = detector(
+        DetectorKind::Mad {
+            window: 60,
+            threshold: 7.0,
+        },
+        30,
+        0,
+    );
+    let hits = run(&d, &xs);
+    assert_eq!(at(&hits), vec![100, 104, 108]);
+    let median = hits[0].1.baseline["median"].as_f64().unwrap();
+    assert!((median - 50.0).abs() < 0.3, "{:?}", hits[0].1);
+    // A quantised sensor (most readings equal) still has a scale.
+    let mut q: Vec<f64> = (0..200)
+        .map(|i| if i % 7 == 0 { 11.0 } else { 10.0 })
+        .collect();
+    q[150] = 30.0;
+    assert_eq!(at(&run(&d, &q)), vec![150]);
+}
+
+#[test]
+fn cusum_finds_a_drift_the_zscore_does_not() {
+    // 0.02 standard deviations of the noise per reading from 300 on.
+    let xs: Vec<f64> = noise(800, 5)
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            100.0
+                + n
+                + if i >= 300 {
+                    (i - 300) as f64 * 0.01
+                } else {
+                    0.0
+                }
+        })
+        .collect();
+    let cusum = detector(DetectorKind::Cusum { k: 0.5, h: 10.0 }, 30, 0);
+    let hits = run(&cusum, &xs);
+    let first = hits.first().expect("the drift is found").0;
+    assert!((300..500).contains(&first), "found at {first}");
+    assert_eq!(hits[0].1.baseline["direction"], "up");
+    assert!(hits[0].1.held_us > 0);
+    assert!(run(&detector(zscore(), 30, 0), &xs).is_empty());
+    // No drift, no alert.
+    let flat: Vec<f64> = noise(800, 6).iter().map(|n| 100.0 + n).collect();
+    assert!(run(&cusum, &flat).is_empty());
+}
+
+#[test]
+fn cusum_alerts_once_for_a_shift_down() {
+    let xs: Vec<f64> = noise(800, 7)
+        .iter()
+        .enumerate()
+        .map(|(i, n)| if i < 400 { 100.0 + n } else { 97.0 + n })
+        .collect();
+    let hits = run(
+        &detector(DetectorKind::Cusum { k: 0.5, h: 10.0 }, 30, 0),
+        &xs,
+    );
+    assert_eq!(at(&hits).len(), 1, "{:?}", at(&hits));
+    assert!((400..420).contains(&hits[0].0));
+    assert_eq!(hits[0].1.baseline["direction"], "down");
+}
+
+#[test]
+fn stuck_fires_once_per_episode_by_count_or_time() {
+    let mut xs: Vec<f64> = noise(200, 8).iter().map(|n| 20.0 + n).collect();
+    for x in &mut xs[50..90] {
+        *x = 21.5;
+    }
+    let by_count = detector(
+        DetectorKind::Stuck {
+            duration: None,
+            readings: Some(30),
+            epsilon: 0.0,
+        },
+        0,
+        0,
+    );
+    let hits = run(&by_count, &xs);
+    assert_eq!(at(&hits), vec![79]);
+    assert_eq!(hits[0].1.held_us, 29 * S);
+    let by_time = detector(
+        DetectorKind::Stuck {
+            duration: Some(10 * S),
+            readings: None,
+            epsilon: 0.0,
+        },
+        0,
+        0,
+    );
+    assert_eq!(at(&run(&by_time, &xs)), vec![60]);
+    // Changes within epsilon count as stuck; noise of ±1 is not.
+    let loose = detector(
+        DetectorKind::Stuck {
+            duration: None,
+            readings: Some(30),
+            epsilon: 2.5,
+        },
+        0,
+        0,
+    );
+    assert!(!run(&loose, &xs).is_empty());
+    assert!(run(&by_count, &noise(300, 9)).is_empty());
+}
+
+#[test]
+fn rate_fires_when_the_change_per_second_is_too_fast() {
+    let mut xs: Vec<f64> = (0..100).map(|i| i as f64 * 0.5).collect();
+    for (j, x) in xs[60..66].iter_mut().enumerate() {
+        *x += (j + 1) as f64 * 10.0;
+    }
+    let d = detector(
+        DetectorKind::Rate {
+            max_per_second: 5.0,
+        },
+        0,
+        0,
+    );
+    let hits = run(&d, &xs);
+    // Enters at 60 and stays over through the climb and the fall back at 66: one alert.
+    assert_eq!(at(&hits), vec![60]);
+    assert!((hits[0].1.score - 10.5).abs() < 1e-9, "{:?}", hits[0].1);
+}
+
+fn batch(rows: &[(&str, i64, f64)]) -> RecordBatch {
+    use arrow::array::{Float64Array, TimestampMicrosecondArray};
+    use arrow::datatypes::{Field, Schema};
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("device_id", DataType::Utf8, false),
+        Field::new("ts", super::super::sql::ts_type(), false),
+        Field::new("v", DataType::Float64, true),
+    ]));
+    RecordBatch::try_new(
+        schema,
+        vec![
+            Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0))),
+            Arc::new(
+                TimestampMicrosecondArray::from_iter_values(rows.iter().map(|r| r.1))
+                    .with_timezone("UTC"),
+            ),
+            Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.2))),
+        ],
+    )
+    .unwrap()
+}
+
+fn rules(kinds: Vec<(&str, DetectorKind)>) -> Vec<DetectRule> {
+    use datafusion::physical_expr::expressions::Column;
+    kinds
+        .into_iter()
+        .map(|(name, kind)| {
+            let silent = matches!(kind, DetectorKind::Silent { .. });
+            DetectRule {
+                name: name.into(),
+                detector: Detector {
+                    value: (!silent).then(|| "v".into()),
+                    ..detector(kind, 0, 0)
+                },
+                value: (!silent).then(|| {
+                    Arc::new(Column::new("v", 2))
+                        as Arc<dyn datafusion::physical_plan::PhysicalExpr>
+                }),
+                filter: None,
+            }
+        })
+        .collect()
+}
+
+fn silent() -> DetectorKind {
+    DetectorKind::Silent { after: 60 * S }
+}
+
+#[test]
+fn silent_is_judged_by_the_watermark_and_found_the_same_by_a_late_reading() {
+    let mut d = Detectors::new(rules(vec![("quiet", silent())]), Some("device_id"), 100).unwrap();
+    let shard: Arc<str> = "s0".into();
+    let rows: Vec<(&str, i64, f64)> = (0..10)
+        .flat_map(|t| [("a", t * 10 * S, 1.0), ("b", t * 10 * S, 1.0)])
+        .collect();
+    assert!(d.observe(&shard, &batch(&rows), 1).is_empty());
+    // Both last reported at 90 s: due at 150 s. A watermark at 150 s is not past it.
+    assert!(d.watermark(150 * S).is_empty());
+    // `b` goes on, `a` does not.
+    let more: Vec<(&str, i64, f64)> = (10..30).map(|t| ("b", t * 10 * S, 1.0)).collect();
+    assert!(d.observe(&shard, &batch(&more), 1).is_empty());
+    let raised = d.watermark(151 * S);
+    assert_eq!(raised.len(), 1, "{raised:?}");
+    assert_eq!(
+        (raised[0].key.as_str(), raised[0].event_time),
+        ("a", 150 * S)
+    );
+    assert!(
+        d.watermark(400 * S).len() == 1,
+        "b is silent by then, a not again"
+    );
+    // The same silence found by the reading that ends it, without the watermark: the same row.
+    let mut e = Detectors::new(rules(vec![("quiet", silent())]), Some("device_id"), 100).unwrap();
+    e.observe(&shard, &batch(&rows), 1);
+    let late = e.observe(&shard, &batch(&[("a", 500 * S, 1.0)]), 1);
+    assert_eq!(late.len(), 1);
+    assert_eq!(late[0].event_time, raised[0].event_time);
+    assert_eq!(late[0].detail, raised[0].detail);
+    // After reporting again, `a` can be silent again.
+    assert!(
+        e.watermark(561 * S)
+            .iter()
+            .any(|r| r.key == "a" && r.event_time == 560 * S)
+    );
+}
+
+#[test]
+fn a_restored_snapshot_goes_on_exactly_like_the_uninterrupted_state() {
+    let kinds = || {
+        rules(vec![
+            ("z", zscore()),
+            (
+                "m",
+                DetectorKind::Mad {
+                    window: 20,
+                    threshold: 7.0,
+                },
+            ),
+            ("c", DetectorKind::Cusum { k: 0.5, h: 10.0 }),
+            (
+                "st",
+                DetectorKind::Stuck {
+                    duration: None,
+                    readings: Some(5),
+                    epsilon: 0.0,
+                },
+            ),
+            ("q", silent()),
+            (
+                "r",
+                DetectorKind::Rate {
+                    max_per_second: 3.0,
+                },
+            ),
+        ])
+    };
+    let n = noise(600, 10);
+    let rows: Vec<(String, i64, f64)> = (0..600)
+        .map(|i| {
+            let x = 10.0
+                + n[i]
+                + if i % 97 == 0 { 40.0 } else { 0.0 }
+                + if i > 400 { 3.0 } else { 0.0 };
+            (format!("d{}", i % 3), i as i64 * S, x)
+        })
+        .collect();
+    let rows: Vec<(&str, i64, f64)> = rows.iter().map(|(d, t, x)| (d.as_str(), *t, *x)).collect();
+    let shard: Arc<str> = "shardId-000000000001".into();
+    let mut whole = Detectors::new(kinds(), Some("device_id"), 100).unwrap();
+    let a = whole.observe(&shard, &batch(&rows), 1);
+    let mut first = Detectors::new(kinds(), Some("device_id"), 100).unwrap();
+    let mut b = first.observe(&shard, &batch(&rows[..250]), 1);
+    let snap = first.snapshots();
+    assert_eq!(snap.len(), 1);
+    assert!(first.snapshots().is_empty(), "nothing changed since");
+    let mut second = Detectors::new(kinds(), Some("device_id"), 100).unwrap();
+    second.restore(shard.clone(), &snap[0].1).unwrap();
+    b.extend(second.observe(&shard, &batch(&rows[250..]), 1));
+    assert!(a.len() > 5, "{a:?}");
+    let order = |v: &mut Vec<Raised>| {
+        v.sort_by(|x, y| (x.event_time, x.rule, &x.key).cmp(&(y.event_time, y.rule, &y.key)))
+    };
+    let (mut a, mut b) = (a, b);
+    order(&mut a);
+    order(&mut b);
+    assert_eq!(a, b);
+    // A damaged snapshot is an error, not a fresh start.
+    assert!(second.restore(shard, b"not zstd").is_err());
+}
+
+#[test]
+fn the_series_bound_forgets_the_least_recently_seen() {
+    let mut d = Detectors::new(rules(vec![("z", zscore())]), Some("device_id"), 1000).unwrap();
+    let shard: Arc<str> = "s".into();
+    let names: Vec<String> = (0..5000).map(|i| format!("dev-{i}")).collect();
+    for chunk in names.chunks(100) {
+        let rows: Vec<(&str, i64, f64)> = chunk.iter().map(|k| (k.as_str(), 0, 1.0)).collect();
+        d.observe(&shard, &batch(&rows), 1);
+        assert!(d.len() <= 1000, "{}", d.len());
+        // One device keeps reporting: it is never the least recently seen.
+        d.observe(&shard, &batch(&[("keeper", 0, 1.0)]), 1);
+    }
+    assert!(d.len() <= 1000 && d.len() >= 900, "{}", d.len());
+    assert!(d.shards["s"].series[0].contains_key("keeper"));
+    assert!(d.shards["s"].series[0].contains_key("dev-4999"));
+    assert!(!d.shards["s"].series[0].contains_key("dev-0"));
+    assert_eq!(d.take_evicted() as usize, 5001 - d.len());
+}

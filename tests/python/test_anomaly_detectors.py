@@ -1,0 +1,185 @@
+"""Detectors that learn each device (`alerts[].detect`), run as a user runs them: the agent's
+simulator writes the local stream, `shardlake run --drain` reads it, DuckDB reads the alerts.
+
+- After ten or more SIGKILLs and failpoint aborts, the alerts table equals a clean run's on
+  the same stream, row for row (the detectors' state is in every commit's snapshot).
+- `silent` waits for a lagging shard instead of calling the whole fleet silent, and still
+  finds the one device that stopped while the others went on.
+- `limits.detector_series` bounds what a flood of new device ids can make a worker hold.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from crash import crash_runs, simulator_extension
+import pyarrow as pa
+
+from harness import check_run, pipeline_env, run_log, simulate, write_test_pipeline
+from lake import duck, inprogress_files, lake_source
+
+DETECTORS = """
+  - name: pressure_z
+    detect: {kind: zscore, value: pressure_psi}
+  - name: pressure_mad
+    detect: {kind: mad, value: pressure_psi, where: "status = 'ok'"}
+  - name: pressure_shift
+    detect: {kind: cusum, value: pressure_psi}
+  - name: pressure_climb
+    detect: {kind: rate, value: pressure_psi, max_per_second: 2000, cooldown: 1m}
+  - name: temp_stuck
+    detect: {kind: stuck, value: temp_c, readings: 8, epsilon: 0.2}
+  - name: quiet
+    detect: {kind: silent, after: 5m}
+"""
+
+
+def detector_pipeline(dest: Path, rules: str = DETECTORS, extra: str = "", **kw) -> Path:
+    """The shipped pipeline, with these detector rules added to its alert rules."""
+    path = write_test_pipeline(dest, **kw)
+    text = path.read_text()
+    assert text.count("\nalerts:\n") == 1
+    text = text.replace("\nalerts:\n", "\nalerts:\n" + rules.lstrip("\n"), 1)
+    path.write_text(text + extra)
+    return path
+
+
+def alerts(con, lake: Path) -> list[tuple]:
+    src = lake_source(lake, "alerts")
+    if src is None:
+        return []
+    return con.execute(f"SELECT rule, kind, epoch_us(event_time), key, detail FROM {src} "
+                       "ORDER BY ALL").fetchall()
+
+
+def snapshots(lake: Path) -> list[Path]:
+    return sorted((lake / "_state").rglob("state-*.json.zst"))
+
+
+def test_detector_alerts_after_ten_crashes_equal_a_clean_run(tmp_path, agent_bin, shardlake_bin,
+                                                             capsys):
+    crashed, clean = tmp_path / "crashed", tmp_path / "clean"
+    crashed.mkdir()
+    simulate(agent_bin, crashed, shards=4, devices=60, readings=600, seed=7, spikes=40,
+             malformed=5)
+    # Ten minutes later the wells go on: every well was silent for longer than `after`.
+    more = simulator_extension(agent_bin, crashed, shards=4, devices=60, after=600,
+                               readings=600, seed=7)
+    valid = 60 * 600 + more()
+    pipeline = detector_pipeline(tmp_path / "detect.yaml", max_bytes="1MiB", max_age="1s")
+    lake = crashed / "lake"
+    con = duck()
+    crashes = crash_runs(shardlake_bin, pipeline, crashed, con, lake, valid=valid, seed=26,
+                         staged=lambda: f"{len(inprogress_files(lake))} files", extend=more)
+    check_run([str(shardlake_bin), "run", str(pipeline), "--drain"],
+              env=pipeline_env(crashed), timeout=300)
+
+    clean.mkdir()
+    shutil.copytree(crashed / "stream", clean / "stream")
+    started = time.monotonic()
+    proc = check_run([str(shardlake_bin), "run", str(pipeline), "--drain"],
+                     env=pipeline_env(clean), timeout=300)
+    took = time.monotonic() - started
+    want = alerts(con, clean / "lake")
+    got = alerts(con, lake)
+    kinds = {}
+    for rule, kind, *_ in want:
+        kinds[kind] = kinds.get(kind, 0) + 1
+    with capsys.disabled():
+        print(f"\n[detectors] {crashes.report()}\n  clean run {took:.1f}s, alerts by kind: {kinds}")
+    assert crashes.kills >= 10
+    # Every detector had something to find, so the comparison compares something.
+    assert {"zscore", "mad", "cusum", "rate", "stuck", "silent"} <= set(kinds), kinds
+    # 60 wells were silent once in each 10-minute gap: the first, and each extension's.
+    assert sum(1 for a in want if a[0] == "quiet") == 60 * (1 + crashes.extensions)
+    missing = sorted(set(want) - set(got))[:5]
+    extra = sorted(set(got) - set(want))[:5]
+    assert got == want, f"{len(got)} vs {len(want)} alerts; missing {missing}; extra {extra}"
+
+    # An alert explains itself.
+    z = next(json.loads(a[4]) for a in want if a[1] == "zscore")
+    assert set(z) == {"series", "value", "baseline", "score", "threshold", "held_for_s"}, z
+    assert z["score"] > z["threshold"] == 6 and set(z["baseline"]) == {"mean", "std"}, z
+    # The clean run leaves one snapshot per shard; the checkpoint names each one it keeps.
+    assert len(snapshots(clean / "lake")) == 4, snapshots(clean / "lake")
+    assert any(e.get("message") == "run finished" and e.get("alerts") == len(want)
+               for e in run_log(proc))
+    checkpoint = json.loads((crashed / "state" / "well-telemetry" / "checkpoint.json").read_text())
+    named = {cp["detectors"] for cp in checkpoint["committed"]["shards"].values()}
+    assert len(named) == 4 and all((lake / key).is_file() for key in named), named
+
+
+def write_stream(where: Path, shards: list[list[dict]]) -> None:
+    """A local stream with these records on these shards (appended to what is there)."""
+    where.mkdir(parents=True, exist_ok=True)
+    (where / "stream.json").write_text(json.dumps({"shards": len(shards)}))
+    for i, records in enumerate(shards):
+        with open(where / f"shardId-{i:012}.ndjson", "a") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+
+
+def readings(device: str, minutes: range, seq0: int = 0) -> list[dict]:
+    """One reading every 10 s for these minutes of 2026-01-05 10:00 UTC on."""
+    out = []
+    for n, s in enumerate(range(minutes.start * 60, minutes.stop * 60, 10)):
+        out.append({"device_id": device, "tenant": "acme", "seq": seq0 + n + 1,
+                    "ts": f"2026-01-05T{10 + s // 3600:02}:{s // 60 % 60:02}:{s % 60:02}Z",
+                    "pressure_psi": 2000.0 + n % 7, "temp_c": 60.0 + n % 5, "status": "ok"})
+    return out
+
+
+def test_silent_waits_for_a_lagging_shard_and_finds_the_one_that_stopped(tmp_path, shardlake_bin):
+    rule = "\n  - name: quiet\n    detect: {kind: silent, after: 5m}\n"
+    pipeline = detector_pipeline(tmp_path / "silent.yaml", rules=rule, max_bytes="1MiB",
+                                 max_age="1s")
+    # Shard 0 lags: its wells have sent 10 minutes while shard 1's went on for an hour, except
+    # well-stop, which stopped at minute 20.
+    lagging = [readings(f"lag-{i}", range(0, 10)) for i in range(3)]
+    ahead = [readings(f"run-{i}", range(0, 60)) for i in range(3)] + [
+        readings("well-stop", range(0, 20))]
+    write_stream(tmp_path / "stream", [sum(lagging, []), sum(ahead, [])])
+    con = duck()
+    env = pipeline_env(tmp_path)
+    check_run([str(shardlake_bin), "run", str(pipeline), "--drain"], env=env, timeout=120)
+    # The watermark waits for shard 0: nobody is silent yet, although shard 1 is 50 minutes on.
+    assert alerts(con, tmp_path / "lake") == []
+
+    # Shard 0 catches up: only the well that stopped is silent, at its last reading + 5 min.
+    caught_up = [readings(f"lag-{i}", range(10, 60), seq0=60) for i in range(3)]
+    write_stream(tmp_path / "stream", [sum(caught_up, []), []])
+    check_run([str(shardlake_bin), "run", str(pipeline), "--drain"], env=env, timeout=120)
+    got = alerts(con, tmp_path / "lake")
+    assert [(r, k, key) for r, k, _, key, _ in got] == [("quiet", "silent", "well-stop")], got
+    last_seen_us = (1767607200 + 19 * 60 + 50) * 1_000_000  # 10:19:50
+    assert got[0][2] == last_seen_us + 300 * 1_000_000
+    detail = json.loads(got[0][4])
+    assert detail["baseline"]["last_seen"].startswith("2026-01-05T10:19:50"), detail
+
+
+def test_a_flood_of_new_devices_stays_within_the_series_bound(tmp_path, agent_bin, shardlake_bin):
+    simulate(agent_bin, tmp_path, shards=2, devices=20_000, readings=3, seed=3, spikes=0,
+             malformed=0)
+    rule = "\n  - name: pressure_z\n    detect: {kind: zscore, value: pressure_psi}\n"
+    bounded = detector_pipeline(tmp_path / "bounded.yaml", rules=rule, max_bytes="64MiB",
+                                max_age="5m", extra="limits: {detector_series: 5000}\n")
+    proc = check_run([str(shardlake_bin), "run", str(bounded), "--drain"],
+                     env=pipeline_env(tmp_path), timeout=300)
+    summary = next(e for e in run_log(proc) if e.get("message") == "run finished")
+    # 20,000 series, each well's readings 20,000 records apart: every well is forgotten
+    # before its next reading comes, and starts again.
+    evicted = summary["detector_series_evicted"]
+    # Each shard's snapshot holds what it kept: together no more than the bound.
+    kept = 0
+    for snap in snapshots(tmp_path / "lake"):
+        with pa.input_stream(str(snap), compression="zstd") as f:
+            state = json.loads(f.read())
+        kept += sum(len(r["series"]) for r in state["rules"].values())
+    # At most 5,000 kept (a flood evicts down to 1% below the bound at once); every other
+    # series made was forgotten, and no more series were made than readings.
+    assert 4_950 <= kept <= 5_000, kept
+    assert 20_000 <= evicted + kept <= 60_000, (evicted, kept)
+    assert evicted >= 15_000, evicted
