@@ -128,7 +128,7 @@ fn plan_anomalies(cfg: &SimConfig) -> Vec<Option<Anomaly>> {
     rng.shuffle(&mut wells);
     let count = (cfg.anomalies * ANOMALY_KINDS.len()).min(cfg.devices);
     // Warm-up: no anomaly in the first fifth of a run (at most 300 readings).
-    let margin = (r / 5).min(300).max(1);
+    let margin = (r / 5).clamp(1, 300);
     for (j, &d) in wells.iter().take(count).enumerate() {
         let kind = j % ANOMALY_KINDS.len();
         let sign = if rng.bool() { 1.0 } else { -1.0 };
