@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use shardlake::agent::config as agent_config;
-use shardlake::agent::sim::{SimConfig, simulate};
+use shardlake::agent::sim::{Label, SimConfig, simulate};
 use shardlake::config::process_env;
 use shardlake::localstream::{self, LocalStreamWriter};
 
@@ -70,6 +70,20 @@ enum Command {
         malformed: usize,
         #[arg(long, default_value_t = 42)]
         seed: u64,
+        /// Gaussian noise of each well's own level (3 to 25 psi) instead of the same uniform
+        /// noise on every well.
+        #[arg(long)]
+        well_noise: bool,
+        /// A 24 h cycle on pressure and temperature (implies --well-noise).
+        #[arg(long)]
+        diurnal: bool,
+        /// Labelled anomalies of each kind (spike, level_shift, drift, stuck, dropout,
+        /// noise_burst), each on a well of its own (implies --well-noise).
+        #[arg(long, default_value_t = 0)]
+        anomalies: usize,
+        /// Write the injected anomalies here, one JSON object a line.
+        #[arg(long)]
+        labels: Option<PathBuf>,
     },
 }
 
@@ -171,6 +185,10 @@ fn simulate_command(command: Command) -> ExitCode {
         spikes,
         malformed,
         seed,
+        well_noise,
+        diurnal,
+        anomalies,
+        labels,
     } = command
     else {
         unreachable!("only called for simulate")
@@ -197,11 +215,18 @@ fn simulate_command(command: Command) -> ExitCode {
         spikes,
         malformed,
         seed,
+        well_noise,
+        diurnal,
+        anomalies,
         ..Default::default()
     };
     let result = localstream::create(&stream, shards)
         .and_then(|_| LocalStreamWriter::open(&stream))
         .and_then(|mut w| simulate(&cfg, &mut w));
+    let result = result.and_then(|s| match &labels {
+        Some(path) => write_labels(path, &s.labels).map(|_| s),
+        None => Ok(s),
+    });
     match result {
         Ok(s) => {
             println!(
@@ -215,4 +240,20 @@ fn simulate_command(command: Command) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn write_labels(path: &std::path::Path, labels: &[Label]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out =
+        std::io::BufWriter::new(std::fs::File::create(path).map_err(|e| {
+            std::io::Error::new(e.kind(), format!("--labels {}: {e}", path.display()))
+        })?);
+    for l in labels {
+        writeln!(
+            out,
+            "{}",
+            serde_json::to_string(l).expect("a label serializes")
+        )?;
+    }
+    out.flush()
 }
