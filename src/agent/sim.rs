@@ -673,18 +673,14 @@ mod tests {
                 }
                 "stuck" => {
                     assert!(inside.len() >= 60, "{l:?}");
-                    let first = inside[0]["pressure_psi"].to_string();
-                    assert!(
-                        inside
-                            .iter()
-                            .all(|r| r["pressure_psi"].to_string() == first)
-                    );
+                    let first = &inside[0]["pressure_psi"];
+                    assert!(inside.iter().all(|r| &r["pressure_psi"] == first));
                     // Before and after, the gauge moves.
                     let next = series(&rows, &l.device_id)
                         .into_iter()
                         .find(|r| r["seq"].as_u64().unwrap() == l.end_seq + 1)
                         .unwrap();
-                    assert_ne!(next["pressure_psi"].to_string(), first);
+                    assert_ne!(&next["pressure_psi"], first);
                 }
                 "spike" => {
                     assert_eq!(inside.len(), 1);

@@ -200,6 +200,10 @@ impl Detectors {
         self.len
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
     /// Whether the shard's state is here (restored or started).
     pub fn has(&self, shard: &str) -> bool {
         self.shards.contains_key(shard)
