@@ -108,6 +108,8 @@ pub struct Engine {
     alerts: OutputWriter,
     /// `None` without `detect:` rules.
     detect: Option<Detectors>,
+    /// Shards added whose detector state is not read back yet.
+    unrestored: Vec<Arc<str>>,
     event_field: usize,
     key_field: Option<String>,
     /// Wall clock of the oldest uncommitted read.
@@ -172,6 +174,7 @@ impl Engine {
         );
         Ok(Self {
             detect,
+            unrestored: Vec::new(),
             raw: match &p.outputs.raw {
                 Some(name) => Some(writer(name, &event_name, Table::Records)?),
                 None => None,
@@ -242,6 +245,9 @@ impl Engine {
         // A shard that must re-read records for open windows holds the watermark until it has:
         // counting its restored newest event time would close those windows before their
         // records are back (they would then be neither counted nor late).
+        if self.detect.is_some() {
+            self.unrestored.push(shard.clone());
+        }
         let replaying = from < cp.records;
         let restored = if replaying { None } else { cp.max_event_time };
         self.watermark.add_shard(shard.clone(), restored);
@@ -343,7 +349,7 @@ impl Engine {
         self.run_rules(&rules, "record", &fresh, event_field, now)
             .await?;
         if self.detect.is_some() {
-            self.restore_detectors(&d.shard).await?;
+            self.restore_detectors().await?;
             let detect = self.detect.as_mut().expect("checked");
             let raised = detect.observe(&d.shard, &fresh, event_field);
             self.raise(raised, now).await?;
@@ -435,20 +441,25 @@ impl Engine {
             self.aggs[i].emitted(hi);
         }
         if let (Some(wm), Some(_)) = (wm, &self.detect) {
-            // A shard with nothing new since its checkpoint still has series that can go
-            // silent: every shard's state is here before the watermark judges them.
-            let shards: Vec<Arc<str>> = self.shards.keys().cloned().collect();
-            for shard in &shards {
-                self.restore_detectors(shard).await?;
-            }
+            self.restore_detectors().await?;
             let raised = self.detect.as_mut().expect("checked").watermark(wm);
             self.raise(raised, now).await?;
         }
         Ok(())
     }
 
-    /// Reads the shard's detector state from the snapshot its checkpoint names, once.
-    async fn restore_detectors(&mut self, shard: &Arc<str>) -> Result<(), EngineError> {
+    /// Reads the detector state of every shard added since the last call from the snapshot
+    /// its checkpoint names. A shard with nothing new since its checkpoint still has series
+    /// that can go silent, so this runs before records are observed and before the
+    /// watermark judges them.
+    async fn restore_detectors(&mut self) -> Result<(), EngineError> {
+        while let Some(shard) = self.unrestored.pop() {
+            self.restore_shard_detectors(&shard).await?;
+        }
+        Ok(())
+    }
+
+    async fn restore_shard_detectors(&mut self, shard: &Arc<str>) -> Result<(), EngineError> {
         let Some(detect) = self.detect.as_mut() else {
             return Ok(());
         };

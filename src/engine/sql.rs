@@ -331,19 +331,13 @@ fn numeric(
     schema: &SchemaRef,
     sql: &str,
 ) -> Result<Arc<dyn PhysicalExpr>, String> {
-    let df_schema = DFSchema::try_from(schema.as_ref().clone()).map_err(|e| first_line(&e))?;
-    let expr = ctx
-        .parse_sql_expr(sql, &df_schema)
-        .map_err(|e| format!("the value does not parse: {}", first_line(&e)))?;
-    let ty = expr
-        .get_type(&df_schema)
-        .map_err(|e| format!("the value does not plan: {}", first_line(&e)))?;
-    if !ty.is_numeric() {
-        return Err(format!("the value is of type {ty}, not a number"));
-    }
-    let expr = datafusion::logical_expr::cast(expr, DataType::Float64);
-    ctx.create_physical_expr(expr, &df_schema)
-        .map_err(|e| format!("the value does not plan: {}", first_line(&e)))
+    plan_expr(ctx, schema, sql, "value", |ty| {
+        if ty.is_numeric() {
+            Ok(Some(DataType::Float64))
+        } else {
+            Err(format!("the value is of type {ty}, not a number"))
+        }
+    })
 }
 
 /// A schema's column names, for a fix that lists them.
@@ -591,18 +585,37 @@ fn predicate(
     schema: &SchemaRef,
     sql: &str,
 ) -> Result<Arc<dyn PhysicalExpr>, String> {
+    plan_expr(ctx, schema, sql, "condition", |ty| {
+        if *ty == DataType::Boolean {
+            Ok(None)
+        } else {
+            Err(format!("the condition is of type {ty}, not boolean"))
+        }
+    })
+}
+
+/// Parses and plans a SQL expression over `schema`; `check` says whether its type will do
+/// and what to cast it to. `what` names it in the errors ("condition", "value").
+fn plan_expr(
+    ctx: &SessionContext,
+    schema: &SchemaRef,
+    sql: &str,
+    what: &str,
+    check: impl Fn(&DataType) -> Result<Option<DataType>, String>,
+) -> Result<Arc<dyn PhysicalExpr>, String> {
     let df_schema = DFSchema::try_from(schema.as_ref().clone()).map_err(|e| first_line(&e))?;
     let expr = ctx
         .parse_sql_expr(sql, &df_schema)
-        .map_err(|e| format!("the condition does not parse: {}", first_line(&e)))?;
+        .map_err(|e| format!("the {what} does not parse: {}", first_line(&e)))?;
     let ty = expr
         .get_type(&df_schema)
-        .map_err(|e| format!("the condition does not plan: {}", first_line(&e)))?;
-    if ty != DataType::Boolean {
-        return Err(format!("the condition is of type {ty}, not boolean"));
-    }
+        .map_err(|e| format!("the {what} does not plan: {}", first_line(&e)))?;
+    let expr = match check(&ty)? {
+        Some(to) => datafusion::logical_expr::cast(expr, to),
+        None => expr,
+    };
     ctx.create_physical_expr(expr, &df_schema)
-        .map_err(|e| format!("the condition does not plan: {}", first_line(&e)))
+        .map_err(|e| format!("the {what} does not plan: {}", first_line(&e)))
 }
 
 fn first_line(e: &impl std::fmt::Display) -> String {
