@@ -429,8 +429,9 @@ pub enum DetectorKind {
     Zscore { half_life: f64, threshold: f64 },
     /// |value − median| / (1.4826 MAD) of the last `window` readings above `threshold`.
     Mad { window: usize, threshold: f64 },
-    /// Two-sided CUSUM in baseline standard deviations.
-    Cusum { k: f64, h: f64 },
+    /// Two-sided CUSUM in baseline standard deviations; the baseline follows the readings
+    /// with this half-life (readings).
+    Cusum { k: f64, h: f64, half_life: f64 },
     /// The value moved by at most `epsilon` for `duration` or for `readings`.
     Stuck {
         duration: Option<i64>,

@@ -11,9 +11,14 @@
 //!   absolute deviations (1.4826 × MAD, a standard deviation for normal noise); robust to
 //!   noisy sensors and outliers in the baseline.
 //! - `cusum`: two-sided cumulative sums of standardised readings minus `k`, alerting above
-//!   `h`: a level shift or a slow drift. The baseline (mean and deviation) is learned over
-//!   the warm-up and then follows in-control readings only; after an alert it is learned
-//!   again, so a shift alerts once and the new level becomes normal.
+//!   `h`: a level shift, or a drift faster than the baseline follows. The baseline (mean and
+//!   deviation) is learned over the warm-up, then follows every reading with `half_life`
+//!   (readings), each reading's pull clipped to 3 deviations: slow normal wander (a daily
+//!   cycle, a reservoir that drains) moves the baseline, a step does not. After an alert it
+//!   is learned again, so a shift alerts once and the new level becomes normal. The
+//!   half-life is the trade-off: 20 readings (the default) follows a wander of a few
+//!   deviations an hour and so also a drift that slow; a longer one finds slower drifts and
+//!   flags slow normal change as well (`benches/README.md` measures both).
 //! - `stuck`: the value moved by at most `epsilon` for `for` (event time) or `readings`.
 //! - `silent`: a series seen before sent nothing for `after` of event time. It is judged by
 //!   the watermark (never the wall clock), so a replay or a lagging shard does not make a
@@ -559,7 +564,10 @@ fn step(d: &crate::config::Detector, s: &mut Series, ts: i64, x: f64) -> Option<
                 } else {
                     diff
                 };
-                let alpha = 1.0 - 0.5f64.powf(1.0 / half_life);
+                // Equal weights while fewer readings than the half-life asks for have been
+                // seen (Welford's running mean and variance), so the warm-up ends with an
+                // unbiased baseline rather than one that still underestimates the spread.
+                let alpha = (1.0 - 0.5f64.powf(1.0 / half_life)).max(1.0 / (s.n + 1) as f64);
                 *mean += alpha * diff;
                 *var = (1.0 - alpha) * (*var + alpha * diff * diff);
             }
@@ -594,7 +602,7 @@ fn step(d: &crate::config::Detector, s: &mut Series, ts: i64, x: f64) -> Option<
             recent.push_back(x);
         }
         (
-            DetectorKind::Cusum { k, h },
+            DetectorKind::Cusum { k, h, half_life },
             State::Cusum {
                 base,
                 mean,
@@ -605,7 +613,9 @@ fn step(d: &crate::config::Detector, s: &mut Series, ts: i64, x: f64) -> Option<
             },
         ) => {
             // The baseline is learned over `warmup` readings (at least 2) after the start
-            // and after every alert.
+            // and after every alert (Welford); then it follows every reading with the
+            // half-life, each reading's pull clipped to 3 standard deviations, so slow
+            // normal wander moves it and a step does not (the sums cross `h` first).
             let learn = d.warmup.max(2);
             let sd = if *base >= 2 {
                 (*m2 / (*base - 1) as f64).sqrt()
@@ -624,15 +634,15 @@ fn step(d: &crate::config::Detector, s: &mut Series, ts: i64, x: f64) -> Option<
                 *neg = (*neg - z - k).max(0.0);
                 if *pos == 0.0 && *neg == 0.0 {
                     *since = None;
-                    // In control: the baseline follows slow, normal change.
-                    let alpha = 1.0 / (4 * learn) as f64;
-                    let delta = x - *mean;
-                    *mean += alpha * delta;
-                    let var = *m2 / (*base - 1) as f64;
-                    *m2 = ((1.0 - alpha) * (var + alpha * delta * delta)) * (*base - 1) as f64;
                 } else if was_zero {
                     *since = Some(ts);
                 }
+                let alpha = 1.0 - 0.5f64.powf(1.0 / half_life);
+                let delta = (x - *mean).clamp(-3.0 * sd, 3.0 * sd);
+                let baseline = (*mean, sd);
+                *mean += alpha * delta;
+                let var = (1.0 - alpha) * (sd * sd + alpha * delta * delta);
+                *m2 = var * (*base - 1) as f64;
                 let score = pos.max(*neg);
                 if score > *h {
                     let started = since.unwrap_or(ts);
@@ -641,8 +651,8 @@ fn step(d: &crate::config::Detector, s: &mut Series, ts: i64, x: f64) -> Option<
                             at: ts,
                             value: x,
                             baseline: json!({
-                                "mean": *mean,
-                                "std": sd,
+                                "mean": baseline.0,
+                                "std": baseline.1,
                                 "direction": if *pos >= *neg { "up" } else { "down" },
                             }),
                             score,

@@ -145,7 +145,7 @@ fn resolve_detector(
     let own: &[&str] = match d.kind.as_str() {
         "zscore" => &["half_life", "threshold"],
         "mad" => &["window", "threshold"],
-        "cusum" => &["k", "h"],
+        "cusum" => &["k", "h", "half_life"],
         "stuck" => &["for", "readings", "epsilon"],
         "silent" => &["after"],
         "rate" => &["max_per_second"],
@@ -220,16 +220,24 @@ fn resolve_detector(
             }
         }
         "cusum" => {
-            let k = d.k.unwrap_or(0.5);
+            let k = d.k.unwrap_or(1.0);
             if !(k.is_finite() && k >= 0.0) {
                 p.add(
                     &field("k"),
                     format!("`{k}` must be zero or more"),
-                    "write the slack in standard deviations, e.g. 0.5 (half the shift to find)",
+                    "write the slack in standard deviations, e.g. 1 (half the shift to find)",
                 );
             }
             DetectorKind::Cusum {
                 k,
+                half_life: positive(
+                    p,
+                    "half_life",
+                    d.half_life,
+                    20.0,
+                    "write the readings after which the baseline has followed half a change, \
+                     e.g. 20 (longer finds slower drifts, and flags slow normal wander too)",
+                ),
                 h: positive(
                     p,
                     "h",

@@ -73,6 +73,21 @@ fn zscore_respects_warmup_and_cooldown() {
 }
 
 #[test]
+fn zscore_baseline_is_unbiased_when_the_warmup_ends() {
+    // Uniform noise in [-1, 1): standard deviation 1/sqrt(3) = 0.577. A spike just after
+    // the warm-up is judged against the spread of those 31 readings, not a fraction of it
+    // (an exponentially weighted variance started at zero would say about 0.34).
+    for seed in 20..30 {
+        let mut xs: Vec<f64> = noise(40, seed).iter().map(|n| 100.0 + n).collect();
+        xs[31] = 120.0;
+        let hits = run(&detector(zscore(), 30, 0), &xs);
+        assert_eq!(at(&hits), vec![31], "seed {seed}");
+        let std = hits[0].1.baseline["std"].as_f64().unwrap();
+        assert!((0.43..0.72).contains(&std), "seed {seed}: std {std}");
+    }
+}
+
+#[test]
 fn zscore_alerts_once_for_a_level_shift_then_learns_the_new_level() {
     let xs: Vec<f64> = noise(1200, 3)
         .iter()
@@ -126,7 +141,17 @@ fn cusum_finds_a_drift_the_zscore_does_not() {
                 }
         })
         .collect();
-    let cusum = detector(DetectorKind::Cusum { k: 0.5, h: 10.0 }, 30, 0);
+    // A baseline that follows slowly (half-life 1,000 readings) and a small slack: the
+    // settings for a slow drift.
+    let cusum = detector(
+        DetectorKind::Cusum {
+            k: 0.5,
+            h: 10.0,
+            half_life: 1000.0,
+        },
+        30,
+        0,
+    );
     let hits = run(&cusum, &xs);
     let first = hits.first().expect("the drift is found").0;
     assert!((300..500).contains(&first), "found at {first}");
@@ -145,13 +170,44 @@ fn cusum_alerts_once_for_a_shift_down() {
         .enumerate()
         .map(|(i, n)| if i < 400 { 100.0 + n } else { 97.0 + n })
         .collect();
-    let hits = run(
-        &detector(DetectorKind::Cusum { k: 0.5, h: 10.0 }, 30, 0),
-        &xs,
-    );
+    let hits = run(&detector(default_cusum(), 30, 0), &xs);
     assert_eq!(at(&hits).len(), 1, "{:?}", at(&hits));
     assert!((400..420).contains(&hits[0].0));
     assert_eq!(hits[0].1.baseline["direction"], "down");
+}
+
+/// The defaults of `detect: {kind: cusum}`.
+fn default_cusum() -> DetectorKind {
+    DetectorKind::Cusum {
+        k: 1.0,
+        h: 10.0,
+        half_life: 20.0,
+    }
+}
+
+#[test]
+fn cusum_follows_slow_wander_and_finds_a_step() {
+    // Uniform noise (standard deviation 0.58) on a wander of ±4 (about 7 deviations) with a
+    // period of 3,600 readings, and a step of +3 (about 5 deviations) at reading 2,000.
+    let xs: Vec<f64> = noise(3000, 9)
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let wander = 4.0 * (i as f64 * std::f64::consts::TAU / 3600.0).sin();
+            100.0 + n + wander + if i >= 2000 { 3.0 } else { 0.0 }
+        })
+        .collect();
+    let hits = run(&detector(default_cusum(), 30, 0), &xs);
+    assert_eq!(at(&hits).len(), 1, "{:?}", at(&hits));
+    assert!((2000..2010).contains(&hits[0].0), "{:?}", at(&hits));
+    assert_eq!(hits[0].1.baseline["direction"], "up");
+    // A baseline that follows ten times slower calls the wander a shift.
+    let slow = DetectorKind::Cusum {
+        k: 1.0,
+        h: 10.0,
+        half_life: 200.0,
+    };
+    assert!(run(&detector(slow, 30, 0), &xs).len() > 1);
 }
 
 #[test]
@@ -313,7 +369,7 @@ fn a_restored_snapshot_goes_on_exactly_like_the_uninterrupted_state() {
                     threshold: 7.0,
                 },
             ),
-            ("c", DetectorKind::Cusum { k: 0.5, h: 10.0 }),
+            ("c", default_cusum()),
             (
                 "st",
                 DetectorKind::Stuck {
