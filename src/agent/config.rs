@@ -22,6 +22,41 @@ pub struct AgentConfig {
     pub batch: BatchConfig,
     pub transport: Transport,
     pub sensors: Vec<SensorConfig>,
+    /// Desired state from the fleet, reported state back (`commands:`; MQTT only).
+    pub commands: Option<CommandsConfig>,
+}
+
+/// `commands:`: what the agent lets the fleet change, within which bounds, and where it
+/// keeps what it applied (see [`crate::agent::commands`]).
+#[derive(Debug, Clone)]
+pub struct CommandsConfig {
+    /// The applied state, rewritten atomically after every change (survives a reboot).
+    pub state: PathBuf,
+    /// Retained desired state, written by the pipeline or an operator; the agent reads it.
+    pub desired_topic: String,
+    /// Retained reported state, written by the agent.
+    pub reported_topic: String,
+    /// The shortest and longest sampling interval a command may set.
+    pub min_interval: Duration,
+    pub max_interval: Duration,
+    /// How long a (re)connect waits for the retained desired state before sending anyway.
+    pub fetch_timeout: Duration,
+    /// Actuators a command may drive, by name.
+    pub outputs: std::collections::BTreeMap<String, Output>,
+}
+
+/// An actuator output.
+#[derive(Debug, Clone)]
+pub enum Output {
+    /// A sysfs GPIO `value` file (under `sysfs_root`): 0 or 1.
+    Gpio { path: PathBuf },
+    /// A program run with its fixed arguments and then the value, which must be one of
+    /// `values` (never a shell; nothing from the command but the value reaches it).
+    Command {
+        run: Vec<String>,
+        values: Vec<String>,
+        timeout: Duration,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -127,6 +162,61 @@ struct AgentFile {
     batch: BatchFile,
     transport: TransportFile,
     sensors: Vec<SensorFile>,
+    commands: Option<CommandsFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CommandsFile {
+    #[serde(default = "default_commands_state")]
+    state: String,
+    #[serde(default = "default_desired_topic")]
+    desired_topic: String,
+    #[serde(default = "default_reported_topic")]
+    reported_topic: String,
+    #[serde(default = "default_min_interval")]
+    min_interval: String,
+    #[serde(default = "default_max_interval")]
+    max_interval: String,
+    #[serde(default = "default_fetch_timeout")]
+    fetch_timeout: String,
+    #[serde(default)]
+    outputs: std::collections::BTreeMap<String, OutputFile>,
+}
+
+fn default_commands_state() -> String {
+    "/var/lib/shardlake-agent/applied.json".into()
+}
+fn default_desired_topic() -> String {
+    "sensors/{tenant}/{device_id}/desired".into()
+}
+fn default_reported_topic() -> String {
+    "sensors/{tenant}/{device_id}/reported".into()
+}
+fn default_min_interval() -> String {
+    "100ms".into()
+}
+fn default_max_interval() -> String {
+    "1h".into()
+}
+fn default_fetch_timeout() -> String {
+    "5s".into()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+enum OutputFile {
+    Gpio(String),
+    Command(OutputCommandFile),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OutputCommandFile {
+    run: Vec<String>,
+    values: Vec<String>,
+    #[serde(default = "default_command_timeout")]
+    timeout: String,
 }
 
 fn default_root() -> String {
@@ -357,6 +447,16 @@ fn resolve(path: &Path, f: AgentFile, p: &mut Problems) -> AgentConfig {
     let batch = batch_config(f.batch, p);
     let transport = transport_config(base, f.transport, &f.device_id, p);
     let sensors = sensor_configs(f.sensors, p);
+    let commands = f.commands.map(|c| {
+        commands_config(
+            base,
+            &base.join(&f.sysfs_root),
+            c,
+            (&f.device_id, &f.tenant),
+            &transport,
+            p,
+        )
+    });
     AgentConfig {
         file: path.to_path_buf(),
         device_id: f.device_id,
@@ -366,6 +466,120 @@ fn resolve(path: &Path, f: AgentFile, p: &mut Problems) -> AgentConfig {
         batch,
         transport,
         sensors,
+        commands,
+    }
+}
+
+/// `commands:` (device and tenant fill the topics' `{device_id}` and `{tenant}`).
+fn commands_config(
+    base: &Path,
+    sysfs_root: &Path,
+    c: CommandsFile,
+    (device_id, tenant): (&str, &str),
+    transport: &Transport,
+    p: &mut Problems,
+) -> CommandsConfig {
+    if !matches!(transport, Transport::Mqtt(_)) {
+        p.add(
+            "commands",
+            "commands reach the device over MQTT, and this agent's transport is not mqtt",
+            "use transport.mqtt (IoT Core or Mosquitto), or remove `commands`",
+        );
+    }
+    let mut topic = |field: &str, template: &str| {
+        if !template.contains("{device_id}") || template.contains(['+', '#']) {
+            p.add(
+                &format!("commands.{field}"),
+                format!("`{template}` is not a topic of this one device"),
+                "include {device_id} and no wildcards, e.g. sensors/{tenant}/{device_id}/desired",
+            );
+        }
+        template
+            .replace("{device_id}", device_id)
+            .replace("{tenant}", tenant)
+    };
+    let desired_topic = topic("desired_topic", &c.desired_topic);
+    let reported_topic = topic("reported_topic", &c.reported_topic);
+    if desired_topic == reported_topic {
+        p.add(
+            "commands.reported_topic",
+            "the same topic as desired_topic",
+            "keep them apart, e.g. sensors/{tenant}/{device_id}/reported",
+        );
+    }
+    let min_interval = p.duration("commands.min_interval", &c.min_interval);
+    let max_interval = p.duration("commands.max_interval", &c.max_interval);
+    if min_interval < Duration::from_millis(10) {
+        p.add(
+            "commands.min_interval",
+            format!("{} is shorter than 10ms", c.min_interval),
+            "sample at most 100 times a second, e.g. 100ms",
+        );
+    }
+    if max_interval < min_interval {
+        p.add(
+            "commands.max_interval",
+            format!("{} is shorter than min_interval", c.max_interval),
+            "e.g. 1h",
+        );
+    }
+    let fetch_timeout = p.duration("commands.fetch_timeout", &c.fetch_timeout);
+    let mut outputs = std::collections::BTreeMap::new();
+    for (name, o) in c.outputs {
+        let at = format!("commands.outputs.{name}");
+        if bad_id(&name) || name.contains('.') {
+            p.add(
+                &at,
+                format!("`{name}` is not an output name"),
+                "use letters, digits and `-_:`",
+            );
+        }
+        let output = match o {
+            OutputFile::Gpio(path) => {
+                if !path.ends_with("/value") {
+                    p.add(
+                        &format!("{at}.gpio"),
+                        format!("`{path}` is not a GPIO value file"),
+                        "name the line's value file, e.g. sys/class/gpio/gpio17/value (under sysfs_root)",
+                    );
+                }
+                Output::Gpio {
+                    path: sysfs_root.join(path.trim_start_matches('/')),
+                }
+            }
+            OutputFile::Command(cmd) => {
+                if cmd.run.is_empty() {
+                    p.add(
+                        &format!("{at}.command.run"),
+                        "the command is empty",
+                        "give the program and its fixed arguments, e.g. [/usr/local/bin/valve]",
+                    );
+                }
+                if cmd.values.is_empty() {
+                    p.add(
+                        &format!("{at}.command.values"),
+                        "no values are allowed",
+                        "list the values a command may pass, e.g. [open, closed]",
+                    );
+                }
+                let timeout = p.duration(&format!("{at}.command.timeout"), &cmd.timeout);
+                Output::Command {
+                    run: cmd.run,
+                    values: cmd.values,
+                    timeout,
+                }
+            }
+        };
+        outputs.insert(name, output);
+    }
+    CommandsConfig {
+        state: base.join(&c.state),
+        desired_topic,
+        reported_topic,
+        min_interval,
+        max_interval,
+        fetch_timeout,
+        outputs,
     }
 }
 

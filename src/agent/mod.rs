@@ -1,6 +1,7 @@
 //! The Raspberry Pi sensor agent. It never links DataFusion, Arrow or Parquet.
 //!
 //! - [`config`]: `agent.yaml` (device, sensors, queue, batching, transport).
+//! - [`commands`]: desired state in, reported state out (retained MQTT topics).
 //! - [`sensor`]: DS18B20, IIO, hwmon, thermal zones, a command, the oil-well simulator.
 //! - [`queue`]: the durable on-disk queue; readings leave it only when acknowledged.
 //! - [`run`]: one task per sensor → the queue → the transport.
@@ -9,6 +10,7 @@
 //!   [`queue`] and [`config`] only; [`run`] depends on it, never the other way.
 //! - [`sim`]: the bulk simulator behind `shardlake-agent simulate`.
 
+pub mod commands;
 pub mod config;
 pub mod queue;
 pub mod run;

@@ -2,6 +2,10 @@
 //! the readings to the durable queue; one task sends the queue, oldest first, and removes
 //! what the transport acknowledged. A sensor that fails is logged (on its first failure and
 //! when it recovers), counted and sampled again at its next interval; the others go on.
+//!
+//! With `commands:`, one more task handles the desired state the transport receives
+//! ([`super::commands`]): each sensor's loop follows its settings (interval, enabled) through
+//! a watch channel, and the reported state goes back through the transport.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -14,10 +18,11 @@ use serde::Serialize;
 use tokio::sync::{Notify, mpsc, watch};
 use tracing::{info, warn};
 
+use super::commands::{Commands, Settings};
 use super::config::AgentConfig;
 use super::queue::Queue;
 use super::sensor::{Sensor, Value};
-use super::transport::Sender;
+use super::transport::{Incoming, Outbound, Sender};
 
 /// One sample of one sensor, before it gets its `seq`.
 struct Sample {
@@ -77,11 +82,27 @@ pub async fn run(
     let (tx, rx) = mpsc::channel::<Sample>(4096);
     let queued = Arc::new(Notify::new());
 
+    // The applied state is in force before the first sample.
+    let (commands, mut settings) = match &cfg.commands {
+        Some(c) => {
+            let (commands, rx) = Commands::open(c.clone(), &cfg.sensors).await?;
+            (Some(commands), rx)
+        }
+        None => (None, BTreeMap::new()),
+    };
     let mut samplers = Vec::new();
     for sc in &cfg.sensors {
         let sensor = Sensor::new(sc.clone(), &cfg.sysfs_root);
+        let settings = settings.remove(&sc.name).unwrap_or_else(|| {
+            watch::channel(Settings {
+                interval: sc.interval,
+                enabled: true,
+            })
+            .1
+        });
         samplers.push(tokio::spawn(sample_loop(
             sensor,
+            settings,
             tx.clone(),
             stop_rx.clone(),
             counters.clone(),
@@ -90,7 +111,12 @@ pub async fn run(
     drop(tx);
     let cfg = Arc::new(cfg);
     let appender = tokio::spawn(append_loop(cfg.clone(), rx, queue.clone(), queued.clone()));
-    let mut transport = Sender::open(&cfg).await?;
+    let (incoming_tx, incoming_rx) = mpsc::unbounded_channel();
+    let mut transport = Sender::open(&cfg, commands.is_some().then_some(incoming_tx)).await?;
+    let commander = commands.map(|c| {
+        let reports = transport.reports();
+        tokio::spawn(command_loop(c, incoming_rx, reports))
+    });
     let sender = {
         let (cfg, queue, queued, counters) =
             (cfg.clone(), queue.clone(), queued.clone(), counters.clone());
@@ -110,6 +136,9 @@ pub async fn run(
     appender.await??;
     let mut transport = sender.await?;
     send_remaining(&cfg, &mut transport, &queue, drain).await;
+    if let Some(c) = commander {
+        c.abort();
+    }
     close(queue, &counters, &transport).await
 }
 
@@ -185,20 +214,43 @@ async fn close(
     Ok(summary)
 }
 
+/// A sampling clock at `interval`; a slow sample (a 1-wire conversion) delays the next one,
+/// it does not cause a burst.
+fn ticker(interval: Duration) -> tokio::time::Interval {
+    let mut tick = tokio::time::interval(interval.max(Duration::from_millis(10)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    tick
+}
+
 async fn sample_loop(
     mut sensor: Sensor,
+    mut settings: watch::Receiver<Settings>,
     tx: mpsc::Sender<Sample>,
     mut stop: watch::Receiver<bool>,
     counters: Arc<Counters>,
 ) {
     let name: Arc<str> = sensor.config.name.as_str().into();
-    let mut tick = tokio::time::interval(sensor.config.interval.max(Duration::from_millis(10)));
-    // A slow sample (a 1-wire conversion) delays the next one; it does not cause a burst.
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut current = *settings.borrow_and_update();
+    let mut tick = ticker(current.interval);
     let mut failing = false;
+    let mut watching = true;
     loop {
         tokio::select! {
-            _ = tick.tick() => {}
+            _ = tick.tick(), if current.enabled => {}
+            changed = settings.changed(), if watching => {
+                if changed.is_ok() {
+                    let new = *settings.borrow_and_update();
+                    if new != current {
+                        info!(sensor = %name, interval = ?new.interval, enabled = new.enabled, "sampling changed by command");
+                        current = new;
+                        tick = ticker(current.interval);
+                    }
+                } else {
+                    // No commands any more: keep sampling as now.
+                    watching = false;
+                }
+                continue;
+            }
             _ = stop.changed() => return,
         }
         let ts = Utc::now();
@@ -290,6 +342,9 @@ fn encode(cfg: &AgentConfig, s: &Sample, v: &Value, seq: u64) -> Vec<u8> {
     .expect("a reading serializes")
 }
 
+/// How often an idle sender checks that its transport is still connected.
+const MAINTAIN_EVERY: Duration = Duration::from_secs(5);
+
 /// Sends the queue in order while the agent runs; a failed send is retried with backoff.
 async fn send_loop(
     cfg: &AgentConfig,
@@ -307,9 +362,14 @@ async fn send_loop(
                 continue;
             }
             Ok(_) => {
-                // Empty: wait for readings, then let a batch fill for up to max_age.
+                // Empty: wait for readings, then let a batch fill for up to max_age. A
+                // transport that receives commands stays connected meanwhile.
                 tokio::select! {
                     _ = queued.notified() => {}
+                    _ = tokio::time::sleep(MAINTAIN_EVERY) => {
+                        transport.maintain().await;
+                        continue;
+                    }
                     _ = stop.changed() => return,
                 }
                 tokio::select! {
@@ -348,4 +408,27 @@ async fn send_once(
     tokio::task::spawn_blocking(move || q.lock().expect("not poisoned").ack(upto, n as u64))
         .await??;
     Ok(n)
+}
+
+/// Handles each desired state the transport receives, in order, and sends the report back;
+/// passes each sync marker on behind the reports before it (the transport waits for it on a
+/// new connection before it sends readings).
+async fn command_loop(
+    mut commands: Commands,
+    mut incoming: mpsc::UnboundedReceiver<Incoming>,
+    reports: mpsc::UnboundedSender<Outbound>,
+) {
+    while let Some(msg) = incoming.recv().await {
+        match msg {
+            Incoming::Desired(payload) => {
+                if let Some(report) = commands.handle(&payload).await {
+                    let bytes = serde_json::to_vec(&report).expect("a report serialises");
+                    let _ = reports.send(Outbound::Report(bytes));
+                }
+            }
+            Incoming::Synced(done) => {
+                let _ = reports.send(Outbound::Flush(done));
+            }
+        }
+    }
 }

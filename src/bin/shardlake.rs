@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
 use shardlake::agent::sim::{SimConfig, simulate};
 use shardlake::clock::SystemClock;
@@ -27,6 +27,92 @@ use shardlake::tools::{athena, query};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Subcommand)]
+enum DeviceAction {
+    /// Change settings (`key=value`, e.g. sensors.pressure.interval=1s, outputs.valve=1):
+    /// publishes the next version of the whole desired state, retained.
+    Set {
+        device: String,
+        #[arg(required_unless_present = "unset")]
+        settings: Vec<String>,
+        /// Remove a key (a sensor setting returns to the agent's configured value).
+        #[arg(long)]
+        unset: Vec<String>,
+        /// Wait this long for the device's report of the new version (exit 1 if it refuses
+        /// or does not answer in time).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        wait: Option<Duration>,
+        /// Who is asking (kept in the document's `by`).
+        #[arg(long, env = "USER", default_value = "operator")]
+        user: String,
+        #[command(flatten)]
+        device_args: DeviceArgs,
+    },
+    /// Print the device's retained desired and reported states as JSON.
+    Show {
+        device: String,
+        #[command(flatten)]
+        device_args: DeviceArgs,
+    },
+}
+
+/// The broker and the device's topics.
+#[derive(Args)]
+struct DeviceArgs {
+    #[arg(long)]
+    tenant: String,
+    #[arg(long, default_value = "localhost", env = "SHARDLAKE_MQTT_HOST")]
+    host: String,
+    #[arg(long, default_value_t = 8883, env = "SHARDLAKE_MQTT_PORT")]
+    port: u16,
+    /// TLS: the broker's CA (for IoT Core AmazonRootCA1.pem), and this operator's certificate
+    /// and key (PEM). Plain TCP without them.
+    #[arg(long, requires_all = ["cert", "key"], env = "SHARDLAKE_MQTT_CA")]
+    ca: Option<PathBuf>,
+    #[arg(long, requires = "ca", env = "SHARDLAKE_MQTT_CERT")]
+    cert: Option<PathBuf>,
+    #[arg(long, requires = "ca", env = "SHARDLAKE_MQTT_KEY")]
+    key: Option<PathBuf>,
+    #[arg(long, default_value = "shardlake-device-cli")]
+    client_id: String,
+    #[arg(long, default_value = "sensors/{tenant}/{device_id}/desired")]
+    desired_topic: String,
+    #[arg(long, default_value = "sensors/{tenant}/{device_id}/reported")]
+    reported_topic: String,
+    /// How long to wait for each answer of the broker.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+}
+
+impl DeviceArgs {
+    fn resolve(
+        self,
+        device: &str,
+    ) -> Result<(
+        shardlake::tools::device::Broker,
+        shardlake::tools::device::Topics,
+    )> {
+        let topics = shardlake::tools::device::Topics::new(
+            &self.desired_topic,
+            &self.reported_topic,
+            &self.tenant,
+            device,
+        )?;
+        let tls = match (self.ca, self.cert, self.key) {
+            (Some(ca), Some(cert), Some(key)) => Some((ca, cert, key)),
+            _ => None,
+        };
+        let broker = shardlake::tools::device::Broker {
+            host: self.host,
+            port: self.port,
+            tls,
+            client_id: self.client_id,
+            timeout: self.timeout,
+        };
+        Ok((broker, topics))
+    }
 }
 
 #[derive(Subcommand)]
@@ -56,6 +142,12 @@ enum Command {
         partition_key: String,
         #[arg(long, default_value = "shardlake-bridge")]
         client_id: String,
+    },
+    /// A device's desired state (what it should apply) and reported state (what it did), kept
+    /// as retained MQTT messages on its own topics; the agent applies and reports.
+    Device {
+        #[command(subcommand)]
+        action: DeviceAction,
     },
     /// Run a pipeline until stopped (SIGINT/SIGTERM), or until caught up with --drain.
     Run {
@@ -282,6 +374,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Validate { files } => validate(&files).await,
+        Command::Device { action } => device(action).await,
         Command::Bridge {
             stream,
             host,
@@ -619,4 +712,51 @@ async fn demo_live(
     let _ = stop_tx.send(true);
     worker.await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `shardlake device set|show`.
+async fn device(action: DeviceAction) -> Result<ExitCode> {
+    use shardlake::tools::device as d;
+    match action {
+        DeviceAction::Show {
+            device,
+            device_args,
+        } => {
+            let (broker, topics) = device_args.resolve(&device)?;
+            let state = d::show(&broker, &topics).await?;
+            println!("{}", serde_json::to_string_pretty(&state)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        DeviceAction::Set {
+            device,
+            settings,
+            unset,
+            wait,
+            user,
+            device_args,
+        } => {
+            let (broker, topics) = device_args.resolve(&device)?;
+            let settings = settings
+                .iter()
+                .map(|s| d::parse_setting(s))
+                .collect::<Result<Vec<_>>>()?;
+            let outcome = d::set(
+                &broker,
+                &topics,
+                &settings,
+                &unset,
+                &format!("user:{user}"),
+                wait,
+            )
+            .await?;
+            println!("{}", serde_json::to_string_pretty(&outcome)?);
+            let (text, ok) = d::verdict(&outcome, wait.is_some());
+            eprintln!("{device}: {text}");
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+    }
 }

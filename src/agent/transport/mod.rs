@@ -10,9 +10,29 @@
 pub mod kinesis;
 pub mod mqtt;
 
+use tokio::sync::{mpsc, oneshot};
+
 use super::config::{AgentConfig, Transport};
 use super::queue::Entry;
 use crate::localstream::{self, LocalStreamWriter};
+
+/// What a transport with commands hands the commands task, in the order it arrived.
+pub enum Incoming {
+    /// A desired-state document (the payload as received).
+    Desired(Vec<u8>),
+    /// Everything retained before this point was received: answer (through
+    /// [`Outbound::Flush`]) once it is handled and its report is on its way.
+    Synced(oneshot::Sender<()>),
+}
+
+/// What the commands task hands a transport with commands to send, in order.
+pub enum Outbound {
+    /// A reported-state document.
+    Report(Vec<u8>),
+    /// Answered once every report before it was handed to the connection, so readings sent
+    /// after it follow those reports.
+    Flush(oneshot::Sender<()>),
+}
 
 /// Where readings go. An enum rather than a trait object: each transport is a few lines of
 /// dispatch and async trait methods are not object-safe.
@@ -25,7 +45,11 @@ pub enum Sender {
 
 impl Sender {
     /// The transport `cfg` names, connected lazily where it has a connection (MQTT).
-    pub async fn open(cfg: &AgentConfig) -> anyhow::Result<Sender> {
+    /// `incoming` receives desired states where `cfg.commands` is set.
+    pub async fn open(
+        cfg: &AgentConfig,
+        incoming: Option<mpsc::UnboundedSender<Incoming>>,
+    ) -> anyhow::Result<Sender> {
         match &cfg.transport {
             #[cfg(feature = "agent-kinesis")]
             Transport::Kinesis { stream, region } => Ok(Sender::Kinesis(Box::new(
@@ -36,12 +60,14 @@ impl Sender {
                 "{}: transport.kinesis: this build has no Kinesis transport; build with --features agent-kinesis, or use mqtt",
                 cfg.file.display()
             ),
-            Transport::Mqtt(m) => Ok(Sender::Mqtt(Box::new(mqtt::Mqtt::new(
-                m.clone(),
-                &cfg.device_id,
-                &cfg.tenant,
-                cfg.batch.max_bytes,
-            )?))),
+            Transport::Mqtt(m) => {
+                let mut mqtt =
+                    mqtt::Mqtt::new(m.clone(), &cfg.device_id, &cfg.tenant, cfg.batch.max_bytes)?;
+                if let (Some(c), Some(incoming)) = (&cfg.commands, incoming) {
+                    mqtt = mqtt.with_commands(c, incoming);
+                }
+                Ok(Sender::Mqtt(Box::new(mqtt)))
+            }
             Transport::Local { stream, shards } => Ok(Sender::Local(open_local(stream, *shards)?)),
         }
     }
@@ -59,6 +85,24 @@ impl Sender {
                 w.flush()?;
                 Ok(())
             }
+        }
+    }
+
+    /// Where the commands task sends reported states (published retained on the device's
+    /// reported topic whenever connected). Only MQTT carries commands; elsewhere they go
+    /// nowhere (the configuration refuses `commands` without MQTT).
+    pub fn reports(&self) -> mpsc::UnboundedSender<Outbound> {
+        match self {
+            Sender::Mqtt(m) => m.reports(),
+            _ => mpsc::unbounded_channel().0,
+        }
+    }
+
+    /// Called while idle: a transport that must stay connected to receive commands
+    /// reconnects here.
+    pub async fn maintain(&mut self) {
+        if let Sender::Mqtt(m) = self {
+            m.maintain().await
         }
     }
 

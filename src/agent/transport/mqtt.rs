@@ -7,6 +7,15 @@
 //! the connection and fails the batch; the queue sends it again on a new connection, so a
 //! message may arrive twice (QoS 1's contract), never zero times. rumqttc's own resending of
 //! pending publishes is not used: the queue is the one place that decides what is resent.
+//!
+//! With `commands:` the same connection carries the device's desired and reported state
+//! (IoT Core lets a thing connect once, under its own name). On every connection the agent
+//! subscribes to its desired topic and then to its reported topic; the broker answers a
+//! connection's packets in order, so the second SUBACK comes after the retained desired state
+//! (if any), and readings are sent only once that state was handled (up to
+//! `commands.fetch_timeout`). Reported states are published retained at QoS 0: one lost with
+//! its connection is reported again when the next connection delivers the desired state again.
+//! An idle agent with commands reconnects by itself ([`Mqtt::maintain`]).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,10 +26,11 @@ use rumqttc::{
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::sync::mpsc;
-use tracing::info;
+use tokio::sync::{Mutex, mpsc, oneshot};
+use tracing::{info, warn};
 
-use crate::agent::config::MqttConfig;
+use super::{Incoming, Outbound};
+use crate::agent::config::{CommandsConfig, MqttConfig};
 use crate::agent::queue::Entry;
 
 /// What the event-loop task reports.
@@ -28,6 +38,9 @@ enum Report {
     Connected,
     Published(u16),
     Acked(u16),
+    /// The retained desired state of this connection, if any, was handed on; the receiver
+    /// completes once it was handled.
+    Synced(oneshot::Receiver<()>),
     Failed(String),
 }
 
@@ -35,12 +48,28 @@ struct Connection {
     client: AsyncClient,
     reports: mpsc::UnboundedReceiver<Report>,
     task: tokio::task::JoinHandle<()>,
+    /// Publishes reported states while the connection lives.
+    reporter: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for Connection {
     fn drop(&mut self) {
         self.task.abort();
+        if let Some(r) = &self.reporter {
+            r.abort();
+        }
     }
+}
+
+/// The commands' side of the connection.
+struct Commands {
+    desired: String,
+    reported: String,
+    fetch_timeout: Duration,
+    incoming: mpsc::UnboundedSender<Incoming>,
+    /// Reported states waiting for a connection (kept across connections).
+    outbox: Arc<Mutex<mpsc::UnboundedReceiver<Outbound>>>,
+    outbox_tx: mpsc::UnboundedSender<Outbound>,
 }
 
 pub struct Mqtt {
@@ -54,6 +83,7 @@ pub struct Mqtt {
     /// see twice (QoS 1 duplicates this agent caused).
     pub resent_readings: u64,
     failed_before: bool,
+    commands: Option<Commands>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -183,7 +213,90 @@ impl Mqtt {
             last_publish: None,
             resent_readings: 0,
             failed_before: false,
+            commands: None,
         })
+    }
+
+    /// Receives the desired state on this connection (see the module doc).
+    pub fn with_commands(
+        mut self,
+        cfg: &CommandsConfig,
+        incoming: mpsc::UnboundedSender<Incoming>,
+    ) -> Self {
+        let (outbox_tx, outbox) = mpsc::unbounded_channel();
+        self.commands = Some(Commands {
+            desired: cfg.desired_topic.clone(),
+            reported: cfg.reported_topic.clone(),
+            fetch_timeout: cfg.fetch_timeout,
+            incoming,
+            outbox: Arc::new(Mutex::new(outbox)),
+            outbox_tx,
+        });
+        self
+    }
+
+    /// Where reported states go (published on the next connection if none is up).
+    pub fn reports(&self) -> mpsc::UnboundedSender<Outbound> {
+        match &self.commands {
+            Some(c) => c.outbox_tx.clone(),
+            None => mpsc::unbounded_channel().0,
+        }
+    }
+
+    /// With commands: connects if the connection is gone, so desired states keep arriving
+    /// while there is nothing to send.
+    pub async fn maintain(&mut self) {
+        if self.commands.is_some()
+            && let Err(e) = self.ensure_connected().await
+        {
+            warn!(error = %e, "MQTT: not connected; desired states arrive once it is");
+        }
+    }
+
+    /// A live connection; a new one waits until the retained desired state was handled.
+    async fn ensure_connected(&mut self) -> anyhow::Result<()> {
+        if self.conn.as_ref().is_some_and(|c| !c.task.is_finished()) {
+            return Ok(());
+        }
+        self.conn = Some(self.connect());
+        let Some(commands) = &self.commands else {
+            return Ok(());
+        };
+        let deadline = tokio::time::Instant::now() + commands.fetch_timeout;
+        let conn = self.conn.as_mut().expect("connected above");
+        loop {
+            match tokio::time::timeout_at(deadline, conn.reports.recv()).await {
+                Err(_) => {
+                    warn!(topic = %commands.desired, timeout = ?commands.fetch_timeout, "no answer to the desired-state subscription in time (commands.fetch_timeout); sending anyway");
+                    return Ok(());
+                }
+                Ok(Some(Report::Synced(handled))) => {
+                    if tokio::time::timeout_at(deadline, handled).await.is_err() {
+                        warn!(
+                            "the desired state was not handled within commands.fetch_timeout; sending anyway"
+                        );
+                    }
+                    return Ok(());
+                }
+                Ok(Some(Report::Connected)) => {
+                    info!(broker = %self.cfg.host, port = self.cfg.port, client_id = %self.cfg.client_id, "MQTT connected")
+                }
+                Ok(Some(Report::Failed(why))) => {
+                    self.conn = None;
+                    self.failed_before = true;
+                    anyhow::bail!(
+                        "MQTT connection to {}:{} failed: {why}",
+                        self.cfg.host,
+                        self.cfg.port
+                    )
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    self.conn = None;
+                    anyhow::bail!("MQTT: the connection task ended")
+                }
+            }
+        }
     }
 
     fn connect(&self) -> Connection {
@@ -197,11 +310,42 @@ impl Mqtt {
             )));
         let (client, eventloop) = AsyncClient::new(opts, 64);
         let (tx, reports) = mpsc::unbounded_channel();
-        let task = tokio::spawn(poll(eventloop, tx));
+        let mut reporter = None;
+        let mut desired = None;
+        if let Some(c) = &self.commands {
+            // Queued now, sent once connected: desired first, then reported as the barrier.
+            let _ = client.try_subscribe(&c.desired, QoS::AtLeastOnce);
+            let _ = client.try_subscribe(&c.reported, QoS::AtLeastOnce);
+            desired = Some((c.desired.clone(), c.incoming.clone()));
+            let (outbox, topic, client) = (c.outbox.clone(), c.reported.clone(), client.clone());
+            reporter = Some(tokio::spawn(async move {
+                // Publishes go through the client's queue in order: readings sent after a
+                // flush was answered follow the reports before it.
+                let mut outbox = outbox.lock().await;
+                while let Some(out) = outbox.recv().await {
+                    match out {
+                        Outbound::Report(report) => {
+                            if client
+                                .publish(&topic, QoS::AtMostOnce, true, report)
+                                .await
+                                .is_err()
+                            {
+                                return;
+                            }
+                        }
+                        Outbound::Flush(done) => {
+                            let _ = done.send(());
+                        }
+                    }
+                }
+            }));
+        }
+        let task = tokio::spawn(poll(eventloop, tx, desired));
         Connection {
             client,
             reports,
             task,
+            reporter,
         }
     }
 
@@ -230,9 +374,7 @@ impl Mqtt {
     }
 
     async fn publish_all(&mut self, messages: &[Vec<u8>]) -> anyhow::Result<()> {
-        if self.conn.is_none() {
-            self.conn = Some(self.connect());
-        }
+        self.ensure_connected().await?;
         let pace = Duration::from_secs_f64(1.0 / self.cfg.max_publishes_per_s as f64);
         let conn = self.conn.as_mut().expect("connected above");
         let deadline = tokio::time::Instant::now() + self.cfg.ack_timeout;
@@ -270,6 +412,7 @@ impl Mqtt {
                 Some(Report::Acked(pkid)) => {
                     acked.insert(pkid);
                 }
+                Some(Report::Synced(_)) => {}
                 Some(Report::Failed(why)) => anyhow::bail!(
                     "MQTT connection to {}:{} failed: {why}",
                     self.cfg.host,
@@ -283,13 +426,51 @@ impl Mqtt {
 }
 
 /// Drives rumqttc's event loop and reports what the sender waits for; stops at the first
-/// error (the sender reconnects).
-async fn poll(mut eventloop: EventLoop, tx: mpsc::UnboundedSender<Report>) {
+/// error (the sender reconnects). With `desired` (its topic and the commands task), desired
+/// states are handed on, and the second SUBACK (the barrier) is reported as synced.
+async fn poll(
+    mut eventloop: EventLoop,
+    tx: mpsc::UnboundedSender<Report>,
+    desired: Option<(String, mpsc::UnboundedSender<Incoming>)>,
+) {
+    let mut subscribes = Vec::new();
     loop {
         let report = match eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(_))) => Report::Connected,
             Ok(Event::Incoming(Packet::PubAck(ack))) => Report::Acked(ack.pkid),
+            // QoS 0 (reported states) has no packet id and no PUBACK: not the sender's.
+            Ok(Event::Outgoing(Outgoing::Publish(0))) => continue,
             Ok(Event::Outgoing(Outgoing::Publish(pkid))) => Report::Published(pkid),
+            Ok(Event::Outgoing(Outgoing::Subscribe(pkid))) => {
+                subscribes.push(pkid);
+                continue;
+            }
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                let Some((topic, incoming)) = &desired else {
+                    continue;
+                };
+                if ack
+                    .return_codes
+                    .iter()
+                    .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
+                {
+                    warn!(topic = %topic, "the broker refused a commands subscription (the IoT policy or ACL must let the device subscribe to its desired and reported topics)");
+                }
+                if subscribes.get(1) != Some(&ack.pkid) {
+                    continue;
+                }
+                let (done, handled) = oneshot::channel();
+                let _ = incoming.send(Incoming::Synced(done));
+                Report::Synced(handled)
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                if let Some((topic, incoming)) = &desired
+                    && p.topic == *topic
+                {
+                    let _ = incoming.send(Incoming::Desired(p.payload.to_vec()));
+                }
+                continue;
+            }
             Ok(_) => continue,
             Err(e) => {
                 let _ = tx.send(Report::Failed(explain(&e)));
