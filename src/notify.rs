@@ -6,6 +6,13 @@
 //! failing notifier fills its own queue and then drops (counted and logged); it never blocks
 //! the data path, and the alert is in the alerts table either way. Delivery is at least once:
 //! after a crash, alerts that were sent but not committed are sent again.
+//!
+//! An alert rule's `action:` is one more notifier (`action:<rule>`) whose target is the
+//! commands broker: it sets the alert's device's desired state ([`crate::tools::device`]). A
+//! command carries its alert's id (`rule:<rule>:<device>:<event time µs>`) as the document's
+//! `by`; one found already retained under that id (sent before a crash) is not published
+//! again, so a device gets one version per alert. With `for:` the keys are restored (wall time)
+//! unless someone changed the desired state since; a restart loses a pending restore.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -18,7 +25,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::aws;
-use crate::config::{Notifier, NotifyTarget, Pipeline};
+use crate::config::{CommandAction, Notifier, NotifyTarget, Pipeline};
 use crate::metrics::Metrics;
 use crate::retry::{Backoff, Fault, Retry};
 
@@ -33,6 +40,7 @@ const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(10);
 struct Message {
     rule: String,
     device: Option<String>,
+    event_time: i64,
     body: Arc<str>,
 }
 
@@ -63,6 +71,7 @@ enum Target {
         url: String,
         headers: Vec<(String, String)>,
     },
+    Command(Box<CommandAction>),
 }
 
 impl Notifications {
@@ -94,6 +103,7 @@ impl Notifications {
                     url: url.clone(),
                     headers: headers.clone(),
                 },
+                NotifyTarget::Command(a) => Target::Command(a.clone()),
             };
             let (tx, rx) = mpsc::channel(QUEUE);
             tasks.push(tokio::spawn(deliver(
@@ -138,6 +148,7 @@ impl Notifications {
                     .get_or_insert_with(|| Message {
                         rule: rule.value(i).to_string(),
                         device: device.clone(),
+                        event_time: time.value(i),
                         body: body(
                             &self.pipeline,
                             rule.value(i),
@@ -292,6 +303,7 @@ struct SendError {
 impl Target {
     async fn send(&self, m: &Message) -> Result<(), SendError> {
         match self {
+            Target::Command(a) => command(a, m).await,
             Target::Sns { client, topic_arn } => {
                 let device = m.device.as_deref().unwrap_or("-");
                 let attr = |v: &str| {
@@ -364,6 +376,81 @@ fn subject(rule: &str, device: &str) -> String {
         })
         .collect();
     s.chars().take(100).collect()
+}
+
+/// An alert action: the device's desired state through the commands broker.
+async fn command(a: &CommandAction, m: &Message) -> Result<(), SendError> {
+    use crate::tools::device;
+    let permanent = |text: String| SendError { retry: false, text };
+    let device_id = m
+        .device
+        .as_deref()
+        .ok_or_else(|| permanent("the alert names no device (the schema has no key)".into()))?;
+    let body: serde_json::Value = serde_json::from_str(&m.body).unwrap_or_default();
+    let tenant = body["detail"][&a.tenant_field]
+        .as_str()
+        .map(str::to_string)
+        .or_else(|| a.tenant.clone())
+        .ok_or_else(|| {
+            permanent(format!(
+                "the alert row has no `{}` and commands.tenant is not set: whose device is {device_id}?",
+                a.tenant_field
+            ))
+        })?;
+    let topics = device::Topics::new(&a.desired_topic, &a.reported_topic, &tenant, device_id)
+        .map_err(|e| permanent(e.to_string()))?;
+    let by = format!("rule:{}:{device_id}:{}", a.rule, m.event_time);
+    if a.dry_run {
+        tracing::info!(rule = %a.rule, device = device_id, tenant, topic = %topics.desired, set = ?a.set, by, "dry run: command not sent");
+        return Ok(());
+    }
+    let broker = device::Broker {
+        host: a.host.clone(),
+        port: a.port,
+        tls: a.tls.clone(),
+        // One connection per command; a random suffix keeps workers and rules apart.
+        client_id: format!("{}-{:08x}", a.client_id, fastrand::u32(..)),
+        timeout: Duration::from_secs(10),
+    };
+    let (sent, before) = device::command(&broker, &topics, &a.set, &by)
+        .await
+        .map_err(|e| SendError {
+            retry: true,
+            text: format!("{e:#}"),
+        })?;
+    match sent {
+        device::Sent::Published(version) => {
+            tracing::info!(rule = %a.rule, device = device_id, tenant, version, by, set = ?a.set, "command sent");
+            if let Some(after) = a.for_ {
+                let (rule, device_id) = (a.rule.clone(), device_id.to_string());
+                tokio::spawn(async move {
+                    tokio::time::sleep(after).await;
+                    match device::restore(&broker, &topics, &before, &by).await {
+                        Ok(Some(v)) => tracing::info!(
+                            rule,
+                            device = device_id,
+                            version = v,
+                            by,
+                            "command expired: settings restored"
+                        ),
+                        Ok(None) => tracing::info!(
+                            rule,
+                            device = device_id,
+                            by,
+                            "command expired: the desired state changed since; left as it is"
+                        ),
+                        Err(e) => {
+                            tracing::warn!(rule, device = device_id, by, error = %format!("{e:#}"), "command expired, but restoring failed; the device keeps the commanded settings")
+                        }
+                    }
+                });
+            }
+        }
+        device::Sent::AlreadyThere(version) => {
+            tracing::info!(rule = %a.rule, device = device_id, version, by, "command already sent before a restart: not sent again");
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

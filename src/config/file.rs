@@ -35,6 +35,9 @@ pub struct PipelineFile {
     /// Where alerts are also sent (SNS topics, webhooks), besides the alerts table.
     #[serde(default)]
     pub notifiers: Vec<NotifierFile>,
+    /// Where alert actions (`alerts[].action`) send devices their desired state.
+    #[serde(default)]
+    pub commands: Option<CommandsFile>,
     /// The console (`shardlake console`): who may sign in, and with which role.
     #[serde(default)]
     pub console: ConsoleFile,
@@ -730,6 +733,79 @@ pub struct AlertFile {
     /// A detector that learns each series (instead of `when`).
     #[serde(default)]
     pub detect: Option<DetectFile>,
+    /// Set the alert's device's desired state when the rule fires.
+    #[serde(default)]
+    pub action: Option<ActionFile>,
+}
+
+/// `alerts[].action`: settings a device is commanded to take when the rule fires for it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActionFile {
+    /// Desired-state keys and values (`sensors.<name>.interval`, `sensors.<name>.enabled`,
+    /// `outputs.<name>`), as `shardlake device set` takes them.
+    pub set: std::collections::BTreeMap<String, serde_json::Value>,
+    /// After this long (wall time) the keys return to what they were before (default: never).
+    #[serde(default, rename = "for")]
+    pub for_: Option<String>,
+    /// At most one command per device per this much event time (default: `for`, else 15m): a
+    /// flapping signal does not flap a valve.
+    #[serde(default)]
+    pub cooldown: Option<String>,
+    /// Only log and count what would be sent.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// `commands:`: the broker alert actions publish desired states to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandsFile {
+    pub mqtt: CommandsMqttFile,
+    #[serde(default = "default_desired_topic")]
+    pub desired_topic: String,
+    #[serde(default = "default_reported_topic")]
+    pub reported_topic: String,
+    /// The alert row's field that names the device's tenant (its `detail`), default `tenant`.
+    #[serde(default = "default_tenant_field")]
+    pub tenant_field: String,
+    /// The tenant of devices whose alert row names none.
+    #[serde(default)]
+    pub tenant: Option<String>,
+}
+
+fn default_desired_topic() -> String {
+    "sensors/{tenant}/{device_id}/desired".into()
+}
+fn default_reported_topic() -> String {
+    "sensors/{tenant}/{device_id}/reported".into()
+}
+fn default_tenant_field() -> String {
+    "tenant".into()
+}
+
+/// `commands.mqtt`: IoT Core's endpoint (or Mosquitto), TLS with this service's certificate.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandsMqttFile {
+    pub host: String,
+    #[serde(default = "default_mqtt_port")]
+    pub port: u16,
+    #[serde(default)]
+    pub ca: Option<String>,
+    #[serde(default)]
+    pub cert: Option<String>,
+    #[serde(default)]
+    pub key: Option<String>,
+    #[serde(default = "default_commands_client")]
+    pub client_id: String,
+}
+
+fn default_mqtt_port() -> u16 {
+    8883
+}
+fn default_commands_client() -> String {
+    "shardlake-device-cli-commands".into()
 }
 
 /// `alerts[].detect`: a detector kind and its parameters. Every parameter is optional; the

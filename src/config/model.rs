@@ -282,12 +282,33 @@ pub enum NotifyTarget {
         /// Header values may hold secrets: `Debug` shows the names only.
         headers: Vec<(String, String)>,
     },
+    /// An alert action: the device's desired state, through the commands broker.
+    Command(Box<CommandAction>),
+}
+
+/// `alerts[].action` with the pipeline's `commands:` broker, checked.
+#[derive(Debug, Clone)]
+pub struct CommandAction {
+    pub rule: String,
+    pub set: std::collections::BTreeMap<String, serde_json::Value>,
+    /// Wall time after which the keys are restored.
+    pub for_: Option<std::time::Duration>,
+    pub dry_run: bool,
+    pub host: String,
+    pub port: u16,
+    pub tls: Option<(PathBuf, PathBuf, PathBuf)>,
+    pub client_id: String,
+    pub desired_topic: String,
+    pub reported_topic: String,
+    pub tenant_field: String,
+    pub tenant: Option<String>,
 }
 
 impl fmt::Debug for NotifyTarget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Sns { topic_arn } => f.debug_struct("Sns").field("topic_arn", topic_arn).finish(),
+            Self::Command(a) => a.fmt(f),
             Self::Webhook { headers, .. } => f
                 .debug_struct("Webhook")
                 .field("url", &"<not shown>")

@@ -1,29 +1,35 @@
-"""Commands to devices, device side: `shardlake device set` writes a device's desired state as a
+"""Commands to devices. `shardlake device set` writes a device's desired state as a
 retained message on Mosquitto (TLS, client certificates, an ACL that pins each certificate to
 its own topics, as the IoT policy does); shardlake-agent applies it (sampling interval, a GPIO
 value file, a command output), keeps it across a restart and reports what it applied.
 Refused documents (unknown keys, out of range, stale versions) change nothing and are
-reported with their reasons; one device cannot command another.
+reported with their reasons; one device cannot command another. End to end, an alert rule's
+`action:` commands the device that raised it: agent → Mosquitto → bridge → kinesalite →
+pipeline → Mosquitto → agent, and the lake shows the faster readings; a pipeline SIGKILLed
+after sending, before committing, does not send the command again.
 
 Exercises src/agent/commands.rs, src/agent/transport/mqtt.rs (the desired-state subscription
-and the reported state), src/agent/run.rs (sampling that follows its settings) and
-src/tools/device.rs.
+and the reported state), src/agent/run.rs (sampling that follows its settings),
+src/tools/device.rs, src/notify.rs (alert actions) and src/config/resolve/commands.rs.
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import statistics
 import subprocess
 import time
+import uuid
 from datetime import datetime
 from pathlib import Path
 
 import pytest
 
 from agents import start, stop_agent
-from harness import free_port, wait_until
+from harness import REPO, check_run, free_port, pipeline_env, wait_until
 from mosquitto import Mosquitto, Subscriber, _leaf, make_pki
+from servers import create_stream, put_lines, tenant_device_key
 
 TENANT = "acme"
 
@@ -289,3 +295,117 @@ def test_commands_need_mqtt_and_sane_bounds(agent_bin, tmp_path):
         "commands.outputs.pump.command.values: no values are allowed",
     ]:
         assert want in proc.stderr, f"{want!r} not in:\n{proc.stderr}"
+
+
+def action_pipeline(tmp: Path, broker: Mosquitto, stream: str, max_age: str) -> Path:
+    pki = broker.pki
+    text = (REPO / "pipelines" / "sensor-fleet.yaml").read_text()
+    text = text.replace("../schemas/sensor-reading.yaml",
+                        str(REPO / "schemas" / "sensor-reading.yaml"))
+    text = text.replace("  local:\n    path: ${SHARDLAKE_DATA:-shardlake-data}/stream",
+                        f"  kinesis: {{stream: {stream}, split_lines: true, poll_interval: 100ms}}")
+    text = text.replace("max_age: 5m", f"max_age: {max_age}")
+    text += f"""
+  - name: pressure_surge
+    when: field = 'pressure_psi' AND value > 50000
+    action:
+      set: {{sensors.well.interval: 200ms}}
+      for: 1h
+  - name: pressure_surge_valve
+    when: field = 'pressure_psi' AND value > 50000
+    action: {{set: {{outputs.valve: 1}}, dry_run: true}}
+
+commands:
+  mqtt:
+    host: localhost
+    port: {broker.port}
+    ca: {pki / 'ca.pem'}
+    cert: {pki / 'operator.pem'}
+    key: {pki / 'operator.key'}
+identity: {{from: partition_key, key: "{{tenant}}/{{device_id}}"}}
+"""
+    path = tmp / f"actions-{max_age}.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_an_alert_commands_its_device_end_to_end_once_across_a_crash(
+        shardlake_bin, agent_bin, tmp_path, broker, kinesalite):
+    kinesis = kinesalite.client()
+    stream = f"cmd-{uuid.uuid4().hex[:8]}"
+    create_stream(kinesis, stream, 1)
+    pki = broker.pki
+    env = pipeline_env(tmp_path / "data", kinesalite.env())
+    bridge_log = tmp_path / "bridge.log"
+    bridge = subprocess.Popen(
+        [str(shardlake_bin), "bridge", "--stream", stream, "--port", str(broker.port),
+         "--ca", str(pki / "ca.pem"), "--cert", str(pki / "subscriber.pem"),
+         "--key", str(pki / "subscriber.key"), "--client-id", f"bridge-{stream}"],
+        env=env, stdout=subprocess.PIPE, stderr=open(bridge_log, "wb"), text=True)
+    wait_until("the bridge to subscribe",
+               lambda: "bridge subscribed" in bridge_log.read_text(), timeout=30)
+    sub = Subscriber(broker, f"sensors/{TENANT}/pi-1/reported", tmp_path / "reported.out")
+    agent_log = tmp_path / "pi-1.log"
+    agent = start(agent_bin, agent_yaml(tmp_path, broker, "pi-1", interval="1s"), agent_log)
+    pipe_log = tmp_path / "pipeline.log"
+    # Nothing commits for 10 minutes: the command is sent, then the pipeline is killed.
+    first = subprocess.Popen([str(shardlake_bin), "run",
+                              str(action_pipeline(tmp_path, broker, stream, "10m"))],
+                             env=env, stdout=subprocess.DEVNULL, stderr=open(pipe_log, "ab"))
+    second = None
+    try:
+        surge = json.dumps({"device_id": "pi-1", "tenant": TENANT, "seq": 10**9,
+                            "ts": datetime.now().astimezone().isoformat(), "sensor": "well",
+                            "field": "pressure_psi", "value": 99999.0, "unit": "psi"}).encode()
+        injected = time.monotonic()
+        put_lines(kinesis, stream, [surge], key=tenant_device_key)
+        applied = wait_until("pi-1 reports the alert's command applied", lambda: [
+            r for r in reports(sub) if r["status"] == "applied" and r["version"] == 1], timeout=90)
+        print(f"\n[actions] surge on the stream → command applied on the device: "
+              f"{time.monotonic() - injected:.2f} s")
+        assert applied[-1]["applied"] == {"sensors.well.interval": "200ms"}
+        log = pipe_log.read_text()
+        assert "command sent" in log and "dry run: command not sent" in log
+        assert (tmp_path / "pi-1-sysfs/sys/class/gpio/gpio17/value").read_text() == "0", \
+            "a dry run sends nothing"
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+
+        # The restart reads the surge again (nothing was committed) and raises the same
+        # alert: the command is recognised, not sent as a second version.
+        second = subprocess.Popen([str(shardlake_bin), "run",
+                                   str(action_pipeline(tmp_path, broker, stream, "2s"))],
+                                  env=env, stdout=subprocess.DEVNULL, stderr=open(pipe_log, "ab"))
+        wait_until("the restarted pipeline recognises the command",
+                   lambda: "command already sent before a restart" in pipe_log.read_text(),
+                   timeout=90)
+        shown = device(shardlake_bin, broker, "show", "pi-1")
+        state = json.loads(shown.stdout)
+        assert state["desired"]["version"] == 1, state
+        assert state["desired"]["by"].startswith("rule:pressure_surge:pi-1:"), state
+
+        # The lake shows the device's faster readings.
+        pipeline = action_pipeline(tmp_path, broker, stream, "2s")
+
+        def fast_in_lake():
+            q = check_run([str(shardlake_bin), "query", str(pipeline),
+                           "SELECT CAST(ts AS VARCHAR) AS t FROM sensor_readings WHERE "
+                           "device_id = 'pi-1' AND sensor = 'well' GROUP BY ts ORDER BY ts"],
+                          env=env)
+            times = [datetime.fromisoformat(line.strip().strip("|").strip().replace("Z", "+00:00"))
+                     for line in q.stdout.splitlines()
+                     if line.startswith("| 20")]
+            gaps = [(b - a).total_seconds() for a, b in zip(times, times[1:])]
+            return sum(1 for g in gaps if g < 0.5) >= 10
+        wait_until("faster readings in the lake", fast_in_lake, timeout=120, every=1)
+        print(f"[actions] surge on the stream → 10 faster readings queryable in the lake: "
+              f"{time.monotonic() - injected:.2f} s (rollover.max_age 2s)")
+    finally:
+        for proc in (first, second):
+            if proc and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=60)
+        stop_agent(agent, agent_log)
+        bridge.send_signal(signal.SIGTERM)
+        bridge.wait(timeout=30)
+        sub.stop()

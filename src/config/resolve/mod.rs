@@ -5,6 +5,7 @@
 
 mod alerts;
 mod checkpoint;
+mod commands;
 mod console;
 mod event_time;
 mod identity;
@@ -47,7 +48,13 @@ pub(super) fn resolve_pipeline(
     outputs::check_table_names(p, &f.outputs);
     let aggregations = outputs::resolve_aggregations(p, &f.outputs);
     let (alerts, rule_names) = alerts::resolve_alerts(p, &f.alerts, &aggregations, schema.as_ref());
-    let notifiers = notifiers::resolve_notifiers(p, &f.notifiers, &rule_names);
+    let mut notifiers = notifiers::resolve_notifiers(p, &f.notifiers, &rule_names);
+    notifiers.extend(commands::resolve_actions(
+        p,
+        &f.alerts,
+        f.commands.as_ref(),
+        path.parent().unwrap_or(Path::new(".")),
+    ));
     let outputs = outputs::resolve_outputs(p, &f.outputs, aggregations, &lake, &rollover);
     let console = console::resolve_console(p, f.console);
     let identity = f
