@@ -1,14 +1,17 @@
 """The deployment files, checked here since they cannot be deployed from this machine:
-deploy/shardlake.yaml passes cfn-lint; the worker's and the console's task roles grant exactly
-the actions their code calls; each task runs a pipeline whose variables it sets; the console is
-reached only through its HTTPS load balancer and signs users in through the stack's user pool;
-and the Dockerfile copies files that exist, builds with the lock file as it is, and runs
-commands the binary accepts.
+deploy/shardlake.yaml passes cfn-lint; the worker's, the console's and the objects worker's
+task roles grant exactly the actions their code calls, each on the resources it touches; each
+task runs a pipeline whose variables it sets; uploads reach the objects worker's queue only
+from the stack's bucket, and the queue's redrive comes after the worker's own give-up; the
+console is reached only through its HTTPS load balancer and signs users in through the stack's
+user pool; and the Dockerfile copies files that exist, builds with the lock file as it is, and
+runs commands the binary accepts.
 
 Exercises no Rust module at run time: deploy/shardlake.yaml and the Dockerfile are checked
-against the SDK calls in src/source/kinesis/, src/checkpoint/dynamodb/, src/sink/s3.rs,
-src/notify.rs and src/console/, against the console's routes and acknowledgement keys, and
-against the subcommands of src/bin/shardlake.rs.
+against the SDK calls in src/source/kinesis/, src/source/objects/queue.rs,
+src/checkpoint/dynamodb/, src/sink/s3.rs, src/notify.rs and src/console/, against the
+object_store calls in src/source/objects/ and src/checkpoint/s3.rs, against the console's
+routes and acknowledgement keys, and against the subcommands of src/bin/shardlake.rs.
 """
 
 from __future__ import annotations
@@ -50,10 +53,26 @@ CONSOLE_CLIENT_FILES = {
 # rule on one machine (in AWS the rule's own role puts the records), and the agent runs on
 # the devices.
 NOT_IN_THE_TASK = {"src/tools/bridge.rs", "src/agent/transport/kinesis.rs"}
-# ... and the objects source's S3 event notifications (SQS): the template deploys no objects
-# worker yet (it needs its own service and role; the shipped task runs the Kinesis pipeline),
-# so no role of the stack may grant these.
-NOT_DEPLOYED_YET = {"src/source/objects/queue.rs": "sqs"}
+# ... and the objects worker's (`shardlake run` on pipelines/well-uploads-aws.yaml, a service
+# of its own with ObjectsTaskRole, deployed when UploadsPrefix is set): the queue the uploads
+# bucket's event notifications go to, and the lake. (Its pipeline has no notifier and keeps its
+# checkpoints in S3, so neither SNS nor DynamoDB.)
+OBJECTS_CLIENT_FILES = {
+    "src/source/objects/queue.rs": "sqs",
+    "src/sink/s3.rs": "s3",
+}
+# The objects themselves and the objects worker's checkpoint object are read and written
+# through object_store, not the SDK: the files that call it (`store.<op>(...)`), and the IAM
+# action of each call.
+OBJECT_STORE_FILES = ["src/source/objects/mod.rs", "src/source/objects/queue.rs",
+                      "src/source/objects/read.rs", "src/checkpoint/s3.rs"]
+STORE_ACTION_OF = {
+    "head": ["s3:GetObject"],
+    "get": ["s3:GetObject"],
+    "get_opts": ["s3:GetObject"],
+    "list": ["s3:ListBucket"],
+    "put_opts": ["s3:PutObject"],
+}
 # SDK operations whose IAM action is not named after them.
 ACTION_OF = {
     ("s3", "head_bucket"): ["s3:ListBucket"],
@@ -172,13 +191,13 @@ def granted_actions(role_name: str) -> set[str]:
 
 def test_every_file_with_sdk_calls_is_mapped():
     unknown = (set(sdk_calls()) - set(CLIENT_FILES) - set(CONSOLE_CLIENT_FILES)
-               - NOT_IN_THE_TASK - set(NOT_DEPLOYED_YET))
+               - set(OBJECTS_CLIENT_FILES) - NOT_IN_THE_TASK)
     assert not unknown, f"SDK calls in files this test does not map to a service: {unknown}"
-    # Nothing the stack deploys grants what only the undeployed worker calls.
-    undeployed = needed_actions(NOT_DEPLOYED_YET, sdk_calls())
-    assert undeployed, "the notification worker's SQS calls are found"
+    # The queue is the objects worker's alone.
+    queue = needed_actions({"src/source/objects/queue.rs": "sqs"}, sdk_calls())
+    assert queue, "the objects worker's SQS calls are found"
     for role in ("TaskRole", "ConsoleTaskRole"):
-        assert not undeployed & granted_actions(role), (role, sorted(undeployed & granted_actions(role)))
+        assert not queue & granted_actions(role), (role, sorted(queue & granted_actions(role)))
 
 
 def test_task_role_grants_exactly_what_the_code_calls():
@@ -527,6 +546,223 @@ def test_dockerfile_copies_what_exists_and_builds_locked(shardlake_bin):
     pipeline_env = [rest for word, rest in steps if word == "ENV"]
     baked = re.search(r"SHARDLAKE_PIPELINE=(\S+)", " ".join(pipeline_env)).group(1)
     assert (REPO / Path(baked).relative_to("/etc/shardlake")).is_file(), baked
+
+
+# --------------------------------------------------------------------------------------------
+# The objects worker: uploads -> S3 event notifications in SQS -> one ECS task
+
+BACKFILL = REPO / "pipelines" / "well-uploads-backfill-aws.yaml"
+# Everything that exists only when UploadsPrefix is set.
+UPLOADS_RESOURCES = {"UploadsDeadLetterQueue", "UploadsQueue", "UploadsQueuePolicy", "UploadsBucket",
+                     "UploadsBucketPolicy", "ObjectsSecurityGroup", "ObjectsTaskRole",
+                     "ObjectsTaskDefinition", "ObjectsService"}
+
+
+def store_calls() -> dict[str, set[str]]:
+    """Every object_store operation the objects worker's files call, by file: `store.<op>(`,
+    also when the chain breaks the line, outside their unit tests."""
+    def ops_in(path: Path) -> set[str]:
+        text = path.read_text().split("#[cfg(test)]\nmod tests")[0]
+        return set(re.findall(r"\bstore\s*\.\s*([a-z0-9_]+)\(", text)) - {"clone", "as_ref"}
+
+    calls = {}
+    for file in OBJECT_STORE_FILES:
+        ops = ops_in(REPO / file)
+        assert ops, f"{file}: no object_store call found; OBJECT_STORE_FILES is out of date"
+        unmapped = ops - set(STORE_ACTION_OF)
+        assert not unmapped, f"{file}: object_store calls with no IAM action in STORE_ACTION_OF: {unmapped}"
+        calls[file] = ops
+    for path in (REPO / "src" / "source" / "objects").glob("*.rs"):
+        file = str(path.relative_to(REPO))
+        if path.name != "tests.rs" and ops_in(path):
+            assert file in calls, f"{file} calls object_store and is not in OBJECT_STORE_FILES"
+    return calls
+
+
+def store_actions(calls: dict[str, set[str]], files) -> set[str]:
+    return {a for f in files for op in calls[f] for a in STORE_ACTION_OF[op]}
+
+
+def checkpoint_key(doc: dict) -> str:
+    """The S3 checkpoint store's one object: `<prefix>/<pipeline>/checkpoint.json`
+    (src/checkpoint/s3.rs)."""
+    code = (REPO / "src" / "checkpoint" / "s3.rs").read_text()
+    assert re.search(r'\[prefix, pipeline, "checkpoint\.json"\]', code), \
+        "the S3 checkpoint's key layout changed; check ObjectsTaskRole's Checkpoints"
+    return f"{doc['checkpoints']['s3']['prefix']}/{doc['name']}/checkpoint.json"
+
+
+def state_output() -> str:
+    """Where detector snapshots go in the alerts' lake: `<lake prefix>/<STATE_OUTPUT>/...`, the
+    only objects the lake deletes (src/sink/mod.rs)."""
+    code = (REPO / "src" / "sink" / "mod.rs").read_text()
+    return re.search(r'pub const STATE_OUTPUT: &str = "([^"]+)";', code).group(1)
+
+
+def resolved(value: str, env: dict):
+    """What the task sets for a pipeline value that is one `${VAR}` or `${VAR:-default}`."""
+    m = re.fullmatch(r"\$\{([A-Z0-9_]+)(?::-[^}]*)?\}", value)
+    assert m, f"{value}: not one variable the task sets"
+    return env[m.group(1)]
+
+
+def objects_pipeline() -> dict:
+    doc = pipeline_doc(pipeline_of("ObjectsTaskDefinition"))
+    # What the worker runs, so which files' calls it makes: the S3 source reading the queue,
+    # the lake in S3, checkpoints in S3, and no notifier (src/notify.rs would run too).
+    assert set(doc["source"]) == {"s3"} and "notifications" in doc["source"]["s3"], doc["source"]
+    assert set(doc["lake"]) == {"s3"} and set(doc["checkpoints"]) == {"s3"}
+    assert not doc.get("notifiers") and not any(
+        "sink" in (o if isinstance(o, dict) else {}) for o in doc["outputs"].values()), \
+        "a notifier or a sink of its own: map its calls and grant them"
+    return doc
+
+
+def test_objects_task_role_grants_exactly_what_the_objects_worker_calls():
+    doc = objects_pipeline()
+    sdk, store = sdk_calls(), store_calls()
+    queue = needed_actions({"src/source/objects/queue.rs": "sqs"}, sdk)
+    lake = needed_actions({"src/sink/s3.rs": "s3"}, sdk)
+    uploads = store_actions(store, [f for f in OBJECT_STORE_FILES if f.startswith("src/source/")])
+    checkpoints = store_actions(store, ["src/checkpoint/s3.rs"])
+    assert {"sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:ChangeMessageVisibility"} <= queue, queue
+    assert {"s3:GetObject", "s3:ListBucket"} <= uploads, uploads
+    assert {"s3:GetObject", "s3:PutObject"} <= checkpoints, checkpoints
+    needed = needed_actions(OBJECTS_CLIENT_FILES, sdk) | uploads | checkpoints
+    granted = granted_actions("ObjectsTaskRole")
+    assert granted - needed == set(), f"granted but never called: {sorted(granted - needed)}"
+    assert needed - granted == set(), f"called but not granted: {sorted(needed - granted)}"
+    # And each on exactly what the worker touches with it: the queue; the uploads under
+    # UploadsPrefix; the lake bucket and the objects under the pipeline's lake prefix (deletes
+    # only of detector snapshots); the one checkpoint object.
+    bucket_level = {"s3:ListBucket", "s3:ListBucketMultipartUploads"}
+    prefix = doc["lake"]["s3"]["prefix"]
+    expected = set()
+
+    def want(actions, resource, condition=None):
+        expected.update((a, json.dumps(resource), json.dumps(condition)) for a in actions)
+
+    want(queue, {"Fn::GetAtt": ["UploadsQueue", "Arn"]})
+    want(uploads & bucket_level, {"Fn::GetAtt": ["UploadsBucket", "Arn"]},
+         {"StringLike": {"s3:prefix": [{"Fn::Sub": "${UploadsPrefix}*"}]}})
+    want(uploads - bucket_level, {"Fn::Sub": "${UploadsBucket.Arn}/${UploadsPrefix}*"})
+    want(lake & bucket_level, {"Fn::GetAtt": ["LakeBucket", "Arn"]})
+    want(lake - bucket_level - {"s3:DeleteObject"}, {"Fn::Sub": f"${{LakeBucket.Arn}}/{prefix}/*"})
+    want(lake & {"s3:DeleteObject"}, {"Fn::Sub": f"${{LakeBucket.Arn}}/{prefix}/{state_output()}/*"})
+    want(checkpoints, {"Fn::Sub": f"${{LakeBucket.Arn}}/{checkpoint_key(doc)}"})
+    got = set()
+    for st in statements("ObjectsTaskRole"):
+        actions = st["Action"] if isinstance(st["Action"], list) else [st["Action"]]
+        resources_ = st["Resource"] if isinstance(st["Resource"], list) else [st["Resource"]]
+        got.update((a, json.dumps(r), json.dumps(st.get("Condition")))
+                   for a in actions for r in resources_)
+    assert got == expected, (f"granted beyond what it touches: {sorted(got - expected)}; "
+                             f"missing: {sorted(expected - got)}")
+    assert resources()["ObjectsTaskDefinition"]["Properties"]["TaskRoleArn"] == \
+        {"Fn::GetAtt": ["ObjectsTaskRole", "Arn"]}
+
+
+def test_the_objects_task_reads_the_stacks_uploads_queue_and_lake_alone():
+    res = resources()
+    doc = objects_pipeline()
+    env = env_of("ObjectsTaskDefinition")
+    container = container_of("ObjectsTaskDefinition")
+    assert container["Command"][0] == "run" and "--drain" not in container["Command"]
+    assert variables(doc) <= set(env), \
+        f"the pipeline reads {sorted(variables(doc) - set(env))} which the objects task does not set"
+    src = doc["source"]["s3"]
+    assert resolved(src["bucket"], env) == {"Ref": "UploadsBucket"}
+    assert resolved(src["prefix"], env) == {"Ref": "UploadsPrefix"}
+    # The queue's URL (Ref of a queue), so the worker needs no GetQueueUrl call.
+    assert resolved(src["notifications"]["queue"], env) == {"Ref": "UploadsQueue"}
+    assert resolved(doc["lake"]["s3"]["bucket"], env) == {"Ref": "LakeBucket"}
+    assert resolved(doc["checkpoints"]["s3"]["bucket"], env) == {"Ref": "LakeBucket"}
+    # The lake bucket is versioned: replaced checkpoints must not pile up.
+    key = checkpoint_key(doc)
+    rules = res["LakeBucket"]["Properties"]["LifecycleConfiguration"]["Rules"]
+    assert any(key.startswith(r.get("Prefix", "")) and "NoncurrentVersionExpiration" in r
+               for r in rules), f"no lifecycle rule expires the replaced versions of {key}"
+    assert container["StopTimeout"] == 30 and env["SHARDLAKE_SHUTDOWN_BUDGET"] == "25"
+    assert container["HealthCheck"]["Command"] == ["CMD", "/usr/local/bin/shardlake", "health"]
+    # One worker reads the queue (leases share Kinesis shards only) and holds its checkpoints:
+    # a deployment stops the old task before it starts the new one.
+    svc = res["ObjectsService"]["Properties"]
+    assert svc["TaskDefinition"] == {"Ref": "ObjectsTaskDefinition"}
+    assert svc["DesiredCount"] == 1
+    assert svc["DeploymentConfiguration"]["MaximumPercent"] == 100
+    assert not [r for r in res.values() if r["Type"] == "AWS::ApplicationAutoScaling::ScalableTarget"
+                and "ObjectsService" in json.dumps(r)]
+    # Nothing reaches it; out only to AWS APIs.
+    assert svc["NetworkConfiguration"]["AwsvpcConfiguration"]["SecurityGroups"] == \
+        [{"Ref": "ObjectsSecurityGroup"}]
+    assert rules_into("ObjectsSecurityGroup", "SecurityGroupIngress",
+                      "AWS::EC2::SecurityGroupIngress") == []
+    egress = rules_into("ObjectsSecurityGroup", "SecurityGroupEgress", "AWS::EC2::SecurityGroupEgress")
+    assert [(r["FromPort"], r["ToPort"], r["CidrIp"]) for r in egress] == [(443, 443, "0.0.0.0/0")]
+
+
+def test_uploads_notify_the_queue_whose_redrive_comes_after_the_workers_own_give_up():
+    t = template()
+    res = t["Resources"]
+    # All of it only with UploadsPrefix (cfn-lint checks that nothing else refers to it).
+    assert t["Parameters"]["UploadsPrefix"]["Default"] == ""
+    assert t["Conditions"]["Uploads"] == {"Fn::Not": [{"Fn::Equals": [{"Ref": "UploadsPrefix"}, ""]}]}
+    assert {k for k, r in res.items() if r.get("Condition") == "Uploads"} == UPLOADS_RESOURCES
+    assert all(o.get("Condition") == "Uploads" for o in t["Outputs"].values()
+               if any(name in json.dumps(o["Value"]) for name in UPLOADS_RESOURCES))
+    # The worker gives a message up (its objects to dead-letter, the message deleted) on its
+    # receive max_receives + 1; SQS delivers a message at most maxReceiveCount times before it
+    # moves it to the dead-letter queue, so that must be later.
+    session = (REPO / "src" / "pipeline" / "session.rs").read_text()
+    assert "if m.receives > max_receives {" in session, "the give-up changed; check the redrive"
+    max_receives = objects_pipeline()["source"]["s3"]["notifications"]["max_receives"]
+    queue = res["UploadsQueue"]["Properties"]
+    assert queue["RedrivePolicy"]["deadLetterTargetArn"] == \
+        {"Fn::GetAtt": ["UploadsDeadLetterQueue", "Arn"]}
+    assert queue["RedrivePolicy"]["maxReceiveCount"] > max_receives + 1, \
+        (queue["RedrivePolicy"], max_receives)
+    # Encrypted as S3 can send to (SSE-SQS; S3 cannot use the aws/sqs KMS key).
+    for q in ("UploadsQueue", "UploadsDeadLetterQueue"):
+        assert res[q]["Properties"]["SqsManagedSseEnabled"] is True
+        assert "KmsMasterKeyId" not in res[q]["Properties"]
+    # Only S3 may send, for the stack's uploads bucket in this account.
+    policy = res["UploadsQueuePolicy"]["Properties"]
+    assert policy["Queues"] == [{"Ref": "UploadsQueue"}]
+    [st] = policy["PolicyDocument"]["Statement"]
+    bucket = res["UploadsBucket"]
+    name = bucket["Properties"]["BucketName"]["Fn::Sub"]
+    assert (st["Effect"], st["Principal"], st["Action"], st["Resource"]) == (
+        "Allow", {"Service": "s3.amazonaws.com"}, "sqs:SendMessage",
+        {"Fn::GetAtt": ["UploadsQueue", "Arn"]})
+    assert st["Condition"] == {
+        "ArnEquals": {"aws:SourceArn": {"Fn::Sub": f"arn:${{AWS::Partition}}:s3:::{name}"}},
+        "StringEquals": {"aws:SourceAccount": {"Ref": "AWS::AccountId"}}}
+    # The bucket's notifications: every created object under the prefix, once the queue's
+    # policy lets S3 send (S3 checks it when the configuration is put).
+    assert "UploadsQueuePolicy" in bucket["DependsOn"]
+    assert bucket["Properties"]["NotificationConfiguration"] == {"QueueConfigurations": [{
+        "Event": "s3:ObjectCreated:*", "Queue": {"Fn::GetAtt": ["UploadsQueue", "Arn"]},
+        "Filter": {"S3Key": {"Rules": [{"Name": "prefix", "Value": {"Ref": "UploadsPrefix"}}]}}}]}
+    assert 'starts_with("ObjectCreated:")' in \
+        (REPO / "src" / "source" / "objects" / "queue.rs").read_text()
+    # A folder: the listing asks for the prefix's folder, which ListTheUploads must cover;
+    # and no IAM wildcard, which would widen the role's resources.
+    pattern = t["Parameters"]["UploadsPrefix"]["AllowedPattern"]
+    assert re.fullmatch(pattern, "gateways/") and re.fullmatch(pattern, "a/b/")
+    for wrong in ("gateways", "/", "*/", "a?/", "a/*/"):
+        assert not re.fullmatch(pattern, wrong), wrong
+
+
+def test_the_backfill_pipeline_is_the_objects_pipeline_listing_its_prefix(shardlake_bin):
+    # The same name, lake and checkpoints (so the role covers it, and an object either run read
+    # to its end the other skips); only the source lists instead of reading the queue.
+    notified = objects_pipeline()
+    backfill = pipeline_doc(BACKFILL)
+    assert "notifications" not in backfill["source"]["s3"]
+    notified["source"]["s3"].pop("notifications")
+    assert backfill == notified
+    for pipeline in (pipeline_of("ObjectsTaskDefinition"), BACKFILL):
+        check_run([str(shardlake_bin), "validate", str(pipeline)])
 
 
 # --------------------------------------------------------------------------------------------
