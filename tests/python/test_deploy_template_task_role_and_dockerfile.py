@@ -217,6 +217,25 @@ def test_task_role_grants_exactly_what_the_code_calls():
     assert subscribe["Resource"] == {"Fn::Sub": "${Stream.Arn}/consumer/${FanOutConsumer}:*"}
 
 
+def test_the_worker_may_delete_the_snapshots_of_the_pipeline_it_runs_and_nothing_else():
+    """The one delete a worker makes is of a replaced detector snapshot, under
+    `<lake prefix>/<STATE_OUTPUT>/`: the grant must cover that key for the pipeline the task
+    runs (it once named `lake/_state/*`, which the AWS pipeline's `lake/well-telemetry`
+    prefix never writes), and no data file."""
+    import fnmatch
+    pipeline = pipeline_doc(pipeline_of("TaskDefinition"))
+    prefix = pipeline["lake"]["s3"]["prefix"]
+    deletes = [st for st in statements("TaskRole") if "s3:DeleteObject" in (
+        st["Action"] if isinstance(st["Action"], list) else [st["Action"]])]
+    assert len(deletes) == 1, deletes
+    pattern = deletes[0]["Resource"]["Fn::Sub"].replace("${LakeBucket.Arn}/", "")
+    snapshot = f"{prefix}/{state_output()}/{pipeline['name']}/shardId-000000000000/state-1-w0-0000.json.zst"
+    assert fnmatch.fnmatchcase(snapshot, pattern), (pattern, snapshot)
+    for data in (f"{prefix}/well_telemetry_raw/year=2026/month=12/day=07/hour=05/part.parquet",
+                 f"{prefix}/well_telemetry_well_1m/year=2026/month=12/day=07/hour=05/p.parquet"):
+        assert not fnmatch.fnmatchcase(data, pattern), (pattern, data)
+
+
 def acks_key_prefix() -> str:
     """Where the console keeps acknowledgements in the AWS pipeline's lake:
     `<lake.s3.prefix>/<ACKS_PREFIX>/` (src/console/acks.rs; the alerts output has no sink of
