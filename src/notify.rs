@@ -387,31 +387,25 @@ async fn command(a: &CommandAction, m: &Message) -> Result<(), SendError> {
         .as_deref()
         .ok_or_else(|| permanent("the alert names no device (the schema has no key)".into()))?;
     let body: serde_json::Value = serde_json::from_str(&m.body).unwrap_or_default();
-    let tenant = body["detail"][&a.tenant_field]
+    let b = &a.broker;
+    let tenant = body["detail"][&b.tenant_field]
         .as_str()
         .map(str::to_string)
-        .or_else(|| a.tenant.clone())
+        .or_else(|| b.tenant.clone())
         .ok_or_else(|| {
             permanent(format!(
                 "the alert row has no `{}` and commands.tenant is not set: whose device is {device_id}?",
-                a.tenant_field
+                b.tenant_field
             ))
         })?;
-    let topics = device::Topics::new(&a.desired_topic, &a.reported_topic, &tenant, device_id)
+    let topics = device::Topics::new(&b.desired_topic, &b.reported_topic, &tenant, device_id)
         .map_err(|e| permanent(e.to_string()))?;
     let by = format!("rule:{}:{device_id}:{}", a.rule, m.event_time);
     if a.dry_run {
         tracing::info!(rule = %a.rule, device = device_id, tenant, topic = %topics.desired, set = ?a.set, by, "dry run: command not sent");
         return Ok(());
     }
-    let broker = device::Broker {
-        host: a.host.clone(),
-        port: a.port,
-        tls: a.tls.clone(),
-        // One connection per command; a random suffix keeps workers and rules apart.
-        client_id: format!("{}-{:08x}", a.client_id, fastrand::u32(..)),
-        timeout: Duration::from_secs(10),
-    };
+    let broker = device::Broker::of(b);
     let (sent, before) = device::command(&broker, &topics, &a.set, &by)
         .await
         .map_err(|e| SendError {

@@ -54,6 +54,16 @@ use tracing::{info, warn};
 
 use super::config::{CommandsConfig, Output, SensorConfig};
 
+/// Whether `key` is one of the three kinds of key a device takes (`sensors.<name>.interval`,
+/// `sensors.<name>.enabled`, `outputs.<name>`); what the device accepts is still its own call.
+pub fn is_command_key(key: &str) -> bool {
+    let parts: Vec<&str> = key.split('.').collect();
+    match parts.as_slice() {
+        ["sensors", name, "interval" | "enabled"] | ["outputs", name] => !name.is_empty(),
+        _ => false,
+    }
+}
+
 /// What a sensor's sampling loop follows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Settings {

@@ -43,6 +43,8 @@ pub struct Pipeline {
     pub outputs: Outputs,
     pub alerts: Vec<AlertRule>,
     pub notifiers: Vec<Notifier>,
+    /// `commands:`: where desired states go (alert actions' notifiers carry a copy).
+    pub commands: Option<CommandsBroker>,
     /// `shardlake console`: sign-in and roles.
     pub console: Console,
     /// What the channel proves of each record (`identity:`), if set.
@@ -294,13 +296,22 @@ pub struct CommandAction {
     /// Wall time after which the keys are restored.
     pub for_: Option<std::time::Duration>,
     pub dry_run: bool,
+    pub broker: CommandsBroker,
+}
+
+/// `commands:`: the broker that carries devices' desired states (alert actions, the console).
+#[derive(Debug, Clone)]
+pub struct CommandsBroker {
     pub host: String,
     pub port: u16,
+    /// CA, certificate and key (PEM); plain TCP without.
     pub tls: Option<(PathBuf, PathBuf, PathBuf)>,
     pub client_id: String,
     pub desired_topic: String,
     pub reported_topic: String,
+    /// The alert row's (`detail`) field naming a device's tenant.
     pub tenant_field: String,
+    /// The tenant of devices whose alert row names none.
     pub tenant: Option<String>,
 }
 

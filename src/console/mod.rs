@@ -9,7 +9,10 @@
 //!   aggregation table through the merged views `shardlake query` uses, with its recent
 //!   readings and alerts;
 //! - the **query page and API**: `POST /api/query`, read-only SQL over the pipeline's tables
-//!   ([`query`]).
+//!   ([`query`]);
+//! - a device's **desired and reported state** (`GET /api/devices/{id}/desired`), which an
+//!   operator of its tenant changes (`POST`, `{"set": {…}, "unset": […]}`) through the
+//!   pipeline's `commands:` broker, as `shardlake device set` does ([`crate::tools::device`]).
 //!
 //! Live data comes from the workers' live state, merged in [`fleet`]: the console reads no
 //! shard itself. Pages are plain HTML, CSS and JavaScript compiled into the binary (`assets/`):
@@ -229,6 +232,10 @@ fn router(console: Arc<Console>) -> Router {
         .route("/api/events", get(events))
         .route("/api/alerts/{id}/ack", post(acknowledge))
         .route("/api/devices/{id}", get(device))
+        .route(
+            "/api/devices/{id}/desired",
+            get(desired_state).post(set_desired),
+        )
         .route("/api/query", post(run_query))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such page or API") })
         .with_state(console.clone())
@@ -384,6 +391,7 @@ async fn me(State(c): State<Arc<Console>>, headers: HeaderMap) -> Result<Respons
         "tables": c.p.table_names(),
         "device_table": c.device_table,
         "query_rows": c.opts.query_rows,
+        "commands": c.p.commands.is_some(),
     }))
     .into_response())
 }
@@ -528,6 +536,135 @@ async fn acknowledge(
     })?;
     let shown = c.fleet.ack(kept).unwrap_or(ack);
     Ok(axum::Json(shown).into_response())
+}
+
+impl Console {
+    /// The broker and topics of device `id`, if `v` may see it: its tenant is the one its live
+    /// row names (a device the console has not seen cannot be commanded from here).
+    fn device_topics(
+        &self,
+        v: &Viewer,
+        id: &str,
+    ) -> Result<(crate::tools::device::Broker, crate::tools::device::Topics), ApiError> {
+        use crate::tools::device::{Broker, Topics};
+        let Some(b) = &self.p.commands else {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "this pipeline has no `commands:` broker, so devices cannot be commanded from here",
+            ));
+        };
+        let Some(row) = self
+            .fleet
+            .since(0, &v.scope, false)
+            .devices
+            .into_iter()
+            .find(|d| d.device == id)
+        else {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("no device {id} in the live fleet"),
+            ));
+        };
+        let Some(tenant) = row.tenant.or_else(|| b.tenant.clone()) else {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!(
+                    "device {id} names no tenant and commands.tenant is not set: its topics are unknown"
+                ),
+            ));
+        };
+        let topics = Topics::new(&b.desired_topic, &b.reported_topic, &tenant, id)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
+        Ok((Broker::of(b), topics))
+    }
+}
+
+fn broker_error(e: anyhow::Error) -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_GATEWAY,
+        format!("the commands broker: {e:#}"),
+    )
+}
+
+/// The device's retained desired and reported states.
+async fn desired_state(
+    State(c): State<Arc<Console>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let v = c.viewer(&headers).await?;
+    let (broker, topics) = c.device_topics(&v, &id)?;
+    let state = crate::tools::device::show(&broker, &topics)
+        .await
+        .map_err(broker_error)?;
+    Ok(axum::Json(state).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetDesired {
+    #[serde(default)]
+    set: std::collections::BTreeMap<String, serde_json::Value>,
+    #[serde(default)]
+    unset: Vec<String>,
+}
+
+/// An operator changes a device's desired state; answers with the new document and, if the
+/// device answered within 5 s, its report.
+async fn set_desired(
+    State(c): State<Arc<Console>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Result<axum::Json<SetDesired>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, ApiError> {
+    let v = c.poster(&headers).await?;
+    if !v.may_acknowledge() {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "setting a device's desired state needs the operator role",
+        ));
+    }
+    let axum::Json(req) = body.map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "{e}; send {{\"set\": {{\"sensors.<name>.interval\": \"1s\"}}, \"unset\": [\"outputs.<name>\"]}}"
+            ),
+        )
+    })?;
+    if req.set.is_empty() && req.unset.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "nothing to change: give `set` or `unset`",
+        ));
+    }
+    if let Some(k) = req
+        .set
+        .keys()
+        .chain(&req.unset)
+        .find(|k| !crate::agent::commands::is_command_key(k))
+    {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "`{k}` is not a setting a device takes: use sensors.<name>.interval, sensors.<name>.enabled or outputs.<name>"
+            ),
+        ));
+    }
+    let (broker, topics) = c.device_topics(&v, &id)?;
+    let set: Vec<(String, serde_json::Value)> = req.set.into_iter().collect();
+    let outcome = crate::tools::device::set(
+        &broker,
+        &topics,
+        &set,
+        &req.unset,
+        &format!("user:{}", v.name),
+        Some(Duration::from_secs(5)),
+    )
+    .await
+    .map_err(broker_error)?;
+    tracing::info!(device = %id, user = %v.name, version = outcome.desired.version, "desired state set from the console");
+    Ok(axum::Json(outcome).into_response())
 }
 
 #[derive(Deserialize)]

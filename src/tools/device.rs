@@ -42,6 +42,20 @@ pub struct Broker {
     pub timeout: Duration,
 }
 
+impl Broker {
+    /// The pipeline's `commands:` broker, under a client id of its own for this connection
+    /// (workers, rules and console requests connect side by side).
+    pub fn of(b: &crate::config::CommandsBroker) -> Self {
+        Self {
+            host: b.host.clone(),
+            port: b.port,
+            tls: b.tls.clone(),
+            client_id: format!("{}-{:08x}", b.client_id, fastrand::u32(..)),
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
 /// The device's two topics.
 #[derive(Debug, Clone)]
 pub struct Topics {

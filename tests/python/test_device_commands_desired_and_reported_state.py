@@ -125,6 +125,9 @@ def publish_raw(broker: Mosquitto, cert: str, topic: str, payload: str | None) -
     return client_id
 
 
+device_cli = device
+
+
 def readings(sub: Subscriber, device: str) -> list[dict]:
     return [m for m in sub.lines() for m in [json.loads(m)] if m.get("device_id") == device]
 
@@ -409,3 +412,122 @@ def test_an_alert_commands_its_device_end_to_end_once_across_a_crash(
         bridge.send_signal(signal.SIGTERM)
         bridge.wait(timeout=30)
         sub.stop()
+
+
+def test_console_operators_set_their_own_tenants_devices_only(
+        shardlake_bin, agent_bin, tmp_path, broker, moto):
+    """The console's device settings: an operator of the device's tenant changes its desired
+    state (retained on the broker, read back by another client); a viewer may read it, not
+    change it; another tenant's operator does not see the device; a key no device takes is
+    refused before anything is published."""
+    from console import ConsoleRun
+    from oidc import CognitoPool
+    pool = CognitoPool.create(moto)
+    pool.add_user("olga", "Passw0rd!olga", tenant="acme", groups=["operators"])
+    pool.add_user("ann", "Passw0rd!ann", tenant="acme")
+    pool.add_user("bob", "Passw0rd!bob", tenant="borealis", groups=["operators"])
+    pki = broker.pki
+    commands = (f"commands:\n  mqtt: {{host: localhost, port: {broker.port}, "
+                f"ca: {pki / 'ca.pem'}, cert: {pki / 'operator.pem'}, key: {pki / 'operator.key'}}}\n")
+    r = ConsoleRun(shardlake_bin, agent_bin, tmp_path / "console", devices=6, env=moto.env(),
+                   extra=pool.console_auth("http://127.0.0.1:1/auth/callback") + commands)
+    try:
+        olga, ann, bob = (pool.tokens(u, f"Passw0rd!{u}")["AccessToken"]
+                          for u in ("olga", "ann", "bob"))
+        device = next(d for d, t in sorted(r.tenants().items()) if t == "acme")
+        path = f"/api/devices/{device}/desired"
+
+        def fleet_has(token):
+            status, _, body = r.api("GET", "/api/fleet", token=token)
+            return status == 200 and any(d["device"] == device for d in json.loads(body)["devices"])
+        wait_until("the device in acme's fleet", lambda: fleet_has(olga), timeout=60)
+
+        def post(token, body):
+            return r.api("POST", path, json.dumps(body).encode(),
+                         {"content-type": "application/json"}, token=token)
+
+        status, _, body = post(ann, {"set": {"sensors.well.interval": "2s"}})
+        assert status == 403 and "operator role" in json.loads(body)["error"], body
+        status, _, body = post(bob, {"set": {"sensors.well.interval": "2s"}})
+        assert status == 404, body
+        assert r.api("GET", path, token=bob)[0] == 404
+        status, _, body = post(olga, {"set": {"firmware.url": "http://x"}})
+        assert status == 400 and "`firmware.url` is not a setting" in json.loads(body)["error"]
+        status, _, body = post(olga, {"colour": "red"})
+        assert status == 400 and "unknown field" in json.loads(body)["error"], body
+        status, _, body = post(olga, {})
+        assert status == 400 and "nothing to change" in json.loads(body)["error"], body
+        assert r.api("GET", path, token=olga)[2] and json.loads(
+            r.api("GET", path, token=olga)[2])["desired"] is None, "nothing was published"
+
+        status, _, body = post(olga, {"set": {"sensors.well.interval": "2s", "outputs.valve": 1}})
+        assert status == 200, body
+        out = json.loads(body)
+        assert out["desired"]["version"] == 1 and out["desired"]["by"].startswith("user:")
+        assert out["reported"] is None, "no agent runs for it: nothing reported"
+        status, _, body = r.api("GET", path, token=ann)
+        assert status == 200 and json.loads(body)["desired"]["state"] == {
+            "sensors.well.interval": "2s", "outputs.valve": 1}
+        # Another client reads the retained document from the broker itself.
+        shown = device_cli(shardlake_bin, broker, "show", device)
+        assert json.loads(shown.stdout)["desired"]["version"] == 1, shown.stderr
+        status, _, body = post(olga, {"unset": ["outputs.valve"]})
+        assert status == 200 and json.loads(body)["desired"]["state"] == {
+            "sensors.well.interval": "2s"}
+    finally:
+        r.close()
+
+
+def test_the_device_page_shows_and_changes_a_devices_settings_in_a_browser(
+        shardlake_bin, agent_bin, tmp_path, broker):
+    """On the device page (a local console, no sign-in: a local operator), the settings table
+    shows the device's desired and applied state; a setting typed in and set is published and
+    the device's report appears, without a reload. Values are shown as text."""
+    from console import ConsoleRun, chromium_driver, shoot, wait_in_page
+    from selenium.webdriver.common.by import By
+    pki = broker.pki
+    commands = (f"commands:\n  mqtt: {{host: localhost, port: {broker.port}, "
+                f"ca: {pki / 'ca.pem'}, cert: {pki / 'operator.pem'}, key: {pki / 'operator.key'}}}\n")
+    r = ConsoleRun(shardlake_bin, agent_bin, tmp_path / "console", devices=4, extra=commands)
+    # The device of the page is an agent on the broker: "pi-1" of tenant acme, its readings
+    # appended to the worker's stream so the console lists it.
+    agent_log = tmp_path / "pi-1.log"
+    agent = start(agent_bin, agent_yaml(tmp_path, broker, "pi-1", interval="1s"), agent_log)
+    page = chromium_driver()
+    try:
+        r.append("pi-1", tenant=TENANT, status="<img src=x onerror=alert(1)>")
+        page.get(r.base + "/#/device/pi-1")
+        wait_in_page(page, "the settings section",
+                     "!document.getElementById('settings').hidden && "
+                     "document.getElementById('settings-status').textContent.includes('desired')")
+        page.find_element(By.ID, "setting-key").send_keys("sensors.well.interval")
+        page.find_element(By.ID, "setting-value").send_keys("500ms")
+        page.find_element(By.ID, "setting-set").click()
+        status = wait_in_page(
+            page, "the device's report of version 1",
+            "(t => t.includes('the device reports version 1, applied') ? t : null)"
+            "(document.getElementById('settings-status').textContent)")
+        assert "desired version 1 (user:" in status, status
+        cells = page.execute_script(
+            "return [...document.querySelectorAll('#settings-body td')].map(c => c.textContent)")
+        assert cells == ["sensors.well.interval", "500ms", "500ms"], cells
+        shoot(page, tmp_path, "device-settings")
+        # A value the device refuses: its reason shows.
+        key = page.find_element(By.ID, "setting-key")
+        key.clear()
+        key.send_keys("outputs.valve")
+        value = page.find_element(By.ID, "setting-value")
+        value.clear()
+        value.send_keys("7")
+        page.find_element(By.ID, "setting-set").click()
+        status = wait_in_page(
+            page, "the refusal",
+            "(t => t.includes('refused') ? t : null)"
+            "(document.getElementById('settings-status').textContent)")
+        assert "outputs.valve: a GPIO output takes 0 or 1" in status, status
+        assert page.execute_script("return document.querySelectorAll('img').length") == 0
+        shoot(page, tmp_path, "device-settings-refused")
+    finally:
+        page.quit()
+        stop_agent(agent, agent_log)
+        r.close()

@@ -5,25 +5,31 @@
 use std::path::Path;
 
 use crate::config::file::{AlertFile, CommandsFile};
-use crate::config::{CommandAction, Notifier, NotifyTarget, Problems};
+use crate::config::{CommandAction, CommandsBroker, Notifier, NotifyTarget, Problems};
 
-/// Keys an action may set: what the agent takes (`src/agent/commands.rs`).
-fn key_ok(key: &str) -> bool {
-    let parts: Vec<&str> = key.split('.').collect();
-    match parts.as_slice() {
-        ["sensors", name, "interval" | "enabled"] | ["outputs", name] => !name.is_empty(),
-        _ => false,
-    }
-}
-
-/// One notifier per rule with an action; `base` is the pipeline file's directory (relative
-/// certificate paths are relative to it).
+/// The broker, and one notifier per rule with an action; `base` is the pipeline file's
+/// directory (relative certificate paths are relative to it).
 pub(super) fn resolve_actions(
     p: &mut Problems,
     alerts: &[AlertFile],
     commands: Option<&CommandsFile>,
     base: &Path,
-) -> Vec<Notifier> {
+) -> (Option<CommandsBroker>, Vec<Notifier>) {
+    let broker = commands.map(|c| CommandsBroker {
+        host: c.mqtt.host.clone(),
+        port: c.mqtt.port,
+        tls: match (&c.mqtt.ca, &c.mqtt.cert, &c.mqtt.key) {
+            (Some(ca), Some(cert), Some(key)) => {
+                Some((base.join(ca), base.join(cert), base.join(key)))
+            }
+            _ => None,
+        },
+        client_id: c.mqtt.client_id.clone(),
+        desired_topic: c.desired_topic.clone(),
+        reported_topic: c.reported_topic.clone(),
+        tenant_field: c.tenant_field.clone(),
+        tenant: c.tenant.clone(),
+    });
     let mut out = Vec::new();
     if let Some(c) = commands {
         for (field, t) in [
@@ -50,7 +56,7 @@ pub(super) fn resolve_actions(
     for (i, r) in alerts.iter().enumerate() {
         let Some(a) = &r.action else { continue };
         let at = |k: &str| format!("alerts[{i}].action.{k}");
-        let Some(c) = commands else {
+        if commands.is_none() {
             p.add(
                 &format!("alerts[{i}].action"),
                 "an action needs the broker it sends desired states through",
@@ -66,7 +72,7 @@ pub(super) fn resolve_actions(
             );
         }
         for (k, v) in &a.set {
-            if !key_ok(k) {
+            if !crate::agent::commands::is_command_key(k) {
                 p.add(
                     &format!("alerts[{i}].action.set.{k}"),
                     "is not a setting a device takes",
@@ -94,12 +100,6 @@ pub(super) fn resolve_actions(
             Some(d) => p.duration(&at("cooldown"), d),
             None => for_.unwrap_or(std::time::Duration::from_secs(15 * 60)),
         };
-        let tls = match (&c.mqtt.ca, &c.mqtt.cert, &c.mqtt.key) {
-            (Some(ca), Some(cert), Some(key)) => {
-                Some((base.join(ca), base.join(cert), base.join(key)))
-            }
-            _ => None,
-        };
         out.push(Notifier {
             name: format!("action:{}", r.name),
             target: NotifyTarget::Command(Box::new(CommandAction {
@@ -107,18 +107,11 @@ pub(super) fn resolve_actions(
                 set: a.set.clone(),
                 for_,
                 dry_run: a.dry_run,
-                host: c.mqtt.host.clone(),
-                port: c.mqtt.port,
-                tls,
-                client_id: c.mqtt.client_id.clone(),
-                desired_topic: c.desired_topic.clone(),
-                reported_topic: c.reported_topic.clone(),
-                tenant_field: c.tenant_field.clone(),
-                tenant: c.tenant.clone(),
+                broker: broker.clone().expect("set with commands"),
             })),
             cooldown: cooldown.as_micros() as i64,
             rules: Some(vec![r.name.clone()]),
         });
     }
-    out
+    (broker, out)
 }

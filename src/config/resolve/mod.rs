@@ -49,12 +49,13 @@ pub(super) fn resolve_pipeline(
     let aggregations = outputs::resolve_aggregations(p, &f.outputs);
     let (alerts, rule_names) = alerts::resolve_alerts(p, &f.alerts, &aggregations, schema.as_ref());
     let mut notifiers = notifiers::resolve_notifiers(p, &f.notifiers, &rule_names);
-    notifiers.extend(commands::resolve_actions(
+    let (commands, actions) = commands::resolve_actions(
         p,
         &f.alerts,
         f.commands.as_ref(),
         path.parent().unwrap_or(Path::new(".")),
-    ));
+    );
+    notifiers.extend(actions);
     let outputs = outputs::resolve_outputs(p, &f.outputs, aggregations, &lake, &rollover);
     let console = console::resolve_console(p, f.console);
     let identity = f
@@ -89,6 +90,7 @@ pub(super) fn resolve_pipeline(
         rollover,
         outputs,
         notifiers,
+        commands,
         alerts,
         console,
         identity,

@@ -342,6 +342,7 @@ async function loadDevice(custom) {
     const data = await r.json();
     if (state.device !== id) return;
     renderDevice(data);
+    loadSettings();
   } catch (e) {
     $("device-error").textContent = e.message;
     $("device-error").hidden = false;
@@ -385,6 +386,79 @@ function renderDevice(data) {
     tr.appendChild(el("td", a.detail, "detail"));
     return tr;
   }));
+}
+
+// ---- device settings (desired and reported state) ----
+
+async function loadSettings() {
+  const id = state.device;
+  $("settings").hidden = !state.me.commands;
+  if (!state.me.commands) return;
+  $("settings-error").hidden = true;
+  const operator = state.me && (state.me.role === "operator" || state.me.role === "admin");
+  try {
+    const r = await api("/api/devices/" + encodeURIComponent(id) + "/desired");
+    const data = await r.json();
+    if (state.device !== id) return;
+    renderSettings(data.desired, data.reported);
+    $("settings-form").hidden = !operator;
+  } catch (e) {
+    $("settings-body").replaceChildren();
+    $("settings-status").textContent = "";
+    $("settings-form").hidden = true;
+    $("settings-error").textContent = e.message;
+    $("settings-error").hidden = false;
+  }
+}
+
+function renderSettings(desired, reported) {
+  const want = (desired && desired.state) || {};
+  const have = (reported && reported.applied) || {};
+  const keys = [...new Set([...Object.keys(want), ...Object.keys(have)])].sort();
+  $("settings-body").replaceChildren(...keys.map((k) => {
+    const tr = el("tr");
+    tr.appendChild(el("td", k));
+    tr.appendChild(el("td", k in want ? fmtValue(want[k]) : "—"));
+    tr.appendChild(el("td", k in have ? fmtValue(have[k]) : "—"));
+    return tr;
+  }));
+  let text = desired ? "desired version " + desired.version + " (" + (desired.by || "?") + ")" : "no desired state";
+  if (reported) {
+    text += "; the device reports version " + reported.version + ", " + reported.status;
+    const refused = Object.entries(reported.refused || {});
+    if (refused.length) text += ": " + refused.map(([k, v]) => k + ": " + v).join("; ");
+  } else {
+    text += "; no report from the device";
+  }
+  $("settings-status").textContent = text;
+}
+
+async function changeSetting(unset) {
+  const key = $("setting-key").value.trim();
+  if (!key) return;
+  let body;
+  if (unset) {
+    body = { unset: [key] };
+  } else {
+    const raw = $("setting-value").value.trim();
+    let value = raw;
+    if (raw === "true" || raw === "false") value = raw === "true";
+    else if (raw !== "" && !isNaN(Number(raw))) value = Number(raw);
+    body = { set: { [key]: value } };
+  }
+  $("settings-error").hidden = true;
+  try {
+    const r = await api("/api/devices/" + encodeURIComponent(state.device) + "/desired", {
+      method: "POST",
+      headers: Object.assign({ "content-type": "application/json" }, csrfHeaders()),
+      body: JSON.stringify(body),
+    });
+    const out = await r.json();
+    renderSettings(out.desired, out.reported);
+  } catch (e) {
+    $("settings-error").textContent = e.message;
+    $("settings-error").hidden = false;
+  }
 }
 
 // ---- query page ----
@@ -460,6 +534,8 @@ async function start() {
     if (f && t) loadDevice([new Date(f).toISOString(), new Date(t).toISOString()]);
   });
   $("chart-field").addEventListener("input", () => loadDevice());
+  $("setting-set").addEventListener("click", () => changeSetting(false));
+  $("setting-unset").addEventListener("click", () => changeSetting(true));
   $("run-query").addEventListener("click", () => runQuery("json"));
   $("csv-query").addEventListener("click", () => runQuery("csv"));
   window.addEventListener("hashchange", route);
