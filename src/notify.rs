@@ -378,6 +378,35 @@ fn subject(rule: &str, device: &str) -> String {
     s.chars().take(100).collect()
 }
 
+/// Commands in force with a `for:`, per desired topic: the values their keys had before the
+/// first of them, how many are still in force, and the `by` of the last one written. When the
+/// last one expires the keys go back to those values, unless someone else wrote the desired
+/// state since: two commands that overlap restore what was there before both.
+#[derive(Default)]
+struct InForce {
+    baseline: std::collections::BTreeMap<String, Option<serde_json::Value>>,
+    active: usize,
+    last_by: String,
+}
+
+static IN_FORCE: std::sync::LazyLock<Mutex<HashMap<String, InForce>>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// One writer at a time per desired topic in this worker: two rules firing on one reading
+/// would otherwise both read version N and both write N + 1. (A device's alerts come from
+/// the one worker that holds its shard.) One entry per device ever commanded.
+static WRITING: std::sync::LazyLock<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>> =
+    std::sync::LazyLock::new(Default::default);
+
+fn writing(topic: &str) -> Arc<tokio::sync::Mutex<()>> {
+    WRITING
+        .lock()
+        .expect("not poisoned")
+        .entry(topic.to_string())
+        .or_default()
+        .clone()
+}
+
 /// An alert action: the device's desired state through the commands broker.
 async fn command(a: &CommandAction, m: &Message) -> Result<(), SendError> {
     use crate::tools::device;
@@ -386,16 +415,17 @@ async fn command(a: &CommandAction, m: &Message) -> Result<(), SendError> {
         .device
         .as_deref()
         .ok_or_else(|| permanent("the alert names no device (the schema has no key)".into()))?;
-    let body: serde_json::Value = serde_json::from_str(&m.body).unwrap_or_default();
     let b = &a.broker;
-    let tenant = body["detail"][&b.tenant_field]
+    // The same tenant the console and the alerts show for the row.
+    let body: serde_json::Value = serde_json::from_str(&m.body).unwrap_or_default();
+    let tenant = body["detail"][crate::columns::TENANT]
         .as_str()
         .map(str::to_string)
         .or_else(|| b.tenant.clone())
         .ok_or_else(|| {
             permanent(format!(
                 "the alert row has no `{}` and commands.tenant is not set: whose device is {device_id}?",
-                b.tenant_field
+                crate::columns::TENANT
             ))
         })?;
     let topics = device::Topics::new(&b.desired_topic, &b.reported_topic, &tenant, device_id)
@@ -406,20 +436,53 @@ async fn command(a: &CommandAction, m: &Message) -> Result<(), SendError> {
         return Ok(());
     }
     let broker = device::Broker::of(b);
+    let lock = writing(&topics.desired);
+    let guard = lock.lock().await;
     let (sent, before) = device::command(&broker, &topics, &a.set, &by)
         .await
         .map_err(|e| SendError {
-            retry: true,
+            retry: e.downcast_ref::<device::NotRetryable>().is_none(),
             text: format!("{e:#}"),
         })?;
+    drop(guard);
     match sent {
         device::Sent::Published(version) => {
             tracing::info!(rule = %a.rule, device = device_id, tenant, version, by, set = ?a.set, "command sent");
             if let Some(after) = a.for_ {
+                {
+                    let mut in_force = IN_FORCE.lock().expect("not poisoned");
+                    let f = in_force.entry(topics.desired.clone()).or_default();
+                    for (k, v) in before {
+                        f.baseline.entry(k).or_insert(v);
+                    }
+                    f.active += 1;
+                    f.last_by = by.clone();
+                }
                 let (rule, device_id) = (a.rule.clone(), device_id.to_string());
                 tokio::spawn(async move {
                     tokio::time::sleep(after).await;
-                    match device::restore(&broker, &topics, &before, &by).await {
+                    let last = {
+                        let mut in_force = IN_FORCE.lock().expect("not poisoned");
+                        let f = in_force.get_mut(&topics.desired).expect("entered above");
+                        f.active -= 1;
+                        if f.active > 0 {
+                            None
+                        } else {
+                            in_force.remove(&topics.desired)
+                        }
+                    };
+                    let Some(f) = last else {
+                        tracing::info!(
+                            rule,
+                            device = device_id,
+                            by,
+                            "command expired; another command is still in force, which restores when it ends"
+                        );
+                        return;
+                    };
+                    let lock = writing(&topics.desired);
+                    let _guard = lock.lock().await;
+                    match device::restore(&broker, &topics, &f.baseline, &f.last_by).await {
                         Ok(Some(v)) => tracing::info!(
                             rule,
                             device = device_id,

@@ -54,6 +54,23 @@ use tracing::{info, warn};
 
 use super::config::{CommandsConfig, Output, SensorConfig};
 
+/// The device's desired-state topic by default (`{tenant}` and `{device_id}` filled in).
+pub const DESIRED_TOPIC: &str = "sensors/{tenant}/{device_id}/desired";
+/// The device's reported-state topic by default.
+pub const REPORTED_TOPIC: &str = "sensors/{tenant}/{device_id}/reported";
+
+/// A topic template with `{tenant}` and `{device_id}` filled in.
+pub fn device_topic(template: &str, tenant: &str, device_id: &str) -> String {
+    template
+        .replace("{device_id}", device_id)
+        .replace("{tenant}", tenant)
+}
+
+/// Whether `template` names one device's topic: it holds `{device_id}` and no wildcard.
+pub fn is_device_topic(template: &str) -> bool {
+    template.contains("{device_id}") && !template.contains(['+', '#'])
+}
+
 /// Whether `key` is one of the three kinds of key a device takes (`sensors.<name>.interval`,
 /// `sensors.<name>.enabled`, `outputs.<name>`); what the device accepts is still its own call.
 pub fn is_command_key(key: &str) -> bool {
@@ -131,6 +148,9 @@ pub struct Commands {
     /// Each sensor's configured interval and the channel its sampling loop follows.
     sensors: BTreeMap<String, (Duration, watch::Sender<Settings>)>,
     applied: Applied,
+    /// Each output's value as last driven successfully (empty at start until driven): what
+    /// a document is compared with, not `applied`, which a failed document leaves behind.
+    driven: BTreeMap<String, String>,
 }
 
 impl Commands {
@@ -165,21 +185,35 @@ impl Commands {
             cfg,
             sensors: map,
             applied: Applied::default(),
+            driven: BTreeMap::new(),
         };
         // What was applied before is applied again, checked as a new document would be (the
-        // configuration may have changed since: what it no longer allows is dropped).
+        // configuration may have changed since: what it no longer allows is dropped, and the
+        // state in force is then the configured one, so the retained document, when it comes,
+        // is checked again and reported as it is).
         if applied.version > 0 {
-            let changes = match commands.validate(&applied.state) {
-                Ok(changes) => changes,
+            match commands.validate(&applied.state) {
+                Ok(changes) => {
+                    // Sensors first, then every output, each failure logged: at start the
+                    // device does what it can.
+                    commands.set_sensors(&changes);
+                    for c in &changes {
+                        if let Change::Output(name, value) = c
+                            && let Err(why) = commands.drive_output(name, value).await
+                        {
+                            warn!(output = %name, why, "driving an output at start failed; the next desired state drives it again");
+                        }
+                    }
+                    commands.applied = applied;
+                }
                 Err(refused) => {
                     warn!(state = %commands.cfg.state.display(), ?refused, "the applied state is no longer allowed by agent.yaml; starting from the configured settings");
-                    Vec::new()
+                    commands.applied = Applied {
+                        version: applied.version,
+                        state: BTreeMap::new(),
+                    };
                 }
-            };
-            if let Err((key, why)) = commands.apply(&changes, true).await {
-                warn!(key, why, "driving an output at start failed");
             }
-            commands.applied = applied;
             info!(version = commands.applied.version, "applied state restored");
         }
         Ok((commands, receivers))
@@ -222,7 +256,10 @@ impl Commands {
                 BTreeMap::from([("version".to_string(), why)]),
             ));
         }
-        if v == self.applied.version && desired.state == self.applied.state {
+        if v == self.applied.version
+            && desired.state == self.applied.state
+            && self.outputs_driven(&desired.state)
+        {
             // Seen again (a reconnect): in force already.
             return Some(self.report(v, Status::Applied, BTreeMap::new()));
         }
@@ -237,7 +274,7 @@ impl Commands {
                 return Some(self.report(v, Status::Refused, refused));
             }
         };
-        if let Err((key, why)) = self.apply(&changes, false).await {
+        if let Err((key, why)) = self.apply(&changes).await {
             warn!(version = v, key, why, "desired state failed");
             return Some(self.report(v, Status::Failed, BTreeMap::from([(key, why)])));
         }
@@ -383,27 +420,43 @@ impl Commands {
         }
     }
 
-    /// Drives the outputs (in key order) and sets every sensor: the changes over the configured
-    /// defaults. `all_outputs` drives each output named even if its value did not change (at
-    /// start). The first output that fails stops it: `(key, why)`.
-    async fn apply(
-        &mut self,
-        changes: &[Change],
-        all_outputs: bool,
-    ) -> Result<(), (String, String)> {
+    /// Whether every output `state` names was driven to its value (false for one that failed
+    /// at start or in a document that failed part-way).
+    fn outputs_driven(&self, state: &BTreeMap<String, Json>) -> bool {
+        state.iter().all(|(k, v)| {
+            k.strip_prefix("outputs.").is_none_or(|name| {
+                self.driven.get(name).map(String::as_str) == Some(json_value(v).as_str())
+            })
+        })
+    }
+
+    /// Drives the outputs whose value differs from the one last driven (in key order), then
+    /// sets every sensor: the changes over the configured defaults. The first output that
+    /// fails stops it, sensors unchanged: `(key, why)`.
+    async fn apply(&mut self, changes: &[Change]) -> Result<(), (String, String)> {
         for c in changes {
             if let Change::Output(name, value) = c {
-                let key = format!("outputs.{name}");
-                let before = self.applied.state.get(&key).map(json_text);
-                if !all_outputs && before.as_deref() == Some(value.as_str()) {
+                if self.driven.get(name) == Some(value) {
                     continue;
                 }
-                drive(&self.cfg.outputs[name], value)
+                self.drive_output(name, value)
                     .await
-                    .map_err(|why| (key, why))?;
-                info!(output = %name, value = %value, "output driven");
+                    .map_err(|why| (format!("outputs.{name}"), why))?;
             }
         }
+        self.set_sensors(changes);
+        Ok(())
+    }
+
+    async fn drive_output(&mut self, name: &str, value: &str) -> Result<(), String> {
+        drive(&self.cfg.outputs[name], value).await?;
+        info!(output = %name, value = %value, "output driven");
+        self.driven.insert(name.to_string(), value.to_string());
+        Ok(())
+    }
+
+    /// Every sensor's settings: the configured ones with `changes` over them.
+    fn set_sensors(&self, changes: &[Change]) {
         for (name, (interval, tx)) in &self.sensors {
             let mut s = Settings {
                 interval: *interval,
@@ -422,13 +475,17 @@ impl Commands {
                 changed
             });
         }
-        Ok(())
     }
 }
 
-fn json_text(v: &Json) -> String {
+/// An output's value as a document gives it, as `check` normalises it (`true` → `1`).
+fn json_value(v: &Json) -> String {
     match v {
-        Json::String(s) => s.clone(),
+        Json::String(s) => match s.as_str() {
+            "true" => "1".into(),
+            "false" => "0".into(),
+            _ => s.clone(),
+        },
         Json::Bool(b) => u8::from(*b).to_string(),
         other => other.to_string(),
     }

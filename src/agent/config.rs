@@ -188,10 +188,10 @@ fn default_commands_state() -> String {
     "/var/lib/shardlake-agent/applied.json".into()
 }
 fn default_desired_topic() -> String {
-    "sensors/{tenant}/{device_id}/desired".into()
+    super::commands::DESIRED_TOPIC.into()
 }
 fn default_reported_topic() -> String {
-    "sensors/{tenant}/{device_id}/reported".into()
+    super::commands::REPORTED_TOPIC.into()
 }
 fn default_min_interval() -> String {
     "100ms".into()
@@ -487,16 +487,14 @@ fn commands_config(
         );
     }
     let mut topic = |field: &str, template: &str| {
-        if !template.contains("{device_id}") || template.contains(['+', '#']) {
+        if !super::commands::is_device_topic(template) {
             p.add(
                 &format!("commands.{field}"),
                 format!("`{template}` is not a topic of this one device"),
                 "include {device_id} and no wildcards, e.g. sensors/{tenant}/{device_id}/desired",
             );
         }
-        template
-            .replace("{device_id}", device_id)
-            .replace("{tenant}", tenant)
+        super::commands::device_topic(template, tenant, device_id)
     };
     let desired_topic = topic("desired_topic", &c.desired_topic);
     let reported_topic = topic("reported_topic", &c.reported_topic);
@@ -657,7 +655,7 @@ fn transport_config(base: &Path, t: TransportFile, device_id: &str, p: &mut Prob
 
 fn mqtt_config(base: &Path, m: MqttFile, device_id: &str, p: &mut Problems) -> MqttConfig {
     let at = |f: &str| format!("transport.mqtt.{f}");
-    if !m.topic.contains("{device_id}") || m.topic.contains(['+', '#']) {
+    if !super::commands::is_device_topic(&m.topic) {
         p.add(
             &at("topic"),
             format!("`{}` is not a publish topic for one device", m.topic),

@@ -367,7 +367,10 @@ async fn send_loop(
                 tokio::select! {
                     _ = queued.notified() => {}
                     _ = tokio::time::sleep(MAINTAIN_EVERY) => {
-                        transport.maintain().await;
+                        tokio::select! {
+                            _ = transport.maintain() => {}
+                            _ = stop.changed() => return,
+                        }
                         continue;
                     }
                     _ = stop.changed() => return,

@@ -77,9 +77,9 @@ struct DeviceArgs {
     key: Option<PathBuf>,
     #[arg(long, default_value = "shardlake-device-cli")]
     client_id: String,
-    #[arg(long, default_value = "sensors/{tenant}/{device_id}/desired")]
+    #[arg(long, default_value = shardlake::agent::commands::DESIRED_TOPIC)]
     desired_topic: String,
-    #[arg(long, default_value = "sensors/{tenant}/{device_id}/reported")]
+    #[arg(long, default_value = shardlake::agent::commands::REPORTED_TOPIC)]
     reported_topic: String,
     /// How long to wait for each answer of the broker.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]

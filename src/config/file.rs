@@ -766,22 +766,16 @@ pub struct CommandsFile {
     pub desired_topic: String,
     #[serde(default = "default_reported_topic")]
     pub reported_topic: String,
-    /// The alert row's field that names the device's tenant (its `detail`), default `tenant`.
-    #[serde(default = "default_tenant_field")]
-    pub tenant_field: String,
-    /// The tenant of devices whose alert row names none.
+    /// The tenant of devices whose rows name none (the schema has no `tenant` field).
     #[serde(default)]
     pub tenant: Option<String>,
 }
 
 fn default_desired_topic() -> String {
-    "sensors/{tenant}/{device_id}/desired".into()
+    crate::agent::commands::DESIRED_TOPIC.into()
 }
 fn default_reported_topic() -> String {
-    "sensors/{tenant}/{device_id}/reported".into()
-}
-fn default_tenant_field() -> String {
-    "tenant".into()
+    crate::agent::commands::REPORTED_TOPIC.into()
 }
 
 /// `commands.mqtt`: IoT Core's endpoint (or Mosquitto), TLS with this service's certificate.

@@ -309,9 +309,7 @@ pub struct CommandsBroker {
     pub client_id: String,
     pub desired_topic: String,
     pub reported_topic: String,
-    /// The alert row's (`detail`) field naming a device's tenant.
-    pub tenant_field: String,
-    /// The tenant of devices whose alert row names none.
+    /// The tenant of devices whose rows name none (the schema has no `tenant` field).
     pub tenant: Option<String>,
 }
 

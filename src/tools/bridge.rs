@@ -130,11 +130,7 @@ pub async fn run(
                 }
             }
             Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                if ack
-                    .return_codes
-                    .iter()
-                    .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
-                {
+                if crate::agent::transport::mqtt::refused(&ack) {
                     anyhow::bail!(
                         "the broker refused the subscription to {:?}: check the client's \
                          authorization (IoT policy or ACL) for that topic filter",

@@ -30,6 +30,12 @@ use serde_json::Value as Json;
 
 use crate::agent::commands::{Desired, Reported, Status};
 
+/// An error that the same call would meet again (certificate files, a retained document that
+/// is not a desired state): not worth retrying.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct NotRetryable(pub String);
+
 /// Which broker, as whom.
 #[derive(Debug, Clone)]
 pub struct Broker {
@@ -72,7 +78,7 @@ impl Topics {
                 "`{tenant}`/`{device}`: a tenant and device id cannot hold `/`, `+` or `#`"
             );
         }
-        let fill = |t: &str| t.replace("{tenant}", tenant).replace("{device_id}", device);
+        let fill = |t: &str| crate::agent::commands::device_topic(t, tenant, device);
         Ok(Self {
             desired: fill(desired),
             reported: fill(reported),
@@ -109,9 +115,12 @@ pub fn parse_setting(arg: &str) -> anyhow::Result<(String, Json)> {
     Ok((key.to_string(), json))
 }
 
-/// The next desired document: `current` with `set` applied and `unset` removed.
+/// The next desired document: `current` with `set` applied and `unset` removed, its version
+/// one past both the current one and `reported` (the version the device has in force: after
+/// the desired topic was cleared, a version counted from 1 again would be stale to it).
 pub fn next_desired(
     current: Option<&Desired>,
+    reported: Option<&Reported>,
     set: &[(String, Json)],
     unset: &[String],
     by: &str,
@@ -124,7 +133,10 @@ pub fn next_desired(
         state.insert(k.clone(), v.clone());
     }
     Desired {
-        version: current.map_or(1, |d| d.version + 1),
+        version: current
+            .map_or(0, |d| d.version)
+            .max(reported.map_or(0, |r| r.version))
+            + 1,
         state,
         by: Some(by.to_string()),
         at: Some(Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true)),
@@ -151,7 +163,8 @@ impl Session {
                 key,
                 b.port,
                 ["--ca", "--cert", "--key"],
-            )?;
+            )
+            .map_err(|e| NotRetryable(e.to_string()))?;
             opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
                 Arc::new(tls),
             )));
@@ -183,11 +196,7 @@ impl Session {
             match self.next().await? {
                 Event::Outgoing(Outgoing::Subscribe(pkid)) => sent.push(pkid),
                 Event::Incoming(Packet::SubAck(ack)) => {
-                    if ack
-                        .return_codes
-                        .iter()
-                        .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
-                    {
+                    if crate::agent::transport::mqtt::refused(&ack) {
                         anyhow::bail!(
                             "the broker refused to let this client read {topics:?}: check its certificate's policy or ACL"
                         );
@@ -204,21 +213,26 @@ impl Session {
         }
     }
 
-    /// Publishes `desired` retained at QoS 1 and waits for its PUBACK, then disconnects.
-    async fn publish(&mut self, topic: &str, desired: &Desired) -> anyhow::Result<()> {
+    /// Publishes `desired` retained at QoS 1 and waits for its PUBACK; returns the messages
+    /// that came in meanwhile.
+    async fn publish(
+        &mut self,
+        topic: &str,
+        desired: &Desired,
+    ) -> anyhow::Result<Vec<rumqttc::Publish>> {
         self.mqtt
             .publish(topic, QoS::AtLeastOnce, true, serde_json::to_vec(desired)?)
             .await?;
         let mut pkid = None;
+        let mut came = Vec::new();
         loop {
             match self.next().await? {
                 Event::Outgoing(Outgoing::Publish(id)) => pkid = Some(id),
-                Event::Incoming(Packet::PubAck(ack)) if Some(ack.pkid) == pkid => break,
+                Event::Incoming(Packet::PubAck(ack)) if Some(ack.pkid) == pkid => return Ok(came),
+                Event::Incoming(Packet::Publish(p)) => came.push(p),
                 _ => {}
             }
         }
-        let _ = self.mqtt.disconnect().await;
-        Ok(())
     }
 
     fn state(&self, topics: &Topics) -> anyhow::Result<DeviceState> {
@@ -227,7 +241,7 @@ impl Session {
         };
         let desired = match parse(&topics.desired)? {
             Some(b) => Some(serde_json::from_slice(&b).map_err(|e| {
-                anyhow::anyhow!("{} holds a message that is not a desired state ({e}); clear it with an empty retained message", topics.desired)
+                NotRetryable(format!("{} holds a message that is not a desired state ({e}); clear it with an empty retained message", topics.desired))
             })?),
             None => None,
         };
@@ -267,27 +281,21 @@ pub async fn set(
     let mut s = Session::open(broker)?;
     s.fetch(&[&topics.desired, &topics.reported]).await?;
     let current = s.state(topics)?;
-    let desired = next_desired(current.desired.as_ref(), settings, unset, by);
-    let bytes = serde_json::to_vec(&desired)?;
-    s.mqtt
-        .publish(&topics.desired, QoS::AtLeastOnce, true, bytes)
-        .await?;
+    let desired = next_desired(
+        current.desired.as_ref(),
+        current.reported.as_ref(),
+        settings,
+        unset,
+        by,
+    );
+    let came = s.publish(&topics.desired, &desired).await?;
     let answers = |p: &rumqttc::Publish| -> Option<Reported> {
         (p.topic == topics.reported)
             .then(|| serde_json::from_slice::<Reported>(&p.payload).ok())
             .flatten()
             .filter(|r| r.desired_version >= desired.version)
     };
-    let mut pkid = None;
-    let mut reported = None;
-    loop {
-        match s.next().await? {
-            Event::Outgoing(Outgoing::Publish(id)) => pkid = Some(id),
-            Event::Incoming(Packet::PubAck(ack)) if Some(ack.pkid) == pkid => break,
-            Event::Incoming(Packet::Publish(p)) => reported = reported.or_else(|| answers(&p)),
-            _ => {}
-        }
-    }
+    let mut reported = came.iter().find_map(answers);
     if let Some(wait) = wait {
         let deadline = tokio::time::Instant::now() + wait;
         while reported.is_none() {
@@ -325,8 +333,11 @@ pub async fn command(
     by: &str,
 ) -> anyhow::Result<(Sent, BTreeMap<String, Option<Json>>)> {
     let mut s = Session::open(broker)?;
-    s.fetch(&[&topics.desired]).await?;
-    let current = s.state(topics)?.desired;
+    s.fetch(&[&topics.desired, &topics.reported]).await?;
+    let DeviceState {
+        desired: current,
+        reported,
+    } = s.state(topics)?;
     if let Some(d) = &current
         && d.by.as_deref() == Some(by)
     {
@@ -343,9 +354,10 @@ pub async fn command(
         })
         .collect();
     let set: Vec<(String, Json)> = set.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    let desired = next_desired(current.as_ref(), &set, &[], by);
+    let desired = next_desired(current.as_ref(), reported.as_ref(), &set, &[], by);
     let version = desired.version;
     s.publish(&topics.desired, &desired).await?;
+    let _ = s.mqtt.disconnect().await;
     Ok((Sent::Published(version), before))
 }
 
@@ -359,8 +371,10 @@ pub async fn restore(
     by: &str,
 ) -> anyhow::Result<Option<u64>> {
     let mut s = Session::open(broker)?;
-    s.fetch(&[&topics.desired]).await?;
-    let Some(current) = s.state(topics)?.desired else {
+    s.fetch(&[&topics.desired, &topics.reported]).await?;
+    let DeviceState { desired, reported } = s.state(topics)?;
+    let Some(current) = desired else {
+        let _ = s.mqtt.disconnect().await;
         return Ok(None);
     };
     if current.by.as_deref() != Some(by) {
@@ -376,9 +390,16 @@ pub async fn restore(
         .filter(|(_, v)| v.is_none())
         .map(|(k, _)| k.clone())
         .collect();
-    let desired = next_desired(Some(&current), &set, &unset, &format!("{by}:expired"));
+    let desired = next_desired(
+        Some(&current),
+        reported.as_ref(),
+        &set,
+        &unset,
+        &format!("{by}:expired"),
+    );
     let version = desired.version;
     s.publish(&topics.desired, &desired).await?;
+    let _ = s.mqtt.disconnect().await;
     Ok(Some(version))
 }
 
@@ -440,17 +461,18 @@ mod tests {
 
     #[test]
     fn the_next_version_keeps_what_it_does_not_change() {
-        let first = next_desired(None, &[("a".into(), Json::from(1))], &[], "user:x");
+        let first = next_desired(None, None, &[("a".into(), Json::from(1))], &[], "user:x");
         assert_eq!(first.version, 1);
         let second = next_desired(
             Some(&first),
+            None,
             &[("b".into(), Json::from(true))],
             &[],
             "user:y",
         );
         assert_eq!(second.version, 2);
         assert_eq!(second.state.len(), 2);
-        let third = next_desired(Some(&second), &[], &["a".into()], "user:y");
+        let third = next_desired(Some(&second), None, &[], &["a".into()], "user:y");
         assert_eq!(
             (third.version, third.state.keys().collect::<Vec<_>>()),
             (3, vec![&"b".to_string()])

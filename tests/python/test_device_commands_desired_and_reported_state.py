@@ -300,7 +300,20 @@ def test_commands_need_mqtt_and_sane_bounds(agent_bin, tmp_path):
         assert want in proc.stderr, f"{want!r} not in:\n{proc.stderr}"
 
 
-def action_pipeline(tmp: Path, broker: Mosquitto, stream: str, max_age: str) -> Path:
+SURGE_ACTIONS = """
+  - name: pressure_surge
+    when: field = 'pressure_psi' AND value > 50000
+    action:
+      set: {sensors.well.interval: 200ms}
+      for: 1h
+  - name: pressure_surge_valve
+    when: field = 'pressure_psi' AND value > 50000
+    action: {set: {outputs.valve: 1}, dry_run: true}
+"""
+
+
+def action_pipeline(tmp: Path, broker: Mosquitto, stream: str, max_age: str,
+                    actions: str = SURGE_ACTIONS) -> Path:
     pki = broker.pki
     text = (REPO / "pipelines" / "sensor-fleet.yaml").read_text()
     text = text.replace("../schemas/sensor-reading.yaml",
@@ -308,16 +321,7 @@ def action_pipeline(tmp: Path, broker: Mosquitto, stream: str, max_age: str) -> 
     text = text.replace("  local:\n    path: ${SHARDLAKE_DATA:-shardlake-data}/stream",
                         f"  kinesis: {{stream: {stream}, split_lines: true, poll_interval: 100ms}}")
     text = text.replace("max_age: 5m", f"max_age: {max_age}")
-    text += f"""
-  - name: pressure_surge
-    when: field = 'pressure_psi' AND value > 50000
-    action:
-      set: {{sensors.well.interval: 200ms}}
-      for: 1h
-  - name: pressure_surge_valve
-    when: field = 'pressure_psi' AND value > 50000
-    action: {{set: {{outputs.valve: 1}}, dry_run: true}}
-
+    text += actions + f"""
 commands:
   mqtt:
     host: localhost
@@ -327,7 +331,7 @@ commands:
     key: {pki / 'operator.key'}
 identity: {{from: partition_key, key: "{{tenant}}/{{device_id}}"}}
 """
-    path = tmp / f"actions-{max_age}.yaml"
+    path = tmp / f"actions-{max_age}-{abs(hash(actions)) % 10**6}.yaml"
     path.write_text(text)
     return path
 
@@ -531,3 +535,55 @@ def test_the_device_page_shows_and_changes_a_devices_settings_in_a_browser(
         page.quit()
         stop_agent(agent, agent_log)
         r.close()
+
+
+def test_overlapping_commands_restore_what_was_there_before_both_when_the_last_ends(
+        shardlake_bin, agent_bin, tmp_path, broker, kinesalite):
+    """Two rules command the same device on one surge, for 3 s and for 6 s: when the first
+    ends, the second is still in force and nothing is restored; when the second ends, the
+    device's desired state goes back to what it was before both (here: nothing, so the
+    agent's configured interval), and the agent reports it applied."""
+    kinesis = kinesalite.client()
+    stream = f"cmd-{uuid.uuid4().hex[:8]}"
+    create_stream(kinesis, stream, 1)
+    env = pipeline_env(tmp_path / "data", kinesalite.env())
+    desired = Subscriber(broker, f"sensors/{TENANT}/pi-1/desired", tmp_path / "desired.out",
+                         client_id="test-sub-desired")
+    reported = Subscriber(broker, f"sensors/{TENANT}/pi-1/reported", tmp_path / "reported.out",
+                          client_id="test-sub-reported")
+    agent_log = tmp_path / "pi-1.log"
+    agent = start(agent_bin, agent_yaml(tmp_path, broker, "pi-1", interval="1s"), agent_log)
+    actions = """
+  - name: surge_short
+    when: field = 'pressure_psi' AND value > 50000
+    action: {set: {sensors.well.interval: 200ms}, for: 3s}
+  - name: surge_long
+    when: field = 'pressure_psi' AND value > 50000
+    action: {set: {sensors.well.interval: 300ms}, for: 6s}
+"""
+    pipe_log = tmp_path / "pipeline.log"
+    proc = subprocess.Popen([str(shardlake_bin), "run",
+                             str(action_pipeline(tmp_path, broker, stream, "2s", actions))],
+                            env=env, stdout=subprocess.DEVNULL, stderr=open(pipe_log, "ab"))
+    try:
+        surge = json.dumps({"device_id": "pi-1", "tenant": TENANT, "seq": 10**9,
+                            "ts": datetime.now().astimezone().isoformat(), "sensor": "well",
+                            "field": "pressure_psi", "value": 99999.0, "unit": "psi"}).encode()
+        put_lines(kinesis, stream, [surge], key=tenant_device_key)
+        docs = lambda: [json.loads(line) for line in desired.lines()]  # noqa: E731
+        wait_until("both commands and the restore", lambda: len(docs()) >= 3, timeout=60)
+        wait_until("the device reports the restored state", lambda: [
+            r for r in reports(reported) if r["version"] == 3 and r["status"] == "applied"],
+            timeout=30)
+        log = pipe_log.read_text()
+        assert "another command is still in force" in log, log[-3000:]
+        d = docs()
+        assert [x["version"] for x in d] == [1, 2, 3], d
+        assert {x["by"].split(":")[1] for x in d[:2]} == {"surge_short", "surge_long"}, d
+        assert d[2]["by"] == d[1]["by"] + ":expired" and d[2]["state"] == {}, d
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        stop_agent(agent, agent_log)
+        desired.stop()
+        reported.stop()

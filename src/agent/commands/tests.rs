@@ -238,3 +238,66 @@ async fn a_failing_output_is_reported_failed_and_not_kept() {
     );
     assert!(!dir.path().join("state/applied.json").exists());
 }
+
+#[tokio::test]
+async fn an_output_changed_by_a_document_that_failed_part_way_is_driven_again() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("gpio17")).unwrap();
+    std::fs::write(dir.path().join("gpio17/value"), "0").unwrap();
+    let mut cfg = config(dir.path());
+    // Outputs are driven in key order: `zz-lamp` comes after `valve`.
+    cfg.outputs.insert(
+        "zz-lamp".to_string(),
+        Output::Gpio {
+            path: dir.path().join("missing/value"),
+        },
+    );
+    let (mut c, _rx) = Commands::open(cfg, &[sensor("pressure", 10_000)])
+        .await
+        .unwrap();
+    let valve = || std::fs::read_to_string(dir.path().join("gpio17/value")).unwrap();
+    let r = c
+        .handle(&doc(1, serde_json::json!({"outputs.valve": 1})))
+        .await
+        .unwrap();
+    assert_eq!((r.status, valve().as_str()), (Status::Applied, "1"));
+    // The valve closes, then the lamp fails: the document fails, version 1 stays in force.
+    let r = c
+        .handle(&doc(
+            2,
+            serde_json::json!({"outputs.valve": 0, "outputs.zz-lamp": 1}),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status, r.version, valve().as_str()),
+        (Status::Failed, 1, "0")
+    );
+    // Version 1's valve value again: it must be driven, though version 1 had it.
+    let r = c
+        .handle(&doc(3, serde_json::json!({"outputs.valve": 1})))
+        .await
+        .unwrap();
+    assert_eq!((r.status, valve().as_str()), (Status::Applied, "1"));
+}
+
+#[tokio::test]
+async fn a_kept_state_the_configuration_no_longer_allows_is_not_reported_as_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut c, _rx) = open(dir.path()).await;
+    let d = doc(4, serde_json::json!({"outputs.pump": "on"}));
+    assert_eq!(c.handle(&d).await.unwrap().status, Status::Applied);
+    drop(c);
+    // The pump is no longer configured.
+    let mut cfg = config(dir.path());
+    cfg.outputs.remove("pump");
+    let (mut c, _rx) = Commands::open(cfg, &[sensor("pressure", 10_000)])
+        .await
+        .unwrap();
+    let r = c.handle(&d).await.unwrap();
+    assert_eq!((r.status, r.version), (Status::Refused, 4), "{r:?}");
+    assert!(
+        r.applied.is_empty(),
+        "the configured settings are in force: {r:?}"
+    );
+}

@@ -84,6 +84,9 @@ pub struct Mqtt {
     pub resent_readings: u64,
     failed_before: bool,
     commands: Option<Commands>,
+    /// An idle reconnect ([`Mqtt::maintain`]) waits until then after a failed one.
+    reconnect_at: Option<tokio::time::Instant>,
+    reconnect_backoff: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -120,9 +123,15 @@ fn pem_file<T>(
 /// The topic this device publishes to: `template` (`transport.mqtt.topic`) with
 /// `{device_id}` and `{tenant}` replaced.
 fn topic(template: &str, device_id: &str, tenant: &str) -> String {
-    template
-        .replace("{device_id}", device_id)
-        .replace("{tenant}", tenant)
+    crate::agent::commands::device_topic(template, tenant, device_id)
+}
+
+/// Whether the broker refused a subscription of this SUBACK (a policy or ACL that does not
+/// let the client read the topic).
+pub fn refused(ack: &rumqttc::SubAck) -> bool {
+    ack.return_codes
+        .iter()
+        .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
 }
 
 /// rustls on ring with the broker's CA as the only root and the device's certificate.
@@ -214,6 +223,8 @@ impl Mqtt {
             resent_readings: 0,
             failed_before: false,
             commands: None,
+            reconnect_at: None,
+            reconnect_backoff: Duration::from_secs(1),
         })
     }
 
@@ -245,11 +256,25 @@ impl Mqtt {
 
     /// With commands: connects if the connection is gone, so desired states keep arriving
     /// while there is nothing to send.
+    /// After a failure it waits, 1 s doubling to a minute, before it tries again.
     pub async fn maintain(&mut self) {
-        if self.commands.is_some()
-            && let Err(e) = self.ensure_connected().await
+        if self.commands.is_none()
+            || self
+                .reconnect_at
+                .is_some_and(|t| tokio::time::Instant::now() < t)
         {
-            warn!(error = %e, "MQTT: not connected; desired states arrive once it is");
+            return;
+        }
+        match self.ensure_connected().await {
+            Ok(()) => {
+                self.reconnect_at = None;
+                self.reconnect_backoff = Duration::from_secs(1);
+            }
+            Err(e) => {
+                warn!(error = %e, retry_in = ?self.reconnect_backoff, "MQTT: not connected; desired states arrive once it is");
+                self.reconnect_at = Some(tokio::time::Instant::now() + self.reconnect_backoff);
+                self.reconnect_backoff = (self.reconnect_backoff * 2).min(Duration::from_secs(60));
+            }
         }
     }
 
@@ -262,7 +287,9 @@ impl Mqtt {
         let Some(commands) = &self.commands else {
             return Ok(());
         };
-        let deadline = tokio::time::Instant::now() + commands.fetch_timeout;
+        // The connection first (up to ack_timeout), then up to fetch_timeout for the desired
+        // state: a slow TLS handshake does not eat the time the broker has to answer.
+        let mut deadline = tokio::time::Instant::now() + self.cfg.ack_timeout;
         let conn = self.conn.as_mut().expect("connected above");
         loop {
             match tokio::time::timeout_at(deadline, conn.reports.recv()).await {
@@ -279,6 +306,7 @@ impl Mqtt {
                     return Ok(());
                 }
                 Ok(Some(Report::Connected)) => {
+                    deadline = tokio::time::Instant::now() + commands.fetch_timeout;
                     info!(broker = %self.cfg.host, port = self.cfg.port, client_id = %self.cfg.client_id, "MQTT connected")
                 }
                 Ok(Some(Report::Failed(why))) => {
@@ -449,11 +477,7 @@ async fn poll(
                 let Some((topic, incoming)) = &desired else {
                     continue;
                 };
-                if ack
-                    .return_codes
-                    .iter()
-                    .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
-                {
+                if refused(&ack) {
                     warn!(topic = %topic, "the broker refused a commands subscription (the IoT policy or ACL must let the device subscribe to its desired and reported topics)");
                 }
                 if subscribes.get(1) != Some(&ack.pkid) {

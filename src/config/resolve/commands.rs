@@ -27,7 +27,6 @@ pub(super) fn resolve_actions(
         client_id: c.mqtt.client_id.clone(),
         desired_topic: c.desired_topic.clone(),
         reported_topic: c.reported_topic.clone(),
-        tenant_field: c.tenant_field.clone(),
         tenant: c.tenant.clone(),
     });
     let mut out = Vec::new();
@@ -36,7 +35,7 @@ pub(super) fn resolve_actions(
             ("desired_topic", &c.desired_topic),
             ("reported_topic", &c.reported_topic),
         ] {
-            if !t.contains("{device_id}") || t.contains(['+', '#']) {
+            if !crate::agent::commands::is_device_topic(t) {
                 p.add(
                     &format!("commands.{field}"),
                     format!("`{t}` is not a topic of one device"),
