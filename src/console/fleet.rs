@@ -39,6 +39,10 @@ pub struct Ack {
 struct State {
     version: u64,
     devices: HashMap<String, DeviceRow>,
+    /// Per device and field: the version at which each minute of its history last changed,
+    /// so an update carries every minute that changed after the reader's version (a worker
+    /// catching up sends several minutes at once), not only the newest.
+    point_versions: HashMap<String, HashMap<String, HashMap<i64, u64>>>,
     alerts: VecDeque<AlertRow>,
     alert_ids: HashMap<String, u64>,
     acks: HashMap<String, Ack>,
@@ -93,10 +97,27 @@ impl Fleet {
         for mut d in c.devices {
             s.version += 1;
             let version = s.version;
-            match s.devices.get_mut(&d.device) {
+            let State {
+                devices,
+                point_versions,
+                ..
+            } = &mut *s;
+            let versions = point_versions.entry(d.device.clone()).or_default();
+            for (field, points) in &d.history {
+                let pv = versions.entry(field.clone()).or_default();
+                for p in points {
+                    pv.insert(p.0, version);
+                }
+            }
+            match devices.get_mut(&d.device) {
                 Some(old) => {
                     for (field, points) in std::mem::take(&mut d.history) {
-                        merge_points(old.history.entry(field).or_default(), points);
+                        let history = old.history.entry(field.clone()).or_default();
+                        merge_points(history, points);
+                        // Minutes that fell out of the history are forgotten with it.
+                        if let Some(pv) = versions.get_mut(&field) {
+                            pv.retain(|m, _| history.binary_search_by_key(m, |x| x.0).is_ok());
+                        }
                     }
                     if d.event_us >= old.event_us {
                         old.event_us = d.event_us;
@@ -166,7 +187,8 @@ impl Fleet {
     }
 
     /// Everything in `scope` that changed after `since`; `history` says whether devices carry
-    /// their whole per-minute history (a snapshot) or only their newest minute (an update).
+    /// their whole per-minute history (a snapshot) or only the minutes that changed after
+    /// `since` (an update).
     pub fn since(&self, since: u64, scope: &Scope, history: bool) -> View {
         let s = self.state.lock().expect("not poisoned");
         let devices = s
@@ -176,9 +198,11 @@ impl Fleet {
             .map(|d| {
                 let mut d = d.clone();
                 if !history {
-                    for points in d.history.values_mut() {
-                        let last = points.len().saturating_sub(1);
-                        points.drain(..last);
+                    let versions = s.point_versions.get(&d.device);
+                    for (field, points) in d.history.iter_mut() {
+                        let pv = versions.and_then(|v| v.get(field));
+                        points
+                            .retain(|p| pv.and_then(|pv| pv.get(&p.0)).is_none_or(|v| *v > since));
                     }
                 }
                 d
@@ -368,7 +392,48 @@ mod tests {
             vec![(60_000_000, 1.0), (120_000_000, 2.0)]
         );
         let update = f.since(1, &Scope::All, false);
-        assert_eq!(update.devices[0].history["p"].len(), 1);
+        assert_eq!(update.devices[0].history["p"], vec![(60_000_000, 1.0)]);
+    }
+
+    #[test]
+    fn an_update_carries_every_minute_that_changed_since_the_readers_version() {
+        let f = Fleet::new();
+        let minute = |m: i64| m * 60_000_000;
+        let mut d = device("a", "t1", minute(3), 3.0);
+        d.history.insert(
+            "p".into(),
+            vec![(minute(1), 1.0), (minute(2), 2.0), (minute(3), 3.0)],
+        );
+        let changes = |devices| Changes {
+            version: 1,
+            alerts_from: 1,
+            devices,
+            alerts: vec![],
+        };
+        f.merge(changes(vec![d]));
+        let seen = f.since(0, &Scope::All, true).version;
+        // A worker that caught up: minute 2 was read further, minutes 4 and 5 are new.
+        let mut d = device("a", "t1", minute(5), 5.0);
+        d.history.insert(
+            "p".into(),
+            vec![(minute(2), 2.5), (minute(4), 4.0), (minute(5), 5.0)],
+        );
+        f.merge(changes(vec![d]));
+        let update = f.since(seen, &Scope::All, false);
+        assert_eq!(
+            update.devices[0].history["p"],
+            vec![(minute(2), 2.5), (minute(4), 4.0), (minute(5), 5.0)],
+            "minute 2 changed too, not only the newest"
+        );
+        assert_eq!(
+            f.since(0, &Scope::All, true).devices[0].history["p"].len(),
+            5
+        );
+        assert!(
+            f.since(update.version, &Scope::All, false)
+                .devices
+                .is_empty()
+        );
     }
 
     #[test]

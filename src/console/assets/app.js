@@ -76,7 +76,7 @@ function apply(view) {
   for (const d of view.devices || []) {
     const old = state.devices.get(d.device);
     if (old) {
-      // An update carries only the newest minute of each field's history.
+      // An update carries the minutes of each field's history that changed since the last one.
       for (const [f, pts] of Object.entries(d.history || {})) {
         const h = old.history[f] || (old.history[f] = []);
         for (const p of pts) {
