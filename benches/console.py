@@ -5,6 +5,7 @@ appended to the stream at a paced rate, and clients of the page's event stream (
 
     python3 benches/console.py freshness [--devices 10000] [--rate 100000] [--seconds 90]
     python3 benches/console.py clients   [--devices 10000] [--changed 100] [--clients 100,500,1000,2000]
+    python3 benches/console.py page      [--devices 10000] [--rate 10000] [--seconds 30]
 
 `freshness`: every record carries its append wall-clock in `barrels_per_s`; one event-stream
 client takes, for each record of every tenth device, the time from its append to the first
@@ -15,7 +16,13 @@ peak RSS (VmHWM) and the fleet snapshot (`GET /api/fleet`): its size and time.
 each client gets about one update a second; N clients are opened in steps and the console's
 CPU time (/proc/PID/stat utime + stime) is read over `--interval` seconds at each step.
 
-Both start with `--history` minutes of readings per device already in the stream (one a
+`page`: the fleet page in headless Chromium (Debian's `chromium` and `chromium-driver`, through
+Selenium from the test venv): the time from opening the page to every device counted on it, the
+time one render of the fleet table takes (as shown, sorted by a field, filtered), then, while
+`--rate` records/s are appended, how long each live render takes and what share of the page's
+main thread rendering takes, and the page's JavaScript heap.
+
+All start with `--history` minutes of readings per device already in the stream (one a
 minute), so the snapshot carries each device's full sparkline history. Stdlib only.
 Figures and what bounds them: benches/README.md ("The console").
 """
@@ -397,9 +404,69 @@ def clients(args):
         print(f"{n} | {cpu:.3f} | {n / cpu:.0f} | {(cpu - base) / n * 1e3:.3f} ms CPU per second")
 
 
+def page(args):
+    """The fleet page in a browser with `--devices` devices (see the module doc)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = "/usr/bin/chromium"
+    for a in ("--headless=new", "--no-sandbox", "--window-size=1400,1000",
+              "--disable-dev-shm-usage", "--enable-precise-memory-info"):
+        opts.add_argument(a)
+    n = args.devices
+    with tempfile.TemporaryDirectory(prefix="console-bench-") as d:
+        s = Setup(args, Path(d))
+        driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
+        try:
+            t = time.perf_counter()
+            driver.get(s.base + "/#/fleet")
+            wait_until("every device on the page", lambda: driver.execute_script(
+                "return document.getElementById('fleet-count').textContent") == f"{n} of {n} devices")
+            opened = time.perf_counter() - t
+            timing = driver.execute_script("""
+                const time = (f) => { const out = []; for (let i = 0; i < 15; i++) {
+                  const t = performance.now(); f(); out.push(performance.now() - t); }
+                  out.sort((a, b) => a - b); return out[7]; };
+                const shown = time(() => renderFleet());
+                state.sort = { col: "pressure_psi", dir: -1 };
+                const sorted = time(() => renderFleet());
+                document.getElementById("filter-device").value = "well-00";
+                const filtered = time(() => renderFleet());
+                document.getElementById("filter-device").value = "";
+                state.sort = { col: "device", dir: 1 };
+                renderFleet();
+                return [shown, sorted, filtered];""")
+            # Live: every render the page makes, timed.
+            driver.execute_script("""
+                window.__renders = [];
+                const inner = window.render;
+                window.render = function () { const t = performance.now(); inner();
+                  window.__renders.push(performance.now() - t); };""")
+            w, logs = s.start_writer(args.rate, 0.01, args.seconds)
+            t0 = time.monotonic()
+            w.join()
+            el = time.monotonic() - t0
+            logs.recv()
+            renders = driver.execute_script("return window.__renders")
+            heap = driver.execute_script("return performance.memory.usedJSHeapSize") / 2**20
+            rows = driver.execute_script("return document.querySelectorAll('#fleet-body tr').length")
+        finally:
+            driver.quit()
+            s.close()
+    print(f"page opened with {n} devices counted: {opened:.2f} s (snapshot, parse, first render)")
+    print(f"one render of the fleet table ({rows} rows shown of {n}; median of 15): "
+          f"{timing[0]:.1f} ms as shown, {timing[1]:.1f} ms sorted by pressure, "
+          f"{timing[2]:.1f} ms filtered by device id")
+    if renders:
+        print(f"live at {args.rate:.0f} records/s for {el:.0f} s: {len(renders)} renders "
+              f"({len(renders) / el:.1f}/s), p50 {pct(renders, 0.5):.1f} ms, p99 {pct(renders, 0.99):.1f} ms, "
+              f"rendering {sum(renders) / 1000 / el * 100:.1f}% of the main thread")
+    print(f"JavaScript heap: {heap:.0f} MiB")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=["freshness", "clients"])
+    ap.add_argument("mode", choices=["freshness", "clients", "page"])
     ap.add_argument("--shardlake", default=str(REPO / "target/release/shardlake"))
     ap.add_argument("--devices", type=int, default=10_000)
     ap.add_argument("--history", type=int, default=30, help="minutes of readings already in the stream")
@@ -411,7 +478,7 @@ def main():
     ap.add_argument("--settle", type=float, default=5)
     ap.add_argument("--interval", type=float, default=20)
     args = ap.parse_args()
-    (freshness if args.mode == "freshness" else clients)(args)
+    {"freshness": freshness, "clients": clients, "page": page}[args.mode](args)
 
 
 if __name__ == "__main__":
