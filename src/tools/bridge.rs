@@ -12,11 +12,10 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use aws_sdk_kinesis::primitives::Blob;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde::Serialize;
 use tracing::{info, warn};
 
@@ -95,16 +94,7 @@ pub async fn run(
         .set_manual_acks(true)
         .set_max_packet_size(256 * 1024, 256 * 1024);
     if let Some((ca, cert, key)) = &opts.tls {
-        let tls = crate::agent::transport::mqtt::client_tls(
-            ca,
-            cert,
-            key,
-            opts.port,
-            ["--ca", "--cert", "--key"],
-        )?;
-        mqtt.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-            Arc::new(tls),
-        )));
+        crate::agent::transport::mqtt::set_tls(&mut mqtt, (ca, cert, key), opts.port)?;
     }
     let (client, mut events) = AsyncClient::new(mqtt, 64);
     client.subscribe(&opts.topic, QoS::AtLeastOnce).await?;

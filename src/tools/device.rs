@@ -18,13 +18,10 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{SecondsFormat, Utc};
-use rumqttc::{
-    AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration, Transport,
-};
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS};
 use serde::Serialize;
 use serde_json::Value as Json;
 
@@ -157,17 +154,8 @@ impl Session {
             .set_clean_session(true)
             .set_max_packet_size(128 * 1024, 128 * 1024);
         if let Some((ca, cert, key)) = &b.tls {
-            let tls = crate::agent::transport::mqtt::client_tls(
-                ca,
-                cert,
-                key,
-                b.port,
-                ["--ca", "--cert", "--key"],
-            )
-            .map_err(|e| NotRetryable(e.to_string()))?;
-            opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-                Arc::new(tls),
-            )));
+            crate::agent::transport::mqtt::set_tls(&mut opts, (ca, cert, key), b.port)
+                .map_err(|e| NotRetryable(e.to_string()))?;
         }
         let (mqtt, events) = AsyncClient::new(opts, 16);
         Ok(Self {

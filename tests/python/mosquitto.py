@@ -161,3 +161,19 @@ class Subscriber:
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=10)
+
+
+def start_bridge(shardlake_bin: Path, broker: Mosquitto, stream: str, env: dict,
+                 log: Path) -> subprocess.Popen:
+    """`shardlake bridge` from `broker` (the subscriber certificate) to the Kinesis `stream`,
+    once it has subscribed: a message published before its SUBACK would reach nobody."""
+    from harness import wait_until
+    pki = broker.pki
+    bridge = subprocess.Popen(
+        [str(shardlake_bin), "bridge", "--stream", stream, "--port", str(broker.port),
+         "--ca", str(pki / "ca.pem"), "--cert", str(pki / "subscriber.pem"),
+         "--key", str(pki / "subscriber.key"), "--client-id", f"bridge-{stream}"],
+        env=env, stdout=subprocess.PIPE, stderr=open(log, "wb"), text=True)
+    wait_until("the bridge to subscribe", lambda: "bridge subscribed" in log.read_text(),
+               timeout=30)
+    return bridge

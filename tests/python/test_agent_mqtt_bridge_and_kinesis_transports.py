@@ -23,7 +23,7 @@ from agents import BATCH, start, stop_agent
 from faultproxy import FaultProxy
 from harness import REPO, check_run, free_port, pipeline_env, wait_until
 from lake import duck, lake_count
-from mosquitto import Mosquitto, Subscriber, make_pki
+from mosquitto import Mosquitto, Subscriber, start_bridge, make_pki
 from servers import create_stream, kinesis_records
 
 
@@ -199,17 +199,9 @@ def test_end_to_end_agent_mosquitto_bridge_kinesalite_pipeline(
     kinesis = kinesalite.client()
     stream = f"sensors-{uuid.uuid4().hex[:8]}"
     create_stream(kinesis, stream, 2)
-    pki = broker.pki
     env = pipeline_env(tmp_path, kinesalite.env())
     bridge_log = tmp_path / "bridge.log"
-    bridge = subprocess.Popen(
-        [str(shardlake_bin), "bridge", "--stream", stream, "--port", str(broker.port),
-         "--ca", str(pki / "ca.pem"), "--cert", str(pki / "subscriber.pem"),
-         "--key", str(pki / "subscriber.key"), "--client-id", f"bridge-{stream}"],
-        env=env, stdout=subprocess.PIPE, stderr=open(bridge_log, "wb"), text=True)
-    # Subscribed, not only connected: a message published before the SUBACK would reach nobody.
-    wait_until("the bridge to subscribe",
-               lambda: "bridge subscribed" in bridge_log.read_text(), timeout=30)
+    bridge = start_bridge(shardlake_bin, broker, stream, env, bridge_log)
 
     devices = ["pi-e2e-1", "pi-e2e-2"]
     agents = {d: (start(agent_bin, mqtt_yaml(tmp_path, broker, d, wells=5), tmp_path / f"{d}.log"),

@@ -28,7 +28,7 @@ import pytest
 
 from agents import start, stop_agent
 from harness import REPO, check_run, free_port, pipeline_env, wait_until
-from mosquitto import Mosquitto, Subscriber, _leaf, make_pki
+from mosquitto import Mosquitto, Subscriber, start_bridge, _leaf, make_pki
 from servers import create_stream, put_lines, tenant_device_key
 
 TENANT = "acme"
@@ -341,16 +341,9 @@ def test_an_alert_commands_its_device_end_to_end_once_across_a_crash(
     kinesis = kinesalite.client()
     stream = f"cmd-{uuid.uuid4().hex[:8]}"
     create_stream(kinesis, stream, 1)
-    pki = broker.pki
     env = pipeline_env(tmp_path / "data", kinesalite.env())
     bridge_log = tmp_path / "bridge.log"
-    bridge = subprocess.Popen(
-        [str(shardlake_bin), "bridge", "--stream", stream, "--port", str(broker.port),
-         "--ca", str(pki / "ca.pem"), "--cert", str(pki / "subscriber.pem"),
-         "--key", str(pki / "subscriber.key"), "--client-id", f"bridge-{stream}"],
-        env=env, stdout=subprocess.PIPE, stderr=open(bridge_log, "wb"), text=True)
-    wait_until("the bridge to subscribe",
-               lambda: "bridge subscribed" in bridge_log.read_text(), timeout=30)
+    bridge = start_bridge(shardlake_bin, broker, stream, env, bridge_log)
     sub = Subscriber(broker, f"sensors/{TENANT}/pi-1/reported", tmp_path / "reported.out")
     agent_log = tmp_path / "pi-1.log"
     agent = start(agent_bin, agent_yaml(tmp_path, broker, "pi-1", interval="1s"), agent_log)

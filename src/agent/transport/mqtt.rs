@@ -126,6 +126,20 @@ fn topic(template: &str, device_id: &str, tenant: &str) -> String {
     crate::agent::commands::device_topic(template, tenant, device_id)
 }
 
+/// Sets TLS with a client certificate on `opts` (`shardlake bridge` and `device`: flags
+/// `--ca`, `--cert`, `--key`).
+pub fn set_tls(
+    opts: &mut MqttOptions,
+    (ca, cert, key): (&std::path::Path, &std::path::Path, &std::path::Path),
+    port: u16,
+) -> Result<(), MqttError> {
+    let tls = client_tls(ca, cert, key, port, ["--ca", "--cert", "--key"])?;
+    opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+        Arc::new(tls),
+    )));
+    Ok(())
+}
+
 /// Whether the broker refused a subscription of this SUBACK (a policy or ACL that does not
 /// let the client read the topic).
 pub fn refused(ack: &rumqttc::SubAck) -> bool {
