@@ -493,6 +493,9 @@ def test_the_device_page_shows_and_changes_a_devices_settings_in_a_browser(
     page = chromium_driver()
     try:
         r.append("pi-1", tenant=TENANT, status="<img src=x onerror=alert(1)>")
+        wait_until("pi-1 in the console's fleet", lambda: any(
+            d["device"] == "pi-1" for d in json.loads(r.api("GET", "/api/fleet")[2])["devices"]),
+            timeout=60)
         page.get(r.base + "/#/device/pi-1")
         wait_in_page(page, "the settings section",
                      "!document.getElementById('settings').hidden && "
@@ -525,6 +528,7 @@ def test_the_device_page_shows_and_changes_a_devices_settings_in_a_browser(
         assert page.execute_script("return document.querySelectorAll('img').length") == 0
         shoot(page, tmp_path, "device-settings-refused")
     finally:
+        shoot(page, tmp_path, "device-settings-last")  # what the page showed at the end
         page.quit()
         stop_agent(agent, agent_log)
         r.close()

@@ -337,12 +337,12 @@ async function loadDevice(custom) {
   $("device-error").hidden = true;
   let q = "range=" + state.range;
   if (custom) q = "range=custom&from=" + encodeURIComponent(custom[0]) + "&to=" + encodeURIComponent(custom[1]);
+  loadSettings();
   try {
     const r = await api("/api/devices/" + encodeURIComponent(id) + "?" + q);
     const data = await r.json();
     if (state.device !== id) return;
     renderDevice(data);
-    loadSettings();
   } catch (e) {
     $("device-error").textContent = e.message;
     $("device-error").hidden = false;
