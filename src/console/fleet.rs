@@ -42,7 +42,8 @@ struct State {
     /// Per device and field: the version at which each minute of its history last changed,
     /// so an update carries every minute that changed after the reader's version (a worker
     /// catching up sends several minutes at once), not only the newest.
-    point_versions: HashMap<String, HashMap<String, HashMap<i64, u64>>>,
+    /// (Aligned with the history's points, index by index.)
+    point_versions: HashMap<String, HashMap<String, Vec<u64>>>,
     alerts: VecDeque<AlertRow>,
     alert_ids: HashMap<String, u64>,
     acks: HashMap<String, Ack>,
@@ -103,21 +104,15 @@ impl Fleet {
                 ..
             } = &mut *s;
             let versions = point_versions.entry(d.device.clone()).or_default();
-            for (field, points) in &d.history {
-                let pv = versions.entry(field.clone()).or_default();
-                for p in points {
-                    pv.insert(p.0, version);
-                }
-            }
             match devices.get_mut(&d.device) {
                 Some(old) => {
                     for (field, points) in std::mem::take(&mut d.history) {
-                        let history = old.history.entry(field.clone()).or_default();
-                        merge_points(history, points);
-                        // Minutes that fell out of the history are forgotten with it.
-                        if let Some(pv) = versions.get_mut(&field) {
-                            pv.retain(|m, _| history.binary_search_by_key(m, |x| x.0).is_ok());
-                        }
+                        merge_points(
+                            old.history.entry(field.clone()).or_default(),
+                            versions.entry(field).or_default(),
+                            points,
+                            version,
+                        );
                     }
                     if d.event_us >= old.event_us {
                         old.event_us = d.event_us;
@@ -127,8 +122,11 @@ impl Fleet {
                     old.version = version;
                 }
                 None => {
+                    for (field, points) in &d.history {
+                        versions.insert(field.clone(), vec![version; points.len()]);
+                    }
                     d.version = version;
-                    s.devices.insert(d.device.clone(), d);
+                    devices.insert(d.device.clone(), d);
                 }
             }
         }
@@ -196,16 +194,35 @@ impl Fleet {
             .values()
             .filter(|d| d.version > since && scope.admits(d.tenant.as_deref()))
             .map(|d| {
-                let mut d = d.clone();
-                if !history {
-                    let versions = s.point_versions.get(&d.device);
-                    for (field, points) in d.history.iter_mut() {
-                        let pv = versions.and_then(|v| v.get(field));
-                        points
-                            .retain(|p| pv.and_then(|pv| pv.get(&p.0)).is_none_or(|v| *v > since));
-                    }
+                if history {
+                    return d.clone();
                 }
-                d
+                // An update: only the minutes changed after `since`, without copying the rest.
+                let versions = s.point_versions.get(&d.device);
+                let changed = d
+                    .history
+                    .iter()
+                    .map(|(field, points)| {
+                        let points = match versions.and_then(|v| v.get(field)) {
+                            Some(pv) => points
+                                .iter()
+                                .zip(pv)
+                                .filter(|(_, v)| **v > since)
+                                .map(|(p, _)| *p)
+                                .collect(),
+                            None => points.clone(),
+                        };
+                        (field.clone(), points)
+                    })
+                    .collect();
+                DeviceRow {
+                    device: d.device.clone(),
+                    tenant: d.tenant.clone(),
+                    event_us: d.event_us,
+                    values: d.values.clone(),
+                    history: changed,
+                    version: d.version,
+                }
             })
             .collect();
         let from = s.alerts.partition_point(|a| a.version <= since);
@@ -256,15 +273,29 @@ impl Fleet {
 
 /// Adds a worker's `(minute, average)` points to the console's history of a field: a minute
 /// already there is replaced (the worker's figure covers everything it read of that minute).
-fn merge_points(into: &mut Vec<(i64, f64)>, points: Vec<(i64, f64)>) {
+/// `versions` is kept aligned with `into`: each point's version of its last change.
+fn merge_points(
+    into: &mut Vec<(i64, f64)>,
+    versions: &mut Vec<u64>,
+    points: Vec<(i64, f64)>,
+    version: u64,
+) {
+    versions.resize(into.len(), 0);
     for p in points {
         match into.binary_search_by_key(&p.0, |x| x.0) {
-            Ok(i) => into[i] = p,
-            Err(i) => into.insert(i, p),
+            Ok(i) => {
+                into[i] = p;
+                versions[i] = version;
+            }
+            Err(i) => {
+                into.insert(i, p);
+                versions.insert(i, version);
+            }
         }
     }
     let excess = into.len().saturating_sub(HISTORY_MINUTES);
     into.drain(..excess);
+    versions.drain(..excess);
 }
 
 /// Where a worker's live state is read.
