@@ -48,6 +48,15 @@ pub(super) fn resolve_pipeline(
     outputs::check_table_names(p, &f.outputs);
     let aggregations = outputs::resolve_aggregations(p, &f.outputs);
     let (alerts, rule_names) = alerts::resolve_alerts(p, &f.alerts, &aggregations, schema.as_ref());
+    if matches!(source, super::Source::Objects(_)) {
+        for r in alerts.iter().filter(|r| matches!(r.check, super::Check::Detect(_))) {
+            p.add(
+                &format!("alerts[{}].detect", r.index),
+                "a detector learns each device on the shard its readings come from, and an objects source reads every object as a shard of its own: a device's series would start again, warm-up and all, with each object",
+                "use `when:` rules over records or windows for files, and run detectors in the pipeline that reads the devices' stream",
+            );
+        }
+    }
     let mut notifiers = notifiers::resolve_notifiers(p, &f.notifiers, &rule_names);
     let (commands, actions) = commands::resolve_actions(
         p,
