@@ -49,7 +49,10 @@ pub(super) fn resolve_pipeline(
     let aggregations = outputs::resolve_aggregations(p, &f.outputs);
     let (alerts, rule_names) = alerts::resolve_alerts(p, &f.alerts, &aggregations, schema.as_ref());
     if matches!(source, super::Source::Objects(_)) {
-        for r in alerts.iter().filter(|r| matches!(r.check, super::Check::Detect(_))) {
+        for r in alerts
+            .iter()
+            .filter(|r| matches!(r.check, super::Check::Detect(_)))
+        {
             p.add(
                 &format!("alerts[{}].detect", r.index),
                 "a detector learns each device on the shard its readings come from, and an objects source reads every object as a shard of its own: a device's series would start again, warm-up and all, with each object",
