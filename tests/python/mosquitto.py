@@ -115,6 +115,18 @@ class Mosquitto:
         self.proc = None
 
 
+def broker_with_acl(tmp: Path, pki: Path, port: int, acl: list[str]) -> Mosquitto:
+    """A started broker whose ACL file holds `acl`'s lines (`user <certificate name>`, then
+    its `topic read|write|readwrite <filter>` lines): the stand-in for the IoT policy that
+    pins each certificate's topics. Its log keeps each denial (`Denied PUBLISH from ...`)."""
+    path = tmp / "acl"
+    path.write_text("\n".join(acl) + "\n")
+    (tmp / "mosquitto").mkdir()
+    b = Mosquitto(tmp / "mosquitto", pki, port, extra=[f"acl_file {path}", "log_type debug"])
+    b.start()
+    return b
+
+
 class Subscriber:
     """mosquitto_sub with a persistent session (QoS 1, `-c`), writing every message's
     payload to a file; it reconnects by itself after a broker restart."""

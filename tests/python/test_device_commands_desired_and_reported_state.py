@@ -28,7 +28,7 @@ import pytest
 
 from agents import start, stop_agent
 from harness import REPO, check_run, free_port, pipeline_env, wait_until
-from mosquitto import Mosquitto, Subscriber, start_bridge, _leaf, make_pki
+from mosquitto import Mosquitto, Subscriber, _leaf, broker_with_acl, make_pki, start_bridge
 from servers import create_stream, put_lines, tenant_device_key
 
 TENANT = "acme"
@@ -47,7 +47,6 @@ def broker(tmp_path, pki):
     """Each device may publish its telemetry and reported state and read its desired and
     reported state, nothing else (the IoT policy's shape); the operator writes any device's
     desired state; the test's subscriber reads everything."""
-    acl = tmp_path / "acl"
     lines = []
     for d in ("pi-1", "pi-2"):
         lines += [f"user {d}", f"topic write sensors/{TENANT}/{d}/telemetry",
@@ -56,11 +55,7 @@ def broker(tmp_path, pki):
     lines += ["user operator", "topic readwrite sensors/+/+/desired",
               "topic read sensors/+/+/reported", ""]
     lines += ["user subscriber", "topic readwrite sensors/#", ""]
-    acl.write_text("\n".join(lines))
-    (tmp_path / "mosquitto").mkdir()
-    b = Mosquitto(tmp_path / "mosquitto", pki, free_port(),
-                  extra=[f"acl_file {acl}", "log_type debug"])
-    b.start()
+    b = broker_with_acl(tmp_path, pki, free_port(), lines)
     yield b
     b.stop()
 

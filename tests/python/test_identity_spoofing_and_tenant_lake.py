@@ -36,7 +36,7 @@ from sqlglot import exp
 from harness import (REPO, check_run, free_port, kinesis_pipeline, pipeline_env, run_log,
                      simulate, wait_until)
 from lake import check_lake_against_put, duck, lake_source, parquet_files
-from mosquitto import Mosquitto, _leaf, make_pki
+from mosquitto import Mosquitto, _leaf, broker_with_acl, make_pki
 from servers import create_stream, kinesis_records, put_lines, tenant_device_key
 from streamdata import interleave
 
@@ -56,16 +56,11 @@ def pki(tmp_path_factory):
 def pinned_broker(tmp_path, pki):
     """Mosquitto whose ACL gives each device certificate its own topic only, and the bridge's
     (subscriber) certificate read access to every device topic."""
-    acl = tmp_path / "acl"
     lines = []
     for thing, tenant in DEVICES.items():
         lines += [f"user {thing}", f"topic write sensors/{tenant}/{thing}/telemetry", ""]
     lines += ["user subscriber", "topic read sensors/+/+/telemetry", ""]
-    acl.write_text("\n".join(lines))
-    (tmp_path / "mosquitto").mkdir()
-    b = Mosquitto(tmp_path / "mosquitto", pki, free_port(),
-                  extra=[f"acl_file {acl}", "log_type debug"])
-    b.start()
+    b = broker_with_acl(tmp_path, pki, free_port(), lines)
     yield b
     b.stop()
 
