@@ -14,8 +14,10 @@
 //!    records are committed (`(from, to]` is the range between the two states). This is the
 //!    decisive write: once it succeeded, the commit happens, here or in a recovery.
 //! 3. **Publish** ([`publish`]): every staged file is made visible (S3 completes the upload,
-//!    locally a rename), then [`CheckpointStore::commit`] makes the intent's state the
-//!    committed one and clears the intent.
+//!    locally a rename); a lake with `format: delta` then appends them to each table in one
+//!    log entry that records the intent's commit number ([`crate::sink::delta`]); then
+//!    [`CheckpointStore::commit`] makes the intent's state the committed one and clears the
+//!    intent.
 //!
 //! # Fencing
 //!
@@ -131,6 +133,10 @@ pub async fn publish(
             .await
             .map_err(CommitError::Lake)?;
     }
+    lakes
+        .commit_tables(intent)
+        .await
+        .map_err(CommitError::Lake)?;
     failpoint::hit("after_publish");
     store.commit(intent).await?;
     failpoint::hit("after_commit");

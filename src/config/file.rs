@@ -391,38 +391,53 @@ fn default_kinesis_poll() -> String {
     "1s".into()
 }
 
-/// `lake:` — exactly one kind.
+/// `lake:` (and a table's own `sink:`) — exactly one kind, `local` or `s3`, and the table
+/// format.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-#[serde(rename_all = "snake_case")]
-pub enum LakeFile {
+pub struct LakeFile {
     /// A local directory; each output is a subdirectory.
-    Local {
-        /// The lake directory.
-        path: String,
-    },
+    #[serde(default)]
+    pub local: Option<LocalLakeFile>,
     /// An S3 bucket: objects `<prefix>/<output>/year=…/part-….parquet`, staged as multipart
     /// uploads and completed when their commit publishes.
-    S3 {
-        /// The bucket (it must exist).
-        bucket: String,
-        /// Key prefix, e.g. `lake/well-telemetry` (default: the bucket's root).
-        #[serde(default)]
-        prefix: String,
-        /// Region (default: from the environment, `AWS_REGION` or the profile).
-        #[serde(default)]
-        region: Option<String>,
-        /// SSE-KMS key id or ARN; without it the bucket's default encryption applies.
-        #[serde(default)]
-        kms_key_id: Option<String>,
-        /// Storage class, e.g. `STANDARD_IA` or `INTELLIGENT_TIERING` (default `STANDARD`).
-        #[serde(default)]
-        storage_class: Option<String>,
-        /// Multipart part size: at least 5MiB (default 8MiB). At most two parts per open
-        /// file are in memory or in flight.
-        #[serde(default = "default_part_size")]
-        part_size: String,
-    },
+    #[serde(default)]
+    pub s3: Option<S3LakeFile>,
+    /// `hive` (default): Parquet files in `year=/month=/day=/hour=` directories, visible as
+    /// they are published. `delta`: the same files, each output a Delta Lake table whose
+    /// transaction log makes a commit's files visible at once.
+    #[serde(default)]
+    pub format: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalLakeFile {
+    /// The lake directory.
+    pub path: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3LakeFile {
+    /// The bucket (it must exist).
+    pub bucket: String,
+    /// Key prefix, e.g. `lake/well-telemetry` (default: the bucket's root).
+    #[serde(default)]
+    pub prefix: String,
+    /// Region (default: from the environment, `AWS_REGION` or the profile).
+    #[serde(default)]
+    pub region: Option<String>,
+    /// SSE-KMS key id or ARN; without it the bucket's default encryption applies.
+    #[serde(default)]
+    pub kms_key_id: Option<String>,
+    /// Storage class, e.g. `STANDARD_IA` or `INTELLIGENT_TIERING` (default `STANDARD`).
+    #[serde(default)]
+    pub storage_class: Option<String>,
+    /// Multipart part size: at least 5MiB (default 8MiB). At most two parts per open
+    /// file are in memory or in flight.
+    #[serde(default = "default_part_size")]
+    pub part_size: String,
 }
 
 fn default_part_size() -> String {

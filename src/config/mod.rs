@@ -28,7 +28,7 @@ pub use model::{
     Issuer, IssuerKind, KeyPart, KinesisSource, LakeLocation, LeaseTable, Notifier, NotifyTarget,
     ObjectFormat, ObjectNotifications, ObjectSource, ObjectStoreAt, Outputs, Pipeline, QueryLimits,
     RESERVED_COLUMNS, RecordSchema, RoleGroups, Rollover, S3Location, STORAGE_CLASSES, Secret,
-    Source, StartAt,
+    Source, StartAt, TableFormat,
 };
 pub use problem::{ConfigError, Problem, Problems, is_ident, parse_bytes};
 pub use yaml_index::LineIndex;

@@ -218,6 +218,17 @@ pub enum StartAt {
     AtTimestamp(i64),
 }
 
+/// How a table's files are made visible to readers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TableFormat {
+    /// Parquet files in `year=/month=/day=/hour=` directories, visible once published.
+    #[default]
+    Hive,
+    /// The same files as a Delta Lake table: a commit's files become visible at once, in one
+    /// entry of the table's transaction log ([`crate::sink::delta`]).
+    Delta,
+}
+
 /// Where a table's files go.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LakeLocation {
@@ -392,6 +403,8 @@ pub struct Outputs {
     pub rollover: std::collections::BTreeMap<String, Rollover>,
     /// Every table's lake, by table name (its own `sink`, else the pipeline's `lake`).
     pub sinks: std::collections::BTreeMap<String, LakeLocation>,
+    /// Every table's format, by table name (its own `sink.format`, else `lake.format`).
+    pub formats: std::collections::BTreeMap<String, TableFormat>,
     /// The column that partitions tables before time (`tenant`), if any: see
     /// [`Outputs::partitioned_by`].
     pub partition_by: Option<String>,

@@ -3,6 +3,7 @@
 //! `year=/month=/day=/hour=` partition of each output. [`Lakes`] maps each output to its
 //! lake (a table may have its own `sink`).
 
+pub mod delta;
 pub mod local;
 pub mod partition;
 pub mod s3;
@@ -82,11 +83,16 @@ pub trait Lake: Send + Sync + std::fmt::Debug {
 #[derive(Debug, Clone)]
 pub struct Lakes {
     by_output: BTreeMap<String, Arc<dyn Lake>>,
+    /// The outputs kept as Delta tables, if any.
+    delta: Option<Arc<delta::DeltaTables>>,
 }
 
 impl Lakes {
     pub fn new(by_output: BTreeMap<String, Arc<dyn Lake>>) -> Self {
-        Self { by_output }
+        Self {
+            by_output,
+            delta: None,
+        }
     }
 
     /// Every output's lake, connected (an S3 lake checks its bucket). Outputs with the same
@@ -114,7 +120,9 @@ impl Lakes {
         if let Some(lake) = by_output.get(&p.outputs.alerts).cloned() {
             by_output.insert(STATE_OUTPUT.to_string(), lake);
         }
-        Ok(Self::new(by_output))
+        let mut lakes = Self::new(by_output);
+        lakes.delta = delta::DeltaTables::open(p).await?.map(Arc::new);
+        Ok(lakes)
     }
 
     /// Every output in one lake.
@@ -138,6 +146,15 @@ impl Lakes {
 
     pub async fn publish(&self, file: &StagedFile) -> io::Result<()> {
         self.get(&file.output)?.publish(file).await
+    }
+
+    /// After every file of `intent` is published: its commit to each Delta table (nothing
+    /// for the hive layout, where publishing the files was the commit).
+    pub async fn commit_tables(&self, intent: &crate::checkpoint::Intent) -> io::Result<()> {
+        match &self.delta {
+            Some(d) => d.commit(intent).await,
+            None => Ok(()),
+        }
     }
 
     /// Removes `worker`'s staged files in every lake (`all`), or in those that must be swept

@@ -84,21 +84,29 @@ pub fn athena_ddl(
         }
         let loc = format!("{base}/{name}/");
         let partitions = t.partition_columns();
-        let (tenant_props, tenant_path) = match &t.partition_by {
-            Some(c) if opts.tenants.is_empty() => (
-                format!("  'projection.{c}.type'='injected',\n"),
-                format!("{c}=${{{c}}}/"),
-            ),
-            Some(c) => (
-                format!(
-                    "  'projection.{c}.type'='enum',\n  'projection.{c}.values'='{}',\n",
-                    opts.tenants.join(",")
+        if t.delta {
+            // Athena reads a Delta table's columns, partitions and files from its log.
+            out.push_str(&format!(
+                "CREATE EXTERNAL TABLE IF NOT EXISTS `{database}`.`{table}`\n\
+                 LOCATION '{loc}'\n\
+                 TBLPROPERTIES ('table_type'='DELTA');\n\n"
+            ));
+        } else {
+            let (tenant_props, tenant_path) = match &t.partition_by {
+                Some(c) if opts.tenants.is_empty() => (
+                    format!("  'projection.{c}.type'='injected',\n"),
+                    format!("{c}=${{{c}}}/"),
                 ),
-                format!("{c}=${{{c}}}/"),
-            ),
-            None => (String::new(), String::new()),
-        };
-        out.push_str(&format!(
+                Some(c) => (
+                    format!(
+                        "  'projection.{c}.type'='enum',\n  'projection.{c}.values'='{}',\n",
+                        opts.tenants.join(",")
+                    ),
+                    format!("{c}=${{{c}}}/"),
+                ),
+                None => (String::new(), String::new()),
+            };
+            out.push_str(&format!(
             "CREATE EXTERNAL TABLE IF NOT EXISTS `{database}`.`{table}` (\n{}\n)\n\
              PARTITIONED BY ({})\n\
              STORED AS PARQUET\n\
@@ -120,6 +128,7 @@ pub fn athena_ddl(
                 .join(", "),
             opts.first_year,
         ));
+        }
         let readable = match &t.merge {
             Some(m) => {
                 // Athena views use Trino SQL; the merge is written in the subset DataFusion

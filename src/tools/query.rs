@@ -33,6 +33,8 @@ pub struct Table {
     pub merge: Option<Mergeable>,
     /// The column in its paths before time (`tenant`), not in its files.
     pub partition_by: Option<String>,
+    /// A Delta table (`format: delta`): readers take its files from its log.
+    pub delta: bool,
 }
 
 impl Table {
@@ -82,6 +84,7 @@ pub async fn output_schemas(p: &Pipeline) -> std::result::Result<Vec<Table>, Con
     Ok(sql::output_tables(p, &compiled)
         .into_iter()
         .map(|(name, schema, merge)| Table {
+            delta: p.outputs.formats.get(&name) == Some(&crate::config::TableFormat::Delta),
             partition_by: p
                 .outputs
                 .partitioned_by(&name)
@@ -127,6 +130,17 @@ pub async fn lake_session(p: &Pipeline, tables: &[Table]) -> Result<SessionConte
             }
         }
         let partitions = t.partition_columns();
+        if t.delta {
+            ctx.register_table(t.files_name(), delta_table(lake, t).await?)?;
+            if let Some(m) = &t.merge {
+                let view = ctx
+                    .sql(&m.merge_sql(&t.files_name(), &partitions))
+                    .await?
+                    .into_view();
+                ctx.register_table(name.as_str(), view)?;
+            }
+            continue;
+        }
         let opts = ListingOptions::new(Arc::new(ParquetFormat::default()))
             .with_file_extension(".parquet")
             .with_table_partition_cols(
@@ -148,6 +162,46 @@ pub async fn lake_session(p: &Pipeline, tables: &[Table]) -> Result<SessionConte
         }
     }
     Ok(ctx)
+}
+
+/// A Delta table's provider: the files its log's latest version lists, at the version read
+/// when the session was made. A table no commit has created yet reads as empty.
+async fn delta_table(
+    lake: &LakeLocation,
+    t: &Table,
+) -> Result<Arc<dyn datafusion::catalog::TableProvider>> {
+    use datafusion::error::DataFusionError;
+    let output = t.name.as_str();
+    let mut table = crate::sink::delta::builder(lake, output)
+        .await
+        .map_err(|e| DataFusionError::External(e.into()))?
+        .build()
+        .map_err(|e| DataFusionError::External(e.into()))?;
+    match table.load().await {
+        Ok(()) => table
+            .table_provider()
+            .await
+            .map_err(|e| DataFusionError::External(e.into())),
+        Err(deltalake::DeltaTableError::NotATable(_)) => {
+            let mut fields: Vec<_> = t.file_schema().fields().iter().cloned().collect();
+            for c in t.partition_columns() {
+                fields.push(Arc::new(arrow::datatypes::Field::new(
+                    c,
+                    DataType::Utf8,
+                    true,
+                )));
+            }
+            let schema = Arc::new(arrow::datatypes::Schema::new(fields));
+            Ok(Arc::new(datafusion::datasource::MemTable::try_new(
+                schema,
+                vec![vec![]],
+            )?))
+        }
+        Err(e) => Err(DataFusionError::Plan(format!(
+            "the Delta table `{output}` at {}: {e}",
+            lake.table_url(output)
+        ))),
+    }
 }
 
 /// An object store for an S3 lake, with the same credentials (the SDK's default chain),

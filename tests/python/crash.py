@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from harness import DEFAULT_START, check_run, pipeline_env
-from lake import S3LakeView, lake_count, lake_source
+from lake import DeltaLakeView, S3LakeView, lake_count, lake_source
 
 FAILPOINTS = ["after_stage", "after_prepare", "after_publish_file", "after_publish", "after_commit"]
 
@@ -149,7 +149,7 @@ def crash_runs(shardlake_bin: Path, pipeline: Path, data_dir: Path, con, lake, *
                         f"{log_text[-4000:]}")
 
         # After every crash: what is visible has no duplicates.
-        if isinstance(lake, S3LakeView):
+        if isinstance(lake, (S3LakeView, DeltaLakeView)):
             lake.refresh()
         visible = lake_count(con, lake, "readings")
         src = lake_source(lake, "readings")

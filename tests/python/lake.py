@@ -49,7 +49,7 @@ def parquet_files(lake: Path, output: str) -> list[str]:
 def lake_source(lake, output: str) -> str | None:
     """A DuckDB table expression for an output, None when it has no files (DuckDB errors on
     an empty glob). `lake` is a local lake directory or an `S3LakeView`."""
-    if isinstance(lake, S3LakeView):
+    if isinstance(lake, (S3LakeView, DeltaLakeView)):
         return lake.source(output)
     if not parquet_files(lake, output):
         return None
@@ -145,6 +145,70 @@ class S3LakeView:
             if self.files(output):
                 name = f"s3_{output}"
                 self.con.register(name, self.dataset(output).to_table())
+            self._tables[output] = name
+        return self._tables[output]
+
+
+class DeltaLakeView:
+    """A lake of Delta tables (`format: delta`) read the way Delta readers read it: the
+    `deltalake` package (delta-rs's Python binding, not our code) reads each table's log, and
+    pyarrow reads exactly the files its latest version lists, partition columns from their
+    paths. Before registering a table it checks that delta-rs's own reader returns as many
+    rows. `root` is a local lake directory or `s3://bucket/prefix` (with `moto`)."""
+
+    def __init__(self, con, root, moto: Moto | None = None):
+        self.con = con
+        self.root = str(root).rstrip("/")
+        self.options = None
+        self.fs = None
+        if moto is not None:
+            from pyarrow import fs as pafs
+            self.options = {"AWS_ENDPOINT_URL": f"http://{moto.host}:{moto.port}",
+                            "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                            "AWS_REGION": "us-east-1", "AWS_ALLOW_HTTP": "true"}
+            self.fs = pafs.S3FileSystem(endpoint_override=f"{moto.host}:{moto.port}",
+                                        scheme="http", access_key="test", secret_key="test",
+                                        region="us-east-1")
+        self._tables: dict[str, str | None] = {}
+
+    def refresh(self) -> None:
+        self._tables.clear()
+
+    def table(self, output: str):
+        """The output's DeltaTable, None before its first commit."""
+        from deltalake import DeltaTable
+        from deltalake.exceptions import TableNotFoundError
+        try:
+            return DeltaTable(f"{self.root}/{output}", storage_options=self.options)
+        except TableNotFoundError:
+            return None
+
+    def files(self, output: str) -> list[str]:
+        """The data files the table's latest version lists (paths pyarrow can open)."""
+        dt = self.table(output)
+        if dt is None:
+            return []
+        uris = dt.file_uris()
+        if self.fs is not None:
+            return sorted(u.removeprefix("s3://") for u in uris)
+        return sorted(u.removeprefix("file://") for u in uris)
+
+    def source(self, output: str) -> str | None:
+        if output not in self._tables:
+            import pyarrow.dataset as pads
+            name = None
+            files = self.files(output)
+            if files:
+                base = self.root.removeprefix("s3://") + f"/{output}"
+                table = pads.dataset(files, filesystem=self.fs, format="parquet",
+                                     partitioning="hive", partition_base_dir=base).to_table()
+                by_delta = self.table(output).to_pyarrow_table()
+                assert table.num_rows == by_delta.num_rows, (
+                    f"{output}: pyarrow read {table.num_rows} rows from the listed files, "
+                    f"delta-rs {by_delta.num_rows}")
+                assert len(files) == len(set(files)), f"{output}: a file listed twice"
+                name = f"delta_{output}"
+                self.con.register(name, table)
             self._tables[output] = name
         return self._tables[output]
 

@@ -92,7 +92,7 @@ pub(super) fn resolve_pipeline(
         name: f.name,
         schema: schema?,
         source,
-        lake,
+        lake: lake.0,
         checkpoints,
         event_time,
         max_record_bytes: limits.max_record_bytes,

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use super::lake::resolve_lake;
 use super::rollover::check_rollover;
 use crate::config::file::{LakeFile, OutputsFile, RolloverOverride, TableFile};
-use crate::config::{Aggregation, LakeLocation, Outputs, Problems, Rollover};
+use crate::config::{Aggregation, LakeLocation, Outputs, Problems, Rollover, TableFormat};
 
 /// One table of `outputs:` as written, whichever kind: where it is in the file (e.g.
 /// `outputs.aggregations[0]`), its name, and its own rollover and sink.
@@ -113,17 +113,19 @@ pub(super) fn resolve_outputs(
     p: &mut Problems,
     o: &OutputsFile,
     aggregations: Vec<Aggregation>,
-    lake: &LakeLocation,
+    lake: &(LakeLocation, TableFormat),
     rollover: &Rollover,
 ) -> Outputs {
     let mut per_table = BTreeMap::new();
     let mut sinks = BTreeMap::new();
+    let mut formats = BTreeMap::new();
     for t in tables(o) {
-        let sink = match t.sink {
+        let (sink, format) = match t.sink {
             Some(s) => resolve_lake(p, &format!("{}.sink", t.at), s.clone()),
             None => lake.clone(),
         };
         sinks.insert(t.name.clone(), sink);
+        formats.insert(t.name.clone(), format);
         let (bytes, age) = (
             t.rollover.and_then(|r| r.max_bytes.as_ref()),
             t.rollover.and_then(|r| r.max_age.as_ref()),
@@ -141,6 +143,7 @@ pub(super) fn resolve_outputs(
         aggregations,
         rollover: per_table,
         sinks,
+        formats,
         partition_by: resolve_partition_by(p, &o.partition_by),
     }
 }

@@ -1,0 +1,423 @@
+//! `format: delta`: each output of a lake is a Delta Lake table, and each shardlake commit is
+//! one commit of its transaction log.
+//!
+//! # What stays, what the log adds
+//!
+//! The data files are the hive layout's own: the same writer, the same
+//! `year=/month=/day=/hour=` directories (partition columns of the Delta schema, as strings,
+//! as `shardlake query` has always typed them), zstd, µs UTC timestamps. Staging and the
+//! commit protocol ([`crate::checkpoint::commit`]) are unchanged: the intent decides what is
+//! published, then every file is published (renamed, or its upload completed). The log is one
+//! more idempotent step at the end of publishing, before the checkpoint store's commit:
+//!
+//! 1. stage, 2. prepare the intent, 3. publish each file, **4. one Delta commit per table
+//!    that has files in the intent**, 5. commit the checkpoints.
+//!
+//! A Delta reader sees nothing of a commit until step 4 and all of it after: a file published
+//! in step 3 is in the table's directory but in no log entry, so it is not part of the table.
+//!
+//! # Exactly once: the application transaction
+//!
+//! The Delta commit carries a `txn` action: app id `shardlake/<pipeline>/<worker>` (the
+//! worker that prepared the intent, from the intent's id), version = that intent's commit
+//! number. A worker's commit numbers only grow, so before committing the step reads the
+//! table's latest version for the app id; if it is at or past this intent's, the step was
+//! done (by this worker before a crash, or by the worker that recovered the intent after
+//! this one lost its lease) and is skipped. Two workers completing the same intent at once
+//! both write a `txn` of the same app id: Delta's conflict checker refuses the second
+//! (`ConcurrentTransaction`), which then reads the table again and finds it done.
+//!
+//! # Many writers
+//!
+//! Workers append to one table concurrently. A log entry is written with put-if-absent: the
+//! local file system's atomic create, or on S3 a conditional `PutObject` (`If-None-Match`,
+//! which S3 has supported since 2024), through the same object_store client `shardlake
+//! query` uses. So no DynamoDB lock table is needed; a commit that loses the race is rebased
+//! by delta-rs (appends do not conflict) and tried again.
+//!
+//! The first commit to a table creates it (its schema from the pipeline's SQL, its partition
+//! columns from the layout); two workers creating it at once is one create and one retry.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io;
+use std::sync::{Arc, Once};
+
+use arrow::datatypes::SchemaRef;
+use deltalake::kernel::transaction::{CommitBuilder, CommitProperties, TransactionError};
+use deltalake::kernel::{Action, Add, DataType, StructField, StructType, Transaction};
+use deltalake::logstore::{
+    LogStore, LogStoreFactory, StorageConfig, default_logstore, logstore_factories,
+};
+use deltalake::operations::create::CreateBuilder;
+use deltalake::protocol::{DeltaOperation, SaveMode};
+use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError, ObjectStore};
+use tokio::sync::Mutex;
+use url::Url;
+
+use crate::checkpoint::Intent;
+use crate::config::{LakeLocation, Pipeline, TableFormat};
+use crate::sink::StagedFile;
+use crate::sink::partition::NULL_PARTITION;
+use crate::tools::query::{Table, output_schemas};
+
+/// The Delta tables of a pipeline: every output whose lake has `format: delta`.
+#[derive(Debug)]
+pub struct DeltaTables {
+    pipeline: String,
+    by_output: BTreeMap<String, Target>,
+}
+
+struct Target {
+    url: Url,
+    /// The bucket's object store, for an S3 lake (a local lake uses delta-rs's own).
+    store: Option<Arc<dyn ObjectStore>>,
+    /// The schema of the data files.
+    file_schema: SchemaRef,
+    /// Outermost first: the partition-by column if any, then year, month, day, hour.
+    partition_columns: Vec<String>,
+    /// Loaded at the first commit; one commit at a time per table in this process.
+    table: Mutex<Option<DeltaTable>>,
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Target")
+            .field("url", &self.url.as_str())
+            .finish()
+    }
+}
+
+/// delta-rs finds a log store by the table URL's scheme. For `s3://` it would want its AWS
+/// crate (a second AWS stack, and a DynamoDB lock table unless told otherwise); the default
+/// log store over our own object_store client does what is needed, since S3's conditional
+/// writes make put-if-absent atomic.
+struct ConditionalPutLogStores;
+
+impl LogStoreFactory for ConditionalPutLogStores {
+    fn with_options(
+        &self,
+        prefixed_store: Arc<dyn ObjectStore>,
+        root_store: Arc<dyn ObjectStore>,
+        location: &Url,
+        options: &StorageConfig,
+    ) -> deltalake::DeltaResult<Arc<dyn LogStore>> {
+        Ok(default_logstore(
+            prefixed_store,
+            root_store,
+            location,
+            options,
+        ))
+    }
+}
+
+fn register_s3_log_store() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        logstore_factories().insert(
+            Url::parse("s3://").expect("a URL"),
+            Arc::new(ConditionalPutLogStores),
+        );
+    });
+}
+
+/// The table URL of `output` in `lake` (no trailing `/`).
+pub fn table_url(lake: &LakeLocation, output: &str) -> io::Result<Url> {
+    let s = lake.table_url(output);
+    let s = s.trim_end_matches('/');
+    match lake {
+        LakeLocation::Local { .. } => Url::from_directory_path(s)
+            .map_err(|()| io::Error::other(format!("{s} is not an absolute directory"))),
+        LakeLocation::S3(_) => Url::parse(s).map_err(io::Error::other),
+    }
+}
+
+/// A Delta table of `lake`, with the object store it must be read through.
+pub async fn builder(lake: &LakeLocation, output: &str) -> io::Result<DeltaTableBuilder> {
+    let url = table_url(lake, output)?;
+    let b = DeltaTableBuilder::from_url(url.clone()).map_err(io::Error::other)?;
+    Ok(match lake {
+        LakeLocation::Local { .. } => b,
+        LakeLocation::S3(loc) => {
+            register_s3_log_store();
+            let store = crate::aws::s3_object_store(&loc.bucket, loc.region.as_deref())
+                .await
+                .map_err(io::Error::other)?;
+            let root = Url::parse(&format!("s3://{}", loc.bucket)).map_err(io::Error::other)?;
+            b.with_storage_backend(Arc::new(store), root)
+        }
+    })
+}
+
+impl DeltaTables {
+    /// The pipeline's Delta tables; `None` if every output is in the hive layout.
+    pub async fn open(p: &Pipeline) -> io::Result<Option<Self>> {
+        if !p.outputs.formats.values().any(|f| *f == TableFormat::Delta) {
+            return Ok(None);
+        }
+        let tables = output_schemas(p).await.map_err(io::Error::other)?;
+        let mut by_output = BTreeMap::new();
+        for t in tables {
+            if p.outputs.formats.get(&t.name) != Some(&TableFormat::Delta) {
+                continue;
+            }
+            let lake = &p.outputs.sinks[&t.name];
+            let store: Option<Arc<dyn ObjectStore>> = match lake {
+                LakeLocation::Local { path } => {
+                    std::fs::create_dir_all(path.join(&t.name))?;
+                    None
+                }
+                LakeLocation::S3(loc) => {
+                    register_s3_log_store();
+                    Some(Arc::new(
+                        crate::aws::s3_object_store(&loc.bucket, loc.region.as_deref())
+                            .await
+                            .map_err(io::Error::other)?,
+                    ))
+                }
+            };
+            by_output.insert(
+                t.name.clone(),
+                Target {
+                    url: table_url(lake, &t.name)?,
+                    store,
+                    file_schema: t.file_schema(),
+                    partition_columns: partition_columns(&t),
+                    table: Mutex::new(None),
+                },
+            );
+        }
+        Ok(Some(Self {
+            pipeline: p.name.clone(),
+            by_output,
+        }))
+    }
+
+    /// Step 4 of publishing: one Delta commit per table with files in `intent`, each skipped
+    /// if the table already has it. Idempotent, as every step of publishing is.
+    pub async fn commit(&self, intent: &Intent) -> io::Result<()> {
+        let worker = intent
+            .id
+            .strip_suffix(&format!("-{}", intent.next.commit_id))
+            .unwrap_or(&intent.id);
+        let app_id = format!("shardlake/{}/{worker}", self.pipeline);
+        let version = intent.next.commit_id as i64;
+        for (output, target) in &self.by_output {
+            let files: Vec<&StagedFile> = intent
+                .files
+                .iter()
+                .filter(|f| &f.output == output)
+                .collect();
+            if files.is_empty() {
+                continue;
+            }
+            target
+                .commit(&files, &app_id, version)
+                .await
+                .map_err(|e| io::Error::other(format!("delta table {}: {e}", target.url)))?;
+        }
+        Ok(())
+    }
+}
+
+fn partition_columns(t: &Table) -> Vec<String> {
+    t.partition_columns()
+        .into_iter()
+        .map(str::to_string)
+        .collect()
+}
+
+/// Attempts at a commit that keeps losing to other workers' commits of the same app id or
+/// to a concurrent create, before the step fails (the next recovery does it again).
+const ATTEMPTS: usize = 10;
+
+impl Target {
+    fn builder(&self) -> deltalake::DeltaResult<DeltaTableBuilder> {
+        let b = DeltaTableBuilder::from_url(self.url.clone())?;
+        Ok(match &self.store {
+            None => b,
+            Some(store) => {
+                let root = Url::parse(&format!("s3://{}", self.url.host_str().unwrap_or_default()))
+                    .map_err(|e| DeltaTableError::Generic(e.to_string()))?;
+                b.with_storage_backend(store.clone(), root)
+            }
+        })
+    }
+
+    /// The table at its latest version, created if it does not exist yet.
+    async fn latest(&self, slot: &mut Option<DeltaTable>) -> deltalake::DeltaResult<()> {
+        if let Some(t) = slot.as_mut() {
+            return t.update_state().await;
+        }
+        let mut table = self.builder()?.build()?;
+        match table.load().await {
+            Ok(()) => {}
+            Err(DeltaTableError::NotATable(_)) => {
+                let created = CreateBuilder::new()
+                    .with_log_store(table.log_store())
+                    .with_columns(self.columns()?)
+                    .with_partition_columns(self.partition_columns.clone())
+                    .with_save_mode(SaveMode::Ignore)
+                    .await;
+                match created {
+                    Ok(t) => table = t,
+                    // Another worker created it first.
+                    Err(_) => {
+                        table = self.builder()?.build()?;
+                        table.load().await?;
+                    }
+                }
+            }
+            Err(e) => return Err(e),
+        }
+        *slot = Some(table);
+        Ok(())
+    }
+
+    /// The Delta schema: the files' columns, then the partition columns as strings.
+    fn columns(&self) -> deltalake::DeltaResult<Vec<StructField>> {
+        use deltalake::kernel::engine::arrow_conversion::TryIntoKernel as _;
+        let files: StructType = self.file_schema.as_ref().try_into_kernel()?;
+        let mut cols: Vec<StructField> = files.fields().cloned().collect();
+        cols.extend(
+            self.partition_columns
+                .iter()
+                .map(|c| StructField::new(c.clone(), DataType::STRING, true)),
+        );
+        Ok(cols)
+    }
+
+    async fn commit(
+        &self,
+        files: &[&StagedFile],
+        app_id: &str,
+        version: i64,
+    ) -> deltalake::DeltaResult<()> {
+        let mut slot = self.table.lock().await;
+        let mut last_error = None;
+        for _ in 0..ATTEMPTS {
+            self.latest(&mut slot).await?;
+            let table = slot.as_ref().expect("loaded");
+            let state = table.snapshot()?;
+            let done = state
+                .transaction_version(table.log_store().as_ref(), app_id)
+                .await?;
+            if done.is_some_and(|v| v >= version) {
+                tracing::debug!(table = %self.url, app_id, version, "delta commit was done before");
+                return Ok(());
+            }
+            let now = chrono::Utc::now().timestamp_millis();
+            let actions = files
+                .iter()
+                .map(|f| self.add(f, now).map(Action::Add))
+                .collect::<deltalake::DeltaResult<Vec<_>>>()?;
+            // A log checkpoint every `delta.checkpointInterval` (100) entries, so readers
+            // do not replay every entry; expired entries are left for maintenance, off the
+            // commit path (and the workers' role may not delete in the log).
+            let props = CommitProperties::default()
+                .with_application_transaction(Transaction::new_with_last_update(
+                    app_id,
+                    version,
+                    Some(now),
+                ))
+                .with_create_checkpoint(true)
+                .with_cleanup_expired_logs(Some(false));
+            let committed = CommitBuilder::from(props)
+                .with_actions(actions)
+                .build(
+                    Some(state),
+                    table.log_store(),
+                    DeltaOperation::Write {
+                        mode: SaveMode::Append,
+                        partition_by: Some(self.partition_columns.clone()),
+                        predicate: None,
+                    },
+                )
+                .await;
+            match committed {
+                Ok(_) => return Ok(()),
+                // The same intent committed by another worker at the same moment (its `txn`
+                // conflicts with ours): read the table again, and find it done.
+                Err(e @ DeltaTableError::Transaction { .. }) => {
+                    tracing::info!(table = %self.url, app_id, version, error = %e, "delta commit conflicted; reading the table again");
+                    last_error = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| DeltaTableError::Transaction {
+            source: TransactionError::MaxCommitAttempts(ATTEMPTS as i32),
+        }))
+    }
+
+    /// The `add` action of a published file.
+    fn add(&self, f: &StagedFile, now: i64) -> deltalake::DeltaResult<Add> {
+        let (_, rel) = f.key.split_once('/').ok_or_else(|| {
+            DeltaTableError::Generic(format!("{} is not under its output's directory", f.key))
+        })?;
+        let mut partition_values = HashMap::new();
+        for segment in rel.split('/') {
+            if let Some((k, v)) = segment.split_once('=')
+                && self.partition_columns.iter().any(|c| c == k)
+            {
+                partition_values.insert(k.to_string(), partition_value(v));
+            }
+        }
+        if partition_values.len() != self.partition_columns.len() {
+            return Err(DeltaTableError::Generic(format!(
+                "{} does not name every partition column ({})",
+                f.key,
+                self.partition_columns.join(", ")
+            )));
+        }
+        Ok(Add {
+            // A URI path: the key's own `%` escapes (a tenant's unsafe characters) escaped.
+            path: rel.replace('%', "%25"),
+            partition_values,
+            size: f.bytes as i64,
+            modification_time: now,
+            data_change: true,
+            stats: Some(format!("{{\"numRecords\":{}}}", f.rows)),
+            ..Default::default()
+        })
+    }
+}
+
+/// A directory's partition value as Delta records it: unescaped, and null for the hive
+/// layout's null directory.
+fn partition_value(dir: &str) -> Option<String> {
+    if dir == NULL_PARTITION {
+        return None;
+    }
+    let bytes = dir.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let (Some(hi), Some(lo)) = (hex(bytes[i + 1]), hex(bytes[i + 2]))
+        {
+            out.push((hi * 16 + lo) as u8);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    Some(String::from_utf8_lossy(&out).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partition_values_are_unescaped_and_null_is_none() {
+        assert_eq!(partition_value("07").as_deref(), Some("07"));
+        assert_eq!(
+            partition_value("a%2F%2E%2E%2Fb%3Dc").as_deref(),
+            Some("a/../b=c")
+        );
+        assert_eq!(partition_value(NULL_PARTITION), None);
+    }
+}

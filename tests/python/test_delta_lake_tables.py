@@ -1,0 +1,208 @@
+"""`lake: {format: delta}`: every output is a Delta Lake table, read by readers we did not
+write: the `deltalake` package (delta-rs's Python binding) reads each table's log, pyarrow
+reads exactly the files its latest version lists, DuckDB compares them with the input.
+
+- SIGKILLs and failpoint aborts at random moments (crash.py): after each, what the logs
+  list has no duplicates; after a final run every output is right.
+- The same on moto's S3, where log entries are written with conditional PutObjects.
+- A late publish of an intent that another run already completed (a worker that lost its
+  lease and still tries): recognised by the table's application transaction, never a double.
+- `shardlake query` reads the tables through delta-rs's DataFusion provider; `athena-ddl`
+  prints Delta DDL.
+
+Exercises src/sink/delta.rs and its step in src/checkpoint/commit.rs.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+from crash import crash_runs, no_core_dumps, simulator_extension
+from harness import pipeline_env, run_pipeline, simulate, write_test_pipeline
+from lake import DeltaLakeView, check_whole_lake, duck, lake_count, parquet_files
+from streamdata import read_stream
+
+OUTPUTS = ["readings", "dead_letter", "alerts", "well_1m", "well_5m_hop"]
+
+
+def test_delta_tables_exactly_once_across_crashes(tmp_path, agent_bin, shardlake_bin, capsys):
+    summary = simulate(agent_bin, tmp_path, shards=4, devices=200, readings=500, seed=28,
+                       spikes=8, malformed=20)
+    stream = read_stream(tmp_path / "stream")
+    lake = tmp_path / "lake"
+    pipeline = write_test_pipeline(tmp_path / "delta.yaml", max_bytes="1MiB", max_age="1s",
+                                   lake=f"{{local: {{path: {lake}}}, format: delta}}")
+    con = duck()
+    view = DeltaLakeView(con, lake)
+    more = simulator_extension(agent_bin, tmp_path, shards=4, devices=200, after=500,
+                               readings=500, seed=28)
+    crashes = crash_runs(shardlake_bin, pipeline, tmp_path, con, view,
+                         valid=len(stream.valid), seed=20261207, min_kills=6,
+                         staged=lambda: f"{len(list(lake.rglob('*.inprogress')))} files",
+                         extend=more)
+    stream = read_stream(tmp_path / "stream")
+    run_pipeline(shardlake_bin, pipeline, tmp_path)
+    with capsys.disabled():
+        print(f"\n[crash test, delta lake] {crashes.report()}")
+    assert crashes.mid_stream >= 1, "no crash left the tables part-way through the stream"
+
+    view.refresh()
+    con.register("src", stream.table())
+    check_whole_lake(con, view, stream)
+    assert lake_count(con, view, "dead_letter") == summary["malformed"]
+    # Every published file is in its table's log: nothing was published and then left out.
+    for output in OUTPUTS:
+        on_disk = {f for f in parquet_files(lake, output)}
+        assert set(view.files(output)) == on_disk, output
+    # Each commit's entry names the pipeline's worker and its commit number.
+    entries = sorted((lake / "readings" / "_delta_log").glob("*.json"))
+    txns = []
+    for e in entries:
+        for line in e.read_text().splitlines():
+            action = json.loads(line)
+            if "txn" in action:
+                txns.append((action["txn"]["appId"], action["txn"]["version"]))
+    assert txns, "no log entry carries an application transaction"
+    assert all(app.startswith("shardlake/well-telemetry/") for app, _ in txns), txns
+    versions = [v for _, v in txns]
+    assert len(versions) == len(set(versions)), f"a commit number appended twice: {versions}"
+
+
+def aborted_at(shardlake_bin, pipeline, data_dir, point: str) -> None:
+    """`shardlake run --drain` that aborts itself at the first pass of `point`."""
+    proc = subprocess.run([str(shardlake_bin), "run", str(pipeline), "--drain"],
+                          env=pipeline_env(data_dir, {"SHARDLAKE_FAILPOINTS": f"{point}@1"}),
+                          capture_output=True, text=True, timeout=300, preexec_fn=no_core_dumps)
+    assert f"failpoint {point} reached" in proc.stdout + proc.stderr, (
+        f"exit {proc.returncode}, failpoint {point} not reached:\n{proc.stderr[-3000:]}")
+
+
+def test_late_publish_of_a_completed_intent_is_recognised(tmp_path, agent_bin, shardlake_bin):
+    """A worker prepares an intent and stops before its Delta commit (the failpoint after
+    its first file is published); another run completes it. Then the first worker's view
+    comes back (its state directory as it was, intent pending) and publishes the same intent
+    late: the table's txn says it is done, so no row appears twice."""
+    simulate(agent_bin, tmp_path, shards=2, devices=50, readings=400, seed=7, spikes=2,
+             malformed=0)
+    stream = read_stream(tmp_path / "stream")
+    lake = tmp_path / "lake"
+    pipeline = write_test_pipeline(tmp_path / "delta.yaml", max_bytes="64MiB", max_age="1h",
+                                   lake=f"{{local: {{path: {lake}}}, format: delta}}")
+    aborted_at(shardlake_bin, pipeline, tmp_path, "after_publish_file")
+    state = tmp_path / "state"
+    checkpoint = state / "well-telemetry" / "checkpoint.json"
+    assert json.loads(checkpoint.read_text()).get("pending"), "no intent was left pending"
+    stale = tmp_path / "state-before-recovery"
+    shutil.copytree(state, stale)
+
+    run_pipeline(shardlake_bin, pipeline, tmp_path)   # recovers the intent, reads the rest
+    con = duck()
+    view = DeltaLakeView(con, lake)
+    rows = lake_count(con, view, "readings")
+    assert rows == len(stream.valid)
+    versions = {o: view.table(o).version() for o in OUTPUTS if view.table(o) is not None}
+
+    # The late worker: its state as it was, the intent still pending. It publishes the intent
+    # again, Delta step included, and is stopped before it could commit its checkpoints (a
+    # lost lease fences that write; the rest of its state is stale, so it must not go on).
+    shutil.rmtree(state)
+    shutil.copytree(stale, state)
+    aborted_at(shardlake_bin, pipeline, tmp_path, "after_publish")
+    view.refresh()
+    src = view.source("readings")
+    dups = con.execute(
+        f"SELECT count(*) - count(DISTINCT (device_id, seq)) FROM {src}").fetchall()[0][0]
+    assert dups == 0, f"the late publish appended {dups} readings again"
+    assert lake_count(con, view, "readings") == len(stream.valid)
+    # Nothing was appended at all: the tables' txn said the intent was done. (A log entry
+    # adding the same paths again would not double rows, since a Delta snapshot keeps one
+    # add per path; it would still be a commit that should not exist.)
+    after = {o: view.table(o).version() for o in versions}
+    assert after == versions, f"the late publish wrote log entries: {versions} -> {after}"
+
+
+def test_query_and_athena_ddl_read_the_log(tmp_path, agent_bin, shardlake_bin):
+    """`shardlake query` reads what the log lists and nothing else in the directories; an
+    aggregation's merged view works over its Delta parts; `athena-ddl` prints Delta tables."""
+    from test_parquet_files_athena_ddl_and_query import parse_pretty_table
+    simulate(agent_bin, tmp_path, shards=2, devices=30, readings=600, seed=9, spikes=2,
+             malformed=3, start="2026-01-05T10:55:00Z")
+    lake = tmp_path / "lake"
+    pipeline = write_test_pipeline(tmp_path / "delta.yaml", max_bytes="64MiB", max_age="1h",
+                                   lake=f"{{local: {{path: {lake}}}, format: delta}}")
+    env = pipeline_env(tmp_path)
+
+    def count(sql: str) -> int:
+        proc = subprocess.run([str(shardlake_bin), "query", str(pipeline), sql], env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, f"{sql}: exit {proc.returncode}\n{proc.stderr[-3000:]}"
+        header, rows = parse_pretty_table(proc.stdout)
+        assert header == ["n"] and len(rows) == 1, proc.stdout
+        return int(rows[0][0])
+
+    # Before the first commit the tables read as empty, not as an error.
+    assert count("SELECT count(*) AS n FROM readings") == 0
+    run_pipeline(shardlake_bin, pipeline, tmp_path)
+    stream = read_stream(tmp_path / "stream")
+    con = duck()
+    con.register("src", stream.table())
+    expected = dict(con.execute("SELECT hour(ts)::int, count(*) FROM src GROUP BY ALL").fetchall())
+    assert set(expected) == {10, 11}, expected
+    assert count("SELECT count(*) AS n FROM readings") == len(stream.valid)
+    assert count("SELECT count(*) AS n FROM readings WHERE hour = '10'") == expected[10]
+    minutes = con.execute("SELECT count(DISTINCT (date_trunc('minute', ts), device_id)) "
+                          "FROM src").fetchall()[0][0]
+    assert count("SELECT count(*) AS n FROM well_1m") == minutes
+
+    # A Parquet file put into a partition directory by hand is in no log entry: a Delta
+    # reader does not see it (a hive reader would).
+    some = sorted((lake / "readings").rglob("part-*.parquet"))[0]
+    stray = some.with_name("part-zz-stray.parquet")
+    shutil.copy(some, stray)
+    assert count("SELECT count(*) AS n FROM readings") == len(stream.valid)
+
+    ddl = subprocess.run([str(shardlake_bin), "athena-ddl", str(pipeline), "--location",
+                          "s3://bucket/lake"], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert ddl.returncode == 0, ddl.stderr
+    delta_tables = [s for s in ddl.stdout.split(";\n") if "'table_type'='DELTA'" in s]
+    assert len(delta_tables) == len(OUTPUTS) + 1, ddl.stdout  # with `late`
+    assert "PARTITIONED BY" not in ddl.stdout and "projection" not in ddl.stdout
+    assert "CREATE OR REPLACE VIEW" in ddl.stdout, "the merged views are missing"
+
+
+def test_delta_tables_on_s3_across_crashes(tmp_path, moto, agent_bin, shardlake_bin, capsys):
+    """On moto's S3: log entries are conditional PutObjects; SIGKILLs and failpoint aborts
+    leave no duplicate, and every output is right at the end, read by delta-rs and pyarrow
+    from S3."""
+    s3 = moto.client("s3")
+    s3.create_bucket(Bucket="lake")
+    simulate(agent_bin, tmp_path, shards=4, devices=100, readings=300, seed=31, spikes=6,
+             malformed=10)
+    stream = read_stream(tmp_path / "stream")
+    pipeline = write_test_pipeline(
+        tmp_path / "delta-s3.yaml", max_bytes="1MiB", max_age="1s",
+        lake="{s3: {bucket: lake, prefix: tables/wells, part_size: 5MiB}, format: delta}")
+    con = duck()
+    view = DeltaLakeView(con, "s3://lake/tables/wells", moto=moto)
+    env = moto.env()
+    crashes = crash_runs(shardlake_bin, pipeline, tmp_path, con, view,
+                         valid=len(stream.valid), seed=28, min_kills=4, env=env,
+                         staged=lambda: "uploads",
+                         extend=simulator_extension(agent_bin, tmp_path, shards=4,
+                                                    devices=100, after=300, readings=300,
+                                                    seed=31))
+    stream = read_stream(tmp_path / "stream")
+    subprocess.run([str(shardlake_bin), "run", str(pipeline), "--drain"],
+                   env=pipeline_env(tmp_path, env), check=True, timeout=300,
+                   capture_output=True)
+    with capsys.disabled():
+        print(f"\n[crash test, delta lake on S3] {crashes.report()}")
+    view.refresh()
+    con.register("src", stream.table())
+    check_whole_lake(con, view, stream)
+    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="lake")
+            for o in page.get("Contents", [])]
+    assert any(k.startswith("tables/wells/readings/_delta_log/") for k in keys), keys[:20]
