@@ -234,6 +234,38 @@ enum Command {
     },
     /// Run SQL over a pipeline's lake; every output is a table.
     Query { pipeline: PathBuf, sql: String },
+    /// Compact the closed hour partitions of a pipeline's Delta tables (`format: delta`):
+    /// their small files bin-packed into few, in one log entry per partition, so readers see
+    /// the partition before or after, never between. Safe while workers run.
+    Compact {
+        pipeline: PathBuf,
+        /// Only this output (default: every Delta table of the pipeline).
+        #[arg(long)]
+        output: Option<String>,
+        /// A partition is closed once its hour ended this long ago.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        older_than: Duration,
+        /// Size of the compacted files.
+        #[arg(long, default_value = "256MiB", value_parser = parse_size)]
+        target_size: u64,
+        /// Cluster rows by these columns (Z-order), e.g. `device_id,ts`, so one device's
+        /// queries skip most row groups.
+        #[arg(long, value_delimiter = ',')]
+        zorder: Vec<String>,
+    },
+    /// Delete the files of a pipeline's Delta tables that no version of the last `--retain`
+    /// references (compactions' inputs, files a crash left outside the log).
+    Vacuum {
+        pipeline: PathBuf,
+        #[arg(long)]
+        output: Option<String>,
+        /// Versions this recent keep their files (at least 7 days).
+        #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
+        retain: Duration,
+        /// List what would be deleted, delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Exit 0 if the worker serving `--listen` on this machine says it is ready (GET
     /// /healthz), 1 otherwise: the container health check, without curl in the image.
     Health {
@@ -409,6 +441,43 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             let ctx = query::lake_session(&p, &schemas).await?;
             let batches = query::query(&ctx, &sql).await?;
             println!("{}", arrow::util::pretty::pretty_format_batches(&batches)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Compact {
+            pipeline,
+            output,
+            older_than,
+            target_size,
+            zorder,
+        } => {
+            let p = load(&pipeline, &process_env).await?;
+            let opts = shardlake::tools::compact::CompactOptions {
+                output,
+                older_than,
+                target_size,
+                zorder,
+            };
+            for c in shardlake::tools::compact::compact(&p, &opts).await? {
+                println!(
+                    "{}: {} partitions compacted, {} files into {}",
+                    c.output, c.partitions, c.files_removed, c.files_added
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Vacuum {
+            pipeline,
+            output,
+            retain,
+            dry_run,
+        } => {
+            let p = load(&pipeline, &process_env).await?;
+            let done =
+                shardlake::tools::compact::vacuum(&p, output.as_deref(), retain, dry_run).await?;
+            for v in done {
+                let verb = if dry_run { "would delete" } else { "deleted" };
+                println!("{}: {verb} {} files", v.output, v.files_deleted);
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Health { listen } => Ok(if healthy(listen) {
@@ -759,4 +828,9 @@ async fn device(action: DeviceAction) -> Result<ExitCode> {
             })
         }
     }
+}
+
+/// A size argument, as in pipeline files (`256MiB`).
+fn parse_size(text: &str) -> Result<u64, String> {
+    config::parse_bytes(text).ok_or_else(|| format!("{text:?} is not a size; write e.g. 256MiB"))
 }

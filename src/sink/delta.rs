@@ -384,7 +384,7 @@ impl Target {
 
 /// A directory's partition value as Delta records it: unescaped, and null for the hive
 /// layout's null directory.
-fn partition_value(dir: &str) -> Option<String> {
+pub fn partition_value(dir: &str) -> Option<String> {
     if dir == NULL_PARTITION {
         return None;
     }

@@ -4,5 +4,6 @@
 
 pub mod athena;
 pub mod bridge;
+pub mod compact;
 pub mod device;
 pub mod query;
