@@ -313,3 +313,92 @@ def check_compact(shardlake_bin, pipeline, data_dir, *args) -> str:
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
+
+
+def test_three_workers_append_to_the_same_delta_tables(tmp_path, kinesalite, moto, agent_bin,
+                                                       shardlake_bin, capsys):
+    """Three workers share a 6-shard kinesalite stream through moto's DynamoDB leases and
+    append to the same Delta tables in moto's S3; one is SIGKILLed mid-run. Every output holds
+    every record once; in each table's log, every app id's versions only grow, none twice."""
+    import threading
+    import uuid
+
+    from servers import create_stream, put_lines
+    from streamdata import interleave, stream_data
+    from test_dynamodb_leases_failover_resharding_and_faults import (
+        kill_all, last_sequence, lease_run, lease_table, owners, start_workers, wait_until,
+        worker_of)
+    kinesis, ddb, s3 = kinesalite.client(), moto.client("dynamodb"), moto.client("s3")
+    s3.create_bucket(Bucket="lake")
+    name, table = f"wells-{uuid.uuid4().hex[:8]}", f"leases-{uuid.uuid4().hex[:8]}"
+    create_stream(kinesis, name, 6)
+    summary = simulate(agent_bin, tmp_path / "sim", shards=6, devices=300, readings=200,
+                       seed=12, spikes=6, malformed=10)
+    lines = interleave(tmp_path / "sim" / "stream")
+    half = len(lines) // 2
+    put = put_lines(kinesis, name, lines[:half])
+    pipeline, env = lease_run(tmp_path, "leases.yaml", name, table, kinesalite.url, moto.url,
+                              sync_s=5, max_bytes="4MiB", max_age="1s",
+                              lake="{s3: {bucket: lake, prefix: wells, part_size: 5MiB}, "
+                                   "format: delta}")
+    env["AWS_ENDPOINT_URL_S3"] = moto.url
+    workers, logs = start_workers(shardlake_bin, pipeline, env, tmp_path, 3)
+    try:
+        wait_until("3 workers to hold 2 leases each",
+                   lambda: len(lease_table(ddb, table)) == 6 and sorted(
+                       len(v) for v in owners(lease_table(ddb, table)).values()) == [2, 2, 2],
+                   timeout=90, every=0.5)
+        rest: list = []
+        producer = threading.Thread(target=lambda: rest.extend(put_lines(kinesis, name,
+                                                                          lines[half:])))
+        producer.start()
+        wait_until("commits from every shard",
+                   lambda: all(it["checkpoint"].isdigit()
+                               for it in lease_table(ddb, table).values()),
+                   timeout=120, every=0.5)
+        victim = next(o for o in owners(lease_table(ddb, table)) if worker_of(o) == "w0")
+        workers[0].kill()
+        workers[0].wait()
+        wait_until("the survivors to take w0's leases",
+                   lambda: victim not in owners(lease_table(ddb, table))
+                   and sum(map(len, owners(lease_table(ddb, table)).values())) == 6,
+                   timeout=60, every=0.2)
+        producer.join(timeout=300)
+        put += rest
+        last = last_sequence(put)
+        wait_until("every shard's checkpoint to reach its last record",
+                   lambda: all(it["checkpoint"].isdigit() and int(it["checkpoint"]) == last[k]
+                               for k, it in lease_table(ddb, table).items()),
+                   timeout=300, every=1)
+        for w in workers[1:]:
+            w.terminate()
+        for w in workers[1:]:
+            assert w.wait(timeout=60) == 0
+    finally:
+        kill_all(workers, logs)
+    subprocess.run([str(shardlake_bin), "run", str(pipeline), "--drain", "--worker-id", "last"],
+                   env=env, check=True, timeout=300, capture_output=True)
+
+    data = stream_data(put)
+    assert (len(data.valid), len(data.invalid)) == (summary["readings"], summary["malformed"])
+    con = duck()
+    con.register("src", data.table())
+    view = DeltaLakeView(con, "s3://lake/wells", moto=moto)
+    check_whole_lake(con, view, data)
+
+    txns: dict[str, list[int]] = {}
+    keys = sorted(o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(
+        Bucket="lake", Prefix="wells/readings/_delta_log/") for o in page.get("Contents", [])
+        if o["Key"].endswith(".json"))
+    for key in keys:
+        body = s3.get_object(Bucket="lake", Key=key)["Body"].read().decode()
+        for line in body.splitlines():
+            action = json.loads(line)
+            if "txn" in action:
+                txns.setdefault(action["txn"]["appId"], []).append(action["txn"]["version"])
+    assert len({worker_of(a.rsplit("/", 1)[1]) for a in txns}) >= 3, txns.keys()
+    for app, versions in txns.items():
+        assert versions == sorted(set(versions)), f"{app}: versions {versions}"
+    with capsys.disabled():
+        print(f"\n[delta, 3 workers] {len(put)} records; readings log: {len(keys)} entries, "
+              + ", ".join(f"{a.rsplit('/', 1)[1]}: {len(v)} commits" for a, v in txns.items()))

@@ -61,11 +61,11 @@ def worker_of(owner: str) -> str:
 
 def lease_run(tmp_path, file: str, stream: str, table: str, kinesis_url: str, dynamodb_url: str,
               *, sync_s: int = 60, failover_s: int = FAILOVER_S, source_opts: str = "",
-              max_bytes: str = "1MiB", max_age: str = "1s"):
+              max_bytes: str = "1MiB", max_age: str = "1s", lake: str | None = None):
     """A test pipeline over `stream` with leases in `table`, and the environment pointing
     Kinesis and DynamoDB at the local servers (or a fault proxy)."""
     pipeline = write_test_pipeline(
-        tmp_path / file, max_bytes=max_bytes, max_age=max_age,
+        tmp_path / file, max_bytes=max_bytes, max_age=max_age, lake=lake,
         source=f"{{kinesis: {{stream: {stream}{source_opts}}}}}",
         checkpoints=f"{{dynamodb: {{table: {table}, failover_time: {failover_s}s, "
                     f"shard_sync_interval: {sync_s}s}}}}")
