@@ -769,3 +769,91 @@ async fn a_crash_at_every_failpoint_loses_and_duplicates_nothing() {
         );
     }
 }
+
+// ------------------------------------------------------------------ Delta tables
+
+/// A long-lived query session (the console's) over Delta tables: empty before the first
+/// commit, then each commit is seen once the session reads the log again (within a second),
+/// in the raw table and in an aggregation's merged view.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_lived_session_sees_each_delta_commit() {
+    let data = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(ts("2026-01-05T10:10:00Z")));
+    let mut p = load(&repo().join("testdata/pipelines/windows.yaml"), data.path()).await;
+    for format in p.outputs.formats.values_mut() {
+        *format = shardlake::config::TableFormat::Delta;
+    }
+    let store = Box::new(LocalStore::open(&data.path().join("state"), &p.name).unwrap());
+    let mut engine = Engine::open(
+        Arc::new(p.clone()),
+        Lakes::open(&p, &Default::default()).await.unwrap(),
+        store,
+        clock.clone(),
+        "w0",
+        Arc::new(Metrics::default()),
+    )
+    .await
+    .unwrap();
+    let mut feed = Feed {
+        decoder: RecordDecoder::new(&p),
+        offsets: Default::default(),
+        clock: clock.clone(),
+    };
+    let schemas = query::output_schemas(&p).await.unwrap();
+    let ctx = query::lake_session(&p, &schemas).await.unwrap();
+    let count = |sql: &'static str| {
+        let ctx = ctx.clone();
+        async move {
+            let b = query::query(&ctx, sql)
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}"));
+            array_value_to_string(b[0].column(0), 0)
+                .unwrap()
+                .parse::<i64>()
+                .unwrap()
+        }
+    };
+    let eventually = |sql: &'static str, want: i64| {
+        let count = &count;
+        async move {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            loop {
+                let got = count(sql).await;
+                if got == want {
+                    return;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{sql}: {got}, not {want}"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    };
+    assert_eq!(count("SELECT count(*) FROM readings").await, 0);
+
+    engine.add_shard("a".into());
+    let r = |seq: i64, t: &str| reading("well-a", seq, &format!("2026-01-05T{t}Z"), 2000.0);
+    let first: Vec<String> = (1..=4)
+        .map(|i| r(i, &format!("10:00:{:02}", i * 10)))
+        .collect();
+    engine.ingest(feed.chunk("a", &first)).await.unwrap();
+    engine.commit().await.unwrap();
+    assert!(data.path().join("lake/readings/_delta_log").is_dir());
+    eventually("SELECT count(*) FROM readings", 4).await;
+
+    // A record in the next minute closes 10:00 (with the lateness): the merged view of the
+    // aggregation's Delta parts shows the window.
+    clock.advance(60_000_000);
+    engine
+        .ingest(feed.chunk("a", &[r(5, "10:01:30")]))
+        .await
+        .unwrap();
+    engine.commit().await.unwrap();
+    eventually("SELECT count(*) FROM readings", 5).await;
+    eventually(
+        "SELECT sum(n) FROM per_device_1m WHERE device_id = 'well-a'",
+        4,
+    )
+    .await;
+}

@@ -219,6 +219,33 @@ impl DeltaTables {
     }
 }
 
+/// A table's Delta schema: the files' columns, then the partition columns as strings.
+pub fn columns(
+    file_schema: &arrow::datatypes::Schema,
+    partition_columns: &[String],
+) -> deltalake::DeltaResult<Vec<StructField>> {
+    use deltalake::kernel::engine::arrow_conversion::TryIntoKernel as _;
+    let files: StructType = file_schema.try_into_kernel()?;
+    let mut cols: Vec<StructField> = files.fields().cloned().collect();
+    cols.extend(
+        partition_columns
+            .iter()
+            .map(|c| StructField::new(c.clone(), DataType::STRING, true)),
+    );
+    Ok(cols)
+}
+
+/// An empty table of `t`'s shape, in memory: a reader of a table no commit has created yet
+/// reads this, with exactly the types delta-rs gives the real one.
+pub async fn empty_table(t: &Table) -> deltalake::DeltaResult<DeltaTable> {
+    let partitions = partition_columns(t);
+    DeltaTable::new_in_memory()
+        .create()
+        .with_columns(columns(&t.file_schema(), &partitions)?)
+        .with_partition_columns(partitions)
+        .await
+}
+
 fn partition_columns(t: &Table) -> Vec<String> {
     t.partition_columns()
         .into_iter()
@@ -273,17 +300,8 @@ impl Target {
         Ok(())
     }
 
-    /// The Delta schema: the files' columns, then the partition columns as strings.
     fn columns(&self) -> deltalake::DeltaResult<Vec<StructField>> {
-        use deltalake::kernel::engine::arrow_conversion::TryIntoKernel as _;
-        let files: StructType = self.file_schema.as_ref().try_into_kernel()?;
-        let mut cols: Vec<StructField> = files.fields().cloned().collect();
-        cols.extend(
-            self.partition_columns
-                .iter()
-                .map(|c| StructField::new(c.clone(), DataType::STRING, true)),
-        );
-        Ok(cols)
+        columns(&self.file_schema, &self.partition_columns)
     }
 
     async fn commit(

@@ -164,43 +164,125 @@ pub async fn lake_session(p: &Pipeline, tables: &[Table]) -> Result<SessionConte
     Ok(ctx)
 }
 
-/// A Delta table's provider: the files its log's latest version lists, at the version read
-/// when the session was made. A table no commit has created yet reads as empty.
+/// A Delta table's provider. The table's latest version is read again at most every
+/// [`LISTING_TTL`] when a query scans it, as listings are, so a long-lived session (the
+/// console) sees new commits. A table no commit has created yet reads as empty.
 async fn delta_table(
     lake: &LakeLocation,
     t: &Table,
 ) -> Result<Arc<dyn datafusion::catalog::TableProvider>> {
-    use datafusion::error::DataFusionError;
-    let output = t.name.as_str();
-    let mut table = crate::sink::delta::builder(lake, output)
+    let table = crate::sink::delta::builder(lake, &t.name)
         .await
         .map_err(|e| DataFusionError::External(e.into()))?
         .build()
         .map_err(|e| DataFusionError::External(e.into()))?;
-    match table.load().await {
-        Ok(()) => table
-            .table_provider()
-            .await
-            .map_err(|e| DataFusionError::External(e.into())),
-        Err(deltalake::DeltaTableError::NotATable(_)) => {
-            let mut fields: Vec<_> = t.file_schema().fields().iter().cloned().collect();
-            for c in t.partition_columns() {
-                fields.push(Arc::new(arrow::datatypes::Field::new(
-                    c,
-                    DataType::Utf8,
-                    true,
+    let empty = crate::sink::delta::empty_table(t)
+        .await
+        .map_err(|e| DataFusionError::External(e.into()))?
+        .table_provider()
+        .await
+        .map_err(|e| DataFusionError::External(e.into()))?;
+    let fresh = FreshDelta {
+        name: t.name.clone(),
+        empty,
+        state: tokio::sync::Mutex::new((table, None)),
+        current: std::sync::Mutex::new(None),
+    };
+    let provider = fresh.provider().await?;
+    *fresh.current.lock().expect("not poisoned") = Some(provider);
+    Ok(Arc::new(fresh))
+}
+
+use datafusion::error::DataFusionError;
+
+struct FreshDelta {
+    name: String,
+    /// An empty table of the same shape, read while the table does not exist yet.
+    empty: Arc<dyn datafusion::catalog::TableProvider>,
+    /// The table, and when its version was last read.
+    state: tokio::sync::Mutex<(deltalake::DeltaTable, Option<std::time::Instant>)>,
+    /// The provider of the version read last.
+    current: std::sync::Mutex<Option<Arc<dyn datafusion::catalog::TableProvider>>>,
+}
+
+impl std::fmt::Debug for FreshDelta {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FreshDelta")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+impl FreshDelta {
+    /// The provider of the table's latest version (read again after [`LISTING_TTL`]).
+    async fn provider(&self) -> Result<Arc<dyn datafusion::catalog::TableProvider>> {
+        let mut state = self.state.lock().await;
+        if let Some(at) = state.1
+            && at.elapsed() < LISTING_TTL
+            && let Some(p) = self.current.lock().expect("not poisoned").clone()
+        {
+            return Ok(p);
+        }
+        let loaded = match state.0.version() {
+            Some(_) => state.0.update_state().await,
+            None => state.0.load().await,
+        };
+        let provider: Arc<dyn datafusion::catalog::TableProvider> = match loaded {
+            Ok(()) => state
+                .0
+                .table_provider()
+                .await
+                .map_err(|e| DataFusionError::External(e.into()))?,
+            Err(deltalake::DeltaTableError::NotATable(_)) => self.empty.clone(),
+            Err(e) => {
+                return Err(DataFusionError::Plan(format!(
+                    "the Delta table `{}`: {e}",
+                    self.name
                 )));
             }
-            let schema = Arc::new(arrow::datatypes::Schema::new(fields));
-            Ok(Arc::new(datafusion::datasource::MemTable::try_new(
-                schema,
-                vec![vec![]],
-            )?))
-        }
-        Err(e) => Err(DataFusionError::Plan(format!(
-            "the Delta table `{output}` at {}: {e}",
-            lake.table_url(output)
-        ))),
+        };
+        state.1 = Some(std::time::Instant::now());
+        *self.current.lock().expect("not poisoned") = Some(provider.clone());
+        Ok(provider)
+    }
+
+    fn current(&self) -> Arc<dyn datafusion::catalog::TableProvider> {
+        self.current
+            .lock()
+            .expect("not poisoned")
+            .clone()
+            .expect("set when made")
+    }
+}
+
+#[async_trait::async_trait]
+impl datafusion::catalog::TableProvider for FreshDelta {
+    fn schema(&self) -> SchemaRef {
+        self.current().schema()
+    }
+
+    fn table_type(&self) -> datafusion::datasource::TableType {
+        datafusion::datasource::TableType::Base
+    }
+
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&datafusion::prelude::Expr],
+    ) -> Result<Vec<datafusion::logical_expr::TableProviderFilterPushDown>> {
+        self.current().supports_filters_pushdown(filters)
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn datafusion::catalog::Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[datafusion::prelude::Expr],
+        limit: Option<usize>,
+    ) -> Result<Arc<dyn datafusion::physical_plan::ExecutionPlan>> {
+        self.provider()
+            .await?
+            .scan(state, projection, filters, limit)
+            .await
     }
 }
 
