@@ -458,8 +458,13 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 zorder,
             };
             for c in shardlake::tools::compact::compact(&p, &opts).await? {
+                let by = if c.zorder.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (Z-order by {})", c.zorder.join(", "))
+                };
                 println!(
-                    "{}: {} partitions compacted, {} files into {}",
+                    "{}: {} partitions compacted, {} files into {}{by}",
                     c.output, c.partitions, c.files_removed, c.files_added
                 );
             }

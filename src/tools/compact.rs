@@ -53,6 +53,8 @@ pub struct Compacted {
     pub partitions: usize,
     pub files_removed: u64,
     pub files_added: u64,
+    /// The Z-order columns used (those of `--zorder` the table has).
+    pub zorder: Vec<String>,
 }
 
 /// The outputs `opts.output` names (or every Delta output), or why not.
@@ -143,9 +145,23 @@ pub async fn compact(p: &Pipeline, opts: &CompactOptions) -> anyhow::Result<Vec<
             })
             .map(|(part, _)| part)
             .collect();
+        // Z-order by the given columns this table has (an aggregation has no `ts`).
+        let columns: Vec<String> = table
+            .snapshot()?
+            .schema()
+            .fields()
+            .map(|f| f.name().to_string())
+            .collect();
+        let zorder: Vec<String> = opts
+            .zorder
+            .iter()
+            .filter(|c| columns.contains(c))
+            .cloned()
+            .collect();
+        report.zorder = zorder.clone();
         let mut table = table;
         for part in closed {
-            let (t, m) = compact_partition(table, &part, target, &opts.zorder)
+            let (t, m) = compact_partition(table, &part, target, &zorder)
                 .await
                 .with_context(|| format!("compacting `{output}` partition {part:?}"))?;
             table = t;
