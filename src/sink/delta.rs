@@ -43,7 +43,7 @@ use std::io;
 use std::sync::{Arc, Once};
 
 use arrow::datatypes::SchemaRef;
-use deltalake::kernel::transaction::{CommitBuilder, CommitProperties, TransactionError};
+use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
 use deltalake::kernel::{Action, Add, DataType, StructField, StructType, Transaction};
 use deltalake::logstore::{
     LogStore, LogStoreFactory, StorageConfig, default_logstore, logstore_factories,
@@ -253,8 +253,8 @@ fn partition_columns(t: &Table) -> Vec<String> {
         .collect()
 }
 
-/// Attempts at a commit that keeps losing to other workers' commits of the same app id or
-/// to a concurrent create, before the step fails (the next recovery does it again).
+/// Attempts at a table's commit before the step fails (the next recovery does it again):
+/// backoff from 0.1 s doubling to 5 s, about 25 s in all.
 const ATTEMPTS: usize = 10;
 
 impl Target {
@@ -304,6 +304,11 @@ impl Target {
         columns(&self.file_schema, &self.partition_columns)
     }
 
+    /// Commits `files` under (`app_id`, `version`) unless the table has it. Any failure (a
+    /// conflict on the same `txn`, a lost answer to a log entry's conditional put, which the
+    /// object_store client does not retry since it is not idempotent, S3 throttling past the
+    /// client's retries) is tried again on a freshly read table, with backoff: an entry that
+    /// did land is then found by its `txn`.
     async fn commit(
         &self,
         files: &[&StagedFile],
@@ -311,60 +316,71 @@ impl Target {
         version: i64,
     ) -> deltalake::DeltaResult<()> {
         let mut slot = self.table.lock().await;
-        let mut last_error = None;
-        for _ in 0..ATTEMPTS {
-            self.latest(&mut slot).await?;
-            let table = slot.as_ref().expect("loaded");
-            let state = table.snapshot()?;
-            let done = state
-                .transaction_version(table.log_store().as_ref(), app_id)
-                .await?;
-            if done.is_some_and(|v| v >= version) {
-                tracing::debug!(table = %self.url, app_id, version, "delta commit was done before");
-                return Ok(());
-            }
-            let now = chrono::Utc::now().timestamp_millis();
-            let actions = files
-                .iter()
-                .map(|f| self.add(f, now).map(Action::Add))
-                .collect::<deltalake::DeltaResult<Vec<_>>>()?;
-            // A log checkpoint every `delta.checkpointInterval` (100) entries, so readers
-            // do not replay every entry; expired entries are left for maintenance, off the
-            // commit path (and the workers' role may not delete in the log).
-            let props = CommitProperties::default()
-                .with_application_transaction(Transaction::new_with_last_update(
-                    app_id,
-                    version,
-                    Some(now),
-                ))
-                .with_create_checkpoint(true)
-                .with_cleanup_expired_logs(Some(false));
-            let committed = CommitBuilder::from(props)
-                .with_actions(actions)
-                .build(
-                    Some(state),
-                    table.log_store(),
-                    DeltaOperation::Write {
-                        mode: SaveMode::Append,
-                        partition_by: Some(self.partition_columns.clone()),
-                        predicate: None,
-                    },
-                )
-                .await;
-            match committed {
-                Ok(_) => return Ok(()),
-                // The same intent committed by another worker at the same moment (its `txn`
-                // conflicts with ours): read the table again, and find it done.
-                Err(e @ DeltaTableError::Transaction { .. }) => {
-                    tracing::info!(table = %self.url, app_id, version, error = %e, "delta commit conflicted; reading the table again");
-                    last_error = Some(e);
+        let mut delay = std::time::Duration::from_millis(100);
+        let mut attempt = 1;
+        loop {
+            match self.try_commit(&mut slot, files, app_id, version).await {
+                Ok(()) => return Ok(()),
+                Err(e) if attempt < ATTEMPTS => {
+                    tracing::warn!(table = %self.url, app_id, version, attempt, error = %e, "delta commit failed; reading the table again and retrying");
+                    *slot = None;
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(std::time::Duration::from_secs(5));
+                    attempt += 1;
                 }
                 Err(e) => return Err(e),
             }
         }
-        Err(last_error.unwrap_or_else(|| DeltaTableError::Transaction {
-            source: TransactionError::MaxCommitAttempts(ATTEMPTS as i32),
-        }))
+    }
+
+    async fn try_commit(
+        &self,
+        slot: &mut Option<DeltaTable>,
+        files: &[&StagedFile],
+        app_id: &str,
+        version: i64,
+    ) -> deltalake::DeltaResult<()> {
+        self.latest(slot).await?;
+        let table = slot.as_ref().expect("loaded");
+        let state = table.snapshot()?;
+        let done = state
+            .transaction_version(table.log_store().as_ref(), app_id)
+            .await?;
+        if done.is_some_and(|v| v >= version) {
+            tracing::debug!(table = %self.url, app_id, version, "delta commit was done before");
+            return Ok(());
+        }
+        let now = chrono::Utc::now().timestamp_millis();
+        let actions = files
+            .iter()
+            .map(|f| self.add(f, now).map(Action::Add))
+            .collect::<deltalake::DeltaResult<Vec<_>>>()?;
+        // A log checkpoint every `delta.checkpointInterval` (100) entries, so readers do not
+        // replay every entry; expired entries are left for maintenance, off the commit path
+        // (and the workers' role may not delete in the log).
+        let props = CommitProperties::default()
+            .with_application_transaction(Transaction::new_with_last_update(
+                app_id,
+                version,
+                Some(now),
+            ))
+            .with_create_checkpoint(true)
+            .with_cleanup_expired_logs(Some(false));
+        // A conflict with another worker's commit of the same intent (the same `txn`) is an
+        // error here; the retry reads the table again and finds it done.
+        CommitBuilder::from(props)
+            .with_actions(actions)
+            .build(
+                Some(state),
+                table.log_store(),
+                DeltaOperation::Write {
+                    mode: SaveMode::Append,
+                    partition_by: Some(self.partition_columns.clone()),
+                    predicate: None,
+                },
+            )
+            .await?;
+        Ok(())
     }
 
     /// The `add` action of a published file.

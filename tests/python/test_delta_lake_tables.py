@@ -344,10 +344,13 @@ def test_three_workers_append_to_the_same_delta_tables(tmp_path, kinesalite, mot
     env["AWS_ENDPOINT_URL_S3"] = moto.url
     workers, logs = start_workers(shardlake_bin, pipeline, env, tmp_path, 3)
     try:
-        wait_until("3 workers to hold 2 leases each",
-                   lambda: len(lease_table(ddb, table)) == 6 and sorted(
-                       len(v) for v in owners(lease_table(ddb, table)).values()) == [2, 2, 2],
-                   timeout=90, every=0.5)
+        def balanced():
+            try:
+                leases = lease_table(ddb, table)
+            except ddb.exceptions.ResourceNotFoundException:  # not created yet
+                return False
+            return len(leases) == 6 and sorted(map(len, owners(leases).values())) == [2, 2, 2]
+        wait_until("3 workers to hold 2 leases each", balanced, timeout=90, every=0.5)
         rest: list = []
         producer = threading.Thread(target=lambda: rest.extend(put_lines(kinesis, name,
                                                                           lines[half:])))
@@ -402,3 +405,33 @@ def test_three_workers_append_to_the_same_delta_tables(tmp_path, kinesalite, mot
     with capsys.disabled():
         print(f"\n[delta, 3 workers] {len(put)} records; readings log: {len(keys)} entries, "
               + ", ".join(f"{a.rsplit('/', 1)[1]}: {len(v)} commits" for a, v in txns.items()))
+
+
+def test_s3_faults_under_delta_tables_lose_and_duplicate_nothing(tmp_path, moto, agent_bin,
+                                                                 shardlake_bin, capsys):
+    """Throttling and connection resets (before the request reaches S3, and after S3 did it:
+    the answer is lost) on a fifth of all S3 requests, data files and log entries alike. A
+    log entry whose answer was lost is retried by the client and refused (it exists): the
+    table's txn then says the commit is there, so it is not appended again."""
+    from faultproxy import FaultProxy
+    s3 = moto.client("s3")
+    s3.create_bucket(Bucket="lake")
+    simulate(agent_bin, tmp_path, shards=4, devices=300, readings=600, seed=33, spikes=8,
+             malformed=12)
+    stream = read_stream(tmp_path / "stream")
+    pipeline = write_test_pipeline(
+        tmp_path / "s3.yaml", max_bytes="64KiB", max_age="1h",
+        lake="{s3: {bucket: lake, prefix: wells, part_size: 5MiB}, format: delta}")
+    kinds = ["slowdown", "reset_before", "reset_after"]
+    with FaultProxy(moto.host, moto.port, rate=0.2, kinds=kinds, seed=8) as proxy:
+        proc = subprocess.run([str(shardlake_bin), "run", str(pipeline), "--drain"],
+                              env=pipeline_env(tmp_path, moto.env(proxy.url)),
+                              capture_output=True, text=True, timeout=900)
+        faults = dict(proxy.injected)
+        with capsys.disabled():
+            print(f"\n[S3 fault proxy, delta tables] {proxy.summary()}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert all(faults.get(k, 0) > 0 for k in kinds), f"not every fault was injected: {faults}"
+    con = duck()
+    con.register("src", stream.table())
+    check_whole_lake(con, DeltaLakeView(con, "s3://lake/wells", moto=moto), stream)
