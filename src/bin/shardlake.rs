@@ -233,7 +233,14 @@ enum Command {
         files: Vec<PathBuf>,
     },
     /// Run SQL over a pipeline's lake; every output is a table.
-    Query { pipeline: PathBuf, sql: String },
+    Query {
+        pipeline: PathBuf,
+        sql: String,
+        /// Delta tables only: read each table as of this version number of its log, or as it
+        /// was at this time (RFC 3339, e.g. 2026-12-07T10:00:00Z).
+        #[arg(long)]
+        as_of: Option<query::AsOf>,
+    },
     /// Compact the closed hour partitions of a pipeline's Delta tables (`format: delta`):
     /// their small files bin-packed into few, in one log entry per partition, so readers see
     /// the partition before or after, never between. Safe while workers run.
@@ -435,10 +442,14 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             println!("{}", serde_json::to_string(&summary)?);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Query { pipeline, sql } => {
+        Command::Query {
+            pipeline,
+            sql,
+            as_of,
+        } => {
             let p = load(&pipeline, &process_env).await?;
             let schemas = query::output_schemas(&p).await?;
-            let ctx = query::lake_session(&p, &schemas).await?;
+            let ctx = query::lake_session_as_of(&p, &schemas, as_of.as_ref()).await?;
             let batches = query::query(&ctx, &sql).await?;
             println!("{}", arrow::util::pretty::pretty_format_batches(&batches)?);
             Ok(ExitCode::SUCCESS)

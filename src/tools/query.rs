@@ -104,6 +104,39 @@ pub async fn output_schemas(p: &Pipeline) -> std::result::Result<Vec<Table>, Con
 /// default keeps a listing for ever, so a long-lived session (the console) would never see a
 /// file committed after its first query.
 pub async fn lake_session(p: &Pipeline, tables: &[Table]) -> Result<SessionContext> {
+    lake_session_as_of(p, tables, None).await
+}
+
+/// Which version of its Delta tables a session reads (`shardlake query --as-of`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AsOf {
+    /// A version number of each table's log.
+    Version(u64),
+    /// The versions current at this time (RFC 3339).
+    Time(String),
+}
+
+impl std::str::FromStr for AsOf {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        if let Ok(v) = s.parse::<u64>() {
+            return Ok(AsOf::Version(v));
+        }
+        chrono::DateTime::parse_from_rfc3339(s)
+            .map(|_| AsOf::Time(s.to_string()))
+            .map_err(|_| {
+                format!("{s:?} is neither a table version (a number) nor a time like 2026-12-07T10:00:00Z")
+            })
+    }
+}
+
+/// [`lake_session`], its Delta tables read as they were `as_of` (each a fixed version; a
+/// hive table cannot be read as of a time, and is refused).
+pub async fn lake_session_as_of(
+    p: &Pipeline,
+    tables: &[Table],
+    as_of: Option<&AsOf>,
+) -> Result<SessionContext> {
     use datafusion::execution::cache::cache_manager::CacheManagerConfig;
     use datafusion::execution::runtime_env::RuntimeEnvBuilder;
     let runtime = RuntimeEnvBuilder::new()
@@ -130,8 +163,17 @@ pub async fn lake_session(p: &Pipeline, tables: &[Table]) -> Result<SessionConte
             }
         }
         let partitions = t.partition_columns();
+        if as_of.is_some() && !t.delta {
+            return Err(DataFusionError::Plan(format!(
+                "--as-of reads Delta tables, and output `{name}` is in the hive layout (its files have no versions); set `format: delta` on its lake"
+            )));
+        }
         if t.delta {
-            ctx.register_table(t.files_name(), delta_table(lake, t).await?)?;
+            let provider = match as_of {
+                Some(v) => delta_table_as_of(lake, t, v).await?,
+                None => delta_table(lake, t).await?,
+            };
+            ctx.register_table(t.files_name(), provider)?;
             if let Some(m) = &t.merge {
                 let view = ctx
                     .sql(&m.merge_sql(&t.files_name(), &partitions))
@@ -194,6 +236,41 @@ async fn delta_table(
 }
 
 use datafusion::error::DataFusionError;
+
+/// A Delta table's provider at one version: `as_of`'s number, or the version current then.
+async fn delta_table_as_of(
+    lake: &LakeLocation,
+    t: &Table,
+    as_of: &AsOf,
+) -> Result<Arc<dyn datafusion::catalog::TableProvider>> {
+    let b = crate::sink::delta::builder(lake, &t.name)
+        .await
+        .map_err(|e| DataFusionError::External(e.into()))?;
+    let b = match as_of {
+        AsOf::Version(v) => b.with_version(*v as _),
+        AsOf::Time(s) => b
+            .with_datestring(s)
+            .map_err(|e| DataFusionError::External(e.into()))?,
+    };
+    let table =
+        match b.load().await {
+            Ok(t) => t,
+            // No commit ever created it: empty then as now.
+            Err(deltalake::DeltaTableError::NotATable(_)) => crate::sink::delta::empty_table(t)
+                .await
+                .map_err(|e| DataFusionError::External(e.into()))?,
+            Err(e) => {
+                return Err(DataFusionError::Plan(format!(
+                    "the Delta table `{}` as of {as_of:?}: {e}",
+                    t.name
+                )));
+            }
+        };
+    table
+        .table_provider()
+        .await
+        .map_err(|e| DataFusionError::External(e.into()))
+}
 
 struct FreshDelta {
     name: String,

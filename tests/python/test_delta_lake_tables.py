@@ -21,7 +21,7 @@ import subprocess
 import time
 
 from crash import crash_runs, no_core_dumps, simulator_extension
-from harness import pipeline_env, run_pipeline, simulate, write_test_pipeline
+from harness import PIPELINE, pipeline_env, run_pipeline, simulate, write_test_pipeline
 from lake import DeltaLakeView, check_whole_lake, duck, lake_count, parquet_files
 from streamdata import read_stream
 
@@ -135,9 +135,9 @@ def test_query_and_athena_ddl_read_the_log(tmp_path, agent_bin, shardlake_bin):
                                    lake=f"{{local: {{path: {lake}}}, format: delta}}")
     env = pipeline_env(tmp_path)
 
-    def count(sql: str) -> int:
-        proc = subprocess.run([str(shardlake_bin), "query", str(pipeline), sql], env=env,
-                              capture_output=True, text=True, timeout=120)
+    def count(sql: str, *args: str) -> int:
+        proc = subprocess.run([str(shardlake_bin), "query", str(pipeline), sql, *args],
+                              env=env, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, f"{sql}: exit {proc.returncode}\n{proc.stderr[-3000:]}"
         header, rows = parse_pretty_table(proc.stdout)
         assert header == ["n"] and len(rows) == 1, proc.stdout
@@ -156,6 +156,16 @@ def test_query_and_athena_ddl_read_the_log(tmp_path, agent_bin, shardlake_bin):
     minutes = con.execute("SELECT count(DISTINCT (date_trunc('minute', ts), device_id)) "
                           "FROM src").fetchall()[0][0]
     assert count("SELECT count(*) AS n FROM well_1m") == minutes
+
+    # Time travel: version 0 of each table is its creation, before any row.
+    from deltalake import DeltaTable
+    assert DeltaTable(str(lake / "readings")).version() >= 1
+    assert count("SELECT count(*) AS n FROM readings", "--as-of", "0") == 0
+    latest = DeltaTable(str(lake / "readings")).version()
+    assert count("SELECT count(*) AS n FROM readings", "--as-of", str(latest)) == len(stream.valid)
+    hive = subprocess.run([str(shardlake_bin), "query", str(PIPELINE), "SELECT 1", "--as-of", "0"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert hive.returncode != 0 and "--as-of reads Delta tables" in hive.stderr, hive.stderr
 
     # A Parquet file put into a partition directory by hand is in no log entry: a Delta
     # reader does not see it (a hive reader would).
