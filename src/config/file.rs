@@ -46,6 +46,37 @@ pub struct PipelineFile {
     /// record that claims otherwise goes to dead-letter as `identity_mismatch`.
     #[serde(default)]
     pub identity: Option<IdentityFile>,
+    /// Compaction of the Delta tables inside the worker (`shardlake compact` on a timer).
+    #[serde(default)]
+    pub compaction: Option<CompactionFile>,
+}
+
+/// `compaction:`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompactionFile {
+    /// How often (default 15m).
+    #[serde(default = "default_compaction_every")]
+    pub every: String,
+    /// A partition is closed once its hour ended this long ago (default 1h).
+    #[serde(default = "default_older_than")]
+    pub older_than: String,
+    /// Size of the compacted files (default 256MiB).
+    #[serde(default = "default_target_size")]
+    pub target_size: String,
+    /// Cluster rows by these columns (Z-order) in each table that has them.
+    #[serde(default)]
+    pub zorder: Vec<String>,
+}
+
+fn default_compaction_every() -> String {
+    "15m".into()
+}
+fn default_older_than() -> String {
+    "1h".into()
+}
+fn default_target_size() -> String {
+    "256MiB".into()
 }
 
 /// `identity:`.

@@ -23,12 +23,12 @@ use resolve::{resolve_pipeline, resolve_schema};
 pub use file::{FieldType, TimeFormat};
 pub use load::{Env, expand, load_file, process_env};
 pub use model::{
-    Aggregation, AlertRule, Check, Checkpoints, CommandAction, CommandsBroker, Compression,
-    Console, ConsoleAuth, Detector, DetectorKind, Endpoints, EventTime, FanOut, Field, Identity,
-    Issuer, IssuerKind, KeyPart, KinesisSource, LakeLocation, LeaseTable, Notifier, NotifyTarget,
-    ObjectFormat, ObjectNotifications, ObjectSource, ObjectStoreAt, Outputs, Pipeline, QueryLimits,
-    RESERVED_COLUMNS, RecordSchema, RoleGroups, Rollover, S3Location, STORAGE_CLASSES, Secret,
-    Source, StartAt, TableFormat,
+    Aggregation, AlertRule, Check, Checkpoints, CommandAction, CommandsBroker, Compaction,
+    Compression, Console, ConsoleAuth, Detector, DetectorKind, Endpoints, EventTime, FanOut, Field,
+    Identity, Issuer, IssuerKind, KeyPart, KinesisSource, LakeLocation, LeaseTable, Notifier,
+    NotifyTarget, ObjectFormat, ObjectNotifications, ObjectSource, ObjectStoreAt, Outputs,
+    Pipeline, QueryLimits, RESERVED_COLUMNS, RecordSchema, RoleGroups, Rollover, S3Location,
+    STORAGE_CLASSES, Secret, Source, StartAt, TableFormat,
 };
 pub use problem::{ConfigError, Problem, Problems, is_ident, parse_bytes};
 pub use yaml_index::LineIndex;

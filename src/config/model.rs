@@ -49,7 +49,18 @@ pub struct Pipeline {
     pub console: Console,
     /// What the channel proves of each record (`identity:`), if set.
     pub identity: Option<Identity>,
+    /// `compaction:`: the worker compacts its Delta tables on a timer.
+    pub compaction: Option<Compaction>,
     pub lines: LineIndex,
+}
+
+/// `compaction:`, resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Compaction {
+    pub every: std::time::Duration,
+    pub older_than: std::time::Duration,
+    pub target_size: u64,
+    pub zorder: Vec<String>,
 }
 
 /// `identity:`: the partition key's shape, which says which fields it proves.

@@ -116,6 +116,11 @@ pub async fn run(
         .then(|| tokio::spawn(progress::report(w.metrics.clone())));
     let (stop_leases, stop_rx) = watch::channel(false);
     let lease_task = w.leases.clone().map(|m| tokio::spawn(m.run(stop_rx)));
+    // Off the commit path: its own task, its own reads of the tables' logs.
+    let compaction =
+        w.p.compaction
+            .clone()
+            .map(|c| tokio::spawn(compact_every(w.p.clone(), c)));
 
     let ready = &w.metrics.ready;
     let shutdown = async {
@@ -140,12 +145,43 @@ pub async fn run(
     if let Some(file) = registered {
         let _ = std::fs::remove_file(file);
     }
+    if let Some(h) = compaction {
+        // A compaction stopped part-way committed the partitions it finished; the files of
+        // the one it was writing are in no log entry, for vacuum.
+        h.abort();
+    }
     progress::log_summary(&w.metrics);
     if let Some(h) = progress {
         h.abort();
         eprintln!("{}", progress::line(&w.metrics, None));
     }
     result
+}
+
+/// `compaction:`: `shardlake compact` every `every`, the first time one `every` after the
+/// start. A failure is logged and tried again at the next turn.
+async fn compact_every(p: Arc<Pipeline>, c: crate::config::Compaction) {
+    let opts = crate::tools::compact::CompactOptions {
+        output: None,
+        older_than: c.older_than,
+        target_size: c.target_size,
+        zorder: c.zorder,
+    };
+    let mut timer = tokio::time::interval_at(tokio::time::Instant::now() + c.every, c.every);
+    timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        timer.tick().await;
+        match crate::tools::compact::compact(&p, &opts).await {
+            Ok(done) => {
+                for d in done.iter().filter(|d| d.partitions > 0) {
+                    tracing::info!(output = %d.output, partitions = d.partitions, files_removed = d.files_removed, files_added = d.files_added, "compacted");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "compaction failed; trying again at the next turn")
+            }
+        }
+    }
 }
 
 impl Worker {

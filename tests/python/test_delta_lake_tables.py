@@ -445,3 +445,42 @@ def test_s3_faults_under_delta_tables_lose_and_duplicate_nothing(tmp_path, moto,
     con = duck()
     con.register("src", stream.table())
     check_whole_lake(con, DeltaLakeView(con, "s3://lake/wells", moto=moto), stream)
+
+
+def test_the_worker_compacts_on_a_timer(tmp_path, agent_bin, shardlake_bin):
+    """`compaction: {every: 1s}`: a running worker compacts its closed hours itself, beside
+    its commits; stopped with SIGTERM, its tables hold every record once."""
+    import signal
+    simulate(agent_bin, tmp_path, shards=4, devices=100, readings=600, seed=6, spikes=2,
+             malformed=2)
+    lake = tmp_path / "lake"
+    pipeline = write_test_pipeline(tmp_path / "delta.yaml", max_bytes="64KiB", max_age="1s",
+                                   lake=f"{{local: {{path: {lake}}}, format: delta}}",
+                                   extra="compaction: {every: 1s, older_than: 0s}\n")
+    log = tmp_path / "worker.log"
+    with open(log, "w") as err:
+        worker = subprocess.Popen([str(shardlake_bin), "run", str(pipeline)],
+                                  env=pipeline_env(tmp_path), stdout=subprocess.DEVNULL,
+                                  stderr=err)
+    try:
+        # Two commits into the same hour (a later stretch of the stream appended once the
+        # first is committed), so the hour has two files to compact.
+        wait_for(lambda: '"committed"' in log.read_text(), "the first commit", timeout=120)
+        simulator_extension(agent_bin, tmp_path, shards=4, devices=100, after=600,
+                            readings=300, seed=6)()
+        wait_for(lambda: '"compacted"' in log.read_text()
+                 and '"output":"readings"' in log.read_text(), "a compaction of readings",
+                 timeout=120)
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=60) == 0, log.read_text()[-3000:]
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    from deltalake import DeltaTable
+    ops = [h["operation"] for h in DeltaTable(str(lake / "readings")).history()]
+    assert "OPTIMIZE" in ops, ops
+    run_pipeline(shardlake_bin, pipeline, tmp_path)  # emits the windows still open
+    stream = read_stream(tmp_path / "stream")
+    con = duck()
+    con.register("src", stream.table())
+    check_whole_lake(con, DeltaLakeView(con, lake), stream)

@@ -1,8 +1,47 @@
 //! `lake:`, and a table's own `sink:` (the same form): a local directory or an S3 bucket and
 //! prefix with how objects are written.
 
-use crate::config::file::{LakeFile, S3LakeFile};
-use crate::config::{LakeLocation, Problems, S3Location, STORAGE_CLASSES, TableFormat};
+use crate::config::file::{CompactionFile, LakeFile, S3LakeFile};
+use crate::config::{
+    Compaction, LakeLocation, Outputs, Problems, S3Location, STORAGE_CLASSES, TableFormat,
+};
+
+/// `compaction:`: only for Delta tables.
+pub(super) fn resolve_compaction(
+    p: &mut Problems,
+    f: &CompactionFile,
+    outputs: &Outputs,
+) -> Compaction {
+    if !outputs.formats.values().any(|f| *f == TableFormat::Delta) {
+        p.add(
+            "compaction",
+            "compacts Delta tables, and every output of this pipeline is in the hive layout",
+            "set `format: delta` under `lake:` (or a table's `sink:`), or remove `compaction:`: the hive layout cannot be compacted safely, readers would see old and new files at once",
+        );
+    }
+    let every = p.duration("compaction.every", &f.every);
+    if every.is_zero() {
+        p.add(
+            "compaction.every",
+            "is zero",
+            "give how often to compact, e.g. 15m",
+        );
+    }
+    let target_size = p.bytes("compaction.target_size", &f.target_size);
+    if target_size != 0 && target_size < 1 << 20 {
+        p.add(
+            "compaction.target_size",
+            format!("{} is smaller than 1MiB", f.target_size),
+            "compacted files are for readers: give 128MiB to 512MiB",
+        );
+    }
+    Compaction {
+        every,
+        older_than: p.duration("compaction.older_than", &f.older_than),
+        target_size,
+        zorder: f.zorder.clone(),
+    }
+}
 
 /// Resolves the lake written at `field` (`lake`, or `outputs.<table>.sink`): where, and in
 /// which table format.

@@ -87,6 +87,10 @@ pub(super) fn resolve_pipeline(
         );
     }
 
+    let compaction = f
+        .compaction
+        .as_ref()
+        .map(|c| lake::resolve_compaction(p, c, &outputs));
     Some(Pipeline {
         file: path.to_path_buf(),
         name: f.name,
@@ -106,6 +110,7 @@ pub(super) fn resolve_pipeline(
         alerts,
         console,
         identity,
+        compaction,
         lines,
     })
 }
