@@ -20,7 +20,8 @@
 //!   predicates on records and on window rows, late records.
 //! - **Sink** — [`sink`]: one Parquet file per `year=/month=/day=/hour=` partition of each
 //!   output ([`sink::writer`], [`sink::partition`]), staged then published in a lake
-//!   ([`sink::local`], [`sink::s3`]).
+//!   ([`sink::local`], [`sink::s3`]); with `format: delta` each output is also a Delta table
+//!   whose log makes a commit's files visible at once ([`sink::delta`]).
 //! - **Checkpoint** — [`checkpoint`]: the exactly-once commit protocol
 //!   ([`checkpoint::commit`]: stage, prepare, publish, commit; recovery runs the same steps),
 //!   and where checkpoints and intents live: one worker's file ([`checkpoint::local`]) or the
@@ -33,7 +34,7 @@
 //! fed by every worker's [`live`] state.
 //!
 //! Around it: [`config`] (pipeline and schema YAML, validation), [`notify`] (alerts to SNS and
-//! webhooks), [`tools`] (`shardlake query`, `athena-ddl`, the MQTT bridge), [`ops`]
+//! webhooks), [`tools`] (`shardlake query`, `athena-ddl`, `compact` and `vacuum`, the MQTT bridge), [`ops`]
 //! (`/metrics`, `/healthz` and `/live`), [`aws`] (SDK set-up), [`retry`] (backoff and the
 //! classification of retryable errors), [`clock`], [`failpoint`], [`metrics`], [`logs`].
 //!
