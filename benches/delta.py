@@ -16,7 +16,7 @@
    `shardlake compact --zorder device_id,ts` on a copy of the uncompacted lake.
 
     .venv/bin/python benches/delta.py [--devices 100] [--hours 2] [--increments 30]
-        [--commit-readings 300] [--repeat 2]
+        [--commit-devices 200] [--commit-readings 1500] [--repeat 2]
         [--shardlake target/release/shardlake] [--agent target/release/shardlake-agent]
 
 Needs pyarrow, duckdb, deltalake, boto3 and moto's server (scripts/test installs them into
@@ -85,7 +85,7 @@ def commit_cost(args, tmp: Path, moto_url: str) -> None:
     s3 = boto3.client("s3", endpoint_url=moto_url, region_name="us-east-1",
                       aws_access_key_id="test", aws_secret_access_key="test")
     src = tmp / "commit-src"
-    simulate(args.agent, src, args.devices, args.commit_readings)
+    simulate(args.agent, src, args.commit_devices, args.commit_readings)
     env_s3 = {**AWS_ENV, "AWS_ENDPOINT_URL": moto_url}
     variants = {}
     for where in ("local", "s3"):
@@ -111,7 +111,7 @@ def commit_cost(args, tmp: Path, moto_url: str) -> None:
             if name not in best or took < best[name][0]:
                 best[name] = (took, n)
     print("\n## The cost of the Delta commit\n")
-    print(f"{args.devices * args.commit_readings:,} readings, `rollover: {{max_bytes: 64KiB, max_age: 1s}}`, "
+    print(f"{args.commit_devices * args.commit_readings:,} readings, `rollover: {{max_bytes: 64KiB, max_age: 1s}}`, "
           f"one core (`taskset -c 0`), best of {args.repeat}.\n")
     print("| lake | run (s) | commits | ms per commit more than hive |")
     print("|---|---:|---:|---:|")
@@ -217,6 +217,7 @@ def main() -> None:
     ap.add_argument("--devices", type=int, default=100)
     ap.add_argument("--hours", type=int, default=2)
     ap.add_argument("--increments", type=int, default=30)
+    ap.add_argument("--commit-devices", type=int, default=200)
     ap.add_argument("--commit-readings", type=int, default=1500)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--shardlake", type=Path, default=REPO / "target/release/shardlake")

@@ -474,8 +474,23 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 } else {
                     format!(" (Z-order by {})", c.zorder.join(", "))
                 };
+                if c.busy {
+                    println!(
+                        "{}: busy, another compaction holds it (its claim in the table's log expires by itself if that compaction died)",
+                        c.output
+                    );
+                    continue;
+                }
+                let failed = if c.failed > 0 {
+                    format!(
+                        "; {} partitions failed (logged), tried again next run",
+                        c.failed
+                    )
+                } else {
+                    String::new()
+                };
                 println!(
-                    "{}: {} partitions compacted, {} files into {}{by}",
+                    "{}: {} partitions compacted, {} files into {}{by}{failed}",
                     c.output, c.partitions, c.files_removed, c.files_added
                 );
             }

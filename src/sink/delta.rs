@@ -283,14 +283,23 @@ impl Target {
                     .with_log_store(table.log_store())
                     .with_columns(self.columns()?)
                     .with_partition_columns(self.partition_columns.clone())
+                    // Old log entries are removed by maintenance with the rights for it,
+                    // never by a worker's commit or compaction (its role may not delete).
+                    .with_configuration_property(
+                        deltalake::TableProperty::EnableExpiredLogCleanup,
+                        Some("false"),
+                    )
                     .with_save_mode(SaveMode::Ignore)
                     .await;
                 match created {
                     Ok(t) => table = t,
-                    // Another worker created it first.
-                    Err(_) => {
+                    // Another worker created it first; if not, the create's own error
+                    // says why (e.g. access denied), not the reload's "not a table".
+                    Err(create) => {
                         table = self.builder()?.build()?;
-                        table.load().await?;
+                        if table.load().await.is_err() {
+                            return Err(create);
+                        }
                     }
                 }
             }
@@ -321,6 +330,8 @@ impl Target {
         loop {
             match self.try_commit(&mut slot, files, app_id, version).await {
                 Ok(()) => return Ok(()),
+                // Checkpoints older than the table: no retry mends that.
+                Err(e @ DeltaTableError::InvalidTableLocation(_)) => return Err(e),
                 Err(e) if attempt < ATTEMPTS => {
                     tracing::warn!(table = %self.url, app_id, version, attempt, error = %e, "delta commit failed; reading the table again and retrying");
                     *slot = None;
@@ -346,9 +357,21 @@ impl Target {
         let done = state
             .transaction_version(table.log_store().as_ref(), app_id)
             .await?;
-        if done.is_some_and(|v| v >= version) {
-            tracing::debug!(table = %self.url, app_id, version, "delta commit was done before");
-            return Ok(());
+        match done {
+            // Done before: by this worker before a crash, or by the one that recovered the
+            // intent after this one lost its lease.
+            Some(v) if v == version => {
+                tracing::debug!(table = %self.url, app_id, version, "delta commit was done before");
+                return Ok(());
+            }
+            // A worker commits its intents in order, so a later one in the table means these
+            // checkpoints are older than the table: skipping would drop this commit's rows.
+            Some(v) if v > version => {
+                return Err(DeltaTableError::InvalidTableLocation(format!(
+                    "the table already holds commit {v} of {app_id}, and these checkpoints are at commit {version}: were the checkpoints reset or restored while the lake was kept? Give the worker a new --worker-id (a new app id) to write on, or move the checkpoints back"
+                )));
+            }
+            _ => {}
         }
         let now = chrono::Utc::now().timestamp_millis();
         let actions = files
@@ -404,8 +427,7 @@ impl Target {
             )));
         }
         Ok(Add {
-            // A URI path: the key's own `%` escapes (a tenant's unsafe characters) escaped.
-            path: rel.replace('%', "%25"),
+            path: uri_path(rel),
             partition_values,
             size: f.bytes as i64,
             modification_time: now,
@@ -414,6 +436,20 @@ impl Target {
             ..Default::default()
         })
     }
+}
+
+/// A relative key as the URI path Delta's `add.path` is: every byte but unreserved ones, `/`
+/// and `=` percent-encoded (a tenant directory may hold `%` escapes, spaces, `#`, non-ASCII).
+fn uri_path(rel: &str) -> String {
+    let mut out = String::with_capacity(rel.len());
+    for b in rel.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~/=".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// A directory's partition value as Delta records it: unescaped, and null for the hive
@@ -444,6 +480,14 @@ pub fn partition_value(dir: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn add_paths_are_uri_paths_of_the_keys() {
+        assert_eq!(
+            uri_path("tenant=a%2Fb c/year=2026/part-1-w0-0.parquet"),
+            "tenant=a%252Fb%20c/year=2026/part-1-w0-0.parquet"
+        );
+    }
 
     #[test]
     fn partition_values_are_unescaped_and_null_is_none() {

@@ -8,18 +8,22 @@
 //! never between, and the rows are the same rows. One entry per partition, so a long run
 //! makes progress a partition at a time and a crash loses at most one partition's work (its
 //! new files, unreferenced, go at the next vacuum). Workers' appends do not conflict with it:
-//! they read nothing, and a compaction whose partition received a late append meanwhile is
-//! tried again on the table's new version. `zorder` clusters rows by the given columns
-//! (e.g. `device_id,ts`) so one device's query skips most row groups.
+//! they read nothing, and compaction reads no predicate. Two compactions, though, would not
+//! conflict either (their removes are `dataChange: false`, which the conflict checker lets
+//! through) and would both commit, doubling a partition's rows: so a compaction first claims
+//! the table ([`CLAIM_APP`]), and a table another compaction holds is skipped as busy. A
+//! failed commit (throttling, a lost answer) is tried again on the table's new version.
+//! `zorder` clusters rows by the given columns (e.g. `device_id,ts`) so one device's query
+//! skips most row groups.
 //!
 //! Aggregation tables are compacted as files, not merged: their parts stay parts, and the
 //! merged views read them as before.
 //!
 //! **Vacuum** deletes files no version within `retain` (default 7 days) still references:
-//! the inputs of compactions, and files a crash left outside the log. delta-rs refuses a
-//! retention shorter than the table's `delta.deletedFileRetentionDuration` (7 days) unless
-//! told to; `--retain` below it is refused here too, since a reader of an older version (time
-//! travel, a long query) would lose its files.
+//! the inputs of compactions, and (full mode) files a crash left outside the log. delta-rs
+//! refuses a retention shorter than the table's `delta.deletedFileRetentionDuration` (7 days)
+//! unless told to; `--retain` below it is refused here too, since a reader of an older version
+//! (time travel, a long query) would lose its files.
 
 use std::collections::BTreeMap;
 use std::num::NonZeroU64;
@@ -53,6 +57,10 @@ pub struct Compacted {
     pub partitions: usize,
     pub files_removed: u64,
     pub files_added: u64,
+    /// Partitions that failed (logged; the next run tries them again).
+    pub failed: u64,
+    /// Another compaction held the table: nothing was done.
+    pub busy: bool,
     /// The Z-order columns used (those of `--zorder` the table has).
     pub zorder: Vec<String>,
 }
@@ -124,57 +132,173 @@ pub async fn compact(p: &Pipeline, opts: &CompactOptions) -> anyhow::Result<Vec<
             output: output.to_string(),
             ..Default::default()
         };
-        let Some(table) = load(p, output).await? else {
+        let Some(mut table) = load(p, output).await? else {
             out.push(report);
             continue;
         };
-        // Closed partitions with more than one file.
-        let mut files: BTreeMap<BTreeMap<String, String>, usize> = BTreeMap::new();
-        for path in table.get_files_by_partitions(&[]).await? {
-            *files.entry(partition_of(path.as_ref())).or_default() += 1;
+        let Some(mut claimed) = claim(&mut table).await? else {
+            report.busy = true;
+            out.push(report);
+            continue;
+        };
+        let result =
+            compact_table(&mut table, &mut claimed, &mut report, opts, cutoff, target).await;
+        if let Err(e) = release(&mut table, claimed).await {
+            tracing::warn!(output, error = %e, "could not release the compaction claim; it expires by itself");
         }
-        let closed: Vec<_> = files
-            .into_iter()
-            // (A partition whose value is null is left alone: Delta filters cannot name it.)
-            .filter(|(part, n)| {
-                *n > 1
-                    && hour_end(part).is_some_and(|end| end <= cutoff)
-                    && !part
-                        .values()
-                        .any(|v| v == crate::sink::partition::NULL_PARTITION)
-            })
-            .map(|(part, _)| part)
-            .collect();
-        // Z-order by the given columns this table has (an aggregation has no `ts`).
-        let columns: Vec<String> = table
-            .snapshot()?
-            .schema()
-            .fields()
-            .map(|f| f.name().to_string())
-            .collect();
-        let zorder: Vec<String> = opts
-            .zorder
-            .iter()
-            .filter(|c| columns.contains(c))
-            .cloned()
-            .collect();
-        report.zorder = zorder.clone();
-        let mut table = table;
-        for part in closed {
-            let (t, m) = compact_partition(table, &part, target, &zorder)
-                .await
-                .with_context(|| format!("compacting `{output}` partition {part:?}"))?;
-            table = t;
-            report.partitions += 1;
-            report.files_removed += m.num_files_removed;
-            report.files_added += m.num_files_added;
-        }
+        result.with_context(|| format!("compacting `{output}`"))?;
         out.push(report);
     }
     Ok(out)
 }
 
-/// Compaction tries again on a conflict (a late append to the same partition).
+async fn compact_table(
+    table: &mut DeltaTable,
+    claimed: &mut i64,
+    report: &mut Compacted,
+    opts: &CompactOptions,
+    cutoff: chrono::DateTime<Utc>,
+    target: NonZeroU64,
+) -> anyhow::Result<()> {
+    // Closed partitions with more than one file, as the table is now that it is ours.
+    let mut files: BTreeMap<BTreeMap<String, String>, usize> = BTreeMap::new();
+    for path in table.get_files_by_partitions(&[]).await? {
+        *files.entry(partition_of(path.as_ref())).or_default() += 1;
+    }
+    let closed: Vec<_> = files
+        .into_iter()
+        // (A partition whose value is null is left alone: Delta filters cannot name it.)
+        .filter(|(part, n)| {
+            *n > 1
+                && hour_end(part).is_some_and(|end| end <= cutoff)
+                && !part
+                    .values()
+                    .any(|v| v == crate::sink::partition::NULL_PARTITION)
+        })
+        .map(|(part, _)| part)
+        .collect();
+    // Z-order by the given columns this table has (an aggregation has no `ts`).
+    let columns: Vec<String> = table
+        .snapshot()?
+        .schema()
+        .fields()
+        .map(|f| f.name().to_string())
+        .collect();
+    report.zorder = opts
+        .zorder
+        .iter()
+        .filter(|c| columns.contains(c))
+        .cloned()
+        .collect();
+    for part in closed {
+        let left = *claimed - Utc::now().timestamp_millis();
+        if left < (CLAIM * 3 / 4).as_millis() as i64 {
+            *claimed = renew(table, *claimed).await?.ok_or_else(|| {
+                anyhow::anyhow!("the compaction claim was taken over (it had expired); stopping")
+            })?;
+        }
+        let t = std::mem::replace(table, table.clone());
+        match compact_partition(t, &part, target, &report.zorder).await {
+            Ok((t, m)) => {
+                *table = t;
+                report.partitions += 1;
+                report.files_removed += m.num_files_removed;
+                report.files_added += m.num_files_added;
+            }
+            // One partition's failure does not stop the others; the next run tries again.
+            Err(e) => {
+                tracing::warn!(partition = ?part, error = %format!("{e:#}"), "could not compact a partition");
+                report.failed += 1;
+                table.update_state().await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The application id under which a table's compaction is claimed. Its `txn` version is the
+/// claim's expiry (ms since the epoch): a version in the future means a compaction holds the
+/// table. Compaction removes files with `dataChange: false`, which Delta's conflict checker
+/// lets through, so two compactions of one partition at once would both commit and double
+/// its rows; the claim is what keeps them apart. Claims of one table conflict in the log
+/// (the same app id), so of two claims at once only one commits.
+const CLAIM_APP: &str = "shardlake/compaction";
+
+/// How long a claim holds without being renewed (a compactor that died frees the table after
+/// this); renewed before each partition once a quarter of it has passed.
+const CLAIM: Duration = Duration::from_secs(3600);
+
+async fn claim_txn(table: &mut DeltaTable, until_ms: i64) -> anyhow::Result<bool> {
+    use deltalake::kernel::Transaction;
+    use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
+    use deltalake::protocol::{DeltaOperation, SaveMode};
+    let props = CommitProperties::default()
+        .with_application_transaction(Transaction::new_with_last_update(
+            CLAIM_APP,
+            until_ms,
+            Some(Utc::now().timestamp_millis()),
+        ))
+        .with_cleanup_expired_logs(Some(false));
+    let committed = CommitBuilder::from(props)
+        .build(
+            Some(table.snapshot()?),
+            table.log_store(),
+            DeltaOperation::Write {
+                mode: SaveMode::Append,
+                partition_by: None,
+                predicate: None,
+            },
+        )
+        .await;
+    match committed {
+        Ok(_) => {
+            table.update_state().await?;
+            Ok(true)
+        }
+        // Another claim (or release) of the same table committed first.
+        Err(deltalake::DeltaTableError::Transaction { .. }) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The table's claim: its expiry (ms), if any.
+async fn held(table: &mut DeltaTable) -> anyhow::Result<Option<i64>> {
+    table.update_state().await?;
+    Ok(table
+        .snapshot()?
+        .transaction_version(table.log_store().as_ref(), CLAIM_APP)
+        .await?)
+}
+
+/// Claims the table for a compaction: its expiry, or `None` if another compaction holds it.
+async fn claim(table: &mut DeltaTable) -> anyhow::Result<Option<i64>> {
+    let now = Utc::now().timestamp_millis();
+    if held(table).await?.is_some_and(|until| until > now) {
+        return Ok(None);
+    }
+    let until = now + CLAIM.as_millis() as i64;
+    Ok(claim_txn(table, until).await?.then_some(until))
+}
+
+/// Extends this compaction's claim (ours while the table's is `until`): the new expiry, or
+/// `None` if it was lost.
+async fn renew(table: &mut DeltaTable, until: i64) -> anyhow::Result<Option<i64>> {
+    if held(table).await? != Some(until) {
+        return Ok(None);
+    }
+    let next = Utc::now().timestamp_millis() + CLAIM.as_millis() as i64;
+    Ok(claim_txn(table, next).await?.then_some(next))
+}
+
+/// Ends this compaction's claim, if still ours: its version becomes now, which is past.
+async fn release(table: &mut DeltaTable, until: i64) -> anyhow::Result<()> {
+    if held(table).await? == Some(until) {
+        claim_txn(table, Utc::now().timestamp_millis()).await?;
+    }
+    Ok(())
+}
+
+/// Compaction tries again on a failed commit (throttling, a lost answer).
 const ATTEMPTS: usize = 5;
 
 async fn compact_partition(
@@ -260,6 +384,9 @@ pub async fn vacuum(
         let (_, m) = table
             .vacuum()
             .with_retention_period(chrono::Duration::from_std(retain)?)
+            // Full: also the files no log entry ever named (a crash between publishing a
+            // file and its log entry, an interrupted compaction), once older than `retain`.
+            .with_mode(deltalake::operations::vacuum::VacuumMode::Full)
             .with_dry_run(dry_run)
             .await
             .with_context(|| format!("vacuuming `{output}`"))?;

@@ -193,6 +193,37 @@ class DeltaLakeView:
             return sorted(u.removeprefix("s3://") for u in uris)
         return sorted(u.removeprefix("file://") for u in uris)
 
+    def txns(self, output: str) -> dict[str, list[int]]:
+        """Per application id, the `txn` versions of the table's log entries, in log order
+        (read from the JSON entries themselves)."""
+        import json
+        base = self.root.removeprefix("s3://") + f"/{output}/_delta_log"
+        if self.fs is None:
+            texts = [p.read_text() for p in sorted(Path(base).glob("*.json"))]
+        else:
+            from pyarrow import fs as pafs
+            infos = self.fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
+            texts = []
+            for i in sorted((i for i in infos if i.path.endswith(".json")),
+                            key=lambda i: i.path):
+                with self.fs.open_input_stream(i.path) as f:
+                    texts.append(f.read().decode())
+        out: dict[str, list[int]] = {}
+        for text in texts:
+            for line in text.splitlines():
+                action = json.loads(line)
+                if "txn" in action:
+                    out.setdefault(action["txn"]["appId"], []).append(action["txn"]["version"])
+        return out
+
+    def check_commits_once(self, outputs) -> None:
+        """No shardlake commit is in a table's log twice: each worker's versions only grow."""
+        for output in outputs:
+            for app, versions in self.txns(output).items():
+                if app.startswith("shardlake/compaction"):
+                    continue
+                assert versions == sorted(set(versions)), f"{output}, {app}: {versions}"
+
     def source(self, output: str) -> str | None:
         if output not in self._tables:
             import pyarrow.dataset as pads

@@ -52,6 +52,7 @@ def test_delta_tables_exactly_once_across_crashes(tmp_path, agent_bin, shardlake
     view.refresh()
     con.register("src", stream.table())
     check_whole_lake(con, view, stream)
+    view.check_commits_once(OUTPUTS)
     assert lake_count(con, view, "dead_letter") == summary["malformed"]
     # Every published file is in its table's log: nothing was published and then left out.
     for output in OUTPUTS:
@@ -71,9 +72,10 @@ def test_delta_tables_exactly_once_across_crashes(tmp_path, agent_bin, shardlake
     assert len(versions) == len(set(versions)), f"a commit number appended twice: {versions}"
 
 
-def aborted_at(shardlake_bin, pipeline, data_dir, point: str) -> None:
-    """`shardlake run --drain` that aborts itself at the first pass of `point`."""
-    proc = subprocess.run([str(shardlake_bin), "run", str(pipeline), "--drain"],
+def aborted_at(shardlake_bin, pipeline, data_dir, point: str, worker: str) -> None:
+    """`shardlake run --drain` as `worker` that aborts itself at the first pass of `point`."""
+    proc = subprocess.run([str(shardlake_bin), "run", str(pipeline), "--drain",
+                           "--worker-id", worker],
                           env=pipeline_env(data_dir, {"SHARDLAKE_FAILPOINTS": f"{point}@1"}),
                           capture_output=True, text=True, timeout=300, preexec_fn=no_core_dumps)
     assert f"failpoint {point} reached" in proc.stdout + proc.stderr, (
@@ -91,14 +93,16 @@ def test_late_publish_of_a_completed_intent_is_recognised(tmp_path, agent_bin, s
     lake = tmp_path / "lake"
     pipeline = write_test_pipeline(tmp_path / "delta.yaml", max_bytes="64MiB", max_age="1h",
                                    lake=f"{{local: {{path: {lake}}}, format: delta}}")
-    aborted_at(shardlake_bin, pipeline, tmp_path, "after_publish_file")
+    aborted_at(shardlake_bin, pipeline, tmp_path, "after_publish_file", "w0")
     state = tmp_path / "state"
     checkpoint = state / "well-telemetry" / "checkpoint.json"
     assert json.loads(checkpoint.read_text()).get("pending"), "no intent was left pending"
     stale = tmp_path / "state-before-recovery"
     shutil.copytree(state, stale)
 
-    run_pipeline(shardlake_bin, pipeline, tmp_path)   # recovers the intent, reads the rest
+    # Another worker recovers w0's intent (under w0's app id) and reads the rest as w1.
+    subprocess.run([str(shardlake_bin), "run", str(pipeline), "--drain", "--worker-id", "w1"],
+                   env=pipeline_env(tmp_path), check=True, capture_output=True, timeout=300)
     con = duck()
     view = DeltaLakeView(con, lake)
     rows = lake_count(con, view, "readings")
@@ -110,7 +114,7 @@ def test_late_publish_of_a_completed_intent_is_recognised(tmp_path, agent_bin, s
     # lost lease fences that write; the rest of its state is stale, so it must not go on).
     shutil.rmtree(state)
     shutil.copytree(stale, state)
-    aborted_at(shardlake_bin, pipeline, tmp_path, "after_publish")
+    aborted_at(shardlake_bin, pipeline, tmp_path, "after_publish", "w0")
     view.refresh()
     src = view.source("readings")
     dups = con.execute(
@@ -122,6 +126,28 @@ def test_late_publish_of_a_completed_intent_is_recognised(tmp_path, agent_bin, s
     # add per path; it would still be a commit that should not exist.)
     after = {o: view.table(o).version() for o in versions}
     assert after == versions, f"the late publish wrote log entries: {versions} -> {after}"
+
+
+def test_checkpoints_older_than_the_table_are_refused(tmp_path, agent_bin, shardlake_bin):
+    """Local checkpoints deleted while the lake is kept: the worker's commit numbers start
+    again below what its app id has in the tables. Skipping those commits as done would drop
+    their rows; the run stops with what happened and the fix instead."""
+    simulate(agent_bin, tmp_path, shards=2, devices=20, readings=100, seed=4, spikes=0,
+             malformed=0)
+    lake = tmp_path / "lake"
+    pipeline = write_test_pipeline(tmp_path / "delta.yaml", max_bytes="64KiB", max_age="1s",
+                                   lake=f"{{local: {{path: {lake}}}, format: delta}}")
+    run_pipeline(shardlake_bin, pipeline, tmp_path)
+    simulator_extension(agent_bin, tmp_path, shards=2, devices=20, after=100, readings=100,
+                        seed=4)()
+    run_pipeline(shardlake_bin, pipeline, tmp_path)
+    shutil.rmtree(tmp_path / "state")
+    proc = subprocess.run([str(shardlake_bin), "run", str(pipeline), "--drain"],
+                          env=pipeline_env(tmp_path), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0, "a run on reset checkpoints went on"
+    assert "were the checkpoints reset" in proc.stderr and "--worker-id" in proc.stderr, (
+        proc.stderr[-3000:])
 
 
 def test_query_and_athena_ddl_read_the_log(tmp_path, agent_bin, shardlake_bin):
@@ -214,6 +240,7 @@ def test_delta_tables_on_s3_across_crashes(tmp_path, moto, agent_bin, shardlake_
     view.refresh()
     con.register("src", stream.table())
     check_whole_lake(con, view, stream)
+    view.check_commits_once(OUTPUTS)
     keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="lake")
             for o in page.get("Contents", [])]
     assert any(k.startswith("tables/wells/readings/_delta_log/") for k in keys), keys[:20]
@@ -444,7 +471,9 @@ def test_s3_faults_under_delta_tables_lose_and_duplicate_nothing(tmp_path, moto,
     assert all(faults.get(k, 0) > 0 for k in kinds), f"not every fault was injected: {faults}"
     con = duck()
     con.register("src", stream.table())
-    check_whole_lake(con, DeltaLakeView(con, "s3://lake/wells", moto=moto), stream)
+    view = DeltaLakeView(con, "s3://lake/wells", moto=moto)
+    check_whole_lake(con, view, stream)
+    view.check_commits_once(OUTPUTS)
 
 
 def test_the_worker_compacts_on_a_timer(tmp_path, agent_bin, shardlake_bin):
@@ -545,3 +574,48 @@ def test_compaction_on_s3_is_atomic_for_readers(tmp_path, moto, agent_bin, shard
         assert rows == truth[0] and abs(total - truth[1]) < 1e-6 * abs(truth[1]), (
             f"version {version}: {rows} rows, sum {total}; the truth is {truth}")
     check_whole_lake(con, view, stream)
+
+
+def test_one_compaction_at_a_time_per_table(tmp_path, agent_bin, shardlake_bin):
+    """Compaction removes files with dataChange false, which Delta's conflict checker lets
+    through: two compactions of one partition at once would both commit and double its rows.
+    A table held by another compaction's claim (a `txn` whose version is its expiry) is left
+    alone; once released, it is compacted. Two `shardlake compact` started together: every
+    row once."""
+    import time as _time
+
+    from deltalake import CommitProperties, DeltaTable, Transaction
+    simulate(agent_bin, tmp_path, shards=4, devices=100, readings=300, seed=14, spikes=2,
+             malformed=0)
+    lake = tmp_path / "lake"
+    pipeline = write_test_pipeline(tmp_path / "delta.yaml", max_bytes="64MiB", max_age="1h",
+                                   lake=f"{{local: {{path: {lake}}}, format: delta}}")
+    extend = simulator_extension(agent_bin, tmp_path, shards=4, devices=100, after=300,
+                                 readings=100, seed=14)
+    run_pipeline(shardlake_bin, pipeline, tmp_path)
+    for _ in range(2):
+        extend()
+        run_pipeline(shardlake_bin, pipeline, tmp_path)
+    readings = DeltaTable(str(lake / "readings"))
+    assert len(readings.file_uris()) >= 3
+
+    def hold(until_ms: int) -> None:
+        DeltaTable(str(lake / "readings")).alter.set_table_properties(
+            {"delta.logRetentionDuration": "interval 30 days"},
+            commit_properties=CommitProperties(
+                app_transactions=[Transaction("shardlake/compaction", until_ms)]))
+
+    hold(int(_time.time() * 1000) + 3_600_000)  # another compaction's claim, for an hour
+    held = check_compact(shardlake_bin, pipeline, tmp_path, "--output", "readings")
+    assert "busy" in held and len(DeltaTable(str(lake / "readings")).file_uris()) >= 3, held
+    hold(int(_time.time() * 1000))              # released
+    procs = [subprocess.Popen([str(shardlake_bin), "compact", str(pipeline)],
+                              env=pipeline_env(tmp_path), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert len(DeltaTable(str(lake / "readings")).file_uris()) == 1, outs
+    stream = read_stream(tmp_path / "stream")
+    con = duck()
+    con.register("src", stream.table())
+    check_whole_lake(con, DeltaLakeView(con, lake), stream)

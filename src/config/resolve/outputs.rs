@@ -121,7 +121,11 @@ pub(super) fn resolve_outputs(
     let mut formats = BTreeMap::new();
     for t in tables(o) {
         let (sink, format) = match t.sink {
-            Some(s) => resolve_lake(p, &format!("{}.sink", t.at), s.clone()),
+            // A sink without `format` keeps the lake's.
+            Some(s) => {
+                let (sink, format) = resolve_lake(p, &format!("{}.sink", t.at), s.clone());
+                (sink, if s.format.is_some() { format } else { lake.1 })
+            }
             None => lake.clone(),
         };
         sinks.insert(t.name.clone(), sink);
