@@ -682,6 +682,7 @@ impl Engine {
                 rows: 0,
                 bytes: size,
                 upload,
+                stats: None,
             });
             Metrics::add(&self.metrics.detector_snapshots, 1);
             keys.insert(shard, key);

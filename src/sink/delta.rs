@@ -35,6 +35,14 @@
 //! query` uses. So no DynamoDB lock table is needed; a commit that loses the race is rebased
 //! by delta-rs (appends do not conflict) and tried again.
 //!
+//! # Stats
+//!
+//! Each `add` carries the file's row count and, per column, its range and null count
+//! ([`crate::sink::stats`]), taken from the footer the writer just wrote (or, for an intent
+//! recovered after a crash, read back from the published file's footer). Readers skip the
+//! files whose range a filter excludes (a time range, or a device once compaction has
+//! clustered a partition's rows).
+//!
 //! The first commit to a table creates it (its schema from the pipeline's SQL, its partition
 //! columns from the layout); two workers creating it at once is one create and one retry.
 
@@ -374,10 +382,14 @@ impl Target {
             _ => {}
         }
         let now = chrono::Utc::now().timestamp_millis();
-        let actions = files
-            .iter()
-            .map(|f| self.add(f, now).map(Action::Add))
-            .collect::<deltalake::DeltaResult<Vec<_>>>()?;
+        let mut actions = Vec::with_capacity(files.len());
+        for f in files {
+            let stats = match &f.stats {
+                Some(s) => s.clone(),
+                None => footer_stats(table, f).await,
+            };
+            actions.push(Action::Add(self.add(f, now, stats)?));
+        }
         // A log checkpoint every `delta.checkpointInterval` (100) entries, so readers do not
         // replay every entry; expired entries are left for maintenance, off the commit path
         // (and the workers' role may not delete in the log).
@@ -407,7 +419,7 @@ impl Target {
     }
 
     /// The `add` action of a published file.
-    fn add(&self, f: &StagedFile, now: i64) -> deltalake::DeltaResult<Add> {
+    fn add(&self, f: &StagedFile, now: i64, stats: String) -> deltalake::DeltaResult<Add> {
         let (_, rel) = f.key.split_once('/').ok_or_else(|| {
             DeltaTableError::Generic(format!("{} is not under its output's directory", f.key))
         })?;
@@ -432,9 +444,24 @@ impl Target {
             size: f.bytes as i64,
             modification_time: now,
             data_change: true,
-            stats: Some(format!("{{\"numRecords\":{}}}", f.rows)),
+            stats: Some(stats),
             ..Default::default()
         })
+    }
+}
+
+/// The stats of a published file whose intent was recovered (the writer's are not kept in
+/// the checkpoint store), from its footer; the row count alone if the footer cannot be read
+/// (the file is then read by every query, as before stats).
+async fn footer_stats(table: &DeltaTable, f: &StagedFile) -> String {
+    let rel = f.key.split_once('/').map_or(f.key.as_str(), |(_, r)| r);
+    let path = deltalake::Path::parse(rel).unwrap_or_else(|_| deltalake::Path::from(rel));
+    match crate::sink::stats::from_object(table.object_store().as_ref(), &path, f.bytes).await {
+        Ok(stats) => stats,
+        Err(e) => {
+            tracing::warn!(key = %f.key, error = %e, "could not read a data file's footer for its Delta stats; writing its row count only");
+            format!("{{\"numRecords\":{}}}", f.rows)
+        }
     }
 }
 

@@ -137,6 +137,7 @@ mod tests {
             rows: 1,
             bytes: 4,
             upload: None,
+            stats: None,
         };
         lake.publish(&f).await.unwrap();
         lake.publish(&f).await.unwrap();

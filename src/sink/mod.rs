@@ -7,6 +7,7 @@ pub mod delta;
 pub mod local;
 pub mod partition;
 pub mod s3;
+pub mod stats;
 pub mod writer;
 
 use std::collections::BTreeMap;
@@ -37,6 +38,11 @@ pub struct StagedFile {
     /// The S3 multipart upload holding the file; `None` on a local lake.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upload: Option<Upload>,
+    /// Its Delta `stats` ([`stats::from_footer`]), from the writer's footer. Kept in memory
+    /// only (an intent stays small in the checkpoint store): a recovered intent has none, and
+    /// the Delta step reads them from the published file's footer.
+    #[serde(skip)]
+    pub stats: Option<String>,
 }
 
 /// An S3 multipart upload whose parts are all uploaded, waiting to be completed.

@@ -306,7 +306,8 @@ impl OutputWriter {
         for (_, mut f) in std::mem::take(&mut self.open) {
             let key = f.key;
             // Writes the footer and hands every byte to the staging file.
-            f.writer
+            let footer = f
+                .writer
                 .finish()
                 .await
                 .map_err(|source| WriteError::Parquet {
@@ -330,6 +331,7 @@ impl OutputWriter {
                 rows: f.rows,
                 bytes,
                 upload,
+                stats: Some(super::stats::from_footer(&footer)),
             });
         }
         Ok(out)

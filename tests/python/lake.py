@@ -224,6 +224,46 @@ class DeltaLakeView:
                     continue
                 assert versions == sorted(set(versions)), f"{output}, {app}: {versions}"
 
+    def check_stats(self, output: str, bounded: tuple[str, ...]) -> int:
+        """Every file of the table's latest version has `stats` that hold for its rows, read
+        by pyarrow: the row count, the null counts, and a range that holds every value of each
+        column in `bounded` (each must have one; timestamps are kept to the millisecond, so
+        the range may be wider by less than one). Returns the files checked."""
+        import datetime as dt_
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+        dt = self.table(output)
+        if dt is None:
+            return 0
+        import pyarrow as pa
+        adds = pa.table(dt.get_add_actions(flatten=True)).to_pylist()
+        base = self.root.removeprefix("file://")
+        for add in adds:
+            path = f"{base}/{output}/{add['path']}".removeprefix("s3://")
+            from urllib.parse import unquote
+            rows = pq.read_table(unquote(path), filesystem=self.fs)
+            assert add["num_records"] == rows.num_rows, (path, add["num_records"])
+            for col in rows.column_names:
+                nulls = add.get(f"null_count.{col}")
+                if nulls is not None:
+                    assert nulls == rows[col].null_count, (path, col, nulls)
+                lo, hi = add.get(f"min.{col}"), add.get(f"max.{col}")
+                if col in bounded:
+                    assert (lo is None) == (rows[col].null_count == rows.num_rows), (
+                        f"{path}: no range for {col}: {add}")
+                if lo is None or hi is None:
+                    continue
+                mm = pc.min_max(rows[col])
+                actual_lo, actual_hi = mm["min"].as_py(), mm["max"].as_py()
+                if isinstance(actual_lo, dt_.datetime):
+                    slack = dt_.timedelta(milliseconds=1)
+                    assert lo <= actual_lo < lo + slack, (path, col, lo, actual_lo)
+                    assert hi - slack < actual_hi <= hi, (path, col, hi, actual_hi)
+                else:
+                    assert lo == actual_lo and hi == actual_hi, (path, col, lo, hi,
+                                                                 actual_lo, actual_hi)
+        return len(adds)
+
     def source(self, output: str) -> str | None:
         if output not in self._tables:
             import pyarrow.dataset as pads

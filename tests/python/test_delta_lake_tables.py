@@ -53,6 +53,7 @@ def test_delta_tables_exactly_once_across_crashes(tmp_path, agent_bin, shardlake
     con.register("src", stream.table())
     check_whole_lake(con, view, stream)
     view.check_commits_once(OUTPUTS)
+    check_file_stats(view)
     assert lake_count(con, view, "dead_letter") == summary["malformed"]
     # Every published file is in its table's log: nothing was published and then left out.
     for output in OUTPUTS:
@@ -70,6 +71,15 @@ def test_delta_tables_exactly_once_across_crashes(tmp_path, agent_bin, shardlake
     assert all(app.startswith("shardlake/well-telemetry/") for app, _ in txns), txns
     versions = [v for _, v in txns]
     assert len(versions) == len(set(versions)), f"a commit number appended twice: {versions}"
+
+
+def check_file_stats(view) -> None:
+    """Every add action's stats hold for its file (its writer's footer, or for an intent
+    recovered after a crash the published file's footer), with a time and device range that
+    lets a reader skip files."""
+    assert view.check_stats("readings", ("ts", "device_id", "pressure_psi")) > 0
+    assert view.check_stats("well_1m", ("window_start", "device_id")) > 0
+    view.check_stats("alerts", ())
 
 
 def aborted_at(shardlake_bin, pipeline, data_dir, point: str, worker: str) -> None:
@@ -241,6 +251,7 @@ def test_delta_tables_on_s3_across_crashes(tmp_path, moto, agent_bin, shardlake_
     con.register("src", stream.table())
     check_whole_lake(con, view, stream)
     view.check_commits_once(OUTPUTS)
+    check_file_stats(view)
     keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="lake")
             for o in page.get("Contents", [])]
     assert any(k.startswith("tables/wells/readings/_delta_log/") for k in keys), keys[:20]
