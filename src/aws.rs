@@ -49,6 +49,7 @@ pub fn custom_endpoint(service: &str) -> Option<String> {
 pub async fn s3_object_store(
     bucket: &str,
     region: Option<&str>,
+    kms_key_id: Option<&str>,
 ) -> object_store::Result<object_store::aws::AmazonS3> {
     use object_store::aws::AmazonS3Builder;
     let conf = sdk_config(region).await;
@@ -65,6 +66,11 @@ pub async fn s3_object_store(
             .with_allow_http(endpoint.starts_with("http://"))
             .with_virtual_hosted_style_request(false)
             .with_endpoint(endpoint);
+    }
+    // Objects it writes (Delta log entries, compacted files) are encrypted with the lake's
+    // key, as the sink's own uploads are: a bucket policy requiring SSE-KMS accepts them.
+    if let Some(key) = kms_key_id {
+        b = b.with_sse_kms_encryption(key);
     }
     b.build()
 }

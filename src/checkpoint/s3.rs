@@ -42,7 +42,7 @@ impl S3Store {
             .collect::<Vec<_>>()
             .join("/");
         let url = format!("s3://{bucket}/{key}");
-        let store = crate::aws::s3_object_store(bucket, region)
+        let store = crate::aws::s3_object_store(bucket, region, None)
             .await
             .map_err(|e| io(&url, e))?;
         Ok(Self::on(Box::new(store), Path::from(key), url))

@@ -147,9 +147,13 @@ pub async fn builder(lake: &LakeLocation, output: &str) -> io::Result<DeltaTable
         LakeLocation::Local { .. } => b,
         LakeLocation::S3(loc) => {
             register_s3_log_store();
-            let store = crate::aws::s3_object_store(&loc.bucket, loc.region.as_deref())
-                .await
-                .map_err(io::Error::other)?;
+            let store = crate::aws::s3_object_store(
+                &loc.bucket,
+                loc.region.as_deref(),
+                loc.kms_key_id.as_deref(),
+            )
+            .await
+            .map_err(io::Error::other)?;
             let root = Url::parse(&format!("s3://{}", loc.bucket)).map_err(io::Error::other)?;
             b.with_storage_backend(Arc::new(store), root)
         }
@@ -177,9 +181,13 @@ impl DeltaTables {
                 LakeLocation::S3(loc) => {
                     register_s3_log_store();
                     Some(Arc::new(
-                        crate::aws::s3_object_store(&loc.bucket, loc.region.as_deref())
-                            .await
-                            .map_err(io::Error::other)?,
+                        crate::aws::s3_object_store(
+                            &loc.bucket,
+                            loc.region.as_deref(),
+                            loc.kms_key_id.as_deref(),
+                        )
+                        .await
+                        .map_err(io::Error::other)?,
                     ))
                 }
             };

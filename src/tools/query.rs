@@ -366,9 +366,13 @@ impl datafusion::catalog::TableProvider for FreshDelta {
 /// An object store for an S3 lake, with the same credentials (the SDK's default chain),
 /// region and endpoint as the writer.
 async fn s3_store(loc: &crate::config::S3Location) -> Result<Arc<dyn object_store::ObjectStore>> {
-    let store = crate::aws::s3_object_store(&loc.bucket, loc.region.as_deref())
-        .await
-        .map_err(|e| datafusion::error::DataFusionError::External(e.into()))?;
+    let store = crate::aws::s3_object_store(
+        &loc.bucket,
+        loc.region.as_deref(),
+        loc.kms_key_id.as_deref(),
+    )
+    .await
+    .map_err(|e| datafusion::error::DataFusionError::External(e.into()))?;
     Ok(Arc::new(store))
 }
 

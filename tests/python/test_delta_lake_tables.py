@@ -528,18 +528,21 @@ def test_the_worker_compacts_on_a_timer(tmp_path, agent_bin, shardlake_bin):
 
 def test_compaction_on_s3_is_atomic_for_readers(tmp_path, moto, agent_bin, shardlake_bin):
     """The same on moto's S3: two commits into one hour, compacted while a reader polls the
-    row count and pressure sum through delta-rs (from S3): every answer is the truth."""
+    row count and pressure sum through delta-rs (from S3): every answer is the truth. The lake
+    has a KMS key: every object, log entries and compacted files too, is encrypted with it."""
     import threading
 
     import pyarrow.compute as pc
     from deltalake import DeltaTable
     s3 = moto.client("s3")
     s3.create_bucket(Bucket="lake")
+    key_id = moto.client("kms").create_key(Description="lake key")["KeyMetadata"]["KeyId"]
     simulate(agent_bin, tmp_path, shards=4, devices=100, readings=600, seed=9, spikes=2,
              malformed=0)
     pipeline = write_test_pipeline(
         tmp_path / "s3.yaml", max_bytes="64MiB", max_age="1h",
-        lake="{s3: {bucket: lake, prefix: wells, part_size: 5MiB}, format: delta}")
+        lake=("{s3: {bucket: lake, prefix: wells, part_size: 5MiB, "
+              f"kms_key_id: {key_id}}}, format: delta}}"))
     env = pipeline_env(tmp_path, moto.env())
 
     def drain():
@@ -585,6 +588,13 @@ def test_compaction_on_s3_is_atomic_for_readers(tmp_path, moto, agent_bin, shard
         assert rows == truth[0] and abs(total - truth[1]) < 1e-6 * abs(truth[1]), (
             f"version {version}: {rows} rows, sum {total}; the truth is {truth}")
     check_whole_lake(con, view, stream)
+    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="lake")
+            for o in page.get("Contents", [])]
+    assert any("/_delta_log/" in k for k in keys) and any("part-" in k for k in keys), keys
+    for k in keys:
+        head = s3.head_object(Bucket="lake", Key=k)
+        assert head.get("ServerSideEncryption") == "aws:kms", (k, head)
+        assert head.get("SSEKMSKeyId", "").endswith(key_id), (k, head)
 
 
 def test_one_compaction_at_a_time_per_table(tmp_path, agent_bin, shardlake_bin):

@@ -82,7 +82,7 @@ impl ObjectStream {
                     region,
                 } => {
                     let what = format!("s3://{bucket}/{prefix}");
-                    let store = crate::aws::s3_object_store(bucket, region.as_deref())
+                    let store = crate::aws::s3_object_store(bucket, region.as_deref(), None)
                         .await
                         .map_err(|e| SourceError::Stream {
                             path: what.clone(),
