@@ -45,6 +45,14 @@
 //!
 //! The first commit to a table creates it (its schema from the pipeline's SQL, its partition
 //! columns from the layout); two workers creating it at once is one create and one retry.
+//!
+//! # Schema changes
+//!
+//! A worker reads each table when it starts and compares its schema with what the pipeline
+//! writes now: columns added to the SQL are added to the table (nullable; older rows read them
+//! as null), a dropped nullable column stays (new rows read it as null), and anything else (a
+//! changed type, a NOT NULL older files or newer rows would break) stops the run before it
+//! reads a record, with the columns that differ and the fix.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
@@ -202,6 +210,15 @@ impl DeltaTables {
                 },
             );
         }
+        // Each table is read (or created) now: a schema the pipeline no longer matches stops
+        // the run before it reads anything, not at its first commit.
+        for target in by_output.values() {
+            let mut slot = target.table.lock().await;
+            target
+                .latest(&mut slot)
+                .await
+                .map_err(|e| io::Error::other(format!("delta table {}: {e}", target.url)))?;
+        }
         Ok(Some(Self {
             pipeline: p.name.clone(),
             by_output,
@@ -321,7 +338,62 @@ impl Target {
             }
             Err(e) => return Err(e),
         }
+        self.reconcile_schema(&mut table).await?;
         *slot = Some(table);
+        Ok(())
+    }
+
+    /// Checks the table's schema against what the pipeline writes. The same: nothing to do.
+    /// Columns the pipeline added (a new item in its SQL) are added to the table, nullable:
+    /// older files read them as null. A column the pipeline dropped stays in the table if it
+    /// is nullable (new files read it as null). Anything else (a changed type, a new NOT NULL
+    /// the old files break) refuses the run with what differs and the fix.
+    async fn reconcile_schema(&self, table: &mut DeltaTable) -> deltalake::DeltaResult<()> {
+        let expected = self.columns()?;
+        let current: Vec<StructField> = table.snapshot()?.schema().fields().cloned().collect();
+        let mut problems = Vec::new();
+        let mut added = Vec::new();
+        for e in &expected {
+            match current.iter().find(|c| c.name() == e.name()) {
+                Some(c) if c.data_type() != e.data_type() => problems.push(format!(
+                    "column `{}` is {} in the table and {} in the pipeline",
+                    e.name(),
+                    type_name(c.data_type()),
+                    type_name(e.data_type())
+                )),
+                Some(c) if !c.is_nullable() && e.is_nullable() => problems.push(format!(
+                    "column `{}` is NOT NULL in the table and may be null in the pipeline",
+                    e.name()
+                )),
+                Some(_) => {}
+                None => added.push(StructField::new(e.name(), e.data_type().clone(), true)),
+            }
+        }
+        for c in &current {
+            if !expected.iter().any(|e| e.name() == c.name()) {
+                if c.is_nullable() {
+                    tracing::warn!(table = %self.url, column = c.name(), "the pipeline no longer writes this column; new rows read it as null");
+                } else {
+                    problems.push(format!(
+                        "column `{}` is NOT NULL in the table and the pipeline no longer writes it",
+                        c.name()
+                    ));
+                }
+            }
+        }
+        if !problems.is_empty() {
+            return Err(DeltaTableError::SchemaMismatch {
+                msg: format!(
+                    "the pipeline's output no longer fits this table: {}. Fix: make the SQL give the table's type again (e.g. CAST(… AS BIGINT)), or write the changed output as a new table (a new output name, or a new path for its lake or sink); the table's old files keep their schema",
+                    problems.join("; ")
+                ),
+            });
+        }
+        if !added.is_empty() {
+            let names: Vec<&str> = added.iter().map(|f| f.name().as_str()).collect();
+            tracing::info!(table = %self.url, columns = ?names, "adding the pipeline's new columns to the table (older rows read them as null)");
+            *table = table.clone().add_columns().with_fields(added).await?;
+        }
         Ok(())
     }
 
@@ -348,6 +420,8 @@ impl Target {
                 Ok(()) => return Ok(()),
                 // Checkpoints older than the table: no retry mends that.
                 Err(e @ DeltaTableError::InvalidTableLocation(_)) => return Err(e),
+                // The pipeline's schema does not fit the table: no retry mends that either.
+                Err(e @ DeltaTableError::SchemaMismatch { .. }) => return Err(e),
                 Err(e) if attempt < ATTEMPTS => {
                     tracing::warn!(table = %self.url, app_id, version, attempt, error = %e, "delta commit failed; reading the table again and retrying");
                     *slot = None;
@@ -470,6 +544,17 @@ async fn footer_stats(table: &DeltaTable, f: &StagedFile) -> String {
             tracing::warn!(key = %f.key, error = %e, "could not read a data file's footer for its Delta stats; writing its row count only");
             format!("{{\"numRecords\":{}}}", f.rows)
         }
+    }
+}
+
+/// A Delta type as a user reads it (`long`, `double`, `timestamp`, …).
+fn type_name(t: &DataType) -> String {
+    match t {
+        DataType::Primitive(p) => serde_json::to_value(p)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_else(|| format!("{p:?}")),
+        other => format!("{other:?}"),
     }
 }
 

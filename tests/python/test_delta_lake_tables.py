@@ -640,3 +640,57 @@ def test_one_compaction_at_a_time_per_table(tmp_path, agent_bin, shardlake_bin):
     con = duck()
     con.register("src", stream.table())
     check_whole_lake(con, DeltaLakeView(con, lake), stream)
+
+
+def test_schema_changes_add_columns_or_are_refused(tmp_path, agent_bin, shardlake_bin):
+    """The pipeline's SQL changes between runs over the same Delta tables. A new aggregate
+    is added to the table's schema (older rows read it as null, delta-rs and pyarrow agree);
+    a changed type stops the run before it commits anything, naming the column and the fix."""
+    from deltalake import DeltaTable
+    simulate(agent_bin, tmp_path, shards=2, devices=20, readings=120, seed=12, spikes=0,
+             malformed=0)
+    lake = tmp_path / "lake"
+    pipeline = write_test_pipeline(tmp_path / "delta.yaml", max_bytes="64MiB", max_age="1h",
+                                   lake=f"{{local: {{path: {lake}}}, format: delta}}")
+    run_pipeline(shardlake_bin, pipeline, tmp_path)
+    before = DeltaTable(str(lake / "well_1m")).to_pyarrow_table().num_rows
+    assert before > 0
+    assert "temp_min" not in DeltaTable(str(lake / "well_1m")).schema().to_arrow().names
+
+    text = pipeline.read_text()
+    added = text.replace("max(temp_c)         AS temp_max\n",
+                         "max(temp_c)         AS temp_max,\n"
+                         "               min(temp_c)         AS temp_min\n", 1)
+    assert added != text
+    pipeline.write_text(added)
+    simulator_extension(agent_bin, tmp_path, shards=2, devices=20, after=120, readings=120,
+                        seed=12)()
+    run_pipeline(shardlake_bin, pipeline, tmp_path)
+    dt = DeltaTable(str(lake / "well_1m"))
+    assert "temp_min" in dt.schema().to_arrow().names
+    import pyarrow as pa
+    rows = pa.table(dt.to_pyarrow_table()).to_pylist()
+    new = [r for r in rows if r["temp_min"] is not None]
+    old = [r for r in rows if r["temp_min"] is None]
+    assert len(old) == before and new, (len(old), len(new), before)
+    assert all(r["temp_min"] <= r["temp_max"] for r in new)
+    con = duck()
+    view = DeltaLakeView(con, lake)
+    assert view.source("well_1m") is not None  # pyarrow over the listed files agrees
+
+    version = dt.version()
+    checkpoint = (tmp_path / "state" / "well-telemetry" / "checkpoint.json").read_text()
+    pipeline.write_text(added.replace("count(*)            AS readings",
+                                      "CAST(count(*) AS DOUBLE) AS readings", 1))
+    simulator_extension(agent_bin, tmp_path, shards=2, devices=20, after=240, readings=60,
+                        seed=12)()
+    proc = subprocess.run([str(shardlake_bin), "run", str(pipeline), "--drain"],
+                          env=pipeline_env(tmp_path), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0, "a run whose SQL changed a column's type went on"
+    assert "column `readings` is long in the table and double in the pipeline" in proc.stderr, (
+        proc.stderr[-3000:])
+    assert "CAST(" in proc.stderr and "new output name" in proc.stderr, proc.stderr[-3000:]
+    assert DeltaTable(str(lake / "well_1m")).version() == version
+    after = (tmp_path / "state" / "well-telemetry" / "checkpoint.json").read_text()
+    assert after == checkpoint, "the refused run moved the checkpoints"
