@@ -489,8 +489,16 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 } else {
                     String::new()
                 };
+                let merged = if c.parts_before > 0 {
+                    format!(
+                        "; {} parts merged into {} (one per window and group)",
+                        c.parts_before, c.parts_after
+                    )
+                } else {
+                    String::new()
+                };
                 println!(
-                    "{}: {} partitions compacted, {} files into {}{by}{failed}",
+                    "{}: {} partitions compacted, {} files into {}{by}{merged}{failed}",
                     c.output, c.partitions, c.files_removed, c.files_added
                 );
             }

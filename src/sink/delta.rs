@@ -210,12 +210,12 @@ impl DeltaTables {
                 },
             );
         }
-        // Each table is read (or created) now: a schema the pipeline no longer matches stops
-        // the run before it reads anything, not at its first commit.
+        // Each existing table is read now: a schema the pipeline no longer matches stops the
+        // run before it reads anything, not at its first commit. (A table no commit created
+        // yet is created by its first commit, as before.)
         for target in by_output.values() {
-            let mut slot = target.table.lock().await;
             target
-                .latest(&mut slot)
+                .check_existing()
                 .await
                 .map_err(|e| io::Error::other(format!("delta table {}: {e}", target.url)))?;
         }
@@ -301,6 +301,20 @@ impl Target {
                 b.with_storage_backend(store.clone(), root)
             }
         })
+    }
+
+    /// Loads the table if it exists, its schema reconciled with the pipeline's.
+    async fn check_existing(&self) -> deltalake::DeltaResult<()> {
+        let mut table = self.builder()?.build()?;
+        match table.load().await {
+            Ok(()) => {
+                self.reconcile_schema(&mut table).await?;
+                *self.table.lock().await = Some(table);
+                Ok(())
+            }
+            Err(DeltaTableError::NotATable(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     /// The table at its latest version, created if it does not exist yet.
@@ -560,7 +574,7 @@ fn type_name(t: &DataType) -> String {
 
 /// A relative key as the URI path Delta's `add.path` is: every byte but unreserved ones, `/`
 /// and `=` percent-encoded (a tenant directory may hold `%` escapes, spaces, `#`, non-ASCII).
-fn uri_path(rel: &str) -> String {
+pub(crate) fn uri_path(rel: &str) -> String {
     let mut out = String::with_capacity(rel.len());
     for b in rel.bytes() {
         if b.is_ascii_alphanumeric() || b"-._~/=".contains(&b) {

@@ -72,6 +72,32 @@ pub enum Table {
     Aggregates,
 }
 
+/// The Parquet settings of a table's files (what the sink writes, and compaction rewrites).
+pub fn properties(schema: &arrow::datatypes::Schema, kind: Table) -> WriterProperties {
+    let mut props = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).expect("level 1")))
+        .set_max_row_group_row_count(Some(256 * 1024))
+        .set_created_by(format!("shardlake {}", env!("CARGO_PKG_VERSION")));
+    // A dictionary only costs where nearly every value differs: each value is hashed and
+    // interned until the dictionary page overflows. Sequence numbers are unique and
+    // timestamps nearly so (benches/README.md: the interner was 13% of a run), and so are
+    // computed floats such as averages (7% of a run without the raw table). Sensors'
+    // readings repeat (a tenth of a degree), so records keep their float dictionaries:
+    // without them, the raw table of benches/compare.py grew by a fifth.
+    for field in schema.fields() {
+        let unique = match field.data_type() {
+            DataType::Timestamp(..) => true,
+            DataType::Float32 | DataType::Float64 => kind == Table::Aggregates,
+            _ => false,
+        };
+        if field.name() == SEQ_COL || unique {
+            props =
+                props.set_column_dictionary_enabled(ColumnPath::from(field.name().as_str()), false);
+        }
+    }
+    props.build()
+}
+
 pub struct OutputWriter {
     pub name: String,
     /// The rows' schema (what `write` takes).
@@ -120,28 +146,7 @@ impl OutputWriter {
             }
             None => schema.clone(),
         };
-        let mut props = WriterProperties::builder()
-            .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).expect("level 1")))
-            .set_max_row_group_row_count(Some(256 * 1024))
-            .set_created_by(format!("shardlake {}", env!("CARGO_PKG_VERSION")));
-        // A dictionary only costs where nearly every value differs: each value is hashed and
-        // interned until the dictionary page overflows. Sequence numbers are unique and
-        // timestamps nearly so (benches/README.md: the interner was 13% of a run), and so are
-        // computed floats such as averages (7% of a run without the raw table). Sensors'
-        // readings repeat (a tenth of a degree), so records keep their float dictionaries:
-        // without them, the raw table of benches/compare.py grew by a fifth.
-        for field in schema.fields() {
-            let unique = match field.data_type() {
-                DataType::Timestamp(..) => true,
-                DataType::Float32 | DataType::Float64 => kind == Table::Aggregates,
-                _ => false,
-            };
-            if field.name() == SEQ_COL || unique {
-                props = props
-                    .set_column_dictionary_enabled(ColumnPath::from(field.name().as_str()), false);
-            }
-        }
-        let props = props.build();
+        let props = properties(&schema, kind);
         Self {
             name: name.to_string(),
             schema,

@@ -16,8 +16,14 @@
 //! `zorder` clusters rows by the given columns (e.g. `device_id,ts`) so one device's query
 //! skips most row groups.
 //!
-//! Aggregation tables are compacted as files, not merged: their parts stay parts, and the
-//! merged views read them as before.
+//! **Aggregation parts are merged**: an aggregation stored as mergeable parts (one per worker,
+//! reshard or restart that saw part of a window) has each closed partition rewritten as one
+//! part per window and group, with the aggregation's own combine SQL
+//! ([`crate::engine::merge::Mergeable::combine_sql`], the one the engine folds parts with):
+//! still parts, so the merged views give the same rows before and after, and a part a worker
+//! appends later (a late record) merges with it as with any other. The removes and the add are
+//! one log entry, `dataChange: true` (the rows differ, the views' answers do not). An
+//! aggregation that is not mergeable is compacted as files.
 //!
 //! **Vacuum** deletes files no version within `retain` (default 7 days) still references:
 //! the inputs of compactions, and (full mode) files a crash left outside the log. delta-rs
@@ -36,7 +42,20 @@ use deltalake::{DeltaTable, FilterLiteral, FilterOp, FilterValue};
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, RecordBatch, StringArray, new_null_array};
+use arrow::compute::cast;
+use arrow::datatypes::SchemaRef;
+use datafusion::datasource::MemTable;
+use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
+use deltalake::kernel::{Action, Add};
+use deltalake::protocol::{DeltaOperation, SaveMode};
+use object_store::ObjectStoreExt as _;
+use parquet::arrow::ArrowWriter;
+
 use crate::config::{Pipeline, TableFormat};
+use crate::tools::query::Table;
 
 #[derive(Debug, Clone)]
 pub struct CompactOptions {
@@ -63,6 +82,10 @@ pub struct Compacted {
     pub busy: bool,
     /// The Z-order columns used (those of `--zorder` the table has).
     pub zorder: Vec<String>,
+    /// An aggregation's parts: rows read from the compacted partitions' files, and the parts
+    /// (one per window and group) written instead.
+    pub parts_before: u64,
+    pub parts_after: u64,
 }
 
 /// The outputs `opts.output` names (or every Delta output), or why not.
@@ -127,7 +150,12 @@ pub async fn compact(p: &Pipeline, opts: &CompactOptions) -> anyhow::Result<Vec<
     let mut out = Vec::new();
     let cutoff = Utc::now() - chrono::Duration::from_std(opts.older_than)?;
     let target = NonZeroU64::new(opts.target_size).context("--target-size must not be 0")?;
+    let tables = crate::tools::query::output_schemas(p).await?;
     for output in delta_outputs(p, opts.output.as_deref())? {
+        // An aggregation stored as mergeable parts: its partitions are merged, not packed.
+        let parts = tables
+            .iter()
+            .find(|t| t.name == output && t.merge.is_some());
         let mut report = Compacted {
             output: output.to_string(),
             ..Default::default()
@@ -141,8 +169,13 @@ pub async fn compact(p: &Pipeline, opts: &CompactOptions) -> anyhow::Result<Vec<
             out.push(report);
             continue;
         };
-        let result =
-            compact_table(&mut table, &mut claimed, &mut report, opts, cutoff, target).await;
+        let how = Compaction {
+            opts,
+            cutoff,
+            target,
+            parts,
+        };
+        let result = compact_table(&mut table, &mut claimed, &mut report, &how).await;
         if let Err(e) = release(&mut table, claimed).await {
             tracing::warn!(output, error = %e, "could not release the compaction claim; it expires by itself");
         }
@@ -152,14 +185,22 @@ pub async fn compact(p: &Pipeline, opts: &CompactOptions) -> anyhow::Result<Vec<
     Ok(out)
 }
 
+/// How one table is compacted.
+struct Compaction<'a> {
+    opts: &'a CompactOptions,
+    cutoff: chrono::DateTime<Utc>,
+    target: NonZeroU64,
+    /// The table, if it is an aggregation stored as mergeable parts.
+    parts: Option<&'a Table>,
+}
+
 async fn compact_table(
     table: &mut DeltaTable,
     claimed: &mut i64,
     report: &mut Compacted,
-    opts: &CompactOptions,
-    cutoff: chrono::DateTime<Utc>,
-    target: NonZeroU64,
+    how: &Compaction<'_>,
 ) -> anyhow::Result<()> {
+    let (opts, cutoff, target) = (how.opts, how.cutoff, how.target);
     // Closed partitions with more than one file, as the table is now that it is ours.
     let mut files: BTreeMap<BTreeMap<String, String>, usize> = BTreeMap::new();
     for path in table.get_files_by_partitions(&[]).await? {
@@ -184,10 +225,11 @@ async fn compact_table(
         .fields()
         .map(|f| f.name().to_string())
         .collect();
+    // (Merged parts are not Z-ordered: one part per window and group is already small.)
     report.zorder = opts
         .zorder
         .iter()
-        .filter(|c| columns.contains(c))
+        .filter(|c| columns.contains(c) && how.parts.is_none())
         .cloned()
         .collect();
     for part in closed {
@@ -198,12 +240,27 @@ async fn compact_table(
             })?;
         }
         let t = std::mem::replace(table, table.clone());
-        match compact_partition(t, &part, target, &report.zorder).await {
+        let done = match how.parts {
+            Some(parts) => merge_partition(t, &part, parts).await,
+            None => compact_partition(t, &part, target, &report.zorder)
+                .await
+                .map(|(t, m)| {
+                    let done = Merged {
+                        files_removed: m.num_files_removed,
+                        files_added: m.num_files_added,
+                        ..Default::default()
+                    };
+                    (t, done)
+                }),
+        };
+        match done {
             Ok((t, m)) => {
                 *table = t;
                 report.partitions += 1;
-                report.files_removed += m.num_files_removed;
-                report.files_added += m.num_files_added;
+                report.files_removed += m.files_removed;
+                report.files_added += m.files_added;
+                report.parts_before += m.parts_before;
+                report.parts_after += m.parts_after;
             }
             // One partition's failure does not stop the others; the next run tries again.
             Err(e) => {
@@ -311,16 +368,10 @@ async fn compact_partition(
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(1)?))
         .set_created_by(format!("shardlake {}", env!("CARGO_PKG_VERSION")))
         .build();
-    let values: Vec<(&str, String)> = part
-        .iter()
-        .map(|(k, v)| {
-            let v = crate::sink::delta::partition_value(v).unwrap_or_default();
-            (k.as_str(), v)
-        })
-        .collect();
+    let values = partition_filters(part);
     let filters: Vec<FilterLiteral> = values
         .iter()
-        .map(|(k, v)| (*k, FilterOp::Eq, FilterValue::Scalar(v.as_str())))
+        .map(|(k, v)| (k.as_str(), FilterOp::Eq, FilterValue::Scalar(v.as_str())))
         .collect();
     let mut last = None;
     for _ in 0..ATTEMPTS {
@@ -348,6 +399,215 @@ async fn compact_partition(
         }
     }
     Err(last.expect("an attempt").into())
+}
+
+/// What compacting one partition did.
+#[derive(Debug, Default)]
+struct Merged {
+    files_removed: u64,
+    files_added: u64,
+    parts_before: u64,
+    parts_after: u64,
+}
+
+/// The partition filters of `part` (its directory values, unescaped as Delta records them).
+fn partition_filters(part: &BTreeMap<String, String>) -> Vec<(String, String)> {
+    part.iter()
+        .map(|(k, v)| {
+            let v = crate::sink::delta::partition_value(v).unwrap_or_default();
+            (k.clone(), v)
+        })
+        .collect()
+}
+
+/// Rewrites the parts of one closed partition of an aggregation as one part per window and
+/// group: read every file the table lists there, combine them with the aggregation's SQL,
+/// write one file (the sink's Parquet settings, stats from its footer), and commit its add
+/// with the removes of what was read. A conflict (another writer removed one of those files)
+/// starts again from the new version; the file written for a failed attempt is deleted.
+async fn merge_partition(
+    mut table: DeltaTable,
+    part: &BTreeMap<String, String>,
+    t: &Table,
+) -> anyhow::Result<(DeltaTable, Merged)> {
+    use futures::TryStreamExt as _;
+    let values = partition_filters(part);
+    let filters: Vec<FilterLiteral> = values
+        .iter()
+        .map(|(k, v)| (k.as_str(), FilterOp::Eq, FilterValue::Scalar(v.as_str())))
+        .collect();
+    let merge = t.merge.as_ref().context("not a mergeable aggregation")?;
+    let mut last = None;
+    for _ in 0..ATTEMPTS {
+        let files: Vec<_> = table
+            .get_active_add_actions_by_partitions(&filters)
+            .try_collect()
+            .await?;
+        if files.len() < 2 {
+            return Ok((table, Merged::default()));
+        }
+        let store = table.object_store();
+        let mut batches = Vec::new();
+        let mut parts_before = 0;
+        for f in &files {
+            let bytes = store.get(&f.object_store_path()).await?.bytes().await?;
+            let reader =
+                parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)?
+                    .build()?;
+            for batch in reader {
+                let batch = batch?;
+                parts_before += batch.num_rows() as u64;
+                batches.push(with_partition_column(&batch, t, part)?);
+            }
+        }
+        let ctx = crate::engine::sql::session();
+        ctx.register_table(
+            "parts",
+            Arc::new(MemTable::try_new(t.schema.clone(), vec![batches])?),
+        )?;
+        let combined = ctx
+            .sql(&merge.combine_sql("parts"))
+            .await?
+            .collect()
+            .await?;
+        let file_schema = t.file_schema();
+        let mut bytes = Vec::new();
+        let mut writer = ArrowWriter::try_new(
+            &mut bytes,
+            file_schema.clone(),
+            Some(crate::sink::writer::properties(
+                &file_schema,
+                crate::sink::writer::Table::Aggregates,
+            )),
+        )?;
+        let mut parts_after = 0;
+        for batch in &combined {
+            parts_after += batch.num_rows() as u64;
+            writer.write(&project(batch, &file_schema)?)?;
+        }
+        let footer = writer.close()?;
+        let dir = files[0]
+            .object_store_path()
+            .as_ref()
+            .rsplit_once('/')
+            .map(|(d, _)| d.to_string())
+            .unwrap_or_default();
+        let rel = format!("{dir}/part-merged-{}.parquet", uuid::Uuid::new_v4());
+        let path = deltalake::Path::parse(&rel)?;
+        let size = bytes.len() as i64;
+        store.put(&path, bytes.into()).await?;
+
+        let now = Utc::now().timestamp_millis();
+        let mut actions: Vec<Action> = files
+            .iter()
+            .map(|f| Action::Remove(f.remove_action(true)))
+            .collect();
+        actions.push(Action::Add(Add {
+            path: crate::sink::delta::uri_path(&rel),
+            partition_values: files[0].partition_values_map(),
+            size,
+            modification_time: now,
+            data_change: true,
+            stats: Some(crate::sink::stats::from_footer(&footer)),
+            ..Default::default()
+        }));
+        let props = CommitProperties::default()
+            .with_create_checkpoint(true)
+            .with_cleanup_expired_logs(Some(false));
+        let committed = CommitBuilder::from(props)
+            .with_actions(actions)
+            .build(
+                Some(table.snapshot()?),
+                table.log_store(),
+                DeltaOperation::Write {
+                    mode: SaveMode::Overwrite,
+                    partition_by: Some(
+                        t.partition_columns()
+                            .iter()
+                            .map(|c| c.to_string())
+                            .collect(),
+                    ),
+                    predicate: None,
+                },
+            )
+            .await;
+        match committed {
+            Ok(_) => {
+                table.update_state().await?;
+                let merged = Merged {
+                    files_removed: files.len() as u64,
+                    files_added: 1,
+                    parts_before,
+                    parts_after,
+                };
+                return Ok((table, merged));
+            }
+            Err(e) => {
+                // Not in the log: nobody reads it. (If the commit did land and only its answer
+                // was lost, the file is live and the next attempt merges it with the rest.)
+                if let Err(e) = table.update_state().await {
+                    tracing::warn!(error = %e, "could not read the table again after a failed merge");
+                }
+                let live = table
+                    .get_files_by_partitions(&filters)
+                    .await
+                    .is_ok_and(|live| live.contains(&path));
+                if !live && let Err(e) = store.delete(&path).await {
+                    tracing::warn!(%path, error = %e, "could not delete the file of a failed merge; vacuum removes it");
+                }
+                tracing::info!(error = %e, "merging a partition's parts failed; trying again");
+                last = Some(e);
+            }
+        }
+    }
+    Err(last.expect("an attempt").into())
+}
+
+/// A batch of a part file with the table's columns: the partition-by column (`tenant`, in
+/// the path, not the file) from the partition's value, a column older files lack as nulls.
+fn with_partition_column(
+    batch: &RecordBatch,
+    t: &Table,
+    part: &BTreeMap<String, String>,
+) -> anyhow::Result<RecordBatch> {
+    let n = batch.num_rows();
+    let mut columns = Vec::with_capacity(t.schema.fields().len());
+    for field in t.schema.fields() {
+        let column: ArrayRef = if t.partition_by.as_deref() == Some(field.name().as_str()) {
+            let value = part
+                .get(field.name())
+                .and_then(|v| crate::sink::delta::partition_value(v));
+            let text: ArrayRef = Arc::new(StringArray::from(vec![value; n]));
+            cast(&text, field.data_type())?
+        } else {
+            match batch.column_by_name(field.name()) {
+                Some(c) if c.data_type() == field.data_type() => c.clone(),
+                Some(c) => cast(c, field.data_type())?,
+                None => new_null_array(field.data_type(), n),
+            }
+        };
+        columns.push(column);
+    }
+    Ok(RecordBatch::try_new(t.schema.clone(), columns)?)
+}
+
+/// The combined rows as the parts' files hold them: the file schema's columns, by name.
+fn project(batch: &RecordBatch, schema: &SchemaRef) -> anyhow::Result<RecordBatch> {
+    let columns = schema
+        .fields()
+        .iter()
+        .map(|f| {
+            let c = batch
+                .column_by_name(f.name())
+                .with_context(|| format!("the combined parts have no column `{}`", f.name()))?;
+            Ok(if c.data_type() == f.data_type() {
+                c.clone()
+            } else {
+                cast(c, f.data_type())?
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(RecordBatch::try_new(schema.clone(), columns)?)
 }
 
 /// The shortest retention `vacuum` takes: a version younger than this may still be read.
