@@ -10,13 +10,17 @@
    stream is appended to in --increments steps per hour and each step is read by its own
    `shardlake run --drain` (one commit, so one file per table and hour partition touched),
    which is what `rollover.max_age` of (60 / increments) minutes does live. Then files per
-   table-hour, and a one-device query over the whole lake (time, and bytes the reader read:
-   `rchar` of /proc/self/io around DuckDB over pyarrow reading exactly the files the log
-   lists; and `shardlake query`'s wall time), before and after `shardlake compact`, and after
-   `shardlake compact --zorder device_id,ts` on a copy of the uncompacted lake.
+   table-hour, and a one-device query over the whole lake (time, files read and bytes the
+   reader read: `rchar` of /proc/self/io around DuckDB over the pyarrow dataset of the log's
+   files that the `deltalake` package builds, which skips a file whose `add` stats exclude
+   the device; and `shardlake query`'s wall time, whose delta-rs provider skips files the
+   same way), before and after `shardlake compact`, and after `shardlake compact --zorder
+   device_id,ts` (with the default target size, and with --zorder-target, small enough that
+   an hour is several files, each a range of devices) on copies of the uncompacted lake.
 
     .venv/bin/python benches/delta.py [--devices 100] [--hours 2] [--increments 30]
         [--commit-devices 200] [--commit-readings 1500] [--repeat 2] [--only commit|compaction]
+        [--zorder-target 256KiB]
         [--shardlake target/release/shardlake] [--agent target/release/shardlake-agent]
 
 Needs pyarrow, duckdb, deltalake, boto3 and moto's server (scripts/test installs them into
@@ -131,19 +135,20 @@ def rchar() -> int:
     return 0
 
 
-def one_device(lake: Path, device: str) -> tuple[float, int, int]:
-    """DuckDB over pyarrow, reading exactly the files the log lists, filtered to one device:
-    seconds, bytes read, rows."""
+def one_device(lake: Path, device: str) -> tuple[float, int, int, int]:
+    """DuckDB over the table's pyarrow dataset (the log's files, each with its stats as its
+    guarantee), filtered to one device: seconds, bytes read, rows, files not skipped."""
     import duckdb
-    import pyarrow.dataset as pads
+    import pyarrow.compute as pc
     from deltalake import DeltaTable
-    files = [u.removeprefix("file://") for u in DeltaTable(str(lake / "readings")).file_uris()]
     before, t = rchar(), time.perf_counter()
-    ds = pads.dataset(files, format="parquet")  # noqa: F841  (DuckDB reads it by name)
+    ds = DeltaTable(str(lake / "readings")).to_pyarrow_dataset()
     con = duckdb.connect()
     rows = con.execute(f"SELECT count(*), avg(pressure_psi) FROM ds WHERE device_id = '{device}'"
                        ).fetchall()[0][0]
-    return time.perf_counter() - t, rchar() - before, rows
+    elapsed, nbytes = time.perf_counter() - t, rchar() - before
+    files = len(list(ds.get_fragments(filter=pc.field("device_id") == device)))
+    return elapsed, nbytes, rows, files
 
 
 def shardlake_query(args, pipe: Path, data: Path, device: str) -> float:
@@ -174,8 +179,9 @@ def compaction(args, tmp: Path) -> None:
         simulate(args.agent, data, args.devices, step_readings, from_step=i * step_readings)
         drain(args.shardlake, pipe, data, {})
     built = time.perf_counter() - built
-    zdata = tmp / "zorder"
+    zdata, zsmall = tmp / "zorder", tmp / "zorder-small"
     shutil.copytree(data, zdata)
+    shutil.copytree(data, zsmall)
     device = f"well-{args.devices // 3:04d}"
     rows = []
 
@@ -184,7 +190,7 @@ def compaction(args, tmp: Path) -> None:
         best = min((one_device(lake, device) for _ in range(3)), key=lambda r: r[0])
         q = min(shardlake_query(args, pipe, d, device) for _ in range(3))
         rows.append((label, files_per_hour(lake, "readings"), files_per_hour(lake, "well_1m"),
-                     best[0], best[1], q, best[2]))
+                     best[0], best[1], q, best[2], best[3]))
 
     measure("before", data)
     t = time.perf_counter()
@@ -198,18 +204,27 @@ def compaction(args, tmp: Path) -> None:
                    capture_output=True)
     zorder_s = time.perf_counter() - t
     measure("after `compact --zorder device_id,ts`", zdata)
+    t = time.perf_counter()
+    subprocess.run([str(args.shardlake), "compact", str(pipe), "--zorder", "device_id,ts",
+                    "--target-size", args.zorder_target],
+                   check=True, env=dict(os.environ, SHARDLAKE_DATA=str(zsmall)),
+                   capture_output=True)
+    zsmall_s = time.perf_counter() - t
+    measure(f"after `compact --zorder device_id,ts --target-size {args.zorder_target}`", zsmall)
     assert len({r[6] for r in rows}) == 1 and rows[0][6] > 0, f"the query's answers: {rows}"
     print("\n## Compaction\n")
     print(f"{args.devices} wells, {args.hours} h of 1 s readings "
           f"({args.devices * args.hours * 3600:,}), committed in {args.increments} steps per hour "
           f"(the files a {60 // args.increments}-minute `max_age` leaves; built in {built:.0f} s). "
-          f"`compact` took {compact_s:.1f} s, `compact --zorder` {zorder_s:.1f} s. The query: "
+          f"`compact` took {compact_s:.1f} s, `compact --zorder` {zorder_s:.1f} s, with "
+          f"--target-size {args.zorder_target} {zsmall_s:.1f} s. The query: "
           f"one well's count and mean pressure over the whole lake ({rows[0][6]} rows), best of 3.\n")
-    print("| lake | readings: files in hours | well_1m: files in hours | DuckDB+pyarrow (s) | "
-          "bytes read | `shardlake query` (s) |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for label, fr, fa, secs, nbytes, q, _ in rows:
-        print(f"| {label} | {fr} | {fa} | {secs:.3f} | {nbytes / 1e6:.2f} MB | {q:.2f} |")
+    print("| lake | readings: files in hours | well_1m: files in hours | files read | "
+          "DuckDB+pyarrow (s) | bytes read | `shardlake query` (s) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for label, fr, fa, secs, nbytes, q, _, nfiles in rows:
+        print(f"| {label} | {fr} | {fa} | {nfiles} | {secs:.3f} | {nbytes / 1e6:.2f} MB | "
+              f"{q:.2f} |")
 
 
 def main() -> None:
@@ -224,6 +239,8 @@ def main() -> None:
     ap.add_argument("--agent", type=Path, default=REPO / "target/release/shardlake-agent")
     ap.add_argument("--moto", type=Path, default=Path(sys.executable).parent / "moto_server")
     ap.add_argument("--only", choices=["commit", "compaction"])
+    ap.add_argument("--zorder-target", default="256KiB",
+                    help="the target file size of the second Z-order compaction")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="delta-bench-") as t:
         tmp = Path(t)

@@ -373,6 +373,21 @@ async fn compact_partition(
         .iter()
         .map(|(k, v)| (k.as_str(), FilterOp::Eq, FilterValue::Scalar(v.as_str())))
         .collect();
+    // Strings are rewritten as the sink writes them (`Utf8`), not as DataFusion reads them by
+    // default (`Utf8View`): a file whose embedded Arrow schema said string_view would not mix
+    // with the table's other files in a pyarrow dataset (its filters refuse the two types).
+    let mut config = datafusion::prelude::SessionConfig::new();
+    config
+        .options_mut()
+        .execution
+        .parquet
+        .schema_force_view_types = false;
+    let session: Arc<dyn datafusion::catalog::Session> = Arc::new(
+        datafusion::execution::SessionStateBuilder::new()
+            .with_config(config)
+            .with_default_features()
+            .build(),
+    );
     let mut last = None;
     for _ in 0..ATTEMPTS {
         let kind = if zorder.is_empty() {
@@ -383,6 +398,7 @@ async fn compact_partition(
         let result = table
             .clone()
             .optimize()
+            .with_session_state(session.clone())
             .with_filters(&filters)
             .with_target_size(target)
             .with_writer_properties(props.clone())

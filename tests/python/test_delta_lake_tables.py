@@ -324,6 +324,18 @@ def test_compaction_is_atomic_for_readers_and_safe_beside_a_worker(tmp_path, age
             f"version {version}: {rows} rows, sum {total}; the truth is {truth}")
     view = DeltaLakeView(con, lake)
     check_whole_lake(con, view, stream)
+    # The compacted files mix with the sink's in one pyarrow dataset, filters included: the
+    # same Arrow types (no string_view), and stats that hold.
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+    for output in ("readings", "well_1m"):
+        schemas = {str(pq.read_schema(f).remove_metadata()) for f in view.files(output)}
+        assert len(schemas) == 1, f"{output}: the files' schemas differ: {schemas}"
+    ds = DeltaTable(str(lake / "readings")).to_pyarrow_dataset()
+    one = ds.to_table(filter=pads.field("device_id") == "well-0007").num_rows
+    assert one == con.execute("SELECT count(*) FROM src WHERE device_id = 'well-0007'"
+                              ).fetchall()[0][0] > 0
+    view.check_stats("readings", ("ts", "device_id"))
 
     # A worker appends (a later stretch of the stream) while a compaction runs.
     extend = simulator_extension(agent_bin, tmp_path, shards=4, devices=100, after=1800,
