@@ -252,24 +252,46 @@ async fn delta_table_as_of(
             .with_datestring(s)
             .map_err(|e| DataFusionError::External(e.into()))?,
     };
-    let table =
-        match b.load().await {
-            Ok(t) => t,
-            // No commit ever created it: empty then as now.
-            Err(deltalake::DeltaTableError::NotATable(_)) => crate::sink::delta::empty_table(t)
+    let table = match b.load().await {
+        Ok(t) => t,
+        // No commit ever created it: empty then as now.
+        Err(deltalake::DeltaTableError::NotATable(_)) => {
+            crate::sink::delta::empty_table(t)
                 .await
-                .map_err(|e| DataFusionError::External(e.into()))?,
-            Err(e) => {
+                .map_err(|e| DataFusionError::External(e.into()))?
+        }
+        Err(e) => {
+            // Versions are per table: one past a table's last is the usual mistake.
+            if let AsOf::Version(v) = as_of
+                && let Some(last) = last_version(lake, &t.name).await
+                && *v > last
+            {
                 return Err(DataFusionError::Plan(format!(
-                    "the Delta table `{}` as of {as_of:?}: {e}",
+                    "the Delta table `{}` has versions 0 to {last}, and --as-of {v} is past its last. Version numbers are per table (each table's log counts its own commits): give a version of this table, or --as-of TIME (RFC 3339), which reads every table as it was at that time",
                     t.name
                 )));
             }
-        };
+            return Err(DataFusionError::Plan(format!(
+                "the Delta table `{}` as of {as_of:?}: {e}",
+                t.name
+            )));
+        }
+    };
     table
         .table_provider()
         .await
         .map_err(|e| DataFusionError::External(e.into()))
+}
+
+/// The latest version of a Delta table, if it can be read.
+async fn last_version(lake: &LakeLocation, name: &str) -> Option<u64> {
+    let mut table = crate::sink::delta::builder(lake, name)
+        .await
+        .ok()?
+        .build()
+        .ok()?;
+    table.load().await.ok()?;
+    table.version()
 }
 
 struct FreshDelta {

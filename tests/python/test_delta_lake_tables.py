@@ -200,6 +200,11 @@ def test_query_and_athena_ddl_read_the_log(tmp_path, agent_bin, shardlake_bin):
     assert count("SELECT count(*) AS n FROM readings", "--as-of", "0") == 0
     latest = DeltaTable(str(lake / "readings")).version()
     assert count("SELECT count(*) AS n FROM readings", "--as-of", str(latest)) == len(stream.valid)
+    past = subprocess.run([str(shardlake_bin), "query", str(pipeline), "SELECT 1",
+                           "--as-of", str(latest + 1000)], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert past.returncode != 0 and "is past its last" in past.stderr, past.stderr
+    assert "--as-of TIME" in past.stderr, past.stderr
     hive = subprocess.run([str(shardlake_bin), "query", str(PIPELINE), "SELECT 1", "--as-of", "0"],
                           env=env, capture_output=True, text=True, timeout=120)
     assert hive.returncode != 0 and "--as-of reads Delta tables" in hive.stderr, hive.stderr
