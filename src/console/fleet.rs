@@ -13,7 +13,7 @@
 //! version `v` gets exactly what changed after it: the page's event stream resumes with
 //! `Last-Event-ID` without a gap or a double.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -39,6 +39,9 @@ pub struct Ack {
 struct State {
     version: u64,
     devices: HashMap<String, DeviceRow>,
+    /// Each device under the version of its last change: an update finds the devices that
+    /// changed after a reader's version without scanning the fleet.
+    by_version: BTreeMap<u64, String>,
     /// Per device and field: the version at which each minute of its history last changed,
     /// so an update carries every minute that changed after the reader's version (a worker
     /// catching up sends several minutes at once), not only the newest.
@@ -61,8 +64,24 @@ pub struct View {
     pub acks: Vec<Ack>,
 }
 
+/// An update as the event stream sends it: serialised once per (reader's version, version,
+/// scope) and shared by every reader at that point, however many there are.
+#[derive(Debug)]
+pub struct Update {
+    pub version: u64,
+    pub alerts_from: u64,
+    /// Nothing in the reader's scope changed (the changes were other tenants').
+    pub empty: bool,
+    /// The [`View`] as JSON.
+    pub json: Arc<str>,
+}
+
+/// Updates kept for readers that ask for the same one: readers woken by one change ask
+/// within milliseconds of each other, so a few entries serve them all.
+const UPDATES_KEPT: usize = 32;
+
 /// Who may see what: a tenant, or every tenant.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Scope {
     All,
     Tenant(String),
@@ -80,6 +99,8 @@ impl Scope {
 #[derive(Debug, Default)]
 pub struct Fleet {
     state: Mutex<State>,
+    /// The latest updates, by (reader's version, version, scope), newest last.
+    updates: Mutex<VecDeque<((u64, u64, Scope), Arc<Update>)>>,
     /// Woken at every change.
     pub changed: tokio::sync::Notify,
 }
@@ -101,6 +122,7 @@ impl Fleet {
             let State {
                 devices,
                 point_versions,
+                by_version,
                 ..
             } = &mut *s;
             let versions = point_versions.entry(d.device.clone()).or_default();
@@ -119,13 +141,16 @@ impl Fleet {
                         old.values = d.values;
                         old.tenant = d.tenant.or(old.tenant.take());
                     }
+                    by_version.remove(&old.version);
                     old.version = version;
+                    by_version.insert(version, d.device);
                 }
                 None => {
                     for (field, points) in &d.history {
                         versions.insert(field.clone(), vec![version; points.len()]);
                     }
                     d.version = version;
+                    by_version.insert(version, d.device.clone());
                     devices.insert(d.device.clone(), d);
                 }
             }
@@ -184,15 +209,56 @@ impl Fleet {
         s.alerts.get(at).cloned()
     }
 
+    /// One device as the fleet page shows it (with its whole history), if in `scope`.
+    pub fn device(&self, id: &str, scope: &Scope) -> Option<DeviceRow> {
+        let s = self.state.lock().expect("not poisoned");
+        s.devices
+            .get(id)
+            .filter(|d| scope.admits(d.tenant.as_deref()))
+            .cloned()
+    }
+
+    /// [`Fleet::since`] as the event stream sends it, serialised once and shared by every
+    /// reader at the same version in the same scope.
+    pub fn update(&self, since: u64, scope: &Scope) -> Arc<Update> {
+        let version = self.state.lock().expect("not poisoned").version;
+        let key = (since, version, scope.clone());
+        if let Some((_, u)) = self
+            .updates
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .rev()
+            .find(|(k, _)| *k == key)
+        {
+            return u.clone();
+        }
+        let view = self.since(since, scope, false);
+        let update = Arc::new(Update {
+            version: view.version,
+            alerts_from: view.alerts_from,
+            empty: view.devices.is_empty() && view.alerts.is_empty() && view.acks.is_empty(),
+            json: serde_json::to_string(&view).expect("serialisable").into(),
+        });
+        // Keyed by the version the view was taken at (a change may have come in between).
+        let mut updates = self.updates.lock().expect("not poisoned");
+        updates.push_back(((since, view.version, scope.clone()), update.clone()));
+        while updates.len() > UPDATES_KEPT {
+            updates.pop_front();
+        }
+        update
+    }
+
     /// Everything in `scope` that changed after `since`; `history` says whether devices carry
     /// their whole per-minute history (a snapshot) or only the minutes that changed after
     /// `since` (an update).
     pub fn since(&self, since: u64, scope: &Scope, history: bool) -> View {
         let s = self.state.lock().expect("not poisoned");
         let devices = s
-            .devices
-            .values()
-            .filter(|d| d.version > since && scope.admits(d.tenant.as_deref()))
+            .by_version
+            .range(since.saturating_add(1)..)
+            .filter_map(|(_, id)| s.devices.get(id))
+            .filter(|d| scope.admits(d.tenant.as_deref()))
             .map(|d| {
                 if history {
                     return d.clone();
@@ -402,6 +468,50 @@ mod tests {
             detail: "{}".into(),
             version: 0,
         }
+    }
+
+    #[test]
+    fn an_update_is_serialised_once_per_version_and_scope_and_finds_changes_by_version() {
+        let f = Fleet::new();
+        let changes = |devices| Changes {
+            version: 1,
+            alerts_from: 1,
+            devices,
+            alerts: vec![],
+        };
+        f.merge(changes(vec![
+            device("a", "t1", 60_000_000, 1.0),
+            device("b", "t2", 60_000_000, 1.0),
+        ]));
+        let all = f.update(0, &Scope::All);
+        assert!(
+            Arc::ptr_eq(&all, &f.update(0, &Scope::All)),
+            "serialised twice"
+        );
+        let t1 = f.update(0, &Scope::Tenant("t1".into()));
+        assert!(!Arc::ptr_eq(&all, &t1));
+        assert!(
+            t1.json.contains("\"a\"") && !t1.json.contains("\"b\""),
+            "{}",
+            t1.json
+        );
+        // `a` changes twice more: an update after version 2 holds it once, and not `b`.
+        f.merge(changes(vec![device("a", "t1", 120_000_000, 2.0)]));
+        f.merge(changes(vec![device("a", "t1", 180_000_000, 3.0)]));
+        let later = f.update(2, &Scope::All);
+        assert_eq!(later.version, 4);
+        let view: serde_json::Value = serde_json::from_str(&later.json).unwrap();
+        let names: Vec<&str> = view["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["device"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["a"]);
+        assert!(f.update(4, &Scope::Tenant("t2".into())).empty);
+        assert!(f.update(0, &Scope::All).json.contains("\"b\""));
+        assert_eq!(f.device("b", &Scope::Tenant("t1".into())), None);
+        assert!(f.device("b", &Scope::All).is_some());
     }
 
     #[test]

@@ -466,7 +466,8 @@ async fn events(
                 let woken = fleet.changed.notified();
                 tokio::pin!(woken);
                 woken.as_mut().enable();
-                let view = fleet.since(since, &v.scope, false);
+                // Serialised once for every reader at `since` in this scope.
+                let view = fleet.update(since, &v.scope);
                 // Behind what is kept, or ahead of this console's numbering (it restarted while
                 // the page stayed open): the page starts again from a snapshot.
                 if since > view.version || (since > 0 && since + 1 < view.alerts_from) {
@@ -477,13 +478,11 @@ async fn events(
                 }
                 if view.version > since {
                     let id = view.version;
-                    if !(view.devices.is_empty() && view.alerts.is_empty() && view.acks.is_empty())
-                    {
+                    if !view.empty {
                         let e = Event::default()
                             .id(format!("{}.{id}", c.epoch))
                             .event("changes")
-                            .json_data(&view)
-                            .expect("serialisable");
+                            .data(&*view.json);
                         return Some((Ok(e), (c, v, id, false)));
                     }
                     // Changes of other tenants only.
@@ -553,13 +552,7 @@ impl Console {
                 "this pipeline has no `commands:` broker, so devices cannot be commanded from here",
             ));
         };
-        let Some(row) = self
-            .fleet
-            .since(0, &v.scope, false)
-            .devices
-            .into_iter()
-            .find(|d| d.device == id)
-        else {
+        let Some(row) = self.fleet.device(id, &v.scope) else {
             return Err(ApiError::new(
                 StatusCode::NOT_FOUND,
                 format!("no device {id} in the live fleet"),
@@ -717,12 +710,7 @@ async fn device(
             "`from` must be before `to`",
         ));
     }
-    let live = c
-        .fleet
-        .since(0, &v.scope, true)
-        .devices
-        .into_iter()
-        .find(|d| d.device == id);
+    let live = c.fleet.device(&id, &v.scope);
     let tenant_filter = match (&v.scope, c.p.tenant_field()) {
         (Scope::Tenant(t), Some(f)) => format!(" AND \"{f}\" = {}", literal(t)),
         _ => String::new(),
