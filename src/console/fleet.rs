@@ -76,6 +76,9 @@ pub struct Update {
     pub json: Arc<str>,
 }
 
+/// Which update: (reader's version, version, scope).
+type UpdateKey = (u64, u64, Scope);
+
 /// Updates kept for readers that ask for the same one: readers woken by one change ask
 /// within milliseconds of each other, so a few entries serve them all.
 const UPDATES_KEPT: usize = 32;
@@ -100,7 +103,7 @@ impl Scope {
 pub struct Fleet {
     state: Mutex<State>,
     /// The latest updates, by (reader's version, version, scope), newest last.
-    updates: Mutex<VecDeque<((u64, u64, Scope), Arc<Update>)>>,
+    updates: Mutex<VecDeque<(UpdateKey, Arc<Update>)>>,
     /// Woken at every change.
     pub changed: tokio::sync::Notify,
 }
