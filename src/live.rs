@@ -406,20 +406,38 @@ pub fn alert_id(
     digest[..10].iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// `GET /live?since=V` on the ops port: [`Live::since`] as JSON.
+/// The longest a `GET /live` waits for a change.
+const LIVE_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// `GET /live?since=V[&wait_ms=MS]` on the ops port: [`Live::since`] as JSON. With `wait_ms`
+/// and nothing new after `V`, the answer waits for the next change (up to `wait_ms`, at most
+/// 5 s): a console following the worker sees a change as soon as it happens, without asking
+/// again and again while nothing does.
 pub fn routes(live: Arc<Live>) -> axum::Router {
     use axum::extract::{Query, State};
     #[derive(Deserialize)]
     struct Since {
         #[serde(default)]
         since: u64,
+        #[serde(default)]
+        wait_ms: u64,
     }
     axum::Router::new()
         .route(
             "/live",
             axum::routing::get(
                 |State(live): State<Arc<Live>>, Query(q): Query<Since>| async move {
-                    axum::Json(live.since(q.since))
+                    let woken = live.changed.notified();
+                    tokio::pin!(woken);
+                    woken.as_mut().enable();
+                    let mut changes = live.since(q.since);
+                    if changes.version == q.since && q.wait_ms > 0 {
+                        let wait = std::time::Duration::from_millis(q.wait_ms).min(LIVE_WAIT_MAX);
+                        if tokio::time::timeout(wait, woken).await.is_ok() {
+                            changes = live.since(q.since);
+                        }
+                    }
+                    axum::Json(changes)
                 },
             ),
         )
@@ -462,6 +480,35 @@ mod tests {
             event_time: 1,
             fields: vec![2],
         }
+    }
+
+    #[tokio::test]
+    async fn a_waiting_request_answers_at_the_next_change() {
+        let live = Live::new();
+        live.observe(&batch(&[("a", MINUTE_US, Some(1.0))]), &cols());
+        let seen = live.since(0).version;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/live", listener.local_addr().unwrap());
+        tokio::spawn(axum::serve(listener, routes(live.clone())).into_future());
+        let get = |q: String| {
+            let url = format!("{url}?{q}");
+            async move {
+                let body = reqwest::get(url).await.unwrap().bytes().await.unwrap();
+                serde_json::from_slice::<Changes>(&body).unwrap()
+            }
+        };
+        // Nothing new and no wait: answered at once, empty.
+        assert_eq!(get(format!("since={seen}")).await.version, seen);
+        // Nothing new, a wait: the answer is the change made while it waited.
+        let waiting = tokio::spawn(get(format!("since={seen}&wait_ms=5000")));
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(!waiting.is_finished(), "answered before anything changed");
+        let started = std::time::Instant::now();
+        live.observe(&batch(&[("b", MINUTE_US, Some(2.0))]), &cols());
+        let c = waiting.await.unwrap();
+        assert!(started.elapsed() < std::time::Duration::from_secs(2));
+        assert_eq!(c.devices.len(), 1);
+        assert_eq!(c.devices[0].device, "b");
     }
 
     #[test]

@@ -375,9 +375,13 @@ pub enum Feed {
     Remote(String),
 }
 
-/// How often a worker's state is asked for (and the page updated): well under the 1 s the
-/// console promises from event to page.
-pub const POLL: Duration = Duration::from_millis(200);
+/// The shortest gap between two updates of the fleet from one worker, and between two events
+/// to one page: well under the 1 s the console promises from event to page. (A quiet worker is
+/// not asked again and again: its answer waits for the next change, [`LIVE_WAIT`].)
+pub const POLL: Duration = Duration::from_millis(100);
+
+/// How long a worker's `/live` answer may wait for a change.
+const LIVE_WAIT: Duration = Duration::from_secs(2);
 
 /// Follows a worker's live state into `fleet` until the process ends.
 pub fn follow(feed: Feed, fleet: Arc<Fleet>) -> tokio::task::JoinHandle<()> {
@@ -400,7 +404,11 @@ pub fn follow(feed: Feed, fleet: Arc<Fleet>) -> tokio::task::JoinHandle<()> {
                     Ok(c)
                 }
                 Feed::Remote(base) => {
-                    let url = format!("{}/live?since={since}", base.trim_end_matches('/'));
+                    let url = format!(
+                        "{}/live?since={since}&wait_ms={}",
+                        base.trim_end_matches('/'),
+                        LIVE_WAIT.as_millis()
+                    );
                     match http
                         .get(&url)
                         .send()
