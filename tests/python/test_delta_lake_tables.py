@@ -269,8 +269,6 @@ def test_compaction_is_atomic_for_readers_and_safe_beside_a_worker(tmp_path, age
     a reader polls the table's row count and pressure sum through delta-rs: every answer is
     the truth. Then a worker appends more while another compaction runs: nothing is lost or
     doubled. Vacuum refuses a retention under 7 days."""
-    import threading
-
     from deltalake import DeltaTable
     # 30 minutes of readings, in hours that ended long before now.
     simulate(agent_bin, tmp_path, shards=4, devices=100, readings=1800, seed=5, spikes=4,
@@ -298,35 +296,19 @@ def test_compaction_is_atomic_for_readers_and_safe_beside_a_worker(tmp_path, age
     none = check_compact(shardlake_bin, pipeline, tmp_path, "--older-than", "100000h")
     assert "readings: 0 partitions compacted" in none and files_per_hour("readings") == before
 
-    answers, stop = [], threading.Event()
+    out = ""
 
-    def poll():
-        while not stop.is_set():
-            dt = DeltaTable(str(lake / "readings"))
-            t = dt.to_pyarrow_table(columns=["pressure_psi"])
-            answers.append((dt.version(), t.num_rows, pc.sum(t["pressure_psi"]).as_py()))
-
-    import pyarrow.compute as pc
-    reader = threading.Thread(target=poll)
-    reader.start()
-    try:
-        wait_for(lambda: len(answers) >= 1, "the reader's first answer")
+    def compact():
+        nonlocal out
         out = check_compact(shardlake_bin, pipeline, tmp_path)
-        polled = len(answers)
-        wait_for(lambda: len(answers) > polled + 1, "a reader's answer after the compaction")
-    finally:
-        stop.set()
-        reader.join()
+    answers = answers_during(lambda: DeltaTable(str(lake / "readings")), compact)
     after = files_per_hour("readings")
     with capsys.disabled():
         print(f"\n[compaction] readings files per hour {before} -> {after}; {out.strip()}; "
               f"{len(answers)} reader polls over versions "
               f"{sorted({v for v, _, _ in answers})}")
     assert set(after) == set(before) and set(after.values()) == {1}, (before, after)
-    assert len({v for v, _, _ in answers}) >= 2, "the reader never saw the table change"
-    for version, rows, total in answers:
-        assert rows == truth[0] and abs(total - truth[1]) < 1e-6 * abs(truth[1]), (
-            f"version {version}: {rows} rows, sum {total}; the truth is {truth}")
+    check_answers(answers, truth)
     view = DeltaLakeView(con, lake)
     check_whole_lake(con, view, stream)
     # The compacted files mix with the sink's in one pyarrow dataset, filters included: the
@@ -364,6 +346,41 @@ def test_compaction_is_atomic_for_readers_and_safe_beside_a_worker(tmp_path, age
     dry = subprocess.run([str(shardlake_bin), "vacuum", str(pipeline), "--dry-run"],
                          env=pipeline_env(tmp_path), capture_output=True, text=True)
     assert dry.returncode == 0 and "readings: would delete 0 files" in dry.stdout, dry
+
+
+def answers_during(table, action) -> list[tuple[int, int, float]]:
+    """A reader on another thread polls the readings table (`table()` opens it as delta-rs
+    reads it) while `action()` runs, and until it has answered twice more after it: each
+    answer is (version, rows, sum of pressure)."""
+    import threading
+
+    import pyarrow.compute as pc
+    answers, stop = [], threading.Event()
+
+    def poll():
+        while not stop.is_set():
+            dt = table()
+            t = dt.to_pyarrow_table(columns=["pressure_psi"])
+            answers.append((dt.version(), t.num_rows, pc.sum(t["pressure_psi"]).as_py()))
+    reader = threading.Thread(target=poll)
+    reader.start()
+    try:
+        wait_for(lambda: len(answers) >= 1, "the reader's first answer")
+        action()
+        polled = len(answers)
+        wait_for(lambda: len(answers) > polled + 1, "a reader's answer after the compaction")
+    finally:
+        stop.set()
+        reader.join()
+    return answers
+
+
+def check_answers(answers, truth) -> None:
+    """Every answer equals the truth (rows, sum), and the reader saw more than one version."""
+    assert len({v for v, _, _ in answers}) >= 2, "the reader never saw the table change"
+    for version, rows, total in answers:
+        assert rows == truth[0] and abs(total - truth[1]) < 1e-6 * abs(truth[1]), (
+            f"version {version}: {rows} rows, sum {total}; the truth is {truth}")
 
 
 def wait_for(condition, what: str, timeout: float = 60) -> None:
@@ -573,9 +590,6 @@ def test_compaction_on_s3_is_atomic_for_readers(tmp_path, moto, agent_bin, shard
     """The same on moto's S3: two commits into one hour, compacted while a reader polls the
     row count and pressure sum through delta-rs (from S3): every answer is the truth. The lake
     has a KMS key: every object, log entries and compacted files too, is encrypted with it."""
-    import threading
-
-    import pyarrow.compute as pc
     from deltalake import DeltaTable
     s3 = moto.client("s3")
     s3.create_bucket(Bucket="lake")
@@ -606,30 +620,13 @@ def test_compaction_on_s3_is_atomic_for_readers(tmp_path, moto, agent_bin, shard
     files_before = len(table().file_uris())
     assert files_before >= 2
 
-    answers, stop = [], threading.Event()
-
-    def poll():
-        while not stop.is_set():
-            dt = table()
-            t = dt.to_pyarrow_table(columns=["pressure_psi"])
-            answers.append((dt.version(), t.num_rows, pc.sum(t["pressure_psi"]).as_py()))
-    reader = threading.Thread(target=poll)
-    reader.start()
-    try:
-        wait_for(lambda: len(answers) >= 1, "the reader's first answer")
+    def compact():
         proc = subprocess.run([str(shardlake_bin), "compact", str(pipeline), "--output",
                                "readings"], env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        polled = len(answers)
-        wait_for(lambda: len(answers) > polled + 1, "a reader's answer after the compaction")
-    finally:
-        stop.set()
-        reader.join()
+    answers = answers_during(table, compact)
     assert len(table().file_uris()) < files_before
-    assert len({v for v, _, _ in answers}) >= 2, "the reader never saw the table change"
-    for version, rows, total in answers:
-        assert rows == truth[0] and abs(total - truth[1]) < 1e-6 * abs(truth[1]), (
-            f"version {version}: {rows} rows, sum {total}; the truth is {truth}")
+    check_answers(answers, truth)
     check_whole_lake(con, view, stream)
     keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="lake")
             for o in page.get("Contents", [])]
