@@ -257,8 +257,13 @@ enum Command {
         target_size: u64,
         /// Cluster rows by these columns (Z-order), e.g. `device_id,ts`, so one device's
         /// queries skip most row groups.
-        #[arg(long, value_delimiter = ',')]
+        #[arg(long, value_delimiter = ',', conflicts_with = "sort")]
         zorder: Vec<String>,
+        /// Sort each partition's rows by these columns, e.g. `device_id,ts`, into files of
+        /// `--target-size`: each file holds a range of the first column, and its stats let a
+        /// one-device query skip the others.
+        #[arg(long, value_delimiter = ',')]
+        sort: Vec<String>,
     },
     /// Delete the files of a pipeline's Delta tables that no version of the last `--retain`
     /// references (compactions' inputs, files a crash left outside the log).
@@ -460,6 +465,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             older_than,
             target_size,
             zorder,
+            sort,
         } => {
             let p = load(&pipeline, &process_env).await?;
             let opts = shardlake::tools::compact::CompactOptions {
@@ -467,12 +473,15 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 older_than,
                 target_size,
                 zorder,
+                sort,
             };
             for c in shardlake::tools::compact::compact(&p, &opts).await? {
-                let by = if c.zorder.is_empty() {
-                    String::new()
-                } else {
+                let by = if !c.zorder.is_empty() {
                     format!(" (Z-order by {})", c.zorder.join(", "))
+                } else if !c.sort.is_empty() {
+                    format!(" (sorted by {})", c.sort.join(", "))
+                } else {
+                    String::new()
                 };
                 if c.busy {
                     println!(

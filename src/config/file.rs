@@ -67,6 +67,9 @@ pub struct CompactionFile {
     /// Cluster rows by these columns (Z-order) in each table that has them.
     #[serde(default)]
     pub zorder: Vec<String>,
+    /// Sort rows by these columns in each table that has them (instead of `zorder`).
+    #[serde(default)]
+    pub sort: Vec<String>,
 }
 
 fn default_compaction_every() -> String {

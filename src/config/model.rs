@@ -61,6 +61,7 @@ pub struct Compaction {
     pub older_than: std::time::Duration,
     pub target_size: u64,
     pub zorder: Vec<String>,
+    pub sort: Vec<String>,
 }
 
 /// `identity:`: the partition key's shape, which says which fields it proves.

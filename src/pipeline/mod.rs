@@ -166,6 +166,7 @@ async fn compact_every(p: Arc<Pipeline>, c: crate::config::Compaction) {
         older_than: c.older_than,
         target_size: c.target_size,
         zorder: c.zorder,
+        sort: c.sort,
     };
     let mut timer = tokio::time::interval_at(tokio::time::Instant::now() + c.every, c.every);
     timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -13,8 +13,12 @@
 //! through) and would both commit, doubling a partition's rows: so a compaction first claims
 //! the table ([`CLAIM_APP`]), and a table another compaction holds is skipped as busy. A
 //! failed commit (throttling, a lost answer) is tried again on the table's new version.
-//! `zorder` clusters rows by the given columns (e.g. `device_id,ts`) so one device's query
-//! skips most row groups.
+//! `zorder` clusters rows by the given columns with delta-rs's Z-order. `sort` (e.g.
+//! `device_id,ts`) instead sorts each closed partition's rows into files of `target_size`
+//! ([`sort_partition`]): each file a range of devices, whose `add` stats let a one-device
+//! query skip the rest. On device ids with a long shared prefix (`well-0042`) delta-rs's
+//! Z-order key hardly tells devices apart, and its files each spanned every device; `sort` is
+//! what makes one device's queries cheap.
 //!
 //! **Aggregation parts are merged**: an aggregation stored as mergeable parts (one per worker,
 //! reshard or restart that saw part of a window) has each closed partition rewritten as one
@@ -67,6 +71,9 @@ pub struct CompactOptions {
     pub target_size: u64,
     /// Cluster rows by these columns (Z-order) instead of plain bin-packing.
     pub zorder: Vec<String>,
+    /// Sort rows by these columns into files of `target_size` instead (see
+    /// [`sort_partition`]).
+    pub sort: Vec<String>,
 }
 
 /// What one output's compaction did.
@@ -82,6 +89,8 @@ pub struct Compacted {
     pub busy: bool,
     /// The Z-order columns used (those of `--zorder` the table has).
     pub zorder: Vec<String>,
+    /// The sort columns used (those of `--sort` the table's files have).
+    pub sort: Vec<String>,
     /// An aggregation's parts: rows read from the compacted partitions' files, and the parts
     /// (one per window and group) written instead.
     pub parts_before: u64,
@@ -153,9 +162,8 @@ pub async fn compact(p: &Pipeline, opts: &CompactOptions) -> anyhow::Result<Vec<
     let tables = crate::tools::query::output_schemas(p).await?;
     for output in delta_outputs(p, opts.output.as_deref())? {
         // An aggregation stored as mergeable parts: its partitions are merged, not packed.
-        let parts = tables
-            .iter()
-            .find(|t| t.name == output && t.merge.is_some());
+        let shape = tables.iter().find(|t| t.name == output);
+        let parts = shape.filter(|t| t.merge.is_some());
         let mut report = Compacted {
             output: output.to_string(),
             ..Default::default()
@@ -174,6 +182,7 @@ pub async fn compact(p: &Pipeline, opts: &CompactOptions) -> anyhow::Result<Vec<
             cutoff,
             target,
             parts,
+            shape,
         };
         let result = compact_table(&mut table, &mut claimed, &mut report, &how).await;
         if let Err(e) = release(&mut table, claimed).await {
@@ -192,7 +201,17 @@ struct Compaction<'a> {
     target: NonZeroU64,
     /// The table, if it is an aggregation stored as mergeable parts.
     parts: Option<&'a Table>,
+    /// The table as the pipeline writes it.
+    shape: Option<&'a Table>,
 }
+
+/// The tag a sorted file carries in its `add` action: the sort columns, comma-separated. A
+/// partition whose files all carry the requested one is not sorted again.
+const SORTED_TAG: &str = "shardlake.sortedBy";
+
+/// A partition larger than this (its files' bytes) is bin-packed instead of sorted: the sort
+/// holds the partition's rows in memory.
+const SORT_MAX_BYTES: i64 = 1 << 30;
 
 async fn compact_table(
     table: &mut DeltaTable,
@@ -201,36 +220,64 @@ async fn compact_table(
     how: &Compaction<'_>,
 ) -> anyhow::Result<()> {
     let (opts, cutoff, target) = (how.opts, how.cutoff, how.target);
-    // Closed partitions with more than one file, as the table is now that it is ours.
-    let mut files: BTreeMap<BTreeMap<String, String>, usize> = BTreeMap::new();
-    for path in table.get_files_by_partitions(&[]).await? {
-        *files.entry(partition_of(path.as_ref())).or_default() += 1;
-    }
-    let closed: Vec<_> = files
-        .into_iter()
-        // (A partition whose value is null is left alone: Delta filters cannot name it.)
-        .filter(|(part, n)| {
-            *n > 1
-                && hour_end(part).is_some_and(|end| end <= cutoff)
-                && !part
-                    .values()
-                    .any(|v| v == crate::sink::partition::NULL_PARTITION)
-        })
-        .map(|(part, _)| part)
-        .collect();
-    // Z-order by the given columns this table has (an aggregation has no `ts`).
+    // Z-order or sort by the given columns this table has (an aggregation has no `ts`).
     let columns: Vec<String> = table
         .snapshot()?
         .schema()
         .fields()
         .map(|f| f.name().to_string())
         .collect();
-    // (Merged parts are not Z-ordered: one part per window and group is already small.)
-    report.zorder = opts
-        .zorder
-        .iter()
-        .filter(|c| columns.contains(c) && how.parts.is_none())
-        .cloned()
+    // (Merged parts are not Z-ordered nor sorted: one part per window and group is small.)
+    let usable = |cols: &[String]| -> Vec<String> {
+        cols.iter()
+            .filter(|c| columns.contains(c) && how.parts.is_none())
+            .cloned()
+            .collect()
+    };
+    report.zorder = usable(&opts.zorder);
+    report.sort = match how.shape {
+        // Sorted by columns of the files (not the partition columns).
+        Some(t) => usable(&opts.sort)
+            .into_iter()
+            .filter(|c| t.file_schema().field_with_name(c).is_ok())
+            .collect(),
+        None => Vec::new(),
+    };
+    let sort_tag = report.sort.join(",");
+    // Closed partitions with more than one file (or, when sorting, any file not sorted so),
+    // as the table is now that it is ours.
+    let mut files: BTreeMap<BTreeMap<String, String>, (usize, bool)> = BTreeMap::new();
+    for f in table.snapshot()?.log_data().iter() {
+        // (The tags are read from the `add` the view rebuilds; delta-rs has no accessor.)
+        #[allow(deprecated)]
+        let sorted = !sort_tag.is_empty()
+            && f.add_action()
+                .tags
+                .as_ref()
+                .and_then(|t| t.get(SORTED_TAG).cloned().flatten())
+                .is_some_and(|k| k == sort_tag);
+        let e = files
+            .entry(partition_of(f.object_store_path().as_ref()))
+            .or_insert((0, true));
+        e.0 += 1;
+        e.1 &= sorted;
+    }
+    let closed: Vec<_> = files
+        .into_iter()
+        // (A partition whose value is null is left alone: Delta filters cannot name it.)
+        .filter(|(part, (n, sorted))| {
+            let wanted = if sort_tag.is_empty() {
+                *n > 1
+            } else {
+                !*sorted
+            };
+            wanted
+                && hour_end(part).is_some_and(|end| end <= cutoff)
+                && !part
+                    .values()
+                    .any(|v| v == crate::sink::partition::NULL_PARTITION)
+        })
+        .map(|(part, _)| part)
         .collect();
     for part in closed {
         let left = *claimed - Utc::now().timestamp_millis();
@@ -240,9 +287,12 @@ async fn compact_table(
             })?;
         }
         let t = std::mem::replace(table, table.clone());
-        let done = match how.parts {
-            Some(parts) => merge_partition(t, &part, parts).await,
-            None => compact_partition(t, &part, target, &report.zorder)
+        let done = match (how.parts, how.shape) {
+            (Some(parts), _) => merge_partition(t, &part, parts).await,
+            (None, Some(shape)) if !report.sort.is_empty() => {
+                sort_partition(t, &part, target, &report.sort, shape).await
+            }
+            _ => compact_partition(t, &part, target, &report.zorder)
                 .await
                 .map(|(t, m)| {
                     let done = Merged {
@@ -577,6 +627,195 @@ async fn merge_partition(
         }
     }
     Err(last.expect("an attempt").into())
+}
+
+/// Rewrites one closed partition's rows sorted by `sort` (e.g. `device_id, ts`) into files of
+/// about `target` bytes, the sink's Parquet settings: each file then holds a range of the first
+/// sort column, and the stats of its `add` let a one-device query skip the others (delta-rs's
+/// Z-order did not, on device ids that share a long prefix such as `well-0042`: its files each
+/// spanned every device). Removes and adds are one log entry, `dataChange: false` (the same
+/// rows), each add tagged with the sort so the next run leaves the partition alone. A partition
+/// over [`SORT_MAX_BYTES`] is bin-packed instead (the sort holds its rows in memory).
+async fn sort_partition(
+    mut table: DeltaTable,
+    part: &BTreeMap<String, String>,
+    target: NonZeroU64,
+    sort: &[String],
+    t: &Table,
+) -> anyhow::Result<(DeltaTable, Merged)> {
+    use futures::{StreamExt as _, TryStreamExt as _};
+    let values = partition_filters(part);
+    let filters: Vec<FilterLiteral> = values
+        .iter()
+        .map(|(k, v)| (k.as_str(), FilterOp::Eq, FilterValue::Scalar(v.as_str())))
+        .collect();
+    let file_schema = t.file_schema();
+    let props = crate::sink::writer::properties(&file_schema, crate::sink::writer::Table::Records);
+    let tag = sort.join(",");
+    let mut last = None;
+    for _ in 0..ATTEMPTS {
+        let files: Vec<_> = table
+            .get_active_add_actions_by_partitions(&filters)
+            .try_collect()
+            .await?;
+        if files.is_empty() {
+            return Ok((table, Merged::default()));
+        }
+        let bytes_in: i64 = files.iter().map(|f| f.size()).sum();
+        if bytes_in > SORT_MAX_BYTES {
+            tracing::warn!(partition = ?part, bytes = bytes_in, "partition too large to sort in memory; bin-packing it instead");
+            let (t, m) = compact_partition(table, part, target, &[]).await?;
+            let merged = Merged {
+                files_removed: m.num_files_removed,
+                files_added: m.num_files_added,
+                ..Default::default()
+            };
+            return Ok((t, merged));
+        }
+        let store = table.object_store();
+        let mut batches = Vec::new();
+        for f in &files {
+            let bytes = store.get(&f.object_store_path()).await?.bytes().await?;
+            let reader =
+                parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)?
+                    .build()?;
+            for batch in reader {
+                batches.push(conform(&batch?, &file_schema)?);
+            }
+        }
+        let ctx = crate::engine::sql::session();
+        ctx.register_table(
+            "rows",
+            Arc::new(MemTable::try_new(file_schema.clone(), vec![batches])?),
+        )?;
+        let order: Vec<String> = sort
+            .iter()
+            .map(|c| format!("\"{}\"", c.replace('"', "\"\"")))
+            .collect();
+        let mut sorted = ctx
+            .sql(&format!("SELECT * FROM rows ORDER BY {}", order.join(", ")))
+            .await?
+            .execute_stream()
+            .await?;
+        let dir = files[0]
+            .object_store_path()
+            .as_ref()
+            .rsplit_once('/')
+            .map(|(d, _)| d.to_string())
+            .unwrap_or_default();
+        let partition_values = files[0].partition_values_map();
+        let now = Utc::now().timestamp_millis();
+        let mut adds: Vec<Add> = Vec::new();
+        let mut written: Vec<deltalake::Path> = Vec::new();
+        let mut writer: Option<ArrowWriter<Vec<u8>>> = None;
+        let mut done = false;
+        while !done {
+            let next = sorted.next().await.transpose()?;
+            if let Some(batch) = &next {
+                let w = match writer.as_mut() {
+                    Some(w) => w,
+                    None => writer.insert(ArrowWriter::try_new(
+                        Vec::new(),
+                        file_schema.clone(),
+                        Some(props.clone()),
+                    )?),
+                };
+                w.write(&project(batch, &file_schema)?)?;
+            } else {
+                done = true;
+            }
+            let full = writer
+                .as_ref()
+                .is_some_and(|w| (w.bytes_written() + w.in_progress_size()) as u64 >= target.get());
+            if (full || done)
+                && let Some(mut w) = writer.take()
+            {
+                let footer = w.finish()?;
+                let bytes = w.inner().clone();
+                let rel = format!("{dir}/part-sorted-{}.parquet", uuid::Uuid::new_v4());
+                let path = deltalake::Path::parse(&rel)?;
+                let size = bytes.len() as i64;
+                store.put(&path, bytes.into()).await?;
+                written.push(path);
+                adds.push(Add {
+                    path: crate::sink::delta::uri_path(&rel),
+                    partition_values: partition_values.clone(),
+                    size,
+                    modification_time: now,
+                    data_change: false,
+                    stats: Some(crate::sink::stats::from_footer(&footer)),
+                    tags: Some([(SORTED_TAG.to_string(), Some(tag.clone()))].into()),
+                    ..Default::default()
+                });
+            }
+        }
+        let mut actions: Vec<Action> = files
+            .iter()
+            .map(|f| Action::Remove(f.remove_action(false)))
+            .collect();
+        let added = adds.len() as u64;
+        actions.extend(adds.into_iter().map(Action::Add));
+        let props = CommitProperties::default()
+            .with_create_checkpoint(true)
+            .with_cleanup_expired_logs(Some(false));
+        let committed = CommitBuilder::from(props)
+            .with_actions(actions)
+            .build(
+                Some(table.snapshot()?),
+                table.log_store(),
+                DeltaOperation::Optimize {
+                    predicate: None,
+                    target_size: target.get() as i64,
+                },
+            )
+            .await;
+        match committed {
+            Ok(_) => {
+                table.update_state().await?;
+                let merged = Merged {
+                    files_removed: files.len() as u64,
+                    files_added: added,
+                    ..Default::default()
+                };
+                return Ok((table, merged));
+            }
+            Err(e) => {
+                if let Err(e) = table.update_state().await {
+                    tracing::warn!(error = %e, "could not read the table again after a failed sort");
+                }
+                let live = table
+                    .get_files_by_partitions(&filters)
+                    .await
+                    .unwrap_or_default();
+                for path in written.iter().filter(|p| !live.contains(p)) {
+                    if let Err(e) = store.delete(path).await {
+                        tracing::warn!(%path, error = %e, "could not delete the file of a failed sort; vacuum removes it");
+                    }
+                }
+                tracing::info!(error = %e, "sorting a partition failed; trying again");
+                last = Some(e);
+            }
+        }
+    }
+    Err(last.expect("an attempt").into())
+}
+
+/// A batch of a data file with `schema`'s columns by name: cast where a type differs, nulls
+/// for a column older files lack.
+fn conform(batch: &RecordBatch, schema: &SchemaRef) -> anyhow::Result<RecordBatch> {
+    let n = batch.num_rows();
+    let columns = schema
+        .fields()
+        .iter()
+        .map(|f| {
+            Ok(match batch.column_by_name(f.name()) {
+                Some(c) if c.data_type() == f.data_type() => c.clone(),
+                Some(c) => cast(c, f.data_type())?,
+                None => new_null_array(f.data_type(), n),
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(RecordBatch::try_new(schema.clone(), columns)?)
 }
 
 /// A batch of a part file with the table's columns: the partition-by column (`tenant`, in

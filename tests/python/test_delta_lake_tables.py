@@ -734,3 +734,54 @@ def test_schema_changes_add_columns_or_are_refused(tmp_path, agent_bin, shardlak
     assert DeltaTable(str(lake / "well_1m")).version() == version
     after = (tmp_path / "state" / "well-telemetry" / "checkpoint.json").read_text()
     assert after == checkpoint, "the refused run moved the checkpoints"
+
+
+def test_sorted_compaction_lets_one_device_skip_files(tmp_path, agent_bin, shardlake_bin):
+    """`compact --sort device_id,ts --target-size S`: each closed hour's rows sorted into files
+    of about S, each a range of devices, so a reader (the deltalake package's pyarrow dataset,
+    by the files' stats) reads few of them for one device; the rows are the same; a second run
+    leaves the sorted partitions alone. `--sort` and `--zorder` together are refused."""
+    import pyarrow.compute as pc
+    from deltalake import DeltaTable
+    simulate(agent_bin, tmp_path, shards=2, devices=20, readings=3600, seed=21, spikes=2,
+             malformed=0)
+    lake = tmp_path / "lake"
+    pipeline = write_test_pipeline(tmp_path / "delta.yaml", max_bytes="200KiB", max_age="1h",
+                                   lake=f"{{local: {{path: {lake}}}, format: delta}}")
+    pipeline.write_text(pipeline.read_text().replace(
+        "raw: {name: readings, rollover: {max_bytes: 256MiB}}",
+        "raw: {name: readings, rollover: {max_bytes: 200KiB}}"))
+    run_pipeline(shardlake_bin, pipeline, tmp_path)
+    stream = read_stream(tmp_path / "stream")
+    con = duck()
+    con.register("src", stream.table())
+    device = "well-0007"
+    truth = con.execute(f"SELECT count(*) FROM src WHERE device_id = '{device}'").fetchall()[0][0]
+    assert truth > 0
+
+    def fragments() -> tuple[int, int, int]:
+        ds = DeltaTable(str(lake / "readings")).to_pyarrow_dataset()
+        one = pc.field("device_id") == device
+        return (len(list(ds.get_fragments())), len(list(ds.get_fragments(filter=one))),
+                ds.to_table(filter=one).num_rows)
+    files, read, rows = fragments()
+    assert files >= 4 and read == files and rows == truth, (files, read, rows)
+
+    out = check_compact(shardlake_bin, pipeline, tmp_path, "--sort", "device_id,ts",
+                        "--target-size", "128KiB")
+    assert re.search(r"readings: [1-9]\d* partitions compacted, \d+ files into \d+ "
+                     r"\(sorted by device_id, ts\)", out), out
+    files, read, rows = fragments()
+    assert rows == truth, (rows, truth)
+    assert files >= 4 and read * 3 <= files, f"one device reads {read} of {files} files"
+    view = DeltaLakeView(con, lake)
+    check_whole_lake(con, view, stream)
+    view.check_stats("readings", ("ts", "device_id"))
+    again = check_compact(shardlake_bin, pipeline, tmp_path, "--sort", "device_id,ts",
+                          "--target-size", "128KiB")
+    assert "readings: 0 partitions compacted" in again, again
+
+    both = subprocess.run([str(shardlake_bin), "compact", str(pipeline), "--sort", "device_id",
+                           "--zorder", "device_id"], env=pipeline_env(tmp_path),
+                          capture_output=True, text=True, timeout=60)
+    assert both.returncode != 0 and "cannot be used with" in both.stderr, both.stderr

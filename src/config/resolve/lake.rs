@@ -35,11 +35,19 @@ pub(super) fn resolve_compaction(
             "compacted files are for readers: give 128MiB to 512MiB",
         );
     }
+    if !f.zorder.is_empty() && !f.sort.is_empty() {
+        p.add(
+            "compaction.sort",
+            "both `zorder` and `sort` are given",
+            "give one: `sort: [device_id, ts]` keeps each file to a range of devices, which is what one device's queries skip by",
+        );
+    }
     Compaction {
         every,
         older_than: p.duration("compaction.older_than", &f.older_than),
         target_size,
         zorder: f.zorder.clone(),
+        sort: f.sort.clone(),
     }
 }
 
