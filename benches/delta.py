@@ -14,13 +14,14 @@
    reader read: `rchar` of /proc/self/io around DuckDB over the pyarrow dataset of the log's
    files that the `deltalake` package builds, which skips a file whose `add` stats exclude
    the device; and `shardlake query`'s wall time, whose delta-rs provider skips files the
-   same way), before and after `shardlake compact`, and after `shardlake compact --zorder
-   device_id,ts` (with the default target size, and with --zorder-target, small enough that
-   an hour is several files, each a range of devices) on copies of the uncompacted lake.
+   same way), before and after `shardlake compact`, after `shardlake compact --zorder
+   device_id,ts`, and after `shardlake compact --sort device_id,ts --target-size
+   --sort-target` (small enough that an hour is several files, each a range of devices), the
+   last two on copies of the uncompacted lake.
 
     .venv/bin/python benches/delta.py [--devices 100] [--hours 2] [--increments 30]
         [--commit-devices 200] [--commit-readings 1500] [--repeat 2] [--only commit|compaction]
-        [--zorder-target 256KiB]
+        [--sort-target 256KiB]
         [--shardlake target/release/shardlake] [--agent target/release/shardlake-agent]
 
 Needs pyarrow, duckdb, deltalake, boto3 and moto's server (scripts/test installs them into
@@ -179,9 +180,9 @@ def compaction(args, tmp: Path) -> None:
         simulate(args.agent, data, args.devices, step_readings, from_step=i * step_readings)
         drain(args.shardlake, pipe, data, {})
     built = time.perf_counter() - built
-    zdata, zsmall = tmp / "zorder", tmp / "zorder-small"
+    zdata, sdata = tmp / "zorder", tmp / "sorted"
     shutil.copytree(data, zdata)
-    shutil.copytree(data, zsmall)
+    shutil.copytree(data, sdata)
     device = f"well-{args.devices // 3:04d}"
     rows = []
 
@@ -205,19 +206,19 @@ def compaction(args, tmp: Path) -> None:
     zorder_s = time.perf_counter() - t
     measure("after `compact --zorder device_id,ts`", zdata)
     t = time.perf_counter()
-    subprocess.run([str(args.shardlake), "compact", str(pipe), "--zorder", "device_id,ts",
-                    "--target-size", args.zorder_target],
-                   check=True, env=dict(os.environ, SHARDLAKE_DATA=str(zsmall)),
+    subprocess.run([str(args.shardlake), "compact", str(pipe), "--sort", "device_id,ts",
+                    "--target-size", args.sort_target],
+                   check=True, env=dict(os.environ, SHARDLAKE_DATA=str(sdata)),
                    capture_output=True)
-    zsmall_s = time.perf_counter() - t
-    measure(f"after `compact --zorder device_id,ts --target-size {args.zorder_target}`", zsmall)
+    sorted_s = time.perf_counter() - t
+    measure(f"after `compact --sort device_id,ts --target-size {args.sort_target}`", sdata)
     assert len({r[6] for r in rows}) == 1 and rows[0][6] > 0, f"the query's answers: {rows}"
     print("\n## Compaction\n")
     print(f"{args.devices} wells, {args.hours} h of 1 s readings "
           f"({args.devices * args.hours * 3600:,}), committed in {args.increments} steps per hour "
           f"(the files a {60 // args.increments}-minute `max_age` leaves; built in {built:.0f} s). "
-          f"`compact` took {compact_s:.1f} s, `compact --zorder` {zorder_s:.1f} s, with "
-          f"--target-size {args.zorder_target} {zsmall_s:.1f} s. The query: "
+          f"`compact` took {compact_s:.1f} s, `compact --zorder` {zorder_s:.1f} s, "
+          f"`compact --sort` {sorted_s:.1f} s. The query: "
           f"one well's count and mean pressure over the whole lake ({rows[0][6]} rows), best of 3.\n")
     print("| lake | readings: files in hours | well_1m: files in hours | files read | "
           "DuckDB+pyarrow (s) | bytes read | `shardlake query` (s) |")
@@ -239,8 +240,8 @@ def main() -> None:
     ap.add_argument("--agent", type=Path, default=REPO / "target/release/shardlake-agent")
     ap.add_argument("--moto", type=Path, default=Path(sys.executable).parent / "moto_server")
     ap.add_argument("--only", choices=["commit", "compaction"])
-    ap.add_argument("--zorder-target", default="256KiB",
-                    help="the target file size of the second Z-order compaction")
+    ap.add_argument("--sort-target", default="256KiB",
+                    help="the target file size of the sorted compaction")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="delta-bench-") as t:
         tmp = Path(t)
