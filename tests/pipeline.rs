@@ -343,7 +343,7 @@ async fn late_and_out_of_order_records() {
         clock.clone(),
     )
     .await;
-    engine.add_shard("a".into());
+    engine.add_shard("a".into(), &[]);
     let r = |seq, t: &str| reading("well-0001", seq, &format!("2026-01-05T{t}Z"), 2000.0);
 
     engine
@@ -427,7 +427,7 @@ async fn sql_naming_a_column_the_optimiser_drops_still_runs() {
     let clock = Arc::new(ManualClock::new(ts("2026-01-05T10:00:00Z")));
     let (mut engine, mut feed, p) =
         engine_for("testdata/pipelines/cte.yaml", data.path(), clock.clone()).await;
-    engine.add_shard("a".into());
+    engine.add_shard("a".into(), &[]);
     let r = |seq, t: &str, psi| reading("well-0001", seq, &format!("2026-01-05T{t}Z"), psi);
     let chunk = [
         r(1, "10:00:05", 2000.0),
@@ -492,7 +492,7 @@ async fn folding_open_windows_into_states_changes_no_result() {
         .unwrap();
         let decoder = RecordDecoder::new(&p);
         let shard = shardlake::source::local::list_shards(&stream).unwrap()[0].clone();
-        let from = engine.add_shard(shard.clone());
+        let from = engine.add_shard(shard.clone(), &[]);
         let mut reader = shardlake::source::local::LocalShardReader::open(&stream, shard, &from);
         let mut chunks = 0;
         while let Some(chunk) = reader.read_now(40, clock.now_us()).unwrap() {
@@ -593,8 +593,8 @@ async fn an_idle_shard_stops_holding_the_watermark() {
         clock.clone(),
     )
     .await;
-    engine.add_shard("a".into());
-    engine.add_shard("b".into());
+    engine.add_shard("a".into(), &[]);
+    engine.add_shard("b".into(), &[]);
     let r = |d: &str, seq, t: &str| reading(d, seq, &format!("2026-01-05T{t}Z"), 2000.0);
     let a: Vec<String> = (0..11)
         .map(|i| {
@@ -832,7 +832,7 @@ async fn a_long_lived_session_sees_each_delta_commit() {
     };
     assert_eq!(count("SELECT count(*) FROM readings").await, 0);
 
-    engine.add_shard("a".into());
+    engine.add_shard("a".into(), &[]);
     let r = |seq: i64, t: &str| reading("well-a", seq, &format!("2026-01-05T{t}Z"), 2000.0);
     let first: Vec<String> = (1..=4)
         .map(|i| r(i, &format!("10:00:{:02}", i * 10)))

@@ -142,6 +142,12 @@ pub trait CheckpointStore: Send + Sync + std::fmt::Debug {
     async fn prepare(&self, committed: &Committed, intent: &Intent) -> Result<(), StoreError>;
     /// Makes `intent.next` the committed state and clears the intent.
     async fn commit(&self, intent: &Intent) -> Result<(), StoreError>;
+    /// The committed checkpoint of a shard this store does not hold: a lease store reads a
+    /// parent shard's item (read to its end, so it no longer changes). Other stores hold
+    /// every shard.
+    async fn outside(&self, _shard: &str) -> Result<Option<ShardCheckpoint>, StoreError> {
+        Ok(None)
+    }
 }
 
 #[cfg(test)]

@@ -48,6 +48,23 @@
 //! of an uninterrupted run. The snapshot a newer commit replaced is removed after that
 //! commit (one left behind by a crash in between is harmless: nothing names it).
 //!
+//! # Across a split or a merge
+//!
+//! A device's state follows the device. When a shard ends (Kinesis `SHARD_END`, after a
+//! split or a merge), its series become *inherited*: kept, but no longer judged there. A
+//! child shard starts with every series of its parents as inherited (a merge takes both
+//! parents'; where both had a series, the one seen last wins), and a series moves into the
+//! child's own with the child's first reading of it: a zscore goes on from the parent's
+//! mean and variance, a stuck sensor's run goes on counting, a `silent` gap that spans the
+//! split is found by the reading that ends it. Which child a device goes to is not known
+//! until it reports there (the partition key's hash range is not the series key), so an
+//! inherited series is not judged `silent` by the watermark: a device that stops exactly
+//! at a split is not called silent until it reports again, and nothing is called silent
+//! on the child it never went to. A child inherits from its parents' states in memory
+//! when this worker read them, else from the snapshots their checkpoints name (a lease
+//! store reads the parents' items); it inherits at its first records or its end, and its
+//! own snapshot holds what it inherited, so a restart reads the same.
+//!
 //! # Bounded memory
 //!
 //! `limits.detector_series` bounds the series one worker tracks. Past it, the least
@@ -98,12 +115,34 @@ pub struct Detectors {
 struct ShardState {
     /// Per rule (as `rules`): series key → state.
     series: Vec<HashMap<Box<str>, Series>>,
+    /// Per rule: series a parent shard learned that this shard has not seen yet, or, once
+    /// this shard ended, every series it had (for its children). Never judged `silent`.
+    inherited: Vec<HashMap<Box<str>, Series>>,
     /// Changed since the last snapshot.
     dirty: bool,
 }
 
+impl ShardState {
+    fn new(rules: usize) -> Self {
+        Self {
+            series: vec![HashMap::new(); rules],
+            inherited: vec![HashMap::new(); rules],
+            dirty: false,
+        }
+    }
+
+    fn len(&self) -> usize {
+        (self.series.iter().chain(&self.inherited))
+            .map(HashMap::len)
+            .sum()
+    }
+}
+
+/// What a shard hands its children: per rule, series key → state.
+pub type Inheritance = Vec<HashMap<Box<str>, Series>>;
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-struct Series {
+pub struct Series {
     /// Readings seen.
     n: u64,
     /// Newest event time seen.
@@ -163,6 +202,8 @@ struct Snapshot {
 struct RuleSnapshot {
     kind: String,
     series: Vec<(String, Series)>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    inherited: Vec<(String, Series)>,
 }
 
 const SEP: char = '\u{1f}';
@@ -217,30 +258,20 @@ impl Detectors {
     /// Starts a shard with nothing learned.
     pub fn start(&mut self, shard: Arc<str>) {
         let n = self.rules.len();
-        self.shards.entry(shard).or_insert_with(|| ShardState {
-            series: vec![HashMap::new(); n],
-            dirty: false,
-        });
+        self.shards
+            .entry(shard)
+            .or_insert_with(|| ShardState::new(n));
     }
 
     /// Restores a shard from its snapshot. Rules the snapshot does not know start empty;
     /// a rule whose kind changed since starts again too.
     pub fn restore(&mut self, shard: Arc<str>, bytes: &[u8]) -> io::Result<()> {
-        let json = zstd::decode_all(bytes)?;
-        let mut snap: Snapshot = serde_json::from_slice(&json)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        let mut state = ShardState {
-            series: vec![HashMap::new(); self.rules.len()],
-            dirty: false,
-        };
+        let mut snap = self.parse(bytes)?;
+        let mut state = ShardState::new(self.rules.len());
         for (i, r) in self.rules.iter().enumerate() {
             let Some(rs) = snap.rules.remove(&r.name) else {
                 continue;
             };
-            if rs.kind != r.detector.kind.name() {
-                tracing::warn!(rule = %r.name, was = %rs.kind, "the rule's detector kind changed: it learns again");
-                continue;
-            }
             for (k, mut s) in rs.series {
                 self.tick += 1;
                 s.touched = self.tick;
@@ -254,13 +285,109 @@ impl Detectors {
                 }
                 state.series[i].insert(k.into_boxed_str(), s);
             }
+            for (k, mut s) in rs.inherited {
+                self.tick += 1;
+                s.touched = self.tick;
+                state.inherited[i].insert(k.into_boxed_str(), s);
+            }
         }
-        self.len += state.series.iter().map(HashMap::len).sum::<usize>();
+        self.len += state.len();
         if let Some(old) = self.shards.insert(shard, state) {
-            self.len -= old.series.iter().map(HashMap::len).sum::<usize>();
+            self.len -= old.len();
         }
         self.evict();
         Ok(())
+    }
+
+    /// A snapshot's rules that this pipeline still has with the same kind.
+    fn parse(&self, bytes: &[u8]) -> io::Result<Snapshot> {
+        let json = zstd::decode_all(bytes)?;
+        let mut snap: Snapshot = serde_json::from_slice(&json)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        snap.rules.retain(|name, rs| {
+            let Some(r) = self.rules.iter().find(|r| r.name == *name) else {
+                return false;
+            };
+            if rs.kind != r.detector.kind.name() {
+                tracing::warn!(rule = %r.name, was = %rs.kind, "the rule's detector kind changed: it learns again");
+                return false;
+            }
+            true
+        });
+        Ok(snap)
+    }
+
+    /// The shard ended (split or merged): its series are kept for its children and no
+    /// longer judged here.
+    pub fn end(&mut self, shard: &str) {
+        let Some(st) = self.shards.get_mut(shard) else {
+            return;
+        };
+        for (own, inherited) in st.series.iter_mut().zip(&mut st.inherited) {
+            if !own.is_empty() {
+                st.dirty = true;
+            }
+            inherited.extend(own.drain());
+        }
+    }
+
+    /// What an ended shard in memory hands its children (None: not in memory).
+    pub fn inheritance(&self, shard: &str) -> Option<Inheritance> {
+        let st = self.shards.get(shard)?;
+        Some(
+            (st.series.iter().zip(&st.inherited))
+                .map(|(own, inherited)| {
+                    let mut all = inherited.clone();
+                    all.extend(own.iter().map(|(k, s)| (k.clone(), s.clone())));
+                    all
+                })
+                .collect(),
+        )
+    }
+
+    /// What a shard's snapshot hands its children: every series in it.
+    pub fn inheritance_of_snapshot(&self, bytes: &[u8]) -> io::Result<Inheritance> {
+        let mut snap = self.parse(bytes)?;
+        Ok(self
+            .rules
+            .iter()
+            .map(|r| {
+                let rs = snap.rules.remove(&r.name);
+                (rs.into_iter())
+                    .flat_map(|rs| rs.inherited.into_iter().chain(rs.series))
+                    .map(|(k, s)| (k.into_boxed_str(), s))
+                    .collect()
+            })
+            .collect())
+    }
+
+    /// A child shard takes its parents' series as inherited. Where two parents had the
+    /// same series (a device that moved between them), the one seen last wins.
+    pub fn inherit(&mut self, child: Arc<str>, parents: Vec<Inheritance>) {
+        self.start(child.clone());
+        let st = self.shards.get_mut(&child).expect("started");
+        let before = st.len();
+        for parent in parents {
+            for (i, series) in parent.into_iter().enumerate().take(self.rules.len()) {
+                for (k, mut s) in series {
+                    if st.series[i].contains_key(&k) {
+                        continue;
+                    }
+                    if st.inherited[i]
+                        .get(&k)
+                        .is_some_and(|had| had.last >= s.last)
+                    {
+                        continue;
+                    }
+                    self.tick += 1;
+                    s.touched = self.tick;
+                    st.inherited[i].insert(k, s);
+                }
+            }
+        }
+        st.dirty = true;
+        self.len = self.len + st.len() - before;
+        self.evict();
     }
 
     /// Snapshots of every shard whose state changed since the last call.
@@ -271,17 +398,22 @@ impl Detectors {
                 continue;
             }
             st.dirty = false;
+            let sorted = |m: &HashMap<Box<str>, Series>| {
+                let mut v: Vec<(String, Series)> =
+                    m.iter().map(|(k, s)| (k.to_string(), s.clone())).collect();
+                v.sort_by(|a, b| a.0.cmp(&b.0));
+                v
+            };
             let snap = Snapshot {
-                rules: self
-                    .rules
-                    .iter()
-                    .zip(&st.series)
-                    .map(|(r, m)| {
-                        let mut series: Vec<(String, Series)> =
-                            m.iter().map(|(k, s)| (k.to_string(), s.clone())).collect();
-                        series.sort_by(|a, b| a.0.cmp(&b.0));
+                rules: (self.rules.iter().zip(&st.series).zip(&st.inherited))
+                    .map(|((r, m), inherited)| {
                         let kind = r.detector.kind.name().to_string();
-                        (r.name.clone(), RuleSnapshot { kind, series })
+                        let rs = RuleSnapshot {
+                            kind,
+                            series: sorted(m),
+                            inherited: sorted(inherited),
+                        };
+                        (r.name.clone(), rs)
                     })
                     .collect(),
             };
@@ -334,7 +466,7 @@ impl Detectors {
             let mask = mask.as_ref().map(|m| m.as_boolean());
             let by: Vec<StringArray> = rule.detector.by.iter().map(|c| utf8(batch, c)).collect();
             let st = self.shards.get_mut(shard).expect("started");
-            let map = &mut st.series[i];
+            let (map, inherited) = (&mut st.series[i], &mut st.inherited[i]);
             for row in 0..n {
                 if mask.is_some_and(|m| !m.is_valid(row) || !m.value(row))
                     || key_col.is_null(row)
@@ -356,8 +488,11 @@ impl Detectors {
                 let ts = times.value(row);
                 self.tick += 1;
                 if !map.contains_key(key.as_str()) {
-                    added += 1;
-                    let s = Series::new(&rule.detector.kind, ts);
+                    // Learned on a parent shard: it goes on from there.
+                    let s = inherited.remove(key.as_str()).unwrap_or_else(|| {
+                        added += 1;
+                        Series::new(&rule.detector.kind, ts)
+                    });
                     map.insert(key.clone().into_boxed_str(), s);
                 }
                 let series = map.get_mut(key.as_str()).expect("inserted");
@@ -445,14 +580,15 @@ impl Detectors {
         }
         let target = self.limit - self.limit / 100;
         let mut touched: Vec<u64> = (self.shards.values())
-            .flat_map(|st| st.series.iter().flat_map(|m| m.values().map(|s| s.touched)))
+            .flat_map(|st| st.series.iter().chain(&st.inherited))
+            .flat_map(|m| m.values().map(|s| s.touched))
             .collect();
         let drop = touched.len() - target;
         let (_, cutoff, _) = touched.select_nth_unstable(drop - 1);
         let cutoff = *cutoff;
         let mut removed = 0;
         for st in self.shards.values_mut() {
-            for m in &mut st.series {
+            for m in st.series.iter_mut().chain(&mut st.inherited) {
                 let before = m.len();
                 m.retain(|_, s| s.touched > cutoff);
                 if m.len() != before {

@@ -21,7 +21,7 @@ pub mod sql;
 mod tables;
 pub mod window;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use arrow::array::{Array, BooleanArray, RecordBatch, TimestampMicrosecondArray};
@@ -110,6 +110,11 @@ pub struct Engine {
     detect: Option<Detectors>,
     /// Shards added whose detector state is not read back yet.
     unrestored: Vec<Arc<str>>,
+    /// Each added shard's parents (split or merge), all of them, read here or not.
+    parents: HashMap<Arc<str>, Vec<String>>,
+    /// Child shards that start from their parents' detector state at their first records
+    /// (or their end), once the parents are read to their end.
+    uninherited: BTreeSet<Arc<str>>,
     event_field: usize,
     key_field: Option<String>,
     /// Wall clock of the oldest uncommitted read.
@@ -175,6 +180,8 @@ impl Engine {
         Ok(Self {
             detect,
             unrestored: Vec::new(),
+            parents: HashMap::new(),
+            uninherited: BTreeSet::new(),
             raw: match &p.outputs.raw {
                 Some(name) => Some(writer(name, &event_name, Table::Records)?),
                 None => None,
@@ -233,8 +240,9 @@ impl Engine {
         self.live = Some((live, cols));
     }
 
-    /// Starts tracking a shard; returns the position to read it from.
-    pub fn add_shard(&mut self, shard: Arc<str>) -> Position {
+    /// Starts tracking a shard (`parents`: every shard it was split or merged from); returns
+    /// the position to read it from.
+    pub fn add_shard(&mut self, shard: Arc<str>, parents: &[String]) -> Position {
         let cp = self
             .committed
             .shards
@@ -247,6 +255,9 @@ impl Engine {
         // records are back (they would then be neither counted nor late).
         if self.detect.is_some() {
             self.unrestored.push(shard.clone());
+            if !parents.is_empty() {
+                self.parents.insert(shard.clone(), parents.to_vec());
+            }
         }
         let replaying = from < cp.records;
         let restored = if replaying { None } else { cp.max_event_time };
@@ -291,9 +302,13 @@ impl Engine {
     }
 
     /// The shard is closed and every record of it was handed over: the next commit records it.
+    /// Its detectors' series now belong to its children.
     pub fn shard_ended(&mut self, shard: &Arc<str>) {
         if let Some(run) = self.shards.get_mut(shard) {
             run.ended = true;
+        }
+        if let Some(detect) = &mut self.detect {
+            detect.end(shard);
         }
     }
 
@@ -350,6 +365,7 @@ impl Engine {
             .await?;
         if self.detect.is_some() {
             self.restore_detectors().await?;
+            self.inherit_detectors(&d.shard).await?;
             let detect = self.detect.as_mut().expect("checked");
             let raised = detect.observe(&d.shard, &fresh, event_field);
             self.raise(raised, now).await?;
@@ -466,13 +482,16 @@ impl Engine {
         if detect.has(shard) {
             return Ok(());
         }
-        let key = self
-            .committed
-            .shards
-            .get(&**shard)
-            .and_then(|c| c.detectors.clone());
+        let cp = self.committed.shards.get(&**shard);
+        let key = cp.and_then(|c| c.detectors.clone());
         match key {
-            None => detect.start(shard.clone()),
+            None => {
+                detect.start(shard.clone());
+                // A child that never committed a record starts from its parents' state.
+                if cp.is_none_or(|c| c.records.is_none()) && self.parents.contains_key(shard) {
+                    self.uninherited.insert(shard.clone());
+                }
+            }
             Some(key) => {
                 let lake = self.lakes.get(STATE_OUTPUT).map_err(EngineError::Lake)?;
                 let bytes = lake.read(&key).await.map_err(|e| {
@@ -490,6 +509,52 @@ impl Engine {
                 tracing::debug!(%shard, %key, series = detect.len(), "restored detector state");
             }
         }
+        Ok(())
+    }
+
+    /// A child shard's detectors start from its parents' series (see
+    /// [`detect`](self::detect)): from a parent's state in memory when this session read it
+    /// (every record of it was ingested before the child's first), else from the snapshot
+    /// its checkpoint names.
+    async fn inherit_detectors(&mut self, child: &Arc<str>) -> Result<(), EngineError> {
+        if !self.uninherited.remove(child) {
+            return Ok(());
+        }
+        let Some(detect) = self.detect.as_mut() else {
+            return Ok(());
+        };
+        let parents = self.parents.get(child).cloned().unwrap_or_default();
+        let mut from = Vec::new();
+        for parent in &parents {
+            if detect.has(parent) {
+                detect.end(parent);
+                from.extend(detect.inheritance(parent));
+                continue;
+            }
+            let cp = match self.committed.shards.get(parent) {
+                Some(cp) => Some(cp.clone()),
+                None => self.store.outside(parent).await?,
+            };
+            let Some(key) = cp.and_then(|c| c.detectors) else {
+                continue;
+            };
+            let lake = self.lakes.get(STATE_OUTPUT).map_err(EngineError::Lake)?;
+            let damaged = |e: std::io::Error, what: &str| {
+                EngineError::Lake(std::io::Error::new(
+                    e.kind(),
+                    format!("the detector state of parent shard {parent} ({key}){what}: {e}"),
+                ))
+            };
+            let bytes = lake.read(&key).await.map_err(|e| damaged(e, ""))?;
+            from.push(
+                detect
+                    .inheritance_of_snapshot(&bytes)
+                    .map_err(|e| damaged(e, " is damaged"))?,
+            );
+        }
+        let series: usize = from.iter().flatten().map(HashMap::len).sum();
+        detect.inherit(child.clone(), from);
+        tracing::info!(shard_id = %child, ?parents, series, "the child shard's detectors start from its parents' state");
         Ok(())
     }
 
@@ -595,6 +660,21 @@ impl Engine {
         let mut files = Vec::new();
         for w in self.writers() {
             files.extend(w.stage().await?);
+        }
+        if self.detect.is_some() {
+            // A child that ended without a record of its own still hands its parents'
+            // series on to its children.
+            self.restore_detectors().await?;
+            let ended: Vec<Arc<str>> = (self.uninherited.iter())
+                .filter(|s| self.shards.get(*s).is_some_and(|r| r.ended))
+                .cloned()
+                .collect();
+            for child in ended {
+                self.inherit_detectors(&child).await?;
+                if let Some(detect) = &mut self.detect {
+                    detect.end(&child);
+                }
+            }
         }
         let snapshots = self.stage_snapshots(&mut files).await?;
         failpoint::hit("after_stage");

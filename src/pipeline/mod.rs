@@ -319,14 +319,12 @@ async fn leased_plan(
         }
     };
     let ids: Vec<String> = held.keys().cloned().collect();
+    // Every parent: the session waits only for those it reads (the others were read to their
+    // end already: their children's leases were not takeable before), and children start
+    // from all their parents' detector state.
     let shards = held
         .into_iter()
-        .map(|(id, h)| {
-            // Parents outside this session were read to their end already (their leases were
-            // not takeable before).
-            let parents = h.parents.into_iter().filter(|p| ids.contains(p)).collect();
-            (Arc::from(id.as_str()), parents)
-        })
+        .map(|(id, h)| (Arc::from(id.as_str()), h.parents))
         .collect();
     Metrics::add(&metrics.lease_sessions, 1);
     Ok(Some(Plan {

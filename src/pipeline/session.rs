@@ -29,7 +29,7 @@ const MAX_QUEUED_CHUNKS: usize = 8;
 /// How often the engine looks at the clock without a chunk (idle shards, rollover by age).
 const TICK: Duration = Duration::from_millis(250);
 
-/// Which shards a session reads (each with its parents in the session), and where their
+/// Which shards a session reads (each with all its parents), and where their
 /// checkpoints are.
 pub(super) struct Plan {
     pub shards: Vec<(Arc<str>, Vec<String>)>,
@@ -160,12 +160,13 @@ impl<'w> Session<'w> {
             }
             None => Vec::new(),
         };
+        let listed: HashSet<&str> = shards.iter().map(|(s, _)| &**s).collect();
         for (shard, parents) in shards.iter().chain(&unfinished) {
             if worker.source.skips_finished() && engine.finished(shard) {
                 continue;
             }
             reading += 1;
-            let from = engine.add_shard(shard.clone());
+            let from = engine.add_shard(shard.clone(), parents);
             tracing::info!(shard_id = %shard, from = %show(&from), "reading shard");
             let opened = worker.source.open_shard(shard.clone(), &from);
             tasks.spawn(
@@ -173,7 +174,11 @@ impl<'w> Session<'w> {
                 opened.reader,
                 opened.max_records,
                 opened.poll_interval,
-                parents.clone(),
+                // Parents outside the session (a lease store's) were read to their end.
+                (parents.iter())
+                    .filter(|p| listed.contains(p.as_str()))
+                    .cloned()
+                    .collect(),
             );
         }
         if notified.is_none() {
@@ -214,7 +219,7 @@ impl<'w> Session<'w> {
                         ),
                     );
                 }
-                let from = self.engine.add_shard(id.clone());
+                let from = self.engine.add_shard(id.clone(), &[]);
                 tracing::info!(shard_id = %id, from = %show(&from), "reading object");
                 let opened = self.worker.source.open_shard(id.clone(), &from);
                 self.tasks.spawn(

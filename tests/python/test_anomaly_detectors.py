@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import pyarrow as pa
 
 from harness import check_run, pipeline_env, run_log, simulate, write_test_pipeline
 from lake import duck, inprogress_files, lake_source
+from servers import AWS_TEST_ENV
 
 DETECTORS = """
   - name: pressure_z
@@ -225,3 +227,213 @@ def test_a_flood_of_new_devices_stays_within_the_series_bound(tmp_path, agent_bi
     assert 4_950 <= kept <= 5_000, kept
     assert 20_000 <= evicted + kept <= 60_000, (evicted, kept)
     assert evicted >= 15_000, evicted
+
+
+def test_detector_alerts_after_lease_moves_equal_a_clean_run(tmp_path, kinesalite, moto,
+                                                             agent_bin, shardlake_bin, capsys):
+    """Two workers share a 4-shard kinesalite stream through moto's DynamoDB leases: w1 joins
+    while w0 reads (two leases move to it), then w0 is SIGKILLed (its leases move to w1), and
+    a last bounded run takes every lease. Each move hands a shard's learned state over through
+    the snapshot its checkpoint names, so the alerts equal those of one worker reading the
+    same stream alone."""
+    import threading
+    import uuid
+
+    from servers import create_stream, put_lines
+    from streamdata import interleave
+    from test_dynamodb_leases_failover_resharding_and_faults import (
+        kill_all, lease_table, owners, wait_until, worker_of)
+    kinesis, ddb = kinesalite.client(), moto.client("dynamodb")
+    name = f"wells-{uuid.uuid4().hex[:8]}"
+    create_stream(kinesis, name, 4)
+    sim = tmp_path / "sim"
+    simulate(agent_bin, sim, shards=4, devices=60, readings=600, seed=7, spikes=40,
+             malformed=5)
+    # Ten minutes later the wells go on: every well is silent once.
+    simulator_extension(agent_bin, sim, shards=4, devices=60, after=600, readings=600,
+                        seed=7)()
+    lines = interleave(sim / "stream")
+
+    def run_dir(sub: str, table: str):
+        where = tmp_path / sub
+        where.mkdir()
+        pipeline = detector_pipeline(
+            where / "detect.yaml", max_bytes="1MiB", max_age="1s",
+            source=f"{{kinesis: {{stream: {name}}}}}",
+            checkpoints=f"{{dynamodb: {{table: {table}, failover_time: 4s, "
+                        "shard_sync_interval: 5s}}")
+        env = pipeline_env(where, {**AWS_TEST_ENV, "AWS_ENDPOINT_URL_KINESIS": kinesalite.url,
+                                   "AWS_ENDPOINT_URL_DYNAMODB": moto.url})
+        return where, pipeline, env
+
+    third = len(lines) // 3
+    put = put_lines(kinesis, name, lines[:third])
+    table = f"leases-{uuid.uuid4().hex[:8]}"
+    moved, pipeline, env = run_dir("moved", table)
+    rest: list = []
+    producer = threading.Thread(target=lambda: rest.extend(put_lines(kinesis, name,
+                                                                      lines[third:])))
+    logs: list = []
+
+    def start(worker: str) -> subprocess.Popen:
+        logs.append(open(moved / f"{worker}.log", "w"))
+        return subprocess.Popen([str(shardlake_bin), "run", str(pipeline), "--worker-id", worker],
+                                env=env, stdout=subprocess.DEVNULL, stderr=logs[-1])
+
+    def held() -> dict[str, int]:
+        """Worker → number of leases it holds."""
+        out: dict[str, int] = {}
+        for owner, keys in owners(lease_table(ddb, table)).items():
+            out[worker_of(owner)] = out.get(worker_of(owner), 0) + len(keys)
+        return out
+
+    workers = [start("w0")]
+    try:
+        def committed():
+            try:
+                leases = lease_table(ddb, table)
+            except ddb.exceptions.ResourceNotFoundException:  # not created yet
+                return False
+            return len(leases) == 4 and all(it["checkpoint"].isdigit() for it in leases.values())
+        wait_until("w0 to commit from every shard", committed, timeout=90, every=0.2)
+        producer.start()
+        # w1 joins: the leases are shared 2/2, two of them taken from w0 mid-stream.
+        workers.append(start("w1"))
+        wait_until("w1 to take two of w0's leases", lambda: held() == {"w0": 2, "w1": 2},
+                   timeout=60, every=0.2)
+        before = {k: it["checkpoint"] for k, it in lease_table(ddb, table).items()}
+        wait_until("w1 to commit on a shard it took",
+                   lambda: any(it["checkpoint"] != before[k]
+                               for k, it in lease_table(ddb, table).items()
+                               if worker_of(it.get("leaseOwner", "-")) == "w1"),
+                   timeout=60, every=0.2)
+        workers[0].kill()
+        workers[0].wait()
+        wait_until("w1 to take the killed worker's leases", lambda: held() == {"w1": 4},
+                   timeout=60, every=0.2)
+        producer.join(timeout=300)
+        assert not producer.is_alive()
+        workers[1].terminate()
+        assert workers[1].wait(timeout=60) == 0
+    finally:
+        kill_all(workers, logs)
+    put += rest
+    assert len(put) == len(lines)
+    check_run([str(shardlake_bin), "run", str(pipeline), "--drain", "--worker-id", "last"],
+              env=env, timeout=300)
+
+    clean, clean_pipeline, clean_env = run_dir("clean", f"leases-{uuid.uuid4().hex[:8]}")
+    check_run([str(shardlake_bin), "run", str(clean_pipeline), "--drain", "--worker-id", "solo"],
+              env=clean_env, timeout=300)
+    con = duck()
+    want, got = alerts(con, clean / "lake"), alerts(con, moved / "lake")
+    kinds: dict[str, int] = {}
+    for _, kind, *_ in want:
+        kinds[kind] = kinds.get(kind, 0) + 1
+    sessions = {f"w{i}": (moved / f"w{i}.log").read_text().count('"reading shard"')
+                for i in range(2)}
+    with capsys.disabled():
+        print(f"\n[detectors, leases] {len(put)} records; shard reads started per worker "
+              f"{sessions}; alerts by kind {kinds}")
+    # Every detector had something to find, and every well was silent once.
+    assert {"zscore", "mad", "cusum", "rate", "stuck", "silent"} <= set(kinds), kinds
+    assert sum(1 for a in want if a[0] == "quiet") == 60
+    missing = sorted(set(want) - set(got))[:5]
+    extra = sorted(set(got) - set(want))[:5]
+    assert same_alerts(got, want), (
+        f"{len(got)} vs {len(want)} alerts; missing {missing}; extra {extra}")
+
+
+RESHARD_DETECTORS = DETECTORS.replace("after: 5m", "after: 30s")
+
+
+def test_a_device_keeps_its_detector_state_across_a_split_and_a_merge(tmp_path, kinesis_local,
+                                                                     moto, agent_bin,
+                                                                     shardlake_bin, capsys):
+    """kinesis-local splits a shard and merges two others while a worker with DynamoDB leases
+    reads (its children are read in later lease sessions, their parents' state taken from the
+    snapshots the parents' items name), then a bounded run finishes. Each device's state
+    follows it to the child it goes to, so the alerts are those of one run over the same
+    records on one unsplit shard: no warm-up starts again, and no device that moved is called
+    silent on the shard it left."""
+    import uuid
+
+    from servers import create_stream, put_while_resharding
+    from streamdata import interleave
+    from test_dynamodb_leases_failover_resharding_and_faults import (
+        kill_all, last_sequence, lease_run, lease_table, start_workers, wait_until)
+    kinesis, ddb = kinesis_local.client(), moto.client("dynamodb")
+    name, table = f"wells-{uuid.uuid4().hex[:8]}", f"leases-{uuid.uuid4().hex[:8]}"
+    create_stream(kinesis, name, 3)
+    simulate(agent_bin, tmp_path / "sim", shards=3, devices=60, readings=150, seed=43,
+             spikes=30, malformed=6)
+    lines = interleave(tmp_path / "sim" / "stream")
+    resharded = tmp_path / "resharded"
+    resharded.mkdir()
+    pipeline, env = lease_run(resharded, "reshard.yaml", name, table, kinesis_local.url,
+                              moto.url, sync_s=2)
+    text = pipeline.read_text()
+    pipeline.write_text(text.replace("\nalerts:\n", "\nalerts:\n" + RESHARD_DETECTORS.lstrip("\n"), 1))
+    workers, logs = start_workers(shardlake_bin, pipeline, env, resharded, 1)
+    try:
+        put, ids = put_while_resharding(kinesis, name, lines)
+        last = last_sequence(put)
+        children = [s["ShardId"] for s in kinesis.list_shards(StreamName=name)["Shards"]
+                    if s["ShardId"] not in ids]
+
+        def done():
+            leases = lease_table(ddb, table)
+            return (all(leases.get(p, {}).get("checkpoint") == "SHARD_END" for p in ids)
+                    and all(c in leases and leases[c]["checkpoint"] == str(last[c])
+                            for c in children if c in last))
+        wait_until("the parents to end and every child to reach its last record", done,
+                   timeout=180, every=0.5)
+        workers[0].terminate()
+        assert workers[0].wait(timeout=60) == 0
+    finally:
+        kill_all(workers, logs)
+    check_run([str(shardlake_bin), "run", str(pipeline), "--drain", "--worker-id", "last"],
+              env=env, timeout=300)
+    log = (resharded / "w0.log").read_text()
+    assert log.count("start from its parents' state") >= 3, "every child inherits"
+
+    # The same records, each device's in the order put, on one local shard.
+    clean = tmp_path / "clean"
+    (clean / "stream").mkdir(parents=True)
+    (clean / "stream" / "stream.json").write_text(json.dumps({"shards": 1}))
+    with open(clean / "stream" / "shardId-000000000000.ndjson", "wb") as f:
+        for line, _, _ in put:
+            f.write(line.rstrip(b"\n") + b"\n")
+    clean_pipeline = detector_pipeline(clean / "detect.yaml", rules=RESHARD_DETECTORS,
+                                       max_bytes="1MiB", max_age="1s")
+    check_run([str(shardlake_bin), "run", str(clean_pipeline), "--drain"],
+              env=pipeline_env(clean), timeout=300)
+    con = duck()
+    def unplaced(rows: list[tuple]) -> list[tuple]:
+        """A record alert's row names the shard and sequence number it was read at, which
+        differ between the streams; everything else must not."""
+        out = []
+        for *head, detail in rows:
+            try:
+                d = json.loads(detail)
+            except (TypeError, ValueError):
+                d = None
+            if isinstance(d, dict) and "_shard_id" in d:
+                d.pop("_shard_id")
+                d.pop("_sequence_number", None)
+                detail = json.dumps(d, sort_keys=True)
+            out.append((*head, detail))
+        return out
+    want = unplaced(alerts(con, clean / "lake"))
+    got = unplaced(alerts(con, resharded / "lake"))
+    kinds: dict[str, int] = {}
+    for _, kind, *_ in want:
+        kinds[kind] = kinds.get(kind, 0) + 1
+    with capsys.disabled():
+        print(f"\n[detectors, reshard] {len(put)} records; split {ids[0]}, merged {ids[1]} and "
+              f"{ids[2]}; alerts by kind {kinds}")
+    assert {"zscore", "mad", "cusum", "rate"} <= set(kinds), kinds
+    missing = sorted(set(want) - set(got))[:5]
+    extra = sorted(set(got) - set(want))[:5]
+    assert same_alerts(got, want), (
+        f"{len(got)} vs {len(want)} alerts; missing {missing}; extra {extra}")

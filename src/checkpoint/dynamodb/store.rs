@@ -193,6 +193,14 @@ impl CheckpointStore for LeaseStore {
         })
     }
 
+    async fn outside(&self, shard: &str) -> Result<Option<ShardCheckpoint>, StoreError> {
+        Ok(self
+            .m
+            .get(shard)
+            .await?
+            .and_then(|l| l.effective().map(|s| s.checkpoint.clone())))
+    }
+
     async fn prepare(&self, committed: &Committed, intent: &Intent) -> Result<(), StoreError> {
         let mut held = self.m.held.lock().await;
         let aggs = &self.m.aggregations;

@@ -439,3 +439,104 @@ fn the_series_bound_forgets_the_least_recently_seen() {
     assert!(!d.shards["s"].series[0].contains_key("dev-0"));
     assert_eq!(d.take_evicted() as usize, 5001 - d.len());
 }
+
+#[test]
+fn a_device_keeps_what_it_learned_across_a_split_and_silent_follows_it() {
+    let kinds = || rules(vec![("z", zscore()), ("q", silent())]);
+    let n = noise(200, 3);
+    // Devices a and b report every second on the parent, 100 readings each.
+    let learn: Vec<(&str, i64, f64)> = (0..100)
+        .flat_map(|i| {
+            [
+                ("a", i * S, 100.0 + n[i as usize]),
+                ("b", i * S, 50.0 + n[100 + i as usize]),
+            ]
+        })
+        .collect();
+    // After the split, a reports on child c1 (its first reading there a spike), then stops;
+    // b never reports again.
+    let after: Vec<(&str, i64, f64)> = vec![("a", 100 * S, 130.0), ("a", 101 * S, 100.0)];
+    let (parent, c1, c2): (Arc<str>, Arc<str>, Arc<str>) = ("p".into(), "c1".into(), "c2".into());
+
+    // One shard throughout: what the split must not change for a.
+    let mut whole = Detectors::new(kinds(), Some("device_id"), 100).unwrap();
+    whole.observe(&parent, &batch(&learn), 1);
+    let want = whole.observe(&parent, &batch(&after), 1);
+    assert_eq!(want.len(), 1, "the spike: {want:?}");
+
+    let mut d = Detectors::new(kinds(), Some("device_id"), 100).unwrap();
+    d.observe(&parent, &batch(&learn), 1);
+    d.end(&parent);
+    let from_memory = d.inheritance(&parent).unwrap();
+    // The parent's snapshot after its end hands on the same.
+    let snap = d
+        .snapshots()
+        .into_iter()
+        .find(|(s, _)| *s == parent)
+        .unwrap()
+        .1;
+    let from_snapshot = d.inheritance_of_snapshot(&snap).unwrap();
+    // (`touched` orders eviction in memory and is not kept in a snapshot.)
+    let untouched = |mut i: Inheritance| {
+        i.iter_mut()
+            .flat_map(|m| m.values_mut())
+            .for_each(|s| s.touched = 0);
+        i
+    };
+    assert_eq!(
+        untouched(from_memory.clone()),
+        untouched(from_snapshot.clone())
+    );
+    assert_eq!(from_memory[0].len(), 2);
+    d.inherit(c1.clone(), vec![from_memory.clone()]);
+    d.inherit(c2.clone(), vec![from_snapshot]);
+    assert_eq!(
+        d.len(),
+        6 * 2,
+        "every series kept, on the parent and on both children"
+    );
+    let got = d.observe(&c1, &batch(&after), 1);
+    assert_eq!(
+        got, want,
+        "the spike is judged against the parent's baseline"
+    );
+
+    // Much later: a is silent on c1 (where it reported), found once; nobody is silent on
+    // the ended parent, nor on c2, where no device ever reported.
+    let raised = d.watermark(1_000 * S);
+    let keys: Vec<&str> = raised.iter().map(|r| r.key.as_str()).collect();
+    assert_eq!(keys, vec!["a"], "{raised:?}");
+    assert_eq!(raised[0].event_time, 101 * S + 60 * S);
+
+    // A restart of c1 from its own snapshot goes on the same: b is still inherited there.
+    let c1_snap = d.snapshots().into_iter().find(|(s, _)| *s == c1).unwrap().1;
+    let mut again = Detectors::new(kinds(), Some("device_id"), 100).unwrap();
+    again.restore(c1.clone(), &c1_snap).unwrap();
+    assert!(again.shards["c1"].inherited[0].contains_key("b"));
+    assert!(again.shards["c1"].series[0].contains_key("a"));
+    assert!(
+        again.watermark(2_000 * S).is_empty(),
+        "b is not judged where it never went"
+    );
+    // b reports on c1 after all: its gap is found by that reading, as on one shard.
+    let late = again.observe(&c1, &batch(&[("b", 500 * S, 50.0)]), 1);
+    assert!(
+        late.iter()
+            .any(|r| r.key == "b" && r.event_time == 99 * S + 60 * S),
+        "{late:?}"
+    );
+}
+
+#[test]
+fn a_merge_takes_both_parents_and_the_newer_of_a_series_on_both() {
+    let kinds = || rules(vec![("z", zscore())]);
+    let mut d = Detectors::new(kinds(), Some("device_id"), 100).unwrap();
+    let (p1, p2, c): (Arc<str>, Arc<str>, Arc<str>) = ("p1".into(), "p2".into(), "c".into());
+    d.observe(&p1, &batch(&[("a", 0, 1.0), ("m", 5 * S, 1.0)]), 1);
+    d.observe(&p2, &batch(&[("b", 0, 2.0), ("m", 9 * S, 7.0)]), 1);
+    let (i1, i2) = (d.inheritance(&p1).unwrap(), d.inheritance(&p2).unwrap());
+    d.inherit(c.clone(), vec![i1, i2]);
+    let inherited = &d.shards["c"].inherited[0];
+    assert_eq!(inherited.len(), 3);
+    assert_eq!(inherited["m"].last, 9 * S, "the series seen last wins");
+}
