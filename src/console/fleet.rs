@@ -128,16 +128,18 @@ impl Fleet {
                 by_version,
                 ..
             } = &mut *s;
-            let versions = point_versions.entry(d.device.clone()).or_default();
+            if !point_versions.contains_key(&d.device) {
+                point_versions.insert(d.device.clone(), HashMap::new());
+            }
+            let versions = point_versions.get_mut(&d.device).expect("inserted");
             match devices.get_mut(&d.device) {
                 Some(old) => {
                     for (field, points) in std::mem::take(&mut d.history) {
-                        merge_points(
-                            old.history.entry(field.clone()).or_default(),
-                            versions.entry(field).or_default(),
-                            points,
-                            version,
-                        );
+                        if !old.history.contains_key(&field) {
+                            old.history.insert(field.clone(), Vec::new());
+                        }
+                        let into = old.history.get_mut(&field).expect("inserted");
+                        merge_points(into, versions.entry(field).or_default(), points, version);
                     }
                     if d.event_us >= old.event_us {
                         old.event_us = d.event_us;
@@ -236,16 +238,23 @@ impl Fleet {
         {
             return u.clone();
         }
-        let view = self.since(since, scope, false);
-        let update = Arc::new(Update {
-            version: view.version,
-            alerts_from: view.alerts_from,
-            empty: view.devices.is_empty() && view.alerts.is_empty() && view.acks.is_empty(),
-            json: serde_json::to_string(&view).expect("serialisable").into(),
-        });
+        let view = {
+            // Serialised from the state under its lock: no copy of the rows (with every
+            // device changing, an update is the whole fleet, and copying it was most of the
+            // console's work).
+            let s = self.state.lock().expect("not poisoned");
+            let view = ViewRef::of(&s, since, scope);
+            Update {
+                version: view.version,
+                alerts_from: view.alerts_from,
+                empty: view.devices.is_empty() && view.alerts.is_empty() && view.acks.is_empty(),
+                json: serde_json::to_string(&view).expect("serialisable").into(),
+            }
+        };
+        let update = Arc::new(view);
         // Keyed by the version the view was taken at (a change may have come in between).
         let mut updates = self.updates.lock().expect("not poisoned");
-        updates.push_back(((since, view.version, scope.clone()), update.clone()));
+        updates.push_back(((since, update.version, scope.clone()), update.clone()));
         while updates.len() > UPDATES_KEPT {
             updates.pop_front();
         }
@@ -304,16 +313,7 @@ impl Fleet {
         let acks = s
             .acks
             .values()
-            .filter(|a| a.version > since)
-            .filter(|a| {
-                let v = s.alert_ids.get(&a.alert);
-                v.is_none_or(|v| {
-                    let at = s.alerts.partition_point(|x| x.version < *v);
-                    s.alerts
-                        .get(at)
-                        .is_none_or(|x| scope.admits(x.tenant.as_deref()))
-                })
-            })
+            .filter(|a| a.version > since && acked_in_scope(&s, a, scope))
             .cloned()
             .collect();
         View {
@@ -338,6 +338,108 @@ impl Fleet {
     pub fn device_count(&self) -> usize {
         self.state.lock().expect("not poisoned").devices.len()
     }
+}
+
+/// [`View`] as an update serialises it, borrowed from the state: the same JSON as
+/// `Fleet::since(since, scope, false)`.
+#[derive(Serialize)]
+struct ViewRef<'a> {
+    version: u64,
+    alerts_from: u64,
+    devices: Vec<DeviceRef<'a>>,
+    alerts: Vec<&'a AlertRow>,
+    acks: Vec<&'a Ack>,
+}
+
+/// A [`DeviceRow`] with only the minutes of its history changed after `since`.
+#[derive(Serialize)]
+struct DeviceRef<'a> {
+    device: &'a str,
+    tenant: &'a Option<String>,
+    event_us: i64,
+    values: &'a serde_json::Map<String, serde_json::Value>,
+    history: HistoryRef<'a>,
+    version: u64,
+}
+
+struct HistoryRef<'a> {
+    row: &'a DeviceRow,
+    versions: Option<&'a HashMap<String, Vec<u64>>>,
+    since: u64,
+}
+
+impl Serialize for HistoryRef<'_> {
+    fn serialize<S: serde::Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = ser.serialize_map(Some(self.row.history.len()))?;
+        for (field, points) in &self.row.history {
+            match self.versions.and_then(|v| v.get(field)) {
+                Some(pv) => {
+                    let changed = (points.iter().zip(pv))
+                        .filter(|(_, v)| **v > self.since)
+                        .map(|(p, _)| p);
+                    m.serialize_entry(field, &Seq(std::cell::Cell::new(Some(changed))))?
+                }
+                None => m.serialize_entry(field, points)?,
+            }
+        }
+        m.end()
+    }
+}
+
+/// An iterator serialised as a sequence (once).
+struct Seq<I>(std::cell::Cell<Option<I>>);
+
+impl<I: Iterator<Item = T>, T: Serialize> Serialize for Seq<I> {
+    fn serialize<S: serde::Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+        ser.collect_seq(self.0.take().expect("serialised once"))
+    }
+}
+
+impl<'a> ViewRef<'a> {
+    fn of(s: &'a State, since: u64, scope: &Scope) -> Self {
+        let devices = (s.by_version.range(since.saturating_add(1)..))
+            .filter_map(|(_, id)| s.devices.get(id))
+            .filter(|d| scope.admits(d.tenant.as_deref()))
+            .map(|d| DeviceRef {
+                device: &d.device,
+                tenant: &d.tenant,
+                event_us: d.event_us,
+                values: &d.values,
+                history: HistoryRef {
+                    row: d,
+                    versions: s.point_versions.get(&d.device),
+                    since,
+                },
+                version: d.version,
+            })
+            .collect();
+        let from = s.alerts.partition_point(|a| a.version <= since);
+        let alerts = (s.alerts.range(from..))
+            .filter(|a| scope.admits(a.tenant.as_deref()))
+            .collect();
+        let acks = (s.acks.values())
+            .filter(|a| a.version > since && acked_in_scope(s, a, scope))
+            .collect();
+        ViewRef {
+            version: s.version,
+            alerts_from: s.alerts_dropped_through + 1,
+            devices,
+            alerts,
+            acks,
+        }
+    }
+}
+
+/// An acknowledgement is shown to a scope that sees its alert (or when the alert is no longer
+/// kept).
+fn acked_in_scope(s: &State, a: &Ack, scope: &Scope) -> bool {
+    s.alert_ids.get(&a.alert).is_none_or(|v| {
+        let at = s.alerts.partition_point(|x| x.version < *v);
+        s.alerts
+            .get(at)
+            .is_none_or(|x| scope.admits(x.tenant.as_deref()))
+    })
 }
 
 /// Adds a worker's `(minute, average)` points to the console's history of a field: a minute
@@ -633,5 +735,64 @@ mod tests {
             ["ann"]
         );
         assert!(f.since(next.version, &t1, false).acks.is_empty());
+    }
+
+    #[test]
+    fn an_update_serialised_from_the_state_is_the_view_since_the_readers_version() {
+        let f = Fleet::new();
+        let changes = |devices, alerts| Changes {
+            version: 1,
+            alerts_from: 1,
+            devices,
+            alerts,
+        };
+        f.merge(changes(
+            vec![
+                device("a", "t1", 60_000_000, 1.0),
+                device("b", "t2", 60_000_000, 2.0),
+            ],
+            vec![alert("x", "t1"), alert("y", "t2")],
+        ));
+        // Later minutes and readings: each device's history grows, and only what changed
+        // after a reader's version is in its update.
+        for m in 2..5 {
+            f.merge(changes(
+                vec![
+                    device("a", "t1", m * 60_000_000, m as f64),
+                    device("b", "t2", m * 60_000_000 + 5, 0.5),
+                ],
+                vec![],
+            ));
+        }
+        f.merge(changes(
+            vec![device("c", "t1", 1, 9.0)],
+            vec![alert("z", "t1")],
+        ));
+        f.ack(Ack {
+            alert: "x".into(),
+            by: "ann".into(),
+            at_us: 6,
+            version: 0,
+        });
+        let last = f.since(0, &Scope::All, true).version;
+        for scope in [
+            Scope::All,
+            Scope::Tenant("t1".into()),
+            Scope::Tenant("t2".into()),
+        ] {
+            for since in 0..=last {
+                let got: serde_json::Value =
+                    serde_json::from_str(&f.update(since, &scope).json).unwrap();
+                let want = serde_json::to_value(f.since(since, &scope, false)).unwrap();
+                assert_eq!(got, want, "since {since}, {scope:?}");
+            }
+        }
+        // The comparison compares something: a partial history, and the whole of another.
+        let mid = f.since(3, &Scope::All, false);
+        assert!(
+            mid.devices.iter().any(|d| d.history["p"].len() == 1),
+            "{mid:?}"
+        );
+        assert_eq!(f.since(0, &Scope::All, false).devices.len(), 3);
     }
 }
