@@ -150,11 +150,14 @@ def run_peer(python: Path, engine: str, data: Path, cores: int) -> tuple[float, 
            "--out", f"{engine}-{cores}c"]
     if cores == 1:
         cmd = ["taskset", "-c", "0"] + cmd
+    log = data / f"{engine}-{cores}c.log"
     t = time.perf_counter()
-    p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    with open(log, "w") as err:    # Pathway logs every batch, Flink warns: kept out of the table
+        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
     seconds = time.perf_counter() - t
     if p.returncode:
-        raise RuntimeError(f"{engine} exited {p.returncode}")
+        tail = log.read_text().strip().splitlines()[-3:]
+        raise RuntimeError(f"{engine} exited {p.returncode}: " + " | ".join(tail)[-300:])
     return seconds, json.loads(p.stdout.strip().splitlines()[-1])
 
 

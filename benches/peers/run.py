@@ -162,7 +162,8 @@ def bytewax_flow(data: Path, out: Path):
                 "pressure_avg": a[4] / a[0], "temp_avg": a[5] / a[0], **parts(start)}
 
     op.output("well_1m", op.map("agg_row", wo.down, agg_row), ArrowSink(out / "well_1m", AGG))
-    op.inspect("late", wo.late, lambda step, kv: print("LATE", kv, file=sys.stderr))
+    # Late readings would be dropped from their window: say so (the check then fails too).
+    op.inspect("late", wo.late, lambda step, kv: print("late reading dropped:", kv, file=sys.stderr))
     alerts = op.filter("spike", recs, lambda r: r["pressure_psi"] > 5000)
     op.output("alerts", op.map("alert_row", alerts, lambda r: {**r, **parts(r["ts"])}),
               ArrowSink(out / "alerts", ALERT))
@@ -214,30 +215,32 @@ def flink_sql(data: Path, out: Path) -> list[str]:
               f"(CASE WHEN SUBSTR(ts, {n} - 5, 1) = '-' THEN -1 ELSE 1 END) * "
               f"(CAST(SUBSTR(ts, {n} - 4, 2) AS INT) * 60 + CAST(SUBSTR(ts, {n} - 1, 2) AS INT)) END")
     et = f"TIMESTAMPADD(MINUTE, -({offset}), CAST(REPLACE({local}, 'T', ' ') AS TIMESTAMP(3)))"
-    parts = "year INT, month INT, day INT, `hour` INT"
+    parts = "`year` BIGINT, `month` BIGINT, `day` BIGINT, `hour` BIGINT"
     sink = ("'connector' = 'filesystem', 'format' = 'csv', 'path' = 'file://{}'")
+    watermark = os.environ.get("PEERS_FLINK_WATERMARK", "'1' DAY")
     return [
         # The filesystem source reads a subtask's files one after another: the second file of a
         # subtask starts again at the first hour, behind the watermark the first one left. The
         # watermark delay must therefore exceed the whole input's span (2 hours here), or most
-        # records are dropped as late (with 5 s, 3 in 4 were). 1 day: nothing is late, and the
-        # windows are emitted at the end of the input (the final watermark).
+        # records are dropped as late. 1 day: nothing is late, and the windows are emitted at the
+        # end of the input (the final watermark). PEERS_FLINK_WATERMARK (an SQL interval, e.g.
+        # '5' SECOND) overrides it, to see the drops.
         f"""CREATE TABLE r (
               device_id STRING, tenant STRING, seq BIGINT, ts STRING, barrels_per_s DOUBLE,
               pressure_psi DOUBLE, temp_c DOUBLE, status STRING,
               et AS {et},
-              WATERMARK FOR et AS et - INTERVAL '1' DAY
+              WATERMARK FOR et AS et - INTERVAL {watermark}
             ) WITH ('connector' = 'filesystem', 'path' = 'file://{data}/stream', 'format' = 'json',
                     'source.path.regex-pattern' = '.*\\.ndjson')""",
         f"""CREATE TABLE well_1m (
               window_start TIMESTAMP(3), tenant STRING, device_id STRING, readings BIGINT,
               barrels_per_s_avg DOUBLE, pressure_min DOUBLE, pressure_max DOUBLE,
               pressure_avg DOUBLE, temp_avg DOUBLE, {parts}
-            ) PARTITIONED BY (year, month, day, `hour`) WITH ({sink.format(out / 'well_1m')})""",
+            ) PARTITIONED BY (`year`, `month`, `day`, `hour`) WITH ({sink.format(out / 'well_1m')})""",
         f"""CREATE TABLE alerts (
               device_id STRING, tenant STRING, seq BIGINT, ts TIMESTAMP(3), barrels_per_s DOUBLE,
               pressure_psi DOUBLE, temp_c DOUBLE, status STRING, {parts}
-            ) PARTITIONED BY (year, month, day, `hour`) WITH ({sink.format(out / 'alerts')})""",
+            ) PARTITIONED BY (`year`, `month`, `day`, `hour`) WITH ({sink.format(out / 'alerts')})""",
     ]
 
 
@@ -278,7 +281,71 @@ def run_flink(data: Path, out: Path, parallelism: int) -> dict:
 # --- Pathway ----------------------------------------------------------------------------------
 
 def run_pathway(data: Path, out: Path, parallelism: int) -> dict:
-    raise NotImplementedError
+    """Pathway's Parquet and Delta writers need a licence key, and its CSV writer (pw.io.csv.write)
+    writes one file per table, unpartitioned. So the rows go through pw.io.python.write to CSV
+    files of our own, one per table and hour partition, each row with Pathway's `diff`
+    (+1 insert, -1 retraction) as the CSV writer has it."""
+    import csv
+    import datetime as dt
+
+    os.environ["PATHWAY_THREADS"] = str(parallelism)
+    import pathway as pw
+
+    class Reading(pw.Schema):
+        device_id: str
+        tenant: str
+        seq: int
+        ts: str
+        barrels_per_s: float
+        pressure_psi: float
+        temp_c: float
+        status: str
+
+    # "static": the files as they are now, in one commit; the source would otherwise wait for more.
+    r = pw.io.jsonlines.read(str(data / "stream" / "*.ndjson"), schema=Reading, mode="static")
+    # strptime's %z takes "+05:30" but not "Z".
+    r = r.with_columns(et=pw.this.ts.str.replace("Z", "+00:00").dt.strptime("%Y-%m-%dT%H:%M:%S.%f%z"),
+                       key=pw.this.tenant + "|" + pw.this.device_id)
+    agg = (r.windowby(pw.this.et, window=pw.temporal.tumbling(duration=dt.timedelta(minutes=1)),
+                      instance=pw.this.key,
+                      behavior=pw.temporal.exactly_once_behavior(shift=dt.timedelta(days=1)))
+           .reduce(window_start=pw.this._pw_window_start, tenant=pw.reducers.any(pw.this.tenant),
+                   device_id=pw.reducers.any(pw.this.device_id), readings=pw.reducers.count(),
+                   barrels_per_s_avg=pw.reducers.avg(pw.this.barrels_per_s),
+                   pressure_min=pw.reducers.min(pw.this.pressure_psi),
+                   pressure_max=pw.reducers.max(pw.this.pressure_psi),
+                   pressure_avg=pw.reducers.avg(pw.this.pressure_psi),
+                   temp_avg=pw.reducers.avg(pw.this.temp_c)))
+    alerts = r.filter(pw.this.pressure_psi > 5000).select(
+        pw.this.device_id, pw.this.tenant, pw.this.seq, ts=pw.this.et, barrels_per_s=pw.this.barrels_per_s,
+        pressure_psi=pw.this.pressure_psi, temp_c=pw.this.temp_c, status=pw.this.status)
+
+    class PartitionedCsv(pw.io.python.ConnectorObserver):
+        def __init__(self, dest: Path, cols: list[str], time_col: str):
+            self.dest, self.cols, self.time_col = dest, cols, time_col
+            self.files: dict = {}
+
+        def on_change(self, key, row, time, is_addition):
+            t = row[self.time_col]
+            part = (t.year, t.month, t.day, t.hour)
+            w = self.files.get(part)
+            if w is None:
+                d = self.dest.joinpath(*(f"{k}={v}" for k, v in zip(PARTS, part)))
+                d.mkdir(parents=True, exist_ok=True)
+                fh = open(d / "part-0.csv", "w", newline="")
+                w = self.files[part] = (fh, csv.writer(fh))
+                w[1].writerow(self.cols + ["time", "diff"])
+            w[1].writerow([row[c].isoformat() if c == self.time_col else row[c] for c in self.cols]
+                          + [time, 1 if is_addition else -1])
+
+        def on_end(self):
+            for fh, _ in self.files.values():
+                fh.close()
+
+    pw.io.python.write(agg, PartitionedCsv(out / "well_1m", AGG, "window_start"))
+    pw.io.python.write(alerts, PartitionedCsv(out / "alerts", ALERT, "ts"))
+    pw.run(monitoring_level=pw.MonitoringLevel.NONE)
+    return {"threads": parallelism}
 
 
 ENGINES = {"polars": run_polars, "bytewax": run_bytewax, "flink": run_flink, "pathway": run_pathway}
