@@ -264,8 +264,8 @@ def main() -> None:
             else:
                 print(f"flink, {c} core(s), start-up subtracted: not available (a run failed or the "
                       f"larger input was not slower)")
-    if args.keep:
-        print(f"data kept in {root}")
+    if args.keep or not all(ok for ok, _ in verdict.values()):
+        print(f"data and each peer run's log (DATA/ENGINE-Nc.log) kept in {root}")
     else:
         shutil.rmtree(root)
 
