@@ -71,14 +71,14 @@ def one_core(job) -> None:
         os.sched_setaffinity(0, before)
 
 
-def run_duckdb(data: Path) -> None:
+def run_duckdb(data: Path, threads: int = 1, name: str = "duck") -> None:
     import duckdb
 
-    out = data / "duck"
+    out = data / name
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir()
     con = duckdb.connect()
-    con.execute("SET threads = 1")
+    con.execute(f"SET threads = {threads}")
     con.execute("SET TimeZone = 'UTC'")
     con.execute(f"""
         CREATE TEMP TABLE r AS SELECT * FROM read_json('{data}/stream/*.ndjson',
