@@ -6,6 +6,7 @@ avg flow, avg temperature) + a pressure threshold alert -> zstd Parquet partitio
 (shardlake: benches/pipelines/compare.yaml, which also keeps a dead-letter table). Two more
 shardlake runs add the raw table (compare-raw.yaml), the second of them on the same readings
 with 1 in 1,000 records malformed, so the raw output and the dead-letter path are timed too.
+`--detectors` adds a 1-core run with detectors on every device (compare-detect.yaml).
 Each run is taken --repeat times, the engines in turns, and the fastest of each counts.
 DuckDB (1 thread) and the Python consumer run pinned to one core, as shardlake's 1-core rows.
 
@@ -152,6 +153,9 @@ def main() -> None:
     ap.add_argument("--agent", type=Path, default=REPO / "target/release/shardlake-agent")
     ap.add_argument("--repeat", type=int, default=3, help="runs per engine; the fastest counts")
     ap.add_argument("--skip-python", action="store_true", help="the Python consumer takes ~10 s per 1M records")
+    ap.add_argument("--detectors", action="store_true",
+                    help="one more shardlake run with zscore and stuck on 3 fields and silent "
+                         "(compare-detect.yaml), against the 1-core run")
     args = ap.parse_args()
     data = Path(tempfile.mkdtemp(prefix="shardlake-compare-"))
     bad = data / "with-bad-records"
@@ -169,6 +173,9 @@ def main() -> None:
         "shardlake, 1 core, +raw, 0.1% bad": lambda: run_shardlake(sl, bad, "0", "compare-raw.yaml"),
         "DuckDB, 1 thread": lambda: one_core(lambda: run_duckdb(data)),
     }
+    if args.detectors:
+        jobs["shardlake, 1 core, +detectors"] = lambda: run_shardlake(sl, data, "0",
+                                                                      "compare-detect.yaml")
     if not args.skip_python:
         jobs["Python json + pyarrow"] = lambda: one_core(lambda: run_python(data))
     # In turns, so a slow spell of the machine (they come and go within minutes) falls on
@@ -183,6 +190,10 @@ def main() -> None:
     for name, s in results.items():
         vs_py = f"{py / s:9.2f}x" if py else ""
         print(f"{name:36} {s:8.2f} {n / s:12,.0f} {duck / s:9.2f}x {vs_py:>10}")
+    if args.detectors:
+        base, det = results["shardlake, 1 core"], results["shardlake, 1 core, +detectors"]
+        print(f"detectors cost {100 * (det / base - 1):.1f}% of the 1-core time "
+              f"({n / base:,.0f} -> {n / det:,.0f} records/s)")
     shutil.rmtree(data)
 
 

@@ -552,7 +552,7 @@ impl Engine {
                     .map_err(|e| damaged(e, " is damaged"))?,
             );
         }
-        let series: usize = from.iter().flatten().map(HashMap::len).sum();
+        let series: usize = from.iter().flatten().map(|m| m.len()).sum();
         detect.inherit(child.clone(), from);
         tracing::info!(shard_id = %child, ?parents, series, "the child shard's detectors start from its parents' state");
         Ok(())
