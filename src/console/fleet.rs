@@ -570,6 +570,16 @@ mod tests {
         }
     }
 
+    /// What a worker reports: these devices and alerts.
+    fn changes(devices: Vec<DeviceRow>, alerts: Vec<AlertRow>) -> Changes {
+        Changes {
+            version: 1,
+            alerts_from: 1,
+            devices,
+            alerts,
+        }
+    }
+
     fn alert(id: &str, tenant: &str) -> AlertRow {
         AlertRow {
             id: id.into(),
@@ -586,12 +596,7 @@ mod tests {
     #[test]
     fn an_update_is_serialised_once_per_version_and_scope_and_finds_changes_by_version() {
         let f = Fleet::new();
-        let changes = |devices| Changes {
-            version: 1,
-            alerts_from: 1,
-            devices,
-            alerts: vec![],
-        };
+        let changes = |devices| changes(devices, vec![]);
         f.merge(changes(vec![
             device("a", "t1", 60_000_000, 1.0),
             device("b", "t2", 60_000_000, 1.0),
@@ -630,12 +635,6 @@ mod tests {
     #[test]
     fn newest_reading_wins_whichever_worker_sent_it() {
         let f = Fleet::new();
-        let changes = |devices, alerts| Changes {
-            version: 1,
-            alerts_from: 1,
-            devices,
-            alerts,
-        };
         f.merge(changes(vec![device("a", "t1", 120_000_000, 2.0)], vec![]));
         // Another worker, older reading of the same device (a lease moved).
         f.merge(changes(vec![device("a", "t1", 60_000_000, 1.0)], vec![]));
@@ -658,12 +657,7 @@ mod tests {
             "p".into(),
             vec![(minute(1), 1.0), (minute(2), 2.0), (minute(3), 3.0)],
         );
-        let changes = |devices| Changes {
-            version: 1,
-            alerts_from: 1,
-            devices,
-            alerts: vec![],
-        };
+        let changes = |devices| changes(devices, vec![]);
         f.merge(changes(vec![d]));
         let seen = f.since(0, &Scope::All, true).version;
         // A worker that caught up: minute 2 was read further, minutes 4 and 5 are new.
@@ -740,12 +734,6 @@ mod tests {
     #[test]
     fn an_update_serialised_from_the_state_is_the_view_since_the_readers_version() {
         let f = Fleet::new();
-        let changes = |devices, alerts| Changes {
-            version: 1,
-            alerts_from: 1,
-            devices,
-            alerts,
-        };
         f.merge(changes(
             vec![
                 device("a", "t1", 60_000_000, 1.0),
