@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::live::{AlertRow, Changes, DeviceRow, HISTORY_MINUTES, Live};
+use crate::live::{AlertRow, Changes, DeviceRow, HISTORY_MINUTES, Live, Seq};
 
 /// Alerts the console keeps in memory (older ones are in the alerts table).
 pub const ALERTS_KEPT: usize = 5000;
@@ -378,21 +378,12 @@ impl Serialize for HistoryRef<'_> {
                     let changed = (points.iter().zip(pv))
                         .filter(|(_, v)| **v > self.since)
                         .map(|(p, _)| p);
-                    m.serialize_entry(field, &Seq(std::cell::Cell::new(Some(changed))))?
+                    m.serialize_entry(field, &Seq::new(changed))?
                 }
                 None => m.serialize_entry(field, points)?,
             }
         }
         m.end()
-    }
-}
-
-/// An iterator serialised as a sequence (once).
-struct Seq<I>(std::cell::Cell<Option<I>>);
-
-impl<I: Iterator<Item = T>, T: Serialize> Serialize for Seq<I> {
-    fn serialize<S: serde::Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
-        ser.collect_seq(self.0.take().expect("serialised once"))
     }
 }
 
@@ -495,6 +486,9 @@ pub fn follow(feed: Feed, fleet: Arc<Fleet>) -> tokio::task::JoinHandle<()> {
         let mut since = 0u64;
         let mut failing = false;
         loop {
+            // The gap is counted from the ask, not from the merge: a large answer (every
+            // device changed) is not followed by a full gap on top of its own time.
+            let asked = tokio::time::Instant::now();
             let changes = match &feed {
                 Feed::InProcess(live) => {
                     let woken = live.changed.notified();
@@ -549,7 +543,7 @@ pub fn follow(feed: Feed, fleet: Arc<Fleet>) -> tokio::task::JoinHandle<()> {
                 }
             }
             if matches!(feed, Feed::Remote(_)) {
-                tokio::time::sleep(POLL).await;
+                tokio::time::sleep_until(asked + POLL).await;
             }
         }
     })

@@ -456,10 +456,12 @@ async fn events(
         None => 0,
         Some(s) => c.version_of(s).unwrap_or(u64::MAX),
     };
+    // The gap between two events is counted from the previous one: a reader slow to take a
+    // large event (every device changed) does not wait a full gap more on top.
     let stream =
-        futures::stream::unfold((c, v, since, true), |(c, v, mut since, first)| async move {
-            if !first {
-                tokio::time::sleep(fleet::POLL).await;
+        futures::stream::unfold((c, v, since, None), |(c, v, mut since, sent)| async move {
+            if let Some(sent) = sent {
+                tokio::time::sleep_until(sent + fleet::POLL).await;
             }
             let fleet = c.fleet.clone();
             loop {
@@ -474,7 +476,10 @@ async fn events(
                     let e = Event::default()
                         .event("reset")
                         .data("start again from /api/fleet");
-                    return Some((Ok(e), (c, v, view.version, false)));
+                    return Some((
+                        Ok(e),
+                        (c, v, view.version, Some(tokio::time::Instant::now())),
+                    ));
                 }
                 if view.version > since {
                     let id = view.version;
@@ -483,7 +488,7 @@ async fn events(
                             .id(format!("{}.{id}", c.epoch))
                             .event("changes")
                             .data(&*view.json);
-                        return Some((Ok(e), (c, v, id, false)));
+                        return Some((Ok(e), (c, v, id, Some(tokio::time::Instant::now()))));
                     }
                     // Changes of other tenants only.
                     since = id;
