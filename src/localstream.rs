@@ -39,6 +39,16 @@ pub fn shard_for_key(partition_key: &str, shards: usize) -> usize {
     (((hash >> 64) * shards as u128) >> 64) as usize
 }
 
+/// The hash keys (inclusive) whose partition keys [`shard_for_key`] puts on shard `i` of
+/// `shards`: the shard's hash-key range, as Kinesis gives each shard one.
+pub fn hash_range(i: usize, shards: usize) -> (u128, u128) {
+    // Shard i holds the keys whose top 64 bits h have floor(h * shards / 2^64) = i.
+    let first_top = |i: usize| ((i as u128) << 64).div_ceil(shards as u128);
+    let start = first_top(i) << 64;
+    let end = ((first_top(i + 1) - 1) << 64) | u128::from(u64::MAX);
+    (start, end)
+}
+
 /// Creates the stream (or checks an existing one has the same shard count).
 pub fn create(dir: &Path, shards: usize) -> io::Result<StreamMeta> {
     if shards == 0 {
@@ -138,6 +148,30 @@ impl Drop for LocalStreamWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_is_in_the_hash_range_of_its_shard_and_no_other() {
+        for shards in [1, 2, 3, 4, 7] {
+            let ranges: Vec<_> = (0..shards).map(|i| hash_range(i, shards)).collect();
+            assert_eq!(ranges[0].0, 0);
+            assert_eq!(ranges[shards - 1].1, u128::MAX);
+            for w in ranges.windows(2) {
+                assert_eq!(w[0].1 + 1, w[1].0, "{shards} shards: contiguous");
+            }
+            for d in 0..2000 {
+                let key = format!("acme/well-{d:04}");
+                let hash = u128::from_be_bytes(Md5::digest(key.as_bytes()).into());
+                let inside: Vec<usize> = (0..shards)
+                    .filter(|&i| (ranges[i].0..=ranges[i].1).contains(&hash))
+                    .collect();
+                assert_eq!(
+                    inside,
+                    vec![shard_for_key(&key, shards)],
+                    "{key} over {shards}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn keys_spread_over_shards_stably() {

@@ -893,6 +893,23 @@ pub struct DetectFile {
     pub after: Option<String>,
     #[serde(default)]
     pub max_per_second: Option<f64>,
+    /// `silent`: the devices expected to report, so one that never did is found too.
+    #[serde(default)]
+    pub known: Option<KnownFile>,
+}
+
+/// `alerts[].detect.known`: a CSV file of the devices a `silent` rule expects.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KnownFile {
+    /// The CSV file, relative to the pipeline file: a header line, then a device a line. Its
+    /// columns: the schema's key, each `by` column of the rule, and what `partition_key` names.
+    pub file: String,
+    /// How a device's records are keyed on the stream, from the file's columns (`{column}`;
+    /// default: `identity.key`). It says which shard, and so which worker, watches a device
+    /// that never reported: the one whose hash-key range holds the key's MD5, as Kinesis routes.
+    #[serde(default)]
+    pub partition_key: Option<String>,
 }
 
 /// A record schema file (`schemas/*.yaml`).

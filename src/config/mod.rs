@@ -25,10 +25,10 @@ pub use load::{Env, expand, load_file, process_env};
 pub use model::{
     Aggregation, AlertRule, Check, Checkpoints, CommandAction, CommandsBroker, Compaction,
     Compression, Console, ConsoleAuth, Detector, DetectorKind, Endpoints, EventTime, FanOut, Field,
-    Identity, Issuer, IssuerKind, KeyPart, KinesisSource, LakeLocation, LeaseTable, Notifier,
-    NotifyTarget, ObjectFormat, ObjectNotifications, ObjectSource, ObjectStoreAt, Outputs,
-    Pipeline, QueryLimits, RESERVED_COLUMNS, RecordSchema, RoleGroups, Rollover, S3Location,
-    STORAGE_CLASSES, Secret, Source, StartAt, TableFormat,
+    Identity, Issuer, IssuerKind, KeyPart, KinesisSource, KnownDevices, LakeLocation, LeaseTable,
+    Notifier, NotifyTarget, ObjectFormat, ObjectNotifications, ObjectSource, ObjectStoreAt,
+    Outputs, Pipeline, QueryLimits, RESERVED_COLUMNS, RecordSchema, RoleGroups, Rollover,
+    S3Location, SERIES_SEP, STORAGE_CLASSES, Secret, Source, StartAt, TableFormat, hash_key,
 };
 pub use problem::{ConfigError, Problem, Problems, is_ident, parse_bytes};
 pub use yaml_index::LineIndex;

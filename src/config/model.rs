@@ -475,6 +475,27 @@ pub struct Detector {
     pub warmup: u64,
     /// Microseconds of event time between two alerts of one series.
     pub cooldown: i64,
+    /// `silent`: the devices expected to report (`known:`).
+    pub known: Option<std::sync::Arc<KnownDevices>>,
+}
+
+/// Joins a series key's parts: the device key, then each `by` column's value.
+pub const SERIES_SEP: char = '\u{1f}';
+
+/// The devices a `silent` rule expects, read from its `known:` file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KnownDevices {
+    pub file: std::path::PathBuf,
+    /// Per device: its series key (the key's value, then each `by` column's, joined by
+    /// [`SERIES_SEP`]) and the hash key of its partition key (MD5, big-endian, as Kinesis
+    /// routes a record to the shard whose hash-key range holds it).
+    pub devices: Vec<(String, u128)>,
+}
+
+/// The 128-bit hash key Kinesis routes a partition key by: its MD5, big-endian.
+pub fn hash_key(partition_key: &str) -> u128 {
+    use md5::{Digest, Md5};
+    u128::from_be_bytes(Md5::digest(partition_key.as_bytes()).into())
 }
 
 /// The detector kinds and their parameters. Durations are microseconds of event time.

@@ -25,6 +25,10 @@
 //!   fleet silent: the watermark waits for the slowest shard. The same gap is also found
 //!   when the next reading arrives, so either way the alert is the same row (event time =
 //!   last reading + `after`).
+//!   With `known:` (a CSV file of the devices expected to report), a listed device that
+//!   never reported is found too: each shard watches the listed devices whose partition key
+//!   (`known.partition_key`, by default `identity.key`) hashes into its hash-key range, from
+//!   its first record's event time on (see "Known devices" below).
 //! - `rate`: |Δvalue| per second of event time between consecutive readings above
 //!   `max_per_second`.
 //!
@@ -64,6 +68,24 @@
 //! when this worker read them, else from the snapshots their checkpoints name (a lease
 //! store reads the parents' items); it inherits at its first records or its end, and its
 //! own snapshot holds what it inherited, so a restart reads the same.
+//!
+//! # Known devices
+//!
+//! Kinesis puts a record on the shard whose hash-key range holds the MD5 of its partition
+//! key (the local stream does the same over equal ranges), so a listed device's shard is
+//! known before it ever reports: the shard, and so the worker holding its lease, is the one
+//! that watches it. At a shard's first records in a process, every listed device in its range
+//! that it has no series for becomes a `silent` series with no readings, watched from that
+//! first record's event time: the watermark finds it silent `after` later (no warm-up:
+//! it never reported), or its first reading finds the same gap, with the same row
+//! (`baseline: {last_seen: null, watched_since}`). The seeded series are state like any
+//! other: in the snapshot, restored, never watched twice. A listed device that a parent
+//! shard had learned (inherited) moves into the child whose range holds it at the child's
+//! first records, so a listed device that stops exactly at a split is found silent by the
+//! watermark too. Limits: a shard that never gets a record watches nobody (its first record
+//! is the clock's start); a partition key shape that differs from the one the devices'
+//! records are put with watches a device on a shard it never reports to, which then calls
+//! it silent (the shape must be the IoT rule's `PartitionKey`, as for `identity:`).
 //!
 //! # Bounded memory
 //!
@@ -109,6 +131,8 @@ pub struct Detectors {
     evicted: u64,
     /// No `silent` series is due before this watermark (a lower bound; `None`: none tracked).
     silent_due: Option<i64>,
+    /// Each shard's hash-key range (inclusive), for the `known:` devices of `silent` rules.
+    ranges: HashMap<Arc<str>, (u128, u128)>,
 }
 
 #[derive(Default)]
@@ -120,6 +144,9 @@ struct ShardState {
     inherited: Vec<HashMap<Box<str>, Series>>,
     /// Changed since the last snapshot.
     dirty: bool,
+    /// The `known:` devices in its hash-key range are watched (done at its first records in
+    /// this process).
+    seeded: bool,
 }
 
 impl ShardState {
@@ -128,6 +155,7 @@ impl ShardState {
             series: vec![HashMap::new(); rules],
             inherited: vec![HashMap::new(); rules],
             dirty: false,
+            seeded: false,
         }
     }
 
@@ -206,7 +234,7 @@ struct RuleSnapshot {
     inherited: Vec<(String, Series)>,
 }
 
-const SEP: char = '\u{1f}';
+use crate::config::SERIES_SEP as SEP;
 
 /// Series by key: hashbrown's map for `entry_ref` (one lookup per reading, the key copied only
 /// for a new series) and its foldhash hasher, several times faster than SipHash on short
@@ -230,7 +258,63 @@ impl Detectors {
             tick: 0,
             evicted: 0,
             silent_due: None,
+            ranges: HashMap::new(),
         })
+    }
+
+    /// Whether a rule watches `known:` devices: then each shard needs its hash-key range.
+    pub fn wants_hash_ranges(&self) -> bool {
+        self.rules.iter().any(|r| r.detector.known.is_some())
+    }
+
+    /// A shard's hash-key range (inclusive): the `known:` devices whose partition key falls
+    /// in it are watched on it.
+    pub fn set_hash_range(&mut self, shard: Arc<str>, range: (u128, u128)) {
+        self.ranges.insert(shard, range);
+    }
+
+    /// At a shard's first records in this process (`t0`: the first one's event time): every
+    /// `known:` device in its hash-key range becomes one of its `silent` series. One it has
+    /// (restored, or seen) is kept; one a parent shard had (inherited) moves in, with what
+    /// was learned of it, so a device that stops exactly at a split is still found silent by
+    /// the watermark; a device new to the list is watched from `t0`, as never reported.
+    fn seed(&mut self, shard: &Arc<str>, t0: i64) {
+        let Some(st) = self.shards.get_mut(shard) else {
+            return;
+        };
+        if std::mem::replace(&mut st.seeded, true) {
+            return;
+        }
+        let Some(&(lo, hi)) = self.ranges.get(shard) else {
+            return;
+        };
+        let mut added = 0;
+        for (i, rule) in self.rules.iter().enumerate() {
+            let (DetectorKind::Silent { after }, Some(known)) =
+                (&rule.detector.kind, &rule.detector.known)
+            else {
+                continue;
+            };
+            for (key, hash) in &known.devices {
+                if *hash < lo || *hash > hi || st.series[i].contains_key(key.as_str()) {
+                    continue;
+                }
+                let s = match st.inherited[i].remove(key.as_str()) {
+                    Some(s) => s,
+                    None => {
+                        added += 1;
+                        Series::new(&rule.detector.kind, t0)
+                    }
+                };
+                if let State::Silent { fired: false } = s.state {
+                    let due = s.last + after;
+                    self.silent_due = Some(self.silent_due.map_or(due, |d| d.min(due)));
+                }
+                st.series[i].insert(key.as_str().into(), s);
+                st.dirty = true;
+            }
+        }
+        self.len += added;
     }
 
     pub fn rule_name(&self, i: usize) -> &str {
@@ -444,6 +528,9 @@ impl Detectors {
         self.start(shard.clone());
         let key_col = utf8(batch, &self.key);
         let times = super::event_times(batch, event_col);
+        if let Some(t0) = (0..n).find(|&r| key_col.is_valid(r) && times.is_valid(r)) {
+            self.seed(shard, times.value(t0));
+        }
         let mut key = String::new();
         let mut added = 0usize;
         for (i, rule) in self.rules.iter().enumerate() {
@@ -561,7 +648,10 @@ impl Detectors {
                     }
                     *fired = true;
                     st.dirty = true;
-                    if s.n < rule.detector.warmup.max(1) || cooling(&rule.detector, s, due) {
+                    // A `known:` device that never reported (n = 0) needs no warm-up.
+                    if (s.n > 0 && s.n < rule.detector.warmup.max(1))
+                        || cooling(&rule.detector, s, due)
+                    {
                         continue;
                     }
                     s.alerted = Some(due);
@@ -572,7 +662,7 @@ impl Detectors {
                         rule: i,
                         event_time: due,
                         key: device.to_string(),
-                        detail: silent_detail(series, s.last, after),
+                        detail: silent_detail(series, s.last, after, s.n == 0),
                     });
                 }
             }
@@ -849,13 +939,18 @@ fn step(d: &crate::config::Detector, s: &mut Series, ts: i64, x: f64) -> Option<
         (DetectorKind::Silent { after }, State::Silent { fired }) => {
             // A gap longer than `after` found by the reading that ends it: the same alert
             // the watermark raises when it passes first.
+            // A `known:` device that never reported (n = 0) is watched from `last` without a
+            // warm-up; any other series' first reading is its `last`, so it finds no gap.
             if *fired {
                 *fired = false;
-            } else if !first && ts > s.last + after && s.n >= d.warmup.max(1) {
+            } else if ts > s.last + after && (first || s.n >= d.warmup.max(1)) {
                 hit = Some(Hit {
                     at: s.last + after,
                     value: f64::NAN,
-                    baseline: json!({"last_seen": fmt_us(s.last)}),
+                    baseline: match first {
+                        true => json!({"last_seen": Value::Null, "watched_since": fmt_us(s.last)}),
+                        false => json!({"last_seen": fmt_us(s.last)}),
+                    },
                     score: (ts - s.last) as f64 / 1e6,
                     threshold: *after as f64 / 1e6,
                     held_us: *after,
@@ -966,8 +1061,10 @@ fn detail(
         by.iter()
             .map(|b| if b.is_null(row) { "" } else { b.value(row) }),
     );
-    if h.value.is_nan() && h.baseline.get("last_seen").is_some() {
-        return silent_detail(series, h.at - h.held_us, h.held_us);
+    if h.value.is_nan()
+        && let Some(last_seen) = h.baseline.get("last_seen")
+    {
+        return silent_detail(series, h.at - h.held_us, h.held_us, last_seen.is_null());
     }
     json!({
         "series": series,
@@ -980,12 +1077,17 @@ fn detail(
     .to_string()
 }
 
-/// The same row whether the watermark or the next reading found the silence.
-fn silent_detail(series: Value, last: i64, after: i64) -> String {
+/// The same row whether the watermark or the next reading found the silence. `never`: a
+/// `known:` device that never reported, watched since `last`.
+fn silent_detail(series: Value, last: i64, after: i64, never: bool) -> String {
+    let baseline = match never {
+        true => json!({"last_seen": Value::Null, "watched_since": fmt_us(last)}),
+        false => json!({"last_seen": fmt_us(last)}),
+    };
     json!({
         "series": series,
         "value": Value::Null,
-        "baseline": {"last_seen": fmt_us(last)},
+        "baseline": baseline,
         "score": Value::Null,
         "threshold": after as f64 / 1e6,
         "held_for_s": after as f64 / 1e6,

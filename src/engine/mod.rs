@@ -240,6 +240,19 @@ impl Engine {
         self.live = Some((live, cols));
     }
 
+    /// Whether shards need their hash-key ranges ([`Engine::set_hash_range`]): a `silent`
+    /// rule watches `known:` devices.
+    pub fn wants_hash_ranges(&self) -> bool {
+        self.detect.as_ref().is_some_and(|d| d.wants_hash_ranges())
+    }
+
+    /// A shard's hash-key range, for the `known:` devices of `silent` rules.
+    pub fn set_hash_range(&mut self, shard: Arc<str>, range: (u128, u128)) {
+        if let Some(d) = &mut self.detect {
+            d.set_hash_range(shard, range);
+        }
+    }
+
     /// Starts tracking a shard (`parents`: every shard it was split or merged from); returns
     /// the position to read it from.
     pub fn add_shard(&mut self, shard: Arc<str>, parents: &[String]) -> Position {

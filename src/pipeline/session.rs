@@ -167,6 +167,11 @@ impl<'w> Session<'w> {
             }
             reading += 1;
             let from = engine.add_shard(shard.clone(), parents);
+            if engine.wants_hash_ranges()
+                && let Some(range) = worker.source.hash_range(shard).await?
+            {
+                engine.set_hash_range(shard.clone(), range);
+            }
             tracing::info!(shard_id = %shard, from = %show(&from), "reading shard");
             let opened = worker.source.open_shard(shard.clone(), &from);
             tasks.spawn(

@@ -118,6 +118,19 @@ impl Stream {
         }
     }
 
+    /// A shard's hash-key range (inclusive; None where a source has none: objects).
+    pub async fn hash_range(&self, shard: &str) -> Result<Option<(u128, u128)>, SourceError> {
+        Ok(match self {
+            Self::Local(path, _) => {
+                let shards = local::list_shards(path)?;
+                (shards.iter().position(|s| &**s == shard))
+                    .map(|i| crate::localstream::hash_range(i, shards.len()))
+            }
+            Self::Kinesis(stream) => stream.hash_range(shard).await?,
+            Self::Objects(_) => None,
+        })
+    }
+
     /// Every shard, each with its parents still in the stream.
     pub async fn list_shards(&self) -> Result<Vec<(Arc<str>, Vec<String>)>, SourceError> {
         Ok(match self {

@@ -10,6 +10,7 @@ simulator writes the local stream, `shardlake run --drain` reads it, DuckDB read
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -437,3 +438,57 @@ def test_a_device_keeps_its_detector_state_across_a_split_and_a_merge(tmp_path, 
     extra = sorted(set(got) - set(want))[:5]
     assert same_alerts(got, want), (
         f"{len(got)} vs {len(want)} alerts; missing {missing}; extra {extra}")
+
+
+def shard_of(partition_key: str, shards: int) -> int:
+    """The shard a local stream (like Kinesis) puts a partition key on: its MD5's top bits."""
+    h = int.from_bytes(hashlib.md5(partition_key.encode()).digest(), "big")
+    return ((h >> 64) * shards) >> 64
+
+
+def test_a_known_device_that_never_reports_is_found_silent_once(tmp_path, shardlake_bin):
+    """`known:` lists the wells expected to report: the ones that never did are silent too,
+    each found once, by the worker whose shard their partition key hashes to, and not again
+    after a restart."""
+    devices = ["on-0", "on-1", "on-2", "on-3", "stops", "never-a", "never-b", "never-c"]
+    (tmp_path / "wells.csv").write_text(
+        "tenant,device_id,site\n" + "".join(f"acme,{d},north\n" for d in devices))
+    rule = ("\n  - name: quiet\n    detect:\n      kind: silent\n      after: 5m\n"
+            f"      known: {{file: {tmp_path / 'wells.csv'}, partition_key: \"{{tenant}}/{{device_id}}\"}}\n")
+    pipeline = detector_pipeline(tmp_path / "known.yaml", rules=rule, max_bytes="1MiB",
+                                 max_age="1s")
+    shards = [[], []]
+    for d in devices:
+        if d.startswith("on-"):
+            shards[shard_of(f"acme/{d}", 2)] += readings(d, range(0, 30))
+        elif d == "stops":
+            shards[shard_of(f"acme/{d}", 2)] += readings(d, range(0, 10))
+    never = [d for d in devices if d.startswith("never-")]
+    assert {shard_of(f"acme/{d}", 2) for d in never} == {0, 1}, "never-* on both shards"
+    assert all(shards), "both shards have readings"
+    write_stream(tmp_path / "stream", shards)
+    env = pipeline_env(tmp_path)
+    check_run([str(shardlake_bin), "run", str(pipeline), "--drain"], env=env, timeout=120)
+    con = duck()
+    got = alerts(con, tmp_path / "lake")
+    start_us = 1767607200 * 1_000_000  # 10:00:00, each shard's first reading
+    assert [(r, k, key, t) for r, k, t, key, _ in got] == sorted(
+        [("quiet", "silent", d, start_us + 300 * 1_000_000) for d in never]
+        + [("quiet", "silent", "stops", start_us + (9 * 60 + 50 + 300) * 1_000_000)]), got
+    for _, _, _, key, detail in got:
+        base = json.loads(detail)["baseline"]
+        if key.startswith("never-"):
+            assert base["last_seen"] is None and base["watched_since"].startswith(
+                "2026-01-05T10:00:00"), base
+        else:
+            assert base["last_seen"].startswith("2026-01-05T10:09:50"), base
+
+    # A restart with more readings: nobody is found silent twice, and never-a, reporting at
+    # last, is not silent again while it reports.
+    more = [[], []]
+    for d in devices:
+        if d.startswith("on-") or d == "never-a":
+            more[shard_of(f"acme/{d}", 2)] += readings(d, range(30, 40), seq0=1000)
+    write_stream(tmp_path / "stream", more)
+    check_run([str(shardlake_bin), "run", str(pipeline), "--drain"], env=env, timeout=120)
+    assert alerts(con, tmp_path / "lake") == got

@@ -2,10 +2,13 @@
 //! predicates and a detector's `value`/`where` are SQL, checked by the engine.
 
 use std::collections::HashSet;
+use std::path::Path;
+use std::sync::Arc;
 
-use crate::config::file::{AlertFile, DetectFile};
+use crate::config::file::{AlertFile, DetectFile, KnownFile};
 use crate::config::{
-    Aggregation, AlertRule, Check, Detector, DetectorKind, Problems, RecordSchema,
+    Aggregation, AlertRule, Check, Detector, DetectorKind, KnownDevices, Problems, RecordSchema,
+    SERIES_SEP, hash_key,
 };
 
 const KINDS: &str = "zscore, mad, cusum, stuck, silent or rate";
@@ -17,6 +20,7 @@ pub(super) fn resolve_alerts(
     files: &[AlertFile],
     aggregations: &[Aggregation],
     schema: Option<&RecordSchema>,
+    around: Around,
 ) -> (Vec<AlertRule>, HashSet<String>) {
     let mut alerts = Vec::new();
     let mut rule_names = HashSet::new();
@@ -60,7 +64,7 @@ pub(super) fn resolve_alerts(
                     );
                     continue;
                 }
-                match resolve_detector(p, &format!("alerts[{i}].detect"), d, schema) {
+                match resolve_detector(p, &format!("alerts[{i}].detect"), d, schema, around) {
                     Some(d) => Check::Detect(d),
                     None => continue,
                 }
@@ -93,11 +97,20 @@ pub(super) fn resolve_alerts(
 }
 
 /// Checks one `detect:`; `None` (with the problems added) when it cannot run.
+/// What a rule's files are read against: the pipeline file's directory, and the partition
+/// key's shape `identity:` gives (the default of a `known:` list's).
+#[derive(Clone, Copy)]
+pub(super) struct Around<'a> {
+    pub dir: &'a Path,
+    pub identity_key: Option<&'a str>,
+}
+
 fn resolve_detector(
     p: &mut Problems,
     at: &str,
     d: &DetectFile,
     schema: Option<&RecordSchema>,
+    around: Around,
 ) -> Option<Detector> {
     let before = p.list.len();
     let field = |name: &str| format!("{at}.{name}");
@@ -141,13 +154,14 @@ fn resolve_detector(
         ("epsilon", d.epsilon.is_some()),
         ("after", d.after.is_some()),
         ("max_per_second", d.max_per_second.is_some()),
+        ("known", d.known.is_some()),
     ];
     let own: &[&str] = match d.kind.as_str() {
         "zscore" => &["half_life", "threshold"],
         "mad" => &["window", "threshold"],
         "cusum" => &["k", "h", "half_life"],
         "stuck" => &["for", "readings", "epsilon"],
-        "silent" => &["after"],
+        "silent" => &["after", "known"],
         "rate" => &["max_per_second"],
         other => {
             p.add(
@@ -352,6 +366,12 @@ fn resolve_detector(
         .as_ref()
         .map(|t| p.duration(&field("cooldown"), t).as_micros() as i64)
         .unwrap_or(0);
+    let known = match (&d.known, schema.and_then(|s| s.key.as_deref())) {
+        (Some(k), Some(key)) if silent => {
+            read_known(p, &field("known"), k, key, &d.by, around).map(Arc::new)
+        }
+        _ => None,
+    };
     (p.list.len() == before).then(|| Detector {
         kind,
         value: d.value.clone(),
@@ -359,5 +379,156 @@ fn resolve_detector(
         by: d.by.clone(),
         warmup,
         cooldown,
+        known,
     })
+}
+
+/// Reads a `silent` rule's `known:` file: each device's series key and the hash key of its
+/// partition key.
+fn read_known(
+    p: &mut Problems,
+    at: &str,
+    k: &KnownFile,
+    key: &str,
+    by: &[String],
+    around: Around,
+) -> Option<KnownDevices> {
+    let file = around.dir.join(&k.file);
+    let at_file = format!("{at}.file");
+    let text = match std::fs::read_to_string(&file) {
+        Ok(t) => t,
+        Err(e) => {
+            p.add(
+                &at_file,
+                format!("cannot read `{}`: {e}", file.display()),
+                "write the path of a CSV file of the devices (relative to the pipeline file): a header line, then a device a line",
+            );
+            return None;
+        }
+    };
+    let mut lines = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty());
+    let Some((_, header)) = lines.next() else {
+        p.add(
+            &at_file,
+            format!("`{}` is empty", file.display()),
+            format!("write a header line (e.g. `{key}`), then a device a line"),
+        );
+        return None;
+    };
+    let columns: Vec<&str> = header.split(',').map(str::trim).collect();
+    let column = |p: &mut Problems, name: &str, why: &str| {
+        let found = columns.iter().position(|c| *c == name);
+        if found.is_none() {
+            p.add(
+                &at_file,
+                format!(
+                    "`{}` has no column `{name}` ({why}); its header: {}",
+                    file.display(),
+                    columns.join(", ")
+                ),
+                format!("add a `{name}` column"),
+            );
+        }
+        found
+    };
+    let series: Vec<Option<usize>> = std::iter::once(column(p, key, "the schema's key"))
+        .chain(by.iter().map(|b| column(p, b, "a `by` column of the rule")))
+        .collect();
+    let at_key = format!("{at}.partition_key");
+    let Some(shape) = k.partition_key.as_deref().or(around.identity_key) else {
+        p.add(
+            &at_key,
+            "which shard watches a device that never reported depends on its partition key, and nothing says how it is made",
+            "write how the devices' records are keyed on the stream from the file's columns, e.g. `partition_key: \"{tenant}/{device_id}\"` (the IoT rule's PartitionKey)",
+        );
+        return None;
+    };
+    // The shape: text as written, `{column}` for a column's value.
+    enum Part<'a> {
+        Text(&'a str),
+        Column(usize),
+    }
+    let mut parts = Vec::new();
+    let mut rest = shape;
+    while !rest.is_empty() {
+        match rest.find('{') {
+            Some(0) => {
+                let Some(end) = rest.find('}') else {
+                    p.add(
+                        &at_key,
+                        format!("`{shape}`: `{{` without `}}`"),
+                        "write columns as `{name}`, e.g. `{tenant}/{device_id}`",
+                    );
+                    return None;
+                };
+                parts.push(Part::Column(column(
+                    p,
+                    rest[1..end].trim(),
+                    "the partition key names it",
+                )?));
+                rest = &rest[end + 1..];
+            }
+            Some(i) => {
+                parts.push(Part::Text(&rest[..i]));
+                rest = &rest[i..];
+            }
+            None => {
+                parts.push(Part::Text(rest));
+                rest = "";
+            }
+        }
+    }
+    let series: Vec<usize> = series.into_iter().collect::<Option<_>>()?;
+    let mut devices = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for (n, line) in lines {
+        if line.contains('"') {
+            p.add(
+                &at_file,
+                format!(
+                    "`{}` line {}: quoted values are not read",
+                    file.display(),
+                    n + 1
+                ),
+                "write plain comma-separated values (device ids and tenants need no quotes)",
+            );
+            return None;
+        }
+        let values: Vec<&str> = line.split(',').map(str::trim).collect();
+        if values.len() != columns.len() || values[series[0]].is_empty() {
+            p.add(
+                &at_file,
+                format!(
+                    "`{}` line {}: {} values under a header of {}{}",
+                    file.display(),
+                    n + 1,
+                    values.len(),
+                    columns.len(),
+                    if values.len() == columns.len() {
+                        ", and no device key"
+                    } else {
+                        ""
+                    }
+                ),
+                "write one value per column on every line, the device key never empty",
+            );
+            return None;
+        }
+        let series_key = (series.iter().map(|&c| values[c]))
+            .collect::<Vec<_>>()
+            .join(&SERIES_SEP.to_string());
+        let partition_key: String = (parts.iter())
+            .map(|part| match part {
+                Part::Text(text) => *text,
+                Part::Column(c) => values[*c],
+            })
+            .collect();
+        if seen.insert(series_key.clone()) {
+            devices.push((series_key, hash_key(&partition_key)));
+        }
+    }
+    Some(KnownDevices { file, devices })
 }

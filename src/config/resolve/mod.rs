@@ -47,7 +47,16 @@ pub(super) fn resolve_pipeline(
     );
     outputs::check_table_names(p, &f.outputs);
     let aggregations = outputs::resolve_aggregations(p, &f.outputs);
-    let (alerts, rule_names) = alerts::resolve_alerts(p, &f.alerts, &aggregations, schema.as_ref());
+    let (alerts, rule_names) = alerts::resolve_alerts(
+        p,
+        &f.alerts,
+        &aggregations,
+        schema.as_ref(),
+        alerts::Around {
+            dir: path.parent().unwrap_or(Path::new(".")),
+            identity_key: f.identity.as_ref().map(|i| i.key.as_str()),
+        },
+    );
     if matches!(source, super::Source::Objects(_)) {
         for r in alerts
             .iter()

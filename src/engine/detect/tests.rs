@@ -11,6 +11,7 @@ fn detector(kind: DetectorKind, warmup: u64, cooldown: i64) -> Detector {
         by: Vec::new(),
         warmup,
         cooldown,
+        known: None,
     }
 }
 
@@ -539,4 +540,131 @@ fn a_merge_takes_both_parents_and_the_newer_of_a_series_on_both() {
     let inherited = &d.shards["c"].inherited[0];
     assert_eq!(inherited.len(), 3);
     assert_eq!(inherited["m"].last, 9 * S, "the series seen last wins");
+}
+
+/// A `silent` rule (after 60 s) that expects `known` devices, each with the hash key given.
+fn silent_known(known: &[(&str, u128)]) -> Vec<DetectRule> {
+    let mut r = rules(vec![("quiet", silent())]);
+    r[0].detector.known = Some(Arc::new(crate::config::KnownDevices {
+        file: "devices.csv".into(),
+        devices: known.iter().map(|(k, h)| (k.to_string(), *h)).collect(),
+    }));
+    r
+}
+
+const HALF: u128 = u128::MAX / 2;
+
+#[test]
+fn a_known_device_that_never_reports_is_silent_once_on_the_shard_its_key_hashes_to() {
+    let known = [
+        ("a", 1),
+        ("b", 2),
+        ("c", u128::MAX - 1),
+        ("x", u128::MAX - 2),
+    ];
+    let (s0, s1): (Arc<str>, Arc<str>) = ("s0".into(), "s1".into());
+    let fresh = || {
+        let mut d = Detectors::new(silent_known(&known), Some("device_id"), 100).unwrap();
+        d.set_hash_range(s0.clone(), (0, HALF));
+        d.set_hash_range(s1.clone(), (HALF + 1, u128::MAX));
+        d
+    };
+    // a reports on s0 and c on s1, from 0 s to 90 s; b and x never do.
+    let on = |dev: &'static str| -> Vec<(&str, i64, f64)> {
+        (0..10).map(|t| (dev, t * 10 * S, 1.0)).collect()
+    };
+    let mut d = fresh();
+    assert!(d.observe(&s0, &batch(&on("a")), 1).is_empty());
+    assert!(d.observe(&s1, &batch(&on("c")), 1).is_empty());
+    let snap = d.snapshots();
+    assert!(
+        d.watermark(60 * S).is_empty(),
+        "watched from 0 s: due at 60 s"
+    );
+    let raised = d.watermark(61 * S);
+    let got: Vec<(&str, i64)> = raised
+        .iter()
+        .map(|r| (r.key.as_str(), r.event_time))
+        .collect();
+    assert_eq!(
+        got,
+        vec![("b", 60 * S), ("x", 60 * S)],
+        "once each, each on its own shard"
+    );
+    let detail: Value = serde_json::from_str(&raised[0].detail).unwrap();
+    assert_eq!(detail["baseline"]["last_seen"], Value::Null, "{detail}");
+    assert!(detail["baseline"]["watched_since"].is_string(), "{detail}");
+    assert!(
+        d.watermark(100 * S).is_empty(),
+        "not again while it stays silent"
+    );
+    assert_eq!(d.len(), 4);
+
+    // The same silence found by b's first reading, without the watermark: the same row.
+    let mut e = fresh();
+    e.observe(&s0, &batch(&on("a")), 1);
+    let late = e.observe(&s0, &batch(&[("b", 500 * S, 1.0)]), 1);
+    assert_eq!(late.len(), 1, "{late:?}");
+    assert_eq!(
+        (late[0].event_time, &late[0].detail),
+        (60 * S, &raised[0].detail)
+    );
+    // A known device that reports in time is not silent.
+    let mut f = fresh();
+    f.observe(&s0, &batch(&[("a", 0, 1.0), ("b", 30 * S, 1.0)]), 1);
+    assert!(f.watermark(61 * S).iter().all(|r| r.key != "b"));
+
+    // Restored from the snapshots: the same alerts, and nothing watched twice.
+    let mut g = fresh();
+    for (shard, bytes) in snap {
+        g.restore(shard, &bytes).unwrap();
+    }
+    g.observe(&s0, &batch(&[("a", 100 * S, 1.0)]), 1);
+    assert_eq!(g.len(), 4);
+    let again: Vec<(String, i64, String)> = (g.watermark(61 * S).into_iter())
+        .map(|r| (r.key, r.event_time, r.detail))
+        .collect();
+    let want: Vec<(String, i64, String)> = (raised.into_iter())
+        .map(|r| (r.key, r.event_time, r.detail))
+        .collect();
+    assert_eq!(again, want);
+}
+
+#[test]
+fn a_known_device_that_stops_at_a_split_is_silent_on_the_child_its_key_hashes_to() {
+    // k reports on the parent until 90 s and stops at the split; m goes on, on child c2,
+    // where k's key hashes too.
+    let known = [("k", u128::MAX - 5), ("m", u128::MAX - 6)];
+    let (parent, c1, c2): (Arc<str>, Arc<str>, Arc<str>) = ("p".into(), "c1".into(), "c2".into());
+    let mut d = Detectors::new(silent_known(&known), Some("device_id"), 100).unwrap();
+    d.set_hash_range(parent.clone(), (0, u128::MAX));
+    d.set_hash_range(c1.clone(), (0, HALF));
+    d.set_hash_range(c2.clone(), (HALF + 1, u128::MAX));
+    let before: Vec<(&str, i64, f64)> = (0..10)
+        .flat_map(|t| [("k", t * 10 * S, 1.0), ("m", t * 10 * S, 1.0)])
+        .collect();
+    d.observe(&parent, &batch(&before), 1);
+    d.end(&parent);
+    let from = d.inheritance(&parent).unwrap();
+    d.inherit(c1.clone(), vec![from.clone()]);
+    d.inherit(c2.clone(), vec![from]);
+    d.observe(&c1, &batch(&[("z", 100 * S, 1.0)]), 1);
+    let after: Vec<(&str, i64, f64)> = (10..40).map(|t| ("m", t * 10 * S, 1.0)).collect();
+    d.observe(&c2, &batch(&after), 1);
+    // (z, on c1, is due at 160 s.)
+    let raised = d.watermark(155 * S);
+    let got: Vec<(&str, i64)> = raised
+        .iter()
+        .map(|r| (r.key.as_str(), r.event_time))
+        .collect();
+    assert_eq!(
+        got,
+        vec![("k", 150 * S)],
+        "found by the watermark, on c2 only: {raised:?}"
+    );
+    let detail: Value = serde_json::from_str(&raised[0].detail).unwrap();
+    assert_eq!(
+        detail["baseline"]["last_seen"], "1970-01-01T00:01:30Z",
+        "{detail}"
+    );
 }

@@ -21,6 +21,7 @@ pub mod fanout;
 pub mod kpl;
 pub mod reader;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,6 +44,8 @@ pub struct ShardInfo {
     pub parents: Vec<String>,
     /// Closed by a split or merge: it has an ending sequence number.
     pub closed: bool,
+    /// Its hash-key range, inclusive (the partition keys whose MD5 it holds).
+    pub hash_range: Option<(u128, u128)>,
 }
 
 /// A Kinesis client and the stream it reads.
@@ -59,6 +62,8 @@ pub struct KinesisStream {
     fan_out: Option<FanOut>,
     /// The stream consumer's ARN, once registered (fan-out only).
     consumer: Arc<tokio::sync::OnceCell<String>>,
+    /// Each shard's hash-key range, as the last ListShards said (shared by every clone).
+    ranges: Arc<std::sync::Mutex<HashMap<String, (u128, u128)>>>,
     metrics: Arc<Metrics>,
 }
 
@@ -81,8 +86,21 @@ impl KinesisStream {
             split_lines: src.split_lines,
             fan_out: src.fan_out.clone(),
             consumer: Default::default(),
+            ranges: Default::default(),
             metrics,
         }
+    }
+
+    /// A shard's hash-key range (inclusive), listing the shards again if it is not known yet.
+    pub async fn hash_range(&self, shard: &str) -> Result<Option<(u128, u128)>, SourceError> {
+        if let Some(r) = self.ranges.lock().expect("not poisoned").get(shard) {
+            return Ok(Some(*r));
+        }
+        let listed = self.list_shards().await?;
+        Ok(listed
+            .into_iter()
+            .find(|s| &*s.id == shard)
+            .and_then(|s| s.hash_range))
     }
 
     /// The stream consumer's ARN: registered (and waited for) once per process.
@@ -116,12 +134,22 @@ impl KinesisStream {
                 let mut parents = Vec::new();
                 parents.extend(s.parent_shard_id().map(str::to_string));
                 parents.extend(s.adjacent_parent_shard_id().map(str::to_string));
+                let hash_range = s.hash_key_range().and_then(|r| {
+                    Some((
+                        r.starting_hash_key().parse().ok()?,
+                        r.ending_hash_key().parse().ok()?,
+                    ))
+                });
+                if let Some(r) = hash_range {
+                    (self.ranges.lock().expect("not poisoned")).insert(s.shard_id().to_string(), r);
+                }
                 shards.push(ShardInfo {
                     id: s.shard_id().into(),
                     parents,
                     closed: s
                         .sequence_number_range()
                         .is_some_and(|r| r.ending_sequence_number().is_some()),
+                    hash_range,
                 });
             }
             next = page.next_token().map(str::to_string);
