@@ -18,6 +18,10 @@ use shardlake::metrics::Metrics;
 use shardlake::pipeline::{RunOptions, run};
 use shardlake::tools::{athena, query};
 
+/// mimalloc instead of the system allocator (see Cargo.toml).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "shardlake",
