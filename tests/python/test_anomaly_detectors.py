@@ -492,3 +492,37 @@ def test_a_known_device_that_never_reports_is_found_silent_once(tmp_path, shardl
     write_stream(tmp_path / "stream", more)
     check_run([str(shardlake_bin), "run", str(pipeline), "--drain"], env=env, timeout=120)
     assert alerts(con, tmp_path / "lake") == got
+
+
+def test_known_devices_on_kinesis_are_watched_by_the_shard_their_key_hashes_to(
+        tmp_path, kinesis_local, shardlake_bin):
+    """On Kinesis the shard that watches a listed device is the one whose ListShards
+    HashKeyRange holds its partition key's MD5: each listed device that never reported is
+    found silent exactly once over the stream's two shards."""
+    import uuid
+
+    from harness import kinesis_pipeline
+    from servers import create_stream, put_lines
+    kinesis = kinesis_local.client()
+    name = f"known-{uuid.uuid4().hex[:8]}"
+    create_stream(kinesis, name, 2)
+    reporting = [f"on-{i}" for i in range(6)]
+    never = [f"never-{c}" for c in "abcd"]
+    (tmp_path / "wells.csv").write_text(
+        "device_id,tenant\n" + "".join(f"{d},acme\n" for d in reporting + never))
+    rows = sorted((r for d in reporting for r in readings(d, range(0, 15))),
+                  key=lambda r: (r["ts"], r["device_id"]))
+    put = put_lines(kinesis, name, [json.dumps(r).encode() for r in rows],
+                    key=lambda line: "acme/" + json.loads(line)["device_id"])
+    assert len({shard for _, shard, _ in put}) == 2, "readings on both shards"
+    pipeline = kinesis_pipeline(tmp_path, name, max_bytes="1MiB", max_age="1s")
+    text = pipeline.read_text()
+    rule = ("  - name: quiet\n    detect:\n      kind: silent\n      after: 5m\n"
+            f"      known: {{file: {tmp_path / 'wells.csv'}, partition_key: \"acme/{{device_id}}\"}}\n")
+    pipeline.write_text(text.replace("\nalerts:\n", "\nalerts:\n" + rule, 1))
+    check_run([str(shardlake_bin), "run", str(pipeline), "--drain"],
+              env=pipeline_env(tmp_path, kinesis_local.env()), timeout=180)
+    got = alerts(duck(), tmp_path / "lake")
+    start_us = 1767607200 * 1_000_000  # 10:00:00, each shard's first reading
+    assert [(r, key, t) for r, _, t, key, _ in got] == [
+        ("quiet", d, start_us + 300 * 1_000_000) for d in never], got
