@@ -287,6 +287,7 @@ def freshness(args):
     # Each marked record: the first event showing its device at its reading or a newer one.
     a_first = log[0][0]
     lat, missed, appended = [], 0, 0
+    worst_at: list[tuple[float, float]] = []
     for a, i0, n in log:
         if a - a_first < args.warmup or a - a_first > args.seconds - 2:
             continue
@@ -302,6 +303,7 @@ def freshness(args):
                 missed += 1
             else:
                 lat.append(times[k] - a)
+                worst_at.append((times[k] - a, a))
     span = log[-1][0] - log[0][0]
     total = sum(n for _, _, n in log)
     print(f"appended {total} records in {span:.1f}s ({total / span:.0f}/s); timed "
@@ -310,6 +312,14 @@ def freshness(args):
     print(f"events: {stats['events']} ({stats['events'] / el:.2f}/s), {stats['rows'] / max(1, stats['events']):.0f} "
           f"devices and {stats['bytes'] / max(1, stats['events']) / 1e6:.2f} MB each, {stats['resets']} resets")
     print(f"event -> page p50 / p99 / max: {pct(lat, 0.5):.3f} / {pct(lat, 0.99):.3f} / {max(lat):.3f} s")
+    # Where the slowest readings fall: the second of the minute they were appended in (their
+    # event time), to tell a stall at each window's close (:30, with 30 s allowed lateness)
+    # from noise.
+    slow: dict[int, int] = {}
+    for _, a in sorted(worst_at, reverse=True)[:max(1, len(worst_at) // 100)]:
+        slow[int(a) % 60] = slow.get(int(a) % 60, 0) + 1
+    print("slowest 1% by second of the minute appended: "
+          + ", ".join(f":{sec:02d} x{n}" for sec, n in sorted(slow.items(), key=lambda x: -x[1])[:6]))
     print(f"CPU during the run: worker {cpu[s.worker.pid]:.2f} cores, console {cpu[s.console.pid]:.2f} cores")
     print(f"console peak RSS (VmHWM): {hwm_run:.0f} MiB during the run, {hwm:.0f} MiB after 5 "
           f"snapshots (RSS now {rss:.0f} MiB); worker peak RSS {whwm:.0f} MiB")

@@ -2,9 +2,12 @@
 //! a per-minute history of each numeric field for the sparklines, and the alerts it raised
 //! most recently.
 //!
-//! The engine feeds it (when the worker serves a console, [`crate::engine::Engine::set_live`])
-//! from the records it decodes and the alerts its rules raise, after the replay cut, so a
-//! restarted worker does not offer a record twice. Nothing here is durable and nothing here
+//! When the worker serves a console ([`crate::engine::Engine::set_live`]), each shard task
+//! offers it the records it decodes as soon as they are decoded (after the replay cut: records
+//! up to the shard's last commit, read again for open windows, are not offered twice), so
+//! what a console shows does not wait for the engine to take the chunk (a window closing or
+//! a commit keeps the engine's task busy for a while); the engine offers the alerts its rules
+//! raise. Nothing here is durable and nothing here
 //! is exactly once: it is what the worker has seen, for people to watch. The lake stays the
 //! record of truth; an alert's [`alert_id`] is computed from its row, so the console recognises
 //! an alert raised again after a crash, and finds the same alert in the alerts table.

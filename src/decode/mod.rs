@@ -51,6 +51,24 @@ pub struct Decoded {
 }
 
 impl Decoded {
+    /// How many of the good rows (the first ones) are at or before `after`: records a
+    /// restart reads again (for open windows) that were committed already.
+    pub fn replayed(&self, after: Option<&SeqNo>) -> usize {
+        let Some(after) = after else {
+            return 0;
+        };
+        let (mut lo, mut hi) = (0, self.batch.num_rows());
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            if SeqNo(self.seq(mid).to_string()) <= *after {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        lo
+    }
+
     /// Sequence number of good row `i`.
     pub fn seq(&self, i: usize) -> &str {
         let col = self.batch.column_by_name(SEQ_COL).expect("seq column");

@@ -218,8 +218,9 @@ impl Engine {
         self.notify = Some(n);
     }
 
-    /// Offers every fresh record and every alert to the worker's live state too (for the
-    /// console). Without a key field there is no device to show: nothing is offered.
+    /// Offers every alert to the worker's live state too (for the console), and says what the
+    /// shard tasks offer it of the records ([`Engine::live_feed`]). Without a key field there
+    /// is no device to show: nothing is offered.
     pub fn set_live(&mut self, live: Arc<Live>) {
         let Some(key) = self.p.schema.key.clone() else {
             return;
@@ -238,6 +239,25 @@ impl Engine {
             fields,
         };
         self.live = Some((live, cols));
+    }
+
+    /// The live state and its columns, for the shard tasks: they offer it each chunk as it is
+    /// decoded, so what a console shows does not wait for the engine (a window's close, a
+    /// commit) to take the chunk.
+    pub fn live_feed(&self) -> Option<crate::source::LiveFeed> {
+        (self.live.as_ref()).map(|(live, cols)| crate::source::LiveFeed {
+            live: live.clone(),
+            cols: cols.clone(),
+        })
+    }
+
+    /// The shard's last committed record: records up to it that a session reads again (for
+    /// open windows) are not fresh.
+    pub fn committed_records(&self, shard: &str) -> Option<SeqNo> {
+        self.committed
+            .shards
+            .get(shard)
+            .and_then(|c| c.records.clone())
     }
 
     /// Whether shards need their hash-key ranges ([`Engine::set_hash_range`]): a `silent`
@@ -343,14 +363,8 @@ impl Engine {
             .shards
             .get(&*d.shard)
             .and_then(|c| c.records.clone());
-        let cut = match &skip {
-            None => 0,
-            Some(s) => partition_point(n, |i| SeqNo(d.seq(i).to_string()) <= *s),
-        };
+        let cut = d.replayed(skip.as_ref());
         let fresh = d.batch.slice(cut, n - cut);
-        if let Some((live, cols)) = &self.live {
-            live.observe(&fresh, cols);
-        }
         let epoch = self.committed.commit_id + 1;
         if let Some(raw) = &mut self.raw {
             raw.write(&fresh, epoch, &self.worker, now).await?;
@@ -852,15 +866,6 @@ fn path_safe(shard: &str) -> String {
         }
     }
     out
-}
-
-fn partition_point(n: usize, pred: impl Fn(usize) -> bool) -> usize {
-    let (mut lo, mut hi) = (0, n);
-    while lo < hi {
-        let mid = (lo + hi) / 2;
-        if pred(mid) { lo = mid + 1 } else { hi = mid }
-    }
-    lo
 }
 
 pub(super) fn event_times(batch: &RecordBatch, col: usize) -> &TimestampMicrosecondArray {

@@ -149,6 +149,7 @@ impl<'w> Session<'w> {
         };
         let (tx, rx) = mpsc::channel(capacity);
         let mut tasks = ShardTasks::new(RecordDecoder::new(&worker.p), worker.clock.clone(), tx);
+        tasks.feed_live(engine.live_feed());
         let mut reading = 0;
         // Notified objects read in part (or with records open windows need) before a restart:
         // their messages come back too, but the windows need them now.
@@ -184,6 +185,7 @@ impl<'w> Session<'w> {
                     .filter(|p| listed.contains(p.as_str()))
                     .cloned()
                     .collect(),
+                engine.committed_records(shard),
             );
         }
         if notified.is_none() {
@@ -233,6 +235,7 @@ impl<'w> Session<'w> {
                     opened.max_records,
                     opened.poll_interval,
                     Vec::new(),
+                    self.engine.committed_records(&id),
                 );
                 self.reading += 1;
             }

@@ -19,7 +19,7 @@ use kinesis::KinesisStream;
 use local::LocalShardReader;
 use objects::ObjectStream;
 
-pub use task::ShardTasks;
+pub use task::{LiveFeed, ShardTasks};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {

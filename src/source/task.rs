@@ -11,6 +11,16 @@ use tokio::task::JoinSet;
 use super::{ShardEvent, ShardReader};
 use crate::clock::Clock;
 use crate::decode::RecordDecoder;
+use crate::live::{Columns, Live};
+use crate::record::SeqNo;
+
+/// The worker's live state (for the console) and the columns it reads: shard tasks offer it
+/// every fresh record as soon as it is decoded (see [`crate::live`]).
+#[derive(Debug, Clone)]
+pub struct LiveFeed {
+    pub live: Arc<Live>,
+    pub cols: Columns,
+}
 
 /// Children after parents: a shard created by a split or merge is read only once every
 /// parent was read to its end and all of the parent's records were handed to the pipeline,
@@ -64,6 +74,9 @@ struct ShardTaskConfig {
     poll_interval: Duration,
     /// Shards that must be read to their end first.
     parents: Parents,
+    /// The live state, and the shard's last committed record (records up to it are read
+    /// again for open windows, and were offered before).
+    live: Option<(LiveFeed, Option<SeqNo>)>,
 }
 
 /// Reads and decodes one shard until `stop` turns true or the pipeline hangs up.
@@ -101,7 +114,17 @@ async fn shard_task(
             Ok(Some(chunk)) => {
                 let dec = decoder.clone();
                 let now = clock.now_us();
-                match tokio::task::spawn_blocking(move || dec.decode(&chunk, now)).await {
+                let live = cfg.live.clone();
+                let decode = move || {
+                    let d = dec.decode(&chunk, now);
+                    if let Some((feed, committed)) = live {
+                        let cut = d.replayed(committed.as_ref());
+                        let n = d.batch.num_rows();
+                        feed.live.observe(&d.batch.slice(cut, n - cut), &feed.cols);
+                    }
+                    d
+                };
+                match tokio::task::spawn_blocking(decode).await {
                     Ok(d) => Ok(Some(d)),
                     Err(_) => return,
                 }
@@ -153,6 +176,7 @@ pub struct ShardTasks {
     tx: Option<mpsc::Sender<ShardEvent>>,
     stop_tx: watch::Sender<bool>,
     gate: Arc<ShardGate>,
+    live: Option<LiveFeed>,
 }
 
 impl ShardTasks {
@@ -169,11 +193,18 @@ impl ShardTasks {
             tx: Some(tx),
             stop_tx: watch::Sender::new(false),
             gate: Arc::new(ShardGate::default()),
+            live: None,
         }
     }
 
+    /// Every task offers the records it decodes to this live state.
+    pub fn feed_live(&mut self, live: Option<LiveFeed>) {
+        self.live = live;
+    }
+
     /// Starts reading `shard` with `reader`, once every one of `parents` (shards of this
-    /// session) was read to its end.
+    /// session) was read to its end. `committed`: its last committed record (records up to it
+    /// are not offered to the live state again).
     pub fn spawn(
         &mut self,
         shard: Arc<str>,
@@ -181,6 +212,7 @@ impl ShardTasks {
         max_records: usize,
         poll_interval: Duration,
         parents: Vec<String>,
+        committed: Option<SeqNo>,
     ) {
         let cfg = ShardTaskConfig {
             max_records,
@@ -189,6 +221,7 @@ impl ShardTasks {
                 gate: self.gate.clone(),
                 shards: parents,
             },
+            live: self.live.clone().map(|feed| (feed, committed)),
         };
         let tx = self.tx.clone().expect("spawned before close");
         self.tasks.spawn(shard_task(
