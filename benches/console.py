@@ -239,6 +239,9 @@ def read_events(listen: str, since: str, until: float, seen: dict, stats: dict):
             name = line[6:].strip().decode()
         elif line.startswith(b"data:") and name == "changes":
             t = time.time()
+            if stats.get("last") and t - stats["last"] > stats.get("gap", (0, 0))[0]:
+                stats["gap"] = (t - stats["last"], t)
+            stats["last"] = t
             data = json.loads(line[5:])
             stats["events"] += 1
             stats["bytes"] += len(line)
@@ -311,6 +314,8 @@ def freshness(args):
           f"first {args.warmup:.0f}s ({appended} records), {missed} not seen")
     print(f"events: {stats['events']} ({stats['events'] / el:.2f}/s), {stats['rows'] / max(1, stats['events']):.0f} "
           f"devices and {stats['bytes'] / max(1, stats['events']) / 1e6:.2f} MB each, {stats['resets']} resets")
+    gap, at = stats.get("gap", (0, 0))
+    print(f"longest gap between two events: {gap:.3f} s, ending at :{int(at) % 60:02d}")
     print(f"event -> page p50 / p99 / max: {pct(lat, 0.5):.3f} / {pct(lat, 0.99):.3f} / {max(lat):.3f} s")
     # Where the slowest readings fall: the second of the minute they were appended in (their
     # event time), to tell a stall at each window's close (:30, with 30 s allowed lateness)
