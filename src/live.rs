@@ -379,7 +379,7 @@ impl Serialize for DevicesRef<'_> {
         ser.collect_seq(
             (self.s.devices.values())
                 .filter(|d| d.row.version > since)
-                .map(|d| DeviceRowRef {
+                .map(|d| RowRef {
                     device: &d.row.device,
                     tenant: &d.row.tenant,
                     event_us: d.row.event_us,
@@ -395,15 +395,16 @@ impl Serialize for DevicesRef<'_> {
     }
 }
 
-/// A [`DeviceRow`] borrowed from a [`Device`].
+/// A device's row borrowed for serialising, its history as `H` serialises it: the JSON of a
+/// [`DeviceRow`] (the worker's `/live` answer, and the console's updates).
 #[derive(Serialize)]
-struct DeviceRowRef<'a> {
-    device: &'a str,
-    tenant: &'a Option<String>,
-    event_us: i64,
-    values: &'a serde_json::Map<String, serde_json::Value>,
-    history: MinutesRef<'a>,
-    version: u64,
+pub(crate) struct RowRef<'a, H> {
+    pub device: &'a str,
+    pub tenant: &'a Option<String>,
+    pub event_us: i64,
+    pub values: &'a serde_json::Map<String, serde_json::Value>,
+    pub history: H,
+    pub version: u64,
 }
 
 /// A device's per-minute history as [`DeviceRow::history`]: per field, the minutes that

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::live::{AlertRow, Changes, DeviceRow, HISTORY_MINUTES, Live, Seq};
+use crate::live::{AlertRow, Changes, DeviceRow, HISTORY_MINUTES, Live, RowRef, Seq};
 
 /// Alerts the console keeps in memory (older ones are in the alerts table).
 pub const ALERTS_KEPT: usize = 5000;
@@ -346,22 +346,12 @@ impl Fleet {
 struct ViewRef<'a> {
     version: u64,
     alerts_from: u64,
-    devices: Vec<DeviceRef<'a>>,
+    devices: Vec<RowRef<'a, HistoryRef<'a>>>,
     alerts: Vec<&'a AlertRow>,
     acks: Vec<&'a Ack>,
 }
 
-/// A [`DeviceRow`] with only the minutes of its history changed after `since`.
-#[derive(Serialize)]
-struct DeviceRef<'a> {
-    device: &'a str,
-    tenant: &'a Option<String>,
-    event_us: i64,
-    values: &'a serde_json::Map<String, serde_json::Value>,
-    history: HistoryRef<'a>,
-    version: u64,
-}
-
+/// A device's history with only the minutes changed after `since`.
 struct HistoryRef<'a> {
     row: &'a DeviceRow,
     versions: Option<&'a HashMap<String, Vec<u64>>>,
@@ -392,7 +382,7 @@ impl<'a> ViewRef<'a> {
         let devices = (s.by_version.range(since.saturating_add(1)..))
             .filter_map(|(_, id)| s.devices.get(id))
             .filter(|d| scope.admits(d.tenant.as_deref()))
-            .map(|d| DeviceRef {
+            .map(|d| RowRef {
                 device: &d.device,
                 tenant: &d.tenant,
                 event_us: d.event_us,

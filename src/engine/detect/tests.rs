@@ -554,6 +554,14 @@ fn silent_known(known: &[(&str, u128)]) -> Vec<DetectRule> {
 
 const HALF: u128 = u128::MAX / 2;
 
+/// Each alert's device and event time.
+fn keys_at(raised: &[Raised]) -> Vec<(&str, i64)> {
+    raised
+        .iter()
+        .map(|r| (r.key.as_str(), r.event_time))
+        .collect()
+}
+
 #[test]
 fn a_known_device_that_never_reports_is_silent_once_on_the_shard_its_key_hashes_to() {
     let known = [
@@ -582,10 +590,7 @@ fn a_known_device_that_never_reports_is_silent_once_on_the_shard_its_key_hashes_
         "watched from 0 s: due at 60 s"
     );
     let raised = d.watermark(61 * S);
-    let got: Vec<(&str, i64)> = raised
-        .iter()
-        .map(|r| (r.key.as_str(), r.event_time))
-        .collect();
+    let got = keys_at(&raised);
     assert_eq!(
         got,
         vec![("b", 60 * S), ("x", 60 * S)],
@@ -653,10 +658,7 @@ fn a_known_device_that_stops_at_a_split_is_silent_on_the_child_its_key_hashes_to
     d.observe(&c2, &batch(&after), 1);
     // (z, on c1, is due at 160 s.)
     let raised = d.watermark(155 * S);
-    let got: Vec<(&str, i64)> = raised
-        .iter()
-        .map(|r| (r.key.as_str(), r.event_time))
-        .collect();
+    let got = keys_at(&raised);
     assert_eq!(
         got,
         vec![("k", 150 * S)],
