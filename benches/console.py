@@ -99,7 +99,7 @@ def create_stream(stream: Path, lines: Lines, history: int) -> int:
 def writer(stream: str, devices: int, rate: float, batch_s: float, seconds: float, seq0: int,
            conn) -> None:
     """Appends `rate` records/s in batches every `batch_s` until `seconds` have passed; sends
-    back (append time, first record, count) of each batch."""
+    back (append time, first record, count, time the writes returned) of each batch."""
     lines = Lines(devices)
     fds = [os.open(f"{stream}/shardId-{s:012d}.ndjson", os.O_WRONLY | os.O_APPEND)
            for s in range(SHARDS)]
@@ -118,7 +118,7 @@ def writer(stream: str, devices: int, rate: float, batch_s: float, seconds: floa
         for fd, b in zip(fds, lines.chunks(i, n, seq0, a, a)):
             if b:
                 os.write(fd, b)
-        log.append((a, i, n))
+        log.append((a, i, n, time.time()))
         i += n
         k += 1
     conn.send(log)
@@ -259,6 +259,63 @@ def read_events(listen: str, since: str, until: float, seen: dict, stats: dict):
     conn.close()
 
 
+def read_worker(ops: str, until: float, conn) -> None:
+    """Asks the worker's `GET /live` as the console does (the next ask 100 ms after the
+    previous one, or when the worker has something new), until `until` (monotonic); for each
+    marked device records (stamp, arrival wall-clock) and sends them back at the end. Beside
+    the page's readings, this tells the worker's hop from the console's. It runs in a process
+    of its own so that it does not hold the page reader's interpreter lock."""
+    http_conn = http.client.HTTPConnection(ops, timeout=30)
+    seen: dict = {}
+    since = 0
+    while time.monotonic() < until:
+        asked = time.monotonic()
+        http_conn.request("GET", f"/live?since={since}&wait_ms=1000")
+        r = http_conn.getresponse()
+        body = r.read()
+        t = time.time()
+        c = json.loads(body)
+        if since:
+            for d in c["devices"]:
+                dev = int(d["device"][5:])
+                if dev % MARK_EVERY == 0:
+                    s = d["values"].get("barrels_per_s")
+                    if s:
+                        seen.setdefault(dev, ([], []))
+                        seen[dev][0].append(s)
+                        seen[dev][1].append(t)
+        since = c["version"]
+        time.sleep(max(0.0, asked + 0.1 - time.monotonic()))
+    http_conn.close()
+    conn.send(seen)
+    conn.close()
+
+
+def latencies(log, seen: dict, args) -> tuple[list[float], list[tuple[float, float]], int, int]:
+    """For each marked record appended after the warm-up: the time from its append to the
+    first reading of its device at it or a newer one in `seen`."""
+    a_first = log[0][0]
+    lat, missed, appended = [], 0, 0
+    worst_at: list[tuple[float, float]] = []
+    for a, i0, n, _ in log:
+        if a - a_first < args.warmup or a - a_first > args.seconds - 2:
+            continue
+        appended += n
+        D = args.devices
+        for i in range(i0, i0 + n):
+            dev = i % D
+            if dev % MARK_EVERY:
+                continue
+            stamps, times = seen.get(dev, ([], []))
+            k = bisect.bisect_left(stamps, a)
+            if k == len(stamps):
+                missed += 1
+            else:
+                lat.append(times[k] - a)
+                worst_at.append((times[k] - a, a))
+    return lat, worst_at, missed, appended
+
+
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))]
@@ -275,8 +332,17 @@ def freshness(args):
             seen, stats = {}, {"events": 0, "bytes": 0, "rows": 0, "resets": 0}
             c0 = {p.pid: cpu_seconds(p.pid) for p in (s.worker, s.console)}
             t0 = time.monotonic()
+            probe, worker_seen = None, {}
+            if args.probe_worker:
+                probe_recv, probe_send = mp.Pipe(duplex=False)
+                probe = mp.Process(target=read_worker,
+                                   args=(s.ops, t0 + args.seconds + 3, probe_send))
+                probe.start()
             read_events(s.listen, start["cursor"], t0 + args.seconds + 3, seen, stats)
             el = time.monotonic() - t0
+            if probe:
+                worker_seen = probe_recv.recv()
+                probe.join()
             cpu = {p.pid: (cpu_seconds(p.pid) - c0[p.pid]) / el for p in (s.worker, s.console)}
             log = logs.recv()
             w.join()
@@ -288,27 +354,9 @@ def freshness(args):
         finally:
             s.close()
     # Each marked record: the first event showing its device at its reading or a newer one.
-    a_first = log[0][0]
-    lat, missed, appended = [], 0, 0
-    worst_at: list[tuple[float, float]] = []
-    for a, i0, n in log:
-        if a - a_first < args.warmup or a - a_first > args.seconds - 2:
-            continue
-        appended += n
-        D = args.devices
-        for i in range(i0, i0 + n):
-            dev = i % D
-            if dev % MARK_EVERY:
-                continue
-            stamps, times = seen.get(dev, ([], []))
-            k = bisect.bisect_left(stamps, a)
-            if k == len(stamps):
-                missed += 1
-            else:
-                lat.append(times[k] - a)
-                worst_at.append((times[k] - a, a))
+    lat, worst_at, missed, appended = latencies(log, seen, args)
     span = log[-1][0] - log[0][0]
-    total = sum(n for _, _, n in log)
+    total = sum(n for _, _, n, _ in log)
     print(f"appended {total} records in {span:.1f}s ({total / span:.0f}/s); timed "
           f"{len(lat)} readings of {args.devices // MARK_EVERY} devices appended after the "
           f"first {args.warmup:.0f}s ({appended} records), {missed} not seen")
@@ -317,6 +365,16 @@ def freshness(args):
     gap, at = stats.get("gap", (0, 0))
     print(f"longest gap between two events: {gap:.3f} s, ending at :{int(at) % 60:02d}")
     print(f"event -> page p50 / p99 / max: {pct(lat, 0.5):.3f} / {pct(lat, 0.99):.3f} / {max(lat):.3f} s")
+    writes = sorted(((b - a, a) for a, _, _, b in log), reverse=True)
+    print(f"longest append (the bench's own writes): {writes[0][0]:.3f} s at :{int(writes[0][1]) % 60:02d}; "
+          f"{sum(1 for w, _ in writes if w > 0.1)} over 0.1 s")
+    if args.probe_worker:
+        wl, wworst, wmissed, _ = latencies(log, worker_seen, args)
+        (wmax, wat) = max(wworst)
+        print(f"event -> worker's /live p50 / p99 / max: {pct(wl, 0.5):.3f} / {pct(wl, 0.99):.3f} / "
+              f"{wmax:.3f} s (max appended at :{int(wat) % 60:02d}), {wmissed} not seen")
+        (pmax, pat) = max(worst_at)
+        print(f"page's max appended at :{int(pat) % 60:02d}")
     # Where the slowest readings fall: the second of the minute they were appended in (their
     # event time), to tell a stall at each window's close (:30, with 30 s allowed lateness)
     # from noise.
@@ -487,6 +545,8 @@ def main():
     ap.add_argument("--history", type=int, default=30, help="minutes of readings already in the stream")
     ap.add_argument("--rate", type=float, default=100_000, help="freshness: records/s")
     ap.add_argument("--seconds", type=float, default=90, help="freshness: seconds of appends")
+    ap.add_argument("--probe-worker", action="store_true",
+                    help="freshness: also read the worker's /live, to tell its hop from the console's")
     ap.add_argument("--warmup", type=float, default=15, help="freshness: seconds not timed")
     ap.add_argument("--changed", type=int, default=100, help="clients: readings per 1 s burst")
     ap.add_argument("--clients", default="100,500,1000,2000")
