@@ -99,9 +99,12 @@ use std::collections::{BTreeMap, VecDeque};
 use std::io;
 use std::sync::Arc;
 
-use arrow::array::{Array, AsArray, RecordBatch, StringArray};
+use arrow::array::{
+    Array, ArrayRef, AsArray, BooleanArray, Float64Array, RecordBatch, StringArray,
+};
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Float64Type};
+use datafusion::physical_plan::PhysicalExpr;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -122,6 +125,14 @@ pub struct Raised {
 pub struct Detectors {
     rules: Vec<DetectRule>,
     key: String,
+    /// Rules whose series are keyed alike (the same `by` columns) share one map of series
+    /// keys, so a reading is looked up once for all of them.
+    groups: Vec<Group>,
+    /// Per rule: its group and its place in the group's slots.
+    place: Vec<(usize, usize)>,
+    /// Per rule: `zscore`'s and `cusum`'s weight of a new reading, `1 − 0.5^(1/half_life)`
+    /// (0 for the other kinds).
+    alpha: Vec<f64>,
     shards: HashMap<Arc<str>, ShardState>,
     /// Series tracked over every shard, and the bound.
     len: usize,
@@ -135,13 +146,43 @@ pub struct Detectors {
     ranges: HashMap<Arc<str>, (u128, u128)>,
 }
 
+/// Rules that share their series keys.
+struct Group {
+    /// The rules' `by` columns.
+    by: Vec<String>,
+    /// The rules, in the order of an [`Entry`]'s slots.
+    rules: Vec<usize>,
+}
+
+/// One series key's state under every rule of its group.
+#[derive(Debug, Clone)]
+struct Entry {
+    /// When it was last seen, in readings of the worker (for eviction).
+    touched: u64,
+    /// Per rule of the group: its series (`None`: the rule has not seen this key).
+    slots: Box<[Option<Series>]>,
+}
+
+impl Entry {
+    fn new(rules: usize) -> Self {
+        Self {
+            touched: 0,
+            slots: vec![None; rules].into_boxed_slice(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.slots.iter().filter(|s| s.is_some()).count()
+    }
+}
+
 #[derive(Default)]
 struct ShardState {
-    /// Per rule (as `rules`): series key → state.
-    series: Vec<HashMap<Box<str>, Series>>,
-    /// Per rule: series a parent shard learned that this shard has not seen yet, or, once
+    /// Per group: series key → state.
+    series: Vec<HashMap<Box<str>, Entry>>,
+    /// Per group: series a parent shard learned that this shard has not seen yet, or, once
     /// this shard ended, every series it had (for its children). Never judged `silent`.
-    inherited: Vec<HashMap<Box<str>, Series>>,
+    inherited: Vec<HashMap<Box<str>, Entry>>,
     /// Changed since the last snapshot.
     dirty: bool,
     /// The `known:` devices in its hash-key range are watched (done at its first records in
@@ -150,10 +191,10 @@ struct ShardState {
 }
 
 impl ShardState {
-    fn new(rules: usize) -> Self {
+    fn new(groups: usize) -> Self {
         Self {
-            series: vec![HashMap::new(); rules],
-            inherited: vec![HashMap::new(); rules],
+            series: vec![HashMap::new(); groups],
+            inherited: vec![HashMap::new(); groups],
             dirty: false,
             seeded: false,
         }
@@ -161,7 +202,8 @@ impl ShardState {
 
     fn len(&self) -> usize {
         (self.series.iter().chain(&self.inherited))
-            .map(HashMap::len)
+            .flat_map(HashMap::values)
+            .map(Entry::len)
             .sum()
     }
 }
@@ -179,9 +221,6 @@ pub struct Series {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     alerted: Option<i64>,
     state: State,
-    /// When it was last seen, in readings of the worker (for eviction).
-    #[serde(skip)]
-    touched: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -247,11 +286,38 @@ impl Detectors {
         if rules.is_empty() {
             return None;
         }
+        let mut groups: Vec<Group> = Vec::new();
+        let mut place = Vec::with_capacity(rules.len());
+        for (i, r) in rules.iter().enumerate() {
+            let g = match groups.iter().position(|g| g.by == r.detector.by) {
+                Some(g) => g,
+                None => {
+                    groups.push(Group {
+                        by: r.detector.by.clone(),
+                        rules: Vec::new(),
+                    });
+                    groups.len() - 1
+                }
+            };
+            place.push((g, groups[g].rules.len()));
+            groups[g].rules.push(i);
+        }
+        let alpha = (rules.iter())
+            .map(|r| match r.detector.kind {
+                DetectorKind::Zscore { half_life, .. } | DetectorKind::Cusum { half_life, .. } => {
+                    1.0 - 0.5f64.powf(1.0 / half_life)
+                }
+                _ => 0.0,
+            })
+            .collect();
         Some(Self {
             rules,
             key: key
                 .expect("detectors need a key (checked by the config)")
                 .to_string(),
+            groups,
+            place,
+            alpha,
             shards: HashMap::new(),
             len: 0,
             limit: limit.max(1),
@@ -262,15 +328,20 @@ impl Detectors {
         })
     }
 
-    /// Whether a rule watches `known:` devices: then each shard needs its hash-key range.
+    /// Whether a `silent` rule watches `known:` devices (the engine then asks each shard's
+    /// hash-key range of the stream).
     pub fn wants_hash_ranges(&self) -> bool {
         self.rules.iter().any(|r| r.detector.known.is_some())
     }
 
-    /// A shard's hash-key range (inclusive): the `known:` devices whose partition key falls
-    /// in it are watched on it.
+    /// A shard's hash-key range, for the `known:` devices it watches.
     pub fn set_hash_range(&mut self, shard: Arc<str>, range: (u128, u128)) {
         self.ranges.insert(shard, range);
+    }
+
+    /// Lowers the next `silent` due time to `due`.
+    fn due(silent_due: &mut Option<i64>, due: i64) {
+        *silent_due = Some(silent_due.map_or(due, |d| d.min(due)));
     }
 
     /// At a shard's first records in this process (`t0`: the first one's event time): every
@@ -288,33 +359,33 @@ impl Detectors {
         let Some(&(lo, hi)) = self.ranges.get(shard) else {
             return;
         };
-        let mut added = 0;
+        let before = st.len();
         for (i, rule) in self.rules.iter().enumerate() {
             let (DetectorKind::Silent { after }, Some(known)) =
                 (&rule.detector.kind, &rule.detector.known)
             else {
                 continue;
             };
+            let (g, j) = self.place[i];
+            let (own, inherited) = (&mut st.series[g], &mut st.inherited[g]);
             for (key, hash) in &known.devices {
-                if *hash < lo || *hash > hi || st.series[i].contains_key(key.as_str()) {
+                if *hash < lo || *hash > hi {
                     continue;
                 }
-                let s = match st.inherited[i].remove(key.as_str()) {
-                    Some(s) => s,
-                    None => {
-                        added += 1;
-                        Series::new(&rule.detector.kind, t0)
-                    }
-                };
+                let n = self.groups[g].rules.len();
+                let e = own.entry_ref(key.as_str()).or_insert_with(|| {
+                    inherited
+                        .remove(key.as_str())
+                        .unwrap_or_else(|| Entry::new(n))
+                });
+                let s = e.slots[j].get_or_insert_with(|| Series::new(&rule.detector.kind, t0));
                 if let State::Silent { fired: false } = s.state {
-                    let due = s.last + after;
-                    self.silent_due = Some(self.silent_due.map_or(due, |d| d.min(due)));
+                    Self::due(&mut self.silent_due, s.last + after);
                 }
-                st.series[i].insert(key.as_str().into(), s);
                 st.dirty = true;
             }
         }
-        self.len += added;
+        self.len = self.len + st.len() - before;
     }
 
     pub fn rule_name(&self, i: usize) -> &str {
@@ -346,38 +417,43 @@ impl Detectors {
 
     /// Starts a shard with nothing learned.
     pub fn start(&mut self, shard: Arc<str>) {
-        let n = self.rules.len();
+        let n = self.groups.len();
         self.shards
             .entry(shard)
             .or_insert_with(|| ShardState::new(n));
+    }
+
+    /// Puts rule `i`'s series under `key` into `map` (an own or an inherited map of its
+    /// group), touched now.
+    fn put(&mut self, map: &mut HashMap<Box<str>, Entry>, i: usize, key: Box<str>, s: Series) {
+        let (g, j) = self.place[i];
+        let n = self.groups[g].rules.len();
+        self.tick += 1;
+        let e = map.entry(key).or_insert_with(|| Entry::new(n));
+        e.touched = self.tick;
+        e.slots[j] = Some(s);
     }
 
     /// Restores a shard from its snapshot. Rules the snapshot does not know start empty;
     /// a rule whose kind changed since starts again too.
     pub fn restore(&mut self, shard: Arc<str>, bytes: &[u8]) -> io::Result<()> {
         let mut snap = self.parse(bytes)?;
-        let mut state = ShardState::new(self.rules.len());
-        for (i, r) in self.rules.iter().enumerate() {
-            let Some(rs) = snap.rules.remove(&r.name) else {
+        let mut state = ShardState::new(self.groups.len());
+        for i in 0..self.rules.len() {
+            let Some(rs) = snap.rules.remove(&self.rules[i].name) else {
                 continue;
             };
-            for (k, mut s) in rs.series {
-                self.tick += 1;
-                s.touched = self.tick;
+            let g = self.place[i].0;
+            for (k, s) in rs.series {
                 if let (DetectorKind::Silent { after }, State::Silent { fired: false }) =
-                    (&r.detector.kind, &s.state)
+                    (&self.rules[i].detector.kind, &s.state)
                 {
-                    self.silent_due = Some(
-                        self.silent_due
-                            .map_or(s.last + after, |d| d.min(s.last + after)),
-                    );
+                    Self::due(&mut self.silent_due, s.last + after);
                 }
-                state.series[i].insert(k.into_boxed_str(), s);
+                self.put(&mut state.series[g], i, k.into_boxed_str(), s);
             }
-            for (k, mut s) in rs.inherited {
-                self.tick += 1;
-                s.touched = self.tick;
-                state.inherited[i].insert(k.into_boxed_str(), s);
+            for (k, s) in rs.inherited {
+                self.put(&mut state.inherited[g], i, k.into_boxed_str(), s);
             }
         }
         self.len += state.len();
@@ -420,15 +496,26 @@ impl Detectors {
         }
     }
 
+    /// Rule `i`'s series in an own or inherited map of its group.
+    fn rule_series<'a>(
+        &self,
+        maps: &'a [HashMap<Box<str>, Entry>],
+        i: usize,
+    ) -> impl Iterator<Item = (&'a Box<str>, &'a Series)> + use<'a> {
+        let (g, j) = self.place[i];
+        (maps[g].iter()).filter_map(move |(k, e)| e.slots[j].as_ref().map(|s| (k, s)))
+    }
+
     /// What an ended shard in memory hands its children (None: not in memory).
     pub fn inheritance(&self, shard: &str) -> Option<Inheritance> {
         let st = self.shards.get(shard)?;
         Some(
-            (st.series.iter().zip(&st.inherited))
-                .map(|(own, inherited)| {
-                    let mut all = inherited.clone();
-                    all.extend(own.iter().map(|(k, s)| (k.clone(), s.clone())));
-                    all
+            (0..self.rules.len())
+                .map(|i| {
+                    (self.rule_series(&st.inherited, i))
+                        .chain(self.rule_series(&st.series, i))
+                        .map(|(k, s)| (k.clone(), s.clone()))
+                        .collect()
                 })
                 .collect(),
         )
@@ -451,56 +538,54 @@ impl Detectors {
     }
 
     /// A child shard takes its parents' series as inherited. Where two parents had the
-    /// same series (a device that moved between them), the one seen last wins.
+    /// same series (a device that moved between them), the one seen last wins; a key the
+    /// child already has as its own keeps what the child learned.
     pub fn inherit(&mut self, child: Arc<str>, parents: Vec<Inheritance>) {
         self.start(child.clone());
-        let st = self.shards.get_mut(&child).expect("started");
+        let mut st = self.shards.remove(&child).expect("started");
         let before = st.len();
         for parent in parents {
             for (i, series) in parent.into_iter().enumerate().take(self.rules.len()) {
-                for (k, mut s) in series {
-                    if st.series[i].contains_key(&k) {
+                let (g, j) = self.place[i];
+                for (k, s) in series {
+                    if st.series[g].contains_key(&k) {
                         continue;
                     }
-                    if st.inherited[i]
-                        .get(&k)
-                        .is_some_and(|had| had.last >= s.last)
-                    {
+                    let had = st.inherited[g].get(&k).and_then(|e| e.slots[j].as_ref());
+                    if had.is_some_and(|had| had.last >= s.last) {
                         continue;
                     }
-                    self.tick += 1;
-                    s.touched = self.tick;
-                    st.inherited[i].insert(k, s);
+                    self.put(&mut st.inherited[g], i, k, s);
                 }
             }
         }
         st.dirty = true;
         self.len = self.len + st.len() - before;
+        self.shards.insert(child, st);
         self.evict();
     }
 
     /// Snapshots of every shard whose state changed since the last call.
     pub fn snapshots(&mut self) -> Vec<(Arc<str>, Vec<u8>)> {
         let mut out = Vec::new();
-        for (shard, st) in &mut self.shards {
+        for (shard, st) in &self.shards {
             if !st.dirty {
                 continue;
             }
-            st.dirty = false;
-            let sorted = |m: &HashMap<Box<str>, Series>| {
-                let mut v: Vec<(String, Series)> =
-                    m.iter().map(|(k, s)| (k.to_string(), s.clone())).collect();
+            let sorted = |maps: &[HashMap<Box<str>, Entry>], i: usize| {
+                let mut v: Vec<(String, Series)> = (self.rule_series(maps, i))
+                    .map(|(k, s)| (k.to_string(), s.clone()))
+                    .collect();
                 v.sort_by(|a, b| a.0.cmp(&b.0));
                 v
             };
             let snap = Snapshot {
-                rules: (self.rules.iter().zip(&st.series).zip(&st.inherited))
-                    .map(|((r, m), inherited)| {
-                        let kind = r.detector.kind.name().to_string();
+                rules: (self.rules.iter().enumerate())
+                    .map(|(i, r)| {
                         let rs = RuleSnapshot {
-                            kind,
-                            series: sorted(m),
-                            inherited: sorted(inherited),
+                            kind: r.detector.kind.name().to_string(),
+                            series: sorted(&st.series, i),
+                            inherited: sorted(&st.inherited, i),
                         };
                         (r.name.clone(), rs)
                     })
@@ -510,10 +595,15 @@ impl Detectors {
             let bytes = zstd::encode_all(json.as_slice(), 3).expect("zstd in memory");
             out.push((shard.clone(), bytes));
         }
+        for st in self.shards.values_mut() {
+            st.dirty = false;
+        }
         out
     }
 
-    /// Feeds a shard's fresh records (in stream order) to every detector.
+    /// Feeds a shard's fresh records (in stream order) to every detector: each reading is
+    /// looked up once per group of rules that key their series alike, and then goes to each
+    /// rule of the group in turn.
     pub fn observe(
         &mut self,
         shard: &Arc<str>,
@@ -531,47 +621,61 @@ impl Detectors {
         if let Some(t0) = (0..n).find(|&r| key_col.is_valid(r) && times.is_valid(r)) {
             self.seed(shard, times.value(t0));
         }
+        // Each rule's values and `where` over the batch (`None`: the rule skips the batch).
+        let inputs: Vec<Option<(Option<ArrayRef>, Option<ArrayRef>)>> = (self.rules.iter())
+            .map(|rule| {
+                let eval = |expr: &Option<Arc<dyn PhysicalExpr>>, what: &str| match expr {
+                    Some(e) => match e.evaluate(batch).and_then(|v| v.into_array(n)) {
+                        Ok(v) => Ok(Some(v)),
+                        Err(e) => {
+                            tracing::warn!(rule = %rule.name, error = %e, "a detector's {what} failed on a batch; its rows are not observed");
+                            Err(())
+                        }
+                    },
+                    None => Ok(None),
+                };
+                Some((eval(&rule.value, "value").ok()?, eval(&rule.filter, "`where`").ok()?))
+            })
+            .collect();
         let mut key = String::new();
         let mut added = 0usize;
-        for (i, rule) in self.rules.iter().enumerate() {
-            let values = match &rule.value {
-                Some(expr) => match expr.evaluate(batch).and_then(|v| v.into_array(n)) {
-                    Ok(v) => Some(v),
-                    Err(e) => {
-                        tracing::warn!(rule = %rule.name, error = %e, "a detector's value failed on a batch; its rows are not observed");
-                        continue;
-                    }
-                },
-                None => None,
-            };
-            let values = values.as_ref().map(|v| v.as_primitive::<Float64Type>());
-            let mask = match &rule.filter {
-                Some(expr) => match expr.evaluate(batch).and_then(|v| v.into_array(n)) {
-                    Ok(v) => Some(v),
-                    Err(e) => {
-                        tracing::warn!(rule = %rule.name, error = %e, "a detector's `where` failed on a batch; its rows are not observed");
-                        continue;
-                    }
-                },
-                None => None,
-            };
-            let mask = mask.as_ref().map(|m| m.as_boolean());
-            let by: Vec<StringArray> = rule.detector.by.iter().map(|c| utf8(batch, c)).collect();
+        let st = self.shards.get_mut(shard).expect("started");
+        for (g, group) in self.groups.iter().enumerate() {
+            // Per rule of the group: its values and mask, or `None` when it skips the batch.
+            let rules: Vec<_> = (group.rules.iter())
+                .map(|&i| {
+                    inputs[i].as_ref().map(|(v, m)| {
+                        let v = v.as_ref().map(|v| v.as_primitive::<Float64Type>());
+                        (i, v, m.as_ref().map(|m| m.as_boolean()))
+                    })
+                })
+                .collect();
+            if rules.iter().all(Option::is_none) {
+                continue;
+            }
+            let by: Vec<StringArray> = group.by.iter().map(|c| utf8(batch, c)).collect();
             let plain = by.is_empty();
-            let st = self.shards.get_mut(shard).expect("started");
-            let (map, inherited) = (&mut st.series[i], &mut st.inherited[i]);
+            let (map, inherited) = (&mut st.series[g], &mut st.inherited[g]);
+            let width = group.rules.len();
             for row in 0..n {
-                if mask.is_some_and(|m| !m.is_valid(row) || !m.value(row))
-                    || key_col.is_null(row)
-                    || times.is_null(row)
-                {
+                if key_col.is_null(row) || times.is_null(row) {
                     continue;
                 }
-                let x = match values {
-                    Some(v) if v.is_null(row) || !v.value(row).is_finite() => continue,
-                    Some(v) => v.value(row),
-                    None => 0.0,
+                // What each rule of the group takes from this row (`None`: nothing).
+                let take = |r: &Option<(usize, Option<&Float64Array>, Option<&BooleanArray>)>| {
+                    let (_, values, mask) = r.as_ref()?;
+                    if mask.is_some_and(|m| !m.is_valid(row) || !m.value(row)) {
+                        return None;
+                    }
+                    match values {
+                        Some(v) if v.is_null(row) || !v.value(row).is_finite() => None,
+                        Some(v) => Some(v.value(row)),
+                        None => Some(0.0),
+                    }
                 };
+                if rules.iter().all(|r| take(r).is_none()) {
+                    continue;
+                }
                 // The device key alone needs no copy; with `by` columns, the key is built.
                 let k = if plain {
                     key_col.value(row)
@@ -586,38 +690,41 @@ impl Detectors {
                 };
                 let ts = times.value(row);
                 self.tick += 1;
-                let series = map.entry_ref(k).or_insert_with(|| {
-                    // Learned on a parent shard: it goes on from there.
-                    inherited.remove(k).unwrap_or_else(|| {
+                // Learned on a parent shard: it goes on from there.
+                let e = map
+                    .entry_ref(k)
+                    .or_insert_with(|| inherited.remove(k).unwrap_or_else(|| Entry::new(width)));
+                e.touched = self.tick;
+                for (j, r) in rules.iter().enumerate() {
+                    let Some(x) = take(r) else {
+                        continue;
+                    };
+                    let i = group.rules[j];
+                    let rule = &self.rules[i];
+                    let series = e.slots[j].get_or_insert_with(|| {
                         added += 1;
                         Series::new(&rule.detector.kind, ts)
-                    })
-                });
-                series.touched = self.tick;
-                if let Some(hit) = step(&rule.detector, series, ts, x) {
-                    raised.push(Raised {
-                        rule: i,
-                        event_time: hit.at,
-                        key: key_col.value(row).to_string(),
-                        detail: detail(
-                            &self.key,
-                            key_col.value(row),
-                            &rule.detector.by,
-                            &by,
-                            row,
-                            hit,
-                        ),
                     });
-                }
-                if let DetectorKind::Silent { after } = rule.detector.kind {
-                    let due = series.last + after;
-                    self.silent_due = Some(self.silent_due.map_or(due, |d| d.min(due)));
+                    if let Some(hit) = step(&rule.detector, self.alpha[i], series, ts, x) {
+                        raised.push(Raised {
+                            rule: i,
+                            event_time: hit.at,
+                            key: key_col.value(row).to_string(),
+                            detail: detail(&self.key, key_col.value(row), &group.by, &by, row, hit),
+                        });
+                    }
+                    if let DetectorKind::Silent { after } = rule.detector.kind {
+                        Self::due(&mut self.silent_due, series.last + after);
+                    }
                 }
             }
             st.dirty = true;
         }
+        // Series moved in from `inherited` are counted already: only new ones add.
         self.len += added;
         self.evict();
+        // Each rule's alerts in the order of its rows, rules in order.
+        raised.sort_by_key(|r| r.rule);
         raised
     }
 
@@ -634,7 +741,11 @@ impl Detectors {
                 let DetectorKind::Silent { after } = rule.detector.kind else {
                     continue;
                 };
-                for (k, s) in st.series[i].iter_mut() {
+                let (g, j) = self.place[i];
+                for (k, e) in st.series[g].iter_mut() {
+                    let Some(s) = e.slots[j].as_mut() else {
+                        continue;
+                    };
                     let State::Silent { fired } = &mut s.state else {
                         continue;
                     };
@@ -643,7 +754,7 @@ impl Detectors {
                     }
                     let due = s.last + after;
                     if due >= wm {
-                        next = Some(next.map_or(due, |d| d.min(due)));
+                        Self::due(&mut next, due);
                         continue;
                     }
                     *fired = true;
@@ -672,33 +783,57 @@ impl Detectors {
         raised
     }
 
-    /// Forgets the least recently seen series beyond the bound (and 1% more, so that a flood
-    /// of new series does not scan everything at every reading).
+    /// Forgets the least recently seen series keys beyond the bound, with each key's series
+    /// under every rule of its group (and 1% more, so that a flood of new series does not
+    /// scan everything at every reading).
     fn evict(&mut self) {
         if self.len <= self.limit {
             return;
         }
         let target = self.limit - self.limit / 100;
-        let mut touched: Vec<u64> = (self.shards.values())
+        let mut entries: Vec<(u64, usize)> = (self.shards.values())
             .flat_map(|st| st.series.iter().chain(&st.inherited))
-            .flat_map(|m| m.values().map(|s| s.touched))
+            .flat_map(|m| m.values().map(|e| (e.touched, e.len())))
             .collect();
-        let drop = touched.len() - target;
-        let (_, cutoff, _) = touched.select_nth_unstable(drop - 1);
-        let cutoff = *cutoff;
+        // The newest first: every entry older than those that fit within the target goes.
+        entries.sort_unstable_by_key(|e| std::cmp::Reverse(e.0));
+        let mut kept = 0;
+        let mut cutoff = 0;
+        for (touched, len) in entries {
+            if kept + len > target {
+                cutoff = touched;
+                break;
+            }
+            kept += len;
+        }
         let mut removed = 0;
         for st in self.shards.values_mut() {
             for m in st.series.iter_mut().chain(&mut st.inherited) {
                 let before = m.len();
-                m.retain(|_, s| s.touched > cutoff);
+                m.retain(|_, e| {
+                    let keep = e.touched > cutoff;
+                    if !keep {
+                        removed += e.len();
+                    }
+                    keep
+                });
                 if m.len() != before {
                     st.dirty = true;
                 }
-                removed += before - m.len();
             }
         }
         self.len -= removed;
         self.evicted += removed as u64;
+    }
+
+    /// Rule `i`'s series on `shard` (own, or inherited), for tests.
+    #[cfg(test)]
+    fn series_of(&self, shard: &str, i: usize, inherited: bool) -> HashMap<Box<str>, Series> {
+        let st = &self.shards[shard];
+        let maps = if inherited { &st.inherited } else { &st.series };
+        (self.rule_series(maps, i))
+            .map(|(k, s)| (k.clone(), s.clone()))
+            .collect()
     }
 }
 
@@ -739,7 +874,6 @@ impl Series {
             last: ts,
             alerted: None,
             state,
-            touched: 0,
         }
     }
 }
@@ -760,18 +894,14 @@ fn cooling(d: &crate::config::Detector, s: &Series, at: i64) -> bool {
 }
 
 /// One reading through one series' detector: updates the state, returns an alert if due.
-fn step(d: &crate::config::Detector, s: &mut Series, ts: i64, x: f64) -> Option<Hit> {
+/// One reading `x` at `ts` of a series. `alpha`: `zscore`'s and `cusum`'s weight of a new
+/// reading ([`Detectors::new`] computes it once per rule).
+fn step(d: &crate::config::Detector, alpha: f64, s: &mut Series, ts: i64, x: f64) -> Option<Hit> {
     let warm = s.n >= d.warmup;
     let first = s.n == 0;
     let mut hit = None;
     match (&d.kind, &mut s.state) {
-        (
-            DetectorKind::Zscore {
-                half_life,
-                threshold,
-            },
-            State::Zscore { mean, var, since },
-        ) => {
+        (DetectorKind::Zscore { threshold, .. }, State::Zscore { mean, var, since }) => {
             if first {
                 *mean = x;
             } else {
@@ -803,7 +933,7 @@ fn step(d: &crate::config::Detector, s: &mut Series, ts: i64, x: f64) -> Option<
                 // Equal weights while fewer readings than the half-life asks for have been
                 // seen (Welford's running mean and variance), so the warm-up ends with an
                 // unbiased baseline rather than one that still underestimates the spread.
-                let alpha = (1.0 - 0.5f64.powf(1.0 / half_life)).max(1.0 / (s.n + 1) as f64);
+                let alpha = alpha.max(1.0 / (s.n + 1) as f64);
                 *mean += alpha * diff;
                 *var = (1.0 - alpha) * (*var + alpha * diff * diff);
             }
@@ -838,7 +968,7 @@ fn step(d: &crate::config::Detector, s: &mut Series, ts: i64, x: f64) -> Option<
             recent.push_back(x);
         }
         (
-            DetectorKind::Cusum { k, h, half_life },
+            DetectorKind::Cusum { k, h, .. },
             State::Cusum {
                 base,
                 mean,
@@ -873,7 +1003,6 @@ fn step(d: &crate::config::Detector, s: &mut Series, ts: i64, x: f64) -> Option<
                 } else if was_zero {
                     *since = Some(ts);
                 }
-                let alpha = 1.0 - 0.5f64.powf(1.0 / half_life);
                 let delta = (x - *mean).clamp(-3.0 * sd, 3.0 * sd);
                 let baseline = (*mean, sd);
                 *mean += alpha * delta;

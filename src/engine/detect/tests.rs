@@ -21,8 +21,19 @@ fn run(d: &Detector, xs: &[f64]) -> Vec<(usize, Hit)> {
     let mut s = Series::new(&d.kind, 0);
     xs.iter()
         .enumerate()
-        .filter_map(|(i, &x)| step(d, &mut s, i as i64 * S, x).map(|h| (i, h)))
+        .filter_map(|(i, &x)| step(d, alpha(&d.kind), &mut s, i as i64 * S, x).map(|h| (i, h)))
         .collect()
+}
+
+/// The weight of a new reading that [`Detectors::new`] gives a rule of this kind.
+fn alpha(kind: &DetectorKind) -> f64 {
+    let r = DetectRule {
+        name: "r".into(),
+        detector: detector(kind.clone(), 0, 0),
+        value: None,
+        filter: None,
+    };
+    Detectors::new(vec![r], Some("k"), 1).unwrap().alpha[0]
 }
 
 fn at(hits: &[(usize, Hit)]) -> Vec<usize> {
@@ -435,9 +446,10 @@ fn the_series_bound_forgets_the_least_recently_seen() {
         d.observe(&shard, &batch(&[("keeper", 0, 1.0)]), 1);
     }
     assert!(d.len() <= 1000 && d.len() >= 900, "{}", d.len());
-    assert!(d.shards["s"].series[0].contains_key("keeper"));
-    assert!(d.shards["s"].series[0].contains_key("dev-4999"));
-    assert!(!d.shards["s"].series[0].contains_key("dev-0"));
+    let kept = d.series_of("s", 0, false);
+    assert!(kept.contains_key("keeper"));
+    assert!(kept.contains_key("dev-4999"));
+    assert!(!kept.contains_key("dev-0"));
     assert_eq!(d.take_evicted() as usize, 5001 - d.len());
 }
 
@@ -477,17 +489,7 @@ fn a_device_keeps_what_it_learned_across_a_split_and_silent_follows_it() {
         .unwrap()
         .1;
     let from_snapshot = d.inheritance_of_snapshot(&snap).unwrap();
-    // (`touched` orders eviction in memory and is not kept in a snapshot.)
-    let untouched = |mut i: Inheritance| {
-        i.iter_mut()
-            .flat_map(|m| m.values_mut())
-            .for_each(|s| s.touched = 0);
-        i
-    };
-    assert_eq!(
-        untouched(from_memory.clone()),
-        untouched(from_snapshot.clone())
-    );
+    assert_eq!(from_memory, from_snapshot);
     assert_eq!(from_memory[0].len(), 2);
     d.inherit(c1.clone(), vec![from_memory.clone()]);
     d.inherit(c2.clone(), vec![from_snapshot]);
@@ -513,8 +515,8 @@ fn a_device_keeps_what_it_learned_across_a_split_and_silent_follows_it() {
     let c1_snap = d.snapshots().into_iter().find(|(s, _)| *s == c1).unwrap().1;
     let mut again = Detectors::new(kinds(), Some("device_id"), 100).unwrap();
     again.restore(c1.clone(), &c1_snap).unwrap();
-    assert!(again.shards["c1"].inherited[0].contains_key("b"));
-    assert!(again.shards["c1"].series[0].contains_key("a"));
+    assert!(again.series_of("c1", 0, true).contains_key("b"));
+    assert!(again.series_of("c1", 0, false).contains_key("a"));
     assert!(
         again.watermark(2_000 * S).is_empty(),
         "b is not judged where it never went"
@@ -537,7 +539,7 @@ fn a_merge_takes_both_parents_and_the_newer_of_a_series_on_both() {
     d.observe(&p2, &batch(&[("b", 0, 2.0), ("m", 9 * S, 7.0)]), 1);
     let (i1, i2) = (d.inheritance(&p1).unwrap(), d.inheritance(&p2).unwrap());
     d.inherit(c.clone(), vec![i1, i2]);
-    let inherited = &d.shards["c"].inherited[0];
+    let inherited = d.series_of("c", 0, true);
     assert_eq!(inherited.len(), 3);
     assert_eq!(inherited["m"].last, 9 * S, "the series seen last wins");
 }
