@@ -672,3 +672,79 @@ fn a_known_device_that_stops_at_a_split_is_silent_on_the_child_its_key_hashes_to
         "{detail}"
     );
 }
+
+#[test]
+fn rules_sharing_a_key_learn_and_alert_as_each_would_alone() {
+    use datafusion::logical_expr::Operator;
+    use datafusion::physical_expr::expressions::{BinaryExpr, Column, lit};
+    // Three rules keyed alike share one map: a zscore that takes only positive readings, a
+    // stuck sensor, a rate.
+    let kinds = || {
+        let mut r = rules(vec![
+            ("z", zscore()),
+            (
+                "st",
+                DetectorKind::Stuck {
+                    duration: None,
+                    readings: Some(5),
+                    epsilon: 0.0,
+                },
+            ),
+            (
+                "r",
+                DetectorKind::Rate {
+                    max_per_second: 10.0,
+                },
+            ),
+        ]);
+        r[0].filter = Some(Arc::new(BinaryExpr::new(
+            Arc::new(Column::new("v", 2)),
+            Operator::Gt,
+            lit(0.0),
+        )));
+        r
+    };
+    let n = noise(900, 4);
+    let rows: Vec<(String, i64, f64)> = (0..900)
+        .map(|i| {
+            let dev = i % 3;
+            let x = match (dev, i) {
+                // Device 2 is stuck for a while, device 1 spikes now and then, device 0 is
+                // negative (only the zscore skips it) for its first readings.
+                (2, 300..600) => 7.0,
+                (1, _) if i % 150 == 1 => 60.0 + n[i],
+                (0, ..90) => -5.0 + n[i],
+                _ => 10.0 + n[i],
+            };
+            (format!("d{dev}"), i as i64 * S, x)
+        })
+        .collect();
+    let rows: Vec<(&str, i64, f64)> = rows.iter().map(|(d, t, x)| (d.as_str(), *t, *x)).collect();
+    let shard: Arc<str> = "s".into();
+    let mut all = Detectors::new(kinds(), Some("device_id"), 100).unwrap();
+    let got = all.observe(&shard, &batch(&rows[..30]), 1);
+    assert_eq!(all.groups.len(), 1);
+    assert_eq!(all.len(), 3 + 3 + 2, "the zscore has no series for d0 yet");
+    assert!(!all.series_of("s", 0, false).contains_key("d0"));
+    let mut got = got;
+    got.extend(all.observe(&shard, &batch(&rows[30..]), 1));
+    assert_eq!(all.len(), 9);
+    // Each rule alone, in a `Detectors` of its own.
+    let mut want = Vec::new();
+    for (i, rule) in kinds().into_iter().enumerate() {
+        let mut one = Detectors::new(vec![rule], Some("device_id"), 100).unwrap();
+        want.extend(
+            (one.observe(&shard, &batch(&rows), 1).into_iter()).map(|r| Raised { rule: i, ..r }),
+        );
+    }
+    let kinds_raised: Vec<usize> = want.iter().map(|r| r.rule).collect();
+    for i in 0..3 {
+        assert!(kinds_raised.contains(&i), "rule {i} alerts: {want:?}");
+    }
+    let order = |v: &mut Vec<Raised>| {
+        v.sort_by(|x, y| (x.rule, x.event_time, &x.key).cmp(&(y.rule, y.event_time, &y.key)))
+    };
+    order(&mut got);
+    order(&mut want);
+    assert_eq!(got, want);
+}
