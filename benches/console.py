@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import gc
 import http.client
 import json
 import multiprocessing as mp
@@ -181,9 +182,10 @@ class Setup:
         self.ops = f"127.0.0.1:{free_port()}"
         self.listen = f"127.0.0.1:{free_port()}"
         self.base = f"http://{self.listen}"
+        # The worker says when one step held its engine's task for 200 ms or more.
         self.worker = subprocess.Popen(
             [args.shardlake, "run", str(self.pipeline), "--listen", self.ops],
-            env=env, stdout=subprocess.DEVNULL, stderr=open(tmp / "worker.log", "w"))
+            env=dict(env, RUST_LOG="warn,shardlake::pipeline::session=debug"), stdout=subprocess.DEVNULL, stderr=open(tmp / "worker.log", "w"))
         wait_until("the worker", lambda: get(f"http://{self.ops}/healthz", 2)[0] == 200)
         self.console = subprocess.Popen(
             [args.shardlake, "console", str(self.pipeline), "--listen", self.listen,
@@ -221,6 +223,22 @@ class Setup:
                 p.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+class GcPauses:
+    """The bench's own garbage collections while it reads (a long one would look like a
+    stall of the service)."""
+
+    def __init__(self):
+        self.longest, self.total, self._t = 0.0, 0.0, 0.0
+
+    def __call__(self, phase, info):
+        if phase == "start":
+            self._t = time.perf_counter()
+        else:
+            took = time.perf_counter() - self._t
+            self.total += took
+            self.longest = max(self.longest, took)
 
 
 def read_events(listen: str, since: str, until: float, seen: dict, stats: dict):
@@ -338,7 +356,10 @@ def freshness(args):
                 probe = mp.Process(target=read_worker,
                                    args=(s.ops, t0 + args.seconds + 3, probe_send))
                 probe.start()
+            pauses = GcPauses()
+            gc.callbacks.append(pauses)
             read_events(s.listen, start["cursor"], t0 + args.seconds + 3, seen, stats)
+            gc.callbacks.remove(pauses)
             el = time.monotonic() - t0
             if probe:
                 worker_seen = probe_recv.recv()
@@ -353,6 +374,12 @@ def freshness(args):
             whwm = proc_status(s.worker.pid, "VmHWM:")
         finally:
             s.close()
+        busy = []
+        for line in (Path(d) / "worker.log").read_text().splitlines():
+            if "engine's task was busy" in line:
+                j = json.loads(line)
+                f = j.get("fields", j)
+                busy.append(f"{f.get('step')} {f.get('ms')} ms at :{j.get('timestamp', '')[17:19]}")
     # Each marked record: the first event showing its device at its reading or a newer one.
     lat, worst_at, missed, appended = latencies(log, seen, args)
     span = log[-1][0] - log[0][0]
@@ -365,6 +392,10 @@ def freshness(args):
     gap, at = stats.get("gap", (0, 0))
     print(f"longest gap between two events: {gap:.3f} s, ending at :{int(at) % 60:02d}")
     print(f"event -> page p50 / p99 / max: {pct(lat, 0.5):.3f} / {pct(lat, 0.99):.3f} / {max(lat):.3f} s")
+    print(f"the worker's engine task busy for 200 ms or more: {len(busy)} times"
+          + (f" ({', '.join(busy[:8])})" if busy else ""))
+    print(f"the bench's garbage collections while reading: longest {pauses.longest:.3f} s, "
+          f"{pauses.total:.2f} s in all")
     writes = sorted(((b - a, a) for a, _, _, b in log), reverse=True)
     print(f"longest append (the bench's own writes): {writes[0][0]:.3f} s at :{int(writes[0][1]) % 60:02d}; "
           f"{sum(1 for w, _ in writes if w > 0.1)} over 0.1 s")

@@ -289,11 +289,19 @@ impl<'w> Session<'w> {
                     }
                 }
                 event = self.rx.recv(), if open => match event {
-                    Some(event) => self.handle(event, &mut caught_up).await?,
+                    Some(event) => {
+                        let t = std::time::Instant::now();
+                        self.handle(event, &mut caught_up).await?;
+                        busy("a shard's event", t);
+                    }
                     None if relisting && self.reading == 0 => open = false,
                     None => return Ok(SessionEnd::Done),
                 },
-                _ = tick.tick() => self.engine.tick().await?,
+                _ = tick.tick() => {
+                    let t = std::time::Instant::now();
+                    self.engine.tick().await?;
+                    busy("the tick", t);
+                }
                 _ = lease_change(&mut generation) => {
                     let now = generation.as_mut().map(|g| *g.borrow_and_update());
                     if now.map(|g| g.lost) != self.start_gen.map(|g| g.lost) {
@@ -319,7 +327,9 @@ impl<'w> Session<'w> {
                 return Ok(SessionEnd::Done);
             }
             if self.engine.should_commit() {
+                let t = std::time::Instant::now();
                 self.engine.commit().await?;
+                busy("a commit", t);
                 acknowledge(&mut self.notified, &self.engine);
             }
         }
@@ -388,5 +398,14 @@ impl<'w> Session<'w> {
             }
         }
         result
+    }
+}
+
+/// Says (at debug) when one step held the engine's task for long: while it runs, the shard
+/// tasks' queue fills and they stop reading.
+fn busy(step: &str, since: std::time::Instant) {
+    let took = since.elapsed();
+    if took >= Duration::from_millis(200) {
+        tracing::debug!(step, ms = took.as_millis() as u64, "the engine's task was busy");
     }
 }
