@@ -657,6 +657,7 @@ impl Detectors {
             let plain = by.is_empty();
             let (map, inherited) = (&mut st.series[g], &mut st.inherited[g]);
             let width = group.rules.len();
+            let mut takes: Vec<Option<f64>> = Vec::with_capacity(width);
             for row in 0..n {
                 if key_col.is_null(row) || times.is_null(row) {
                     continue;
@@ -673,7 +674,9 @@ impl Detectors {
                         None => Some(0.0),
                     }
                 };
-                if rules.iter().all(|r| take(r).is_none()) {
+                takes.clear();
+                takes.extend(rules.iter().map(take));
+                if takes.iter().all(Option::is_none) {
                     continue;
                 }
                 // The device key alone needs no copy; with `by` columns, the key is built.
@@ -695,8 +698,8 @@ impl Detectors {
                     .entry_ref(k)
                     .or_insert_with(|| inherited.remove(k).unwrap_or_else(|| Entry::new(width)));
                 e.touched = self.tick;
-                for (j, r) in rules.iter().enumerate() {
-                    let Some(x) = take(r) else {
+                for (j, x) in takes.iter().enumerate() {
+                    let Some(x) = *x else {
                         continue;
                     };
                     let i = group.rules[j];
