@@ -57,8 +57,9 @@
 //! A device's state follows the device. When a shard ends (Kinesis `SHARD_END`, after a
 //! split or a merge), its series become *inherited*: kept, but no longer judged there. A
 //! child shard starts with every series of its parents as inherited (a merge takes both
-//! parents'; where both had a series, the one seen last wins), and a series moves into the
-//! child's own with the child's first reading of it: a zscore goes on from the parent's
+//! parents'; where both had a series, the one seen last wins), and a series key moves into
+//! the child's own (with every rule's series under it) at the child's first reading of it:
+//! a zscore goes on from the parent's
 //! mean and variance, a stuck sensor's run goes on counting, a `silent` gap that spans the
 //! split is found by the reading that ends it. Which child a device goes to is not known
 //! until it reports there (the partition key's hash range is not the series key), so an
@@ -91,7 +92,10 @@
 //!
 //! `limits.detector_series` bounds the series one worker tracks. Past it, the least
 //! recently seen are forgotten (counted in `shardlake_detector_series_evicted_total`): a
-//! forgotten series starts again with its warm-up. Eviction depends on the order in which
+//! forgotten series starts again with its warm-up. Rules whose series are keyed alike (the
+//! same `by` columns) keep them in one map, a slot per rule under each key, so a reading is
+//! looked up once for all of them; a key is seen when any of its rules takes a reading, and
+//! it is forgotten with all its slots. Eviction depends on the order in which
 //! shards are read, so a worker at its bound gives up the exact-replay guarantee for the
 //! series it evicts, never more.
 
