@@ -406,6 +406,10 @@ impl<'w> Session<'w> {
 fn busy(step: &str, since: std::time::Instant) {
     let took = since.elapsed();
     if took >= Duration::from_millis(200) {
-        tracing::debug!(step, ms = took.as_millis() as u64, "the engine's task was busy");
+        tracing::debug!(
+            step,
+            ms = took.as_millis() as u64,
+            "the engine's task was busy"
+        );
     }
 }

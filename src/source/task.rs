@@ -75,8 +75,9 @@ struct ShardTaskConfig {
     /// Shards that must be read to their end first.
     parents: Parents,
     /// The live state, and the shard's last committed record (records up to it are read
-    /// again for open windows, and were offered before).
-    live: Option<(LiveFeed, Option<SeqNo>)>,
+    /// again for open windows, and were offered before): shared by the task's chunks, not
+    /// copied for each.
+    live: Option<Arc<(LiveFeed, Option<SeqNo>)>>,
 }
 
 /// Reads and decodes one shard until `stop` turns true or the pipeline hangs up.
@@ -117,7 +118,8 @@ async fn shard_task(
                 let live = cfg.live.clone();
                 let decode = move || {
                     let d = dec.decode(&chunk, now);
-                    if let Some((feed, committed)) = live {
+                    if let Some(live) = live {
+                        let (feed, committed) = &*live;
                         let cut = d.replayed(committed.as_ref());
                         let n = d.batch.num_rows();
                         feed.live.observe(&d.batch.slice(cut, n - cut), &feed.cols);
@@ -221,7 +223,7 @@ impl ShardTasks {
                 gate: self.gate.clone(),
                 shards: parents,
             },
-            live: self.live.clone().map(|feed| (feed, committed)),
+            live: self.live.clone().map(|feed| Arc::new((feed, committed))),
         };
         let tx = self.tx.clone().expect("spawned before close");
         self.tasks.spawn(shard_task(
