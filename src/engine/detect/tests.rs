@@ -748,3 +748,90 @@ fn rules_sharing_a_key_learn_and_alert_as_each_would_alone() {
     order(&mut want);
     assert_eq!(got, want);
 }
+
+#[test]
+fn rules_with_by_columns_share_a_map_of_their_own_and_restore_alike() {
+    use arrow::array::{Float64Array, TimestampMicrosecondArray};
+    use arrow::datatypes::{Field, Schema};
+    use datafusion::physical_expr::expressions::Column;
+    // (device, site, time, value)
+    let sited = |rows: &[(&str, &str, i64, f64)]| {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("device_id", DataType::Utf8, false),
+            Field::new("ts", super::super::sql::ts_type(), false),
+            Field::new("v", DataType::Float64, true),
+            Field::new("site", DataType::Utf8, true),
+        ]));
+        RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0))),
+                Arc::new(
+                    TimestampMicrosecondArray::from_iter_values(rows.iter().map(|r| r.2))
+                        .with_timezone("UTC"),
+                ),
+                Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.3))),
+                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.1))),
+            ],
+        )
+        .unwrap()
+    };
+    let kinds = || {
+        let stuck = DetectorKind::Stuck {
+            duration: None,
+            readings: Some(4),
+            epsilon: 0.0,
+        };
+        let mut r = rules(vec![("z", zscore()), ("zs", zscore()), ("st", stuck)]);
+        for rule in &mut r[1..] {
+            rule.detector.by = vec!["site".into()];
+        }
+        r[0].value = Some(Arc::new(Column::new("v", 2)));
+        r
+    };
+    let n = noise(600, 7);
+    let rows: Vec<(&str, &str, i64, f64)> = (0..600)
+        .map(|i| {
+            let site = if i % 2 == 0 { "a" } else { "b" };
+            // Site b sticks for a while; both spike now and then.
+            let x = match i {
+                200..260 if site == "b" => 3.0,
+                _ if i % 101 == 0 => 40.0 + n[i],
+                _ => 10.0 + n[i],
+            };
+            ("d0", site, i as i64 * S, x)
+        })
+        .collect();
+    let shard: Arc<str> = "s".into();
+    let mut whole = Detectors::new(kinds(), Some("device_id"), 100).unwrap();
+    assert_eq!(
+        whole.groups.len(),
+        2,
+        "the plain rule, and the two rules by site"
+    );
+    let all = whole.observe(&shard, &sited(&rows), 1);
+    assert_eq!(whole.len(), 1 + 2 + 2);
+    let keys = whole.series_of("s", 1, false);
+    assert!(
+        keys.contains_key(format!("d0{SEP}a").as_str())
+            && keys.contains_key(format!("d0{SEP}b").as_str())
+    );
+    for i in 0..3 {
+        assert!(all.iter().any(|r| r.rule == i), "rule {i} alerts: {all:?}");
+    }
+    // Stopped at a snapshot and restored, it goes on the same.
+    let mut first = Detectors::new(kinds(), Some("device_id"), 100).unwrap();
+    let mut got = first.observe(&shard, &sited(&rows[..230]), 1);
+    let snap = first.snapshots().remove(0).1;
+    let mut second = Detectors::new(kinds(), Some("device_id"), 100).unwrap();
+    second.restore(shard.clone(), &snap).unwrap();
+    assert_eq!(second.len(), first.len());
+    got.extend(second.observe(&shard, &sited(&rows[230..]), 1));
+    let order = |v: &mut Vec<Raised>| {
+        v.sort_by(|x, y| (x.rule, x.event_time, &x.detail).cmp(&(y.rule, y.event_time, &y.detail)))
+    };
+    let mut all = all;
+    order(&mut all);
+    order(&mut got);
+    assert_eq!(got, all);
+}
