@@ -178,6 +178,33 @@ impl Entry {
     fn len(&self) -> usize {
         self.slots.iter().filter(|s| s.is_some()).count()
     }
+
+    /// Slot `j`'s series: the one here; else the one a parent shard learned under the same
+    /// key (moved out of `inherited`, whose emptied entry goes); else `new()`, counted in
+    /// `added`.
+    fn slot(
+        &mut self,
+        j: usize,
+        inherited: &mut HashMap<Box<str>, Entry>,
+        key: &str,
+        added: &mut usize,
+        new: impl FnOnce() -> Series,
+    ) -> &mut Series {
+        if self.slots[j].is_none() {
+            let mut from_parent = None;
+            if let Some(e) = inherited.get_mut(key) {
+                from_parent = e.slots[j].take();
+                if e.slots.iter().all(Option::is_none) {
+                    inherited.remove(key);
+                }
+            }
+            self.slots[j] = Some(from_parent.unwrap_or_else(|| {
+                *added += 1;
+                new()
+            }));
+        }
+        self.slots[j].as_mut().expect("just filled")
+    }
 }
 
 #[derive(Default)]
@@ -382,7 +409,10 @@ impl Detectors {
                         .remove(key.as_str())
                         .unwrap_or_else(|| Entry::new(n))
                 });
-                let s = e.slots[j].get_or_insert_with(|| Series::new(&rule.detector.kind, t0));
+                let mut added = 0;
+                let s = e.slot(j, inherited, key, &mut added, || {
+                    Series::new(&rule.detector.kind, t0)
+                });
                 if let State::Silent { fired: false } = s.state {
                     Self::due(&mut self.silent_due, s.last + after);
                 }
@@ -552,7 +582,9 @@ impl Detectors {
             for (i, series) in parent.into_iter().enumerate().take(self.rules.len()) {
                 let (g, j) = self.place[i];
                 for (k, s) in series {
-                    if st.series[g].contains_key(&k) {
+                    // What the child learned itself stays; a rule it has not seen the key
+                    // under yet takes the parent's series at its first reading.
+                    if (st.series[g].get(&k)).is_some_and(|e| e.slots[j].is_some()) {
                         continue;
                     }
                     let had = st.inherited[g].get(&k).and_then(|e| e.slots[j].as_ref());
@@ -708,8 +740,7 @@ impl Detectors {
                     };
                     let i = group.rules[j];
                     let rule = &self.rules[i];
-                    let series = e.slots[j].get_or_insert_with(|| {
-                        added += 1;
+                    let series = e.slot(j, inherited, k, &mut added, || {
                         Series::new(&rule.detector.kind, ts)
                     });
                     if let Some(hit) = step(&rule.detector, self.alpha[i], series, ts, x) {

@@ -835,3 +835,52 @@ fn rules_with_by_columns_share_a_map_of_their_own_and_restore_alike() {
     order(&mut got);
     assert_eq!(got, all);
 }
+
+#[test]
+fn a_rule_that_has_not_seen_a_key_on_the_child_takes_the_parents_series_at_its_first_reading() {
+    use datafusion::logical_expr::Operator;
+    use datafusion::physical_expr::expressions::{BinaryExpr, Column, lit};
+    // z takes every reading; st only readings above 0.
+    let kinds = || {
+        let mut r = rules(vec![
+            ("z", zscore()),
+            (
+                "st",
+                DetectorKind::Stuck {
+                    duration: None,
+                    readings: Some(50),
+                    epsilon: 0.0,
+                },
+            ),
+        ]);
+        r[1].filter = Some(Arc::new(BinaryExpr::new(
+            Arc::new(Column::new("v", 2)),
+            Operator::Gt,
+            lit(0.0),
+        )));
+        r
+    };
+    let (p, c): (Arc<str>, Arc<str>) = ("p".into(), "c".into());
+    let mut d = Detectors::new(kinds(), Some("device_id"), 100).unwrap();
+    let on_parent: Vec<(&str, i64, f64)> = (0..10).map(|i| ("a", i * S, 5.0)).collect();
+    d.observe(&p, &batch(&on_parent), 1);
+    d.end(&p);
+    // The child sees a first with a reading only z takes, then inherits from the parent.
+    d.observe(&c, &batch(&[("a", 10 * S, -1.0)]), 1);
+    let from = d.inheritance(&p).unwrap();
+    d.inherit(c.clone(), vec![from]);
+    assert_eq!(
+        d.series_of("c", 0, false)["a"].n,
+        1,
+        "z keeps what the child learned"
+    );
+    d.observe(&c, &batch(&[("a", 11 * S, 5.0)]), 1);
+    assert_eq!(
+        d.series_of("c", 1, false)["a"].n,
+        11,
+        "st goes on from the parent's 10 readings"
+    );
+    assert!(d.series_of("c", 1, true).is_empty());
+    // Parent (2 series, ended) + child (2 series): nothing counted twice.
+    assert_eq!(d.len(), 4);
+}
