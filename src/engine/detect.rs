@@ -682,7 +682,7 @@ impl Detectors {
                 .map(|&i| {
                     inputs[i].as_ref().map(|(v, m)| {
                         let v = v.as_ref().map(|v| v.as_primitive::<Float64Type>());
-                        (i, v, m.as_ref().map(|m| m.as_boolean()))
+                        (v, m.as_ref().map(|m| m.as_boolean()))
                     })
                 })
                 .collect();
@@ -699,8 +699,8 @@ impl Detectors {
                     continue;
                 }
                 // What each rule of the group takes from this row (`None`: nothing).
-                let take = |r: &Option<(usize, Option<&Float64Array>, Option<&BooleanArray>)>| {
-                    let (_, values, mask) = r.as_ref()?;
+                let take = |r: &Option<(Option<&Float64Array>, Option<&BooleanArray>)>| {
+                    let (values, mask) = r.as_ref()?;
                     if mask.is_some_and(|m| !m.is_valid(row) || !m.value(row)) {
                         return None;
                     }

@@ -382,14 +382,7 @@ fn a_restored_snapshot_goes_on_exactly_like_the_uninterrupted_state() {
                 },
             ),
             ("c", default_cusum()),
-            (
-                "st",
-                DetectorKind::Stuck {
-                    duration: None,
-                    readings: Some(5),
-                    epsilon: 0.0,
-                },
-            ),
+            ("st", stuck(5)),
             ("q", silent()),
             (
                 "r",
@@ -673,23 +666,34 @@ fn a_known_device_that_stops_at_a_split_is_silent_on_the_child_its_key_hashes_to
     );
 }
 
-#[test]
-fn rules_sharing_a_key_learn_and_alert_as_each_would_alone() {
+/// A `stuck` rule that fires after `readings` equal readings.
+fn stuck(readings: u64) -> DetectorKind {
+    DetectorKind::Stuck {
+        duration: None,
+        readings: Some(readings),
+        epsilon: 0.0,
+    }
+}
+
+/// A `where` that takes readings above 0 (`v > 0`).
+fn positive_only() -> Arc<dyn datafusion::physical_plan::PhysicalExpr> {
     use datafusion::logical_expr::Operator;
     use datafusion::physical_expr::expressions::{BinaryExpr, Column, lit};
+    Arc::new(BinaryExpr::new(
+        Arc::new(Column::new("v", 2)),
+        Operator::Gt,
+        lit(0.0),
+    ))
+}
+
+#[test]
+fn rules_sharing_a_key_learn_and_alert_as_each_would_alone() {
     // Three rules keyed alike share one map: a zscore that takes only positive readings, a
     // stuck sensor, a rate.
     let kinds = || {
         let mut r = rules(vec![
             ("z", zscore()),
-            (
-                "st",
-                DetectorKind::Stuck {
-                    duration: None,
-                    readings: Some(5),
-                    epsilon: 0.0,
-                },
-            ),
+            ("st", stuck(5)),
             (
                 "r",
                 DetectorKind::Rate {
@@ -697,11 +701,7 @@ fn rules_sharing_a_key_learn_and_alert_as_each_would_alone() {
                 },
             ),
         ]);
-        r[0].filter = Some(Arc::new(BinaryExpr::new(
-            Arc::new(Column::new("v", 2)),
-            Operator::Gt,
-            lit(0.0),
-        )));
+        r[0].filter = Some(positive_only());
         r
     };
     let n = noise(900, 4);
@@ -777,12 +777,7 @@ fn rules_with_by_columns_share_a_map_of_their_own_and_restore_alike() {
         .unwrap()
     };
     let kinds = || {
-        let stuck = DetectorKind::Stuck {
-            duration: None,
-            readings: Some(4),
-            epsilon: 0.0,
-        };
-        let mut r = rules(vec![("z", zscore()), ("zs", zscore()), ("st", stuck)]);
+        let mut r = rules(vec![("z", zscore()), ("zs", zscore()), ("st", stuck(4))]);
         for rule in &mut r[1..] {
             rule.detector.by = vec!["site".into()];
         }
@@ -838,26 +833,10 @@ fn rules_with_by_columns_share_a_map_of_their_own_and_restore_alike() {
 
 #[test]
 fn a_rule_that_has_not_seen_a_key_on_the_child_takes_the_parents_series_at_its_first_reading() {
-    use datafusion::logical_expr::Operator;
-    use datafusion::physical_expr::expressions::{BinaryExpr, Column, lit};
     // z takes every reading; st only readings above 0.
     let kinds = || {
-        let mut r = rules(vec![
-            ("z", zscore()),
-            (
-                "st",
-                DetectorKind::Stuck {
-                    duration: None,
-                    readings: Some(50),
-                    epsilon: 0.0,
-                },
-            ),
-        ]);
-        r[1].filter = Some(Arc::new(BinaryExpr::new(
-            Arc::new(Column::new("v", 2)),
-            Operator::Gt,
-            lit(0.0),
-        )));
+        let mut r = rules(vec![("z", zscore()), ("st", stuck(50))]);
+        r[1].filter = Some(positive_only());
         r
     };
     let (p, c): (Arc<str>, Arc<str>) = ("p".into(), "c".into());
